@@ -1,0 +1,339 @@
+"""Tamper-evident, hash-chained journal of CA process runs (requirement CA-05).
+
+One JSON object per line::
+
+    {"seq": 3, "time": "2025-...Z", "host": "ca-ra", "action": "approve", "actor": "alice",
+     "participant": "123456789", "request": "9f...", "prev_hash": "<hash of seq 2>",
+     "hash": "<sha256>", "sig": {"alg": "hmac-sha256", "value": "..."}}
+
+``hash`` is SHA-256 over the canonical JSON (sorted keys, no spaces, UTF-8) of the entry
+without ``hash`` and ``sig``; ``prev_hash`` links to the previous entry (64 zeros for the
+first). With a host journal key, ``sig`` authenticates ``hash``: HMAC-SHA256 with a secret, or
+Ed25519 with a private key (verified with the public key), so that rewriting the file and
+recomputing all hashes is detected too.
+
+Entries carry only minimal subject fields (participant number, serial, mailbox, request id and
+a short detail); any other field, and anything that looks like key material, is refused.
+
+Limits: a chain cannot show that its *last* entries were cut off. Export the head
+(:func:`head`) off the host (e.g. to the admin log) to detect truncation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from safemail.ca.errors import CaError
+
+GENESIS = "0" * 64
+SUBJECT_FIELDS = ("participant", "serial", "mailbox", "request", "detail")
+_CORE_FIELDS = ("seq", "time", "host", "action", "actor", "prev_hash")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+_FORBIDDEN_CONTENT = re.compile(r"-----BEGIN|PRIVATE KEY", re.IGNORECASE)
+_MAX_VALUE_LEN = 200
+
+
+class JournalKey:
+    """A host journal key: an HMAC secret, or an Ed25519 private or public key."""
+
+    def __init__(
+        self,
+        *,
+        hmac_secret: bytes | None = None,
+        ed_private: ed25519.Ed25519PrivateKey | None = None,
+        ed_public: ed25519.Ed25519PublicKey | None = None,
+    ) -> None:
+        if ed_private is not None and ed_public is None:
+            ed_public = ed_private.public_key()
+        self.hmac_secret = hmac_secret
+        self.ed_private = ed_private
+        self.ed_public = ed_public
+
+    @property
+    def alg(self) -> str:
+        return "hmac-sha256" if self.hmac_secret is not None else "ed25519"
+
+    @classmethod
+    def load(cls, path: Path) -> JournalKey:
+        """Load a key file: Ed25519 PEM (private or public) or a hex HMAC secret (>= 32 bytes)."""
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise CaError(f"cannot read journal key {path}: {exc.strerror}") from exc
+        if b"-----BEGIN" in raw:
+            try:
+                if b"PRIVATE KEY" in raw:
+                    priv = serialization.load_pem_private_key(raw, password=None)
+                    if isinstance(priv, ed25519.Ed25519PrivateKey):
+                        return cls(ed_private=priv)
+                else:
+                    pub = serialization.load_pem_public_key(raw)
+                    if isinstance(pub, ed25519.Ed25519PublicKey):
+                        return cls(ed_public=pub)
+            except ValueError as exc:
+                raise CaError(f"journal key {path} is not a readable PEM key") from exc
+            raise CaError(f"journal key {path} is a PEM key but not Ed25519")
+        try:
+            secret = bytes.fromhex(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CaError(
+                f"journal key {path} is neither an Ed25519 PEM key nor a hex HMAC secret"
+            ) from exc
+        if len(secret) < 32:
+            raise CaError(f"journal HMAC secret in {path} is shorter than 32 bytes")
+        return cls(hmac_secret=secret)
+
+    def sign(self, digest_hex: str) -> dict[str, str]:
+        msg = digest_hex.encode("ascii")
+        if self.hmac_secret is not None:
+            mac = hmac.new(self.hmac_secret, msg, hashlib.sha256).digest()
+            return {"alg": "hmac-sha256", "value": base64.b64encode(mac).decode()}
+        if self.ed_private is None:
+            raise CaError("an Ed25519 public key can verify the journal but not sign it")
+        return {"alg": "ed25519", "value": base64.b64encode(self.ed_private.sign(msg)).decode()}
+
+    def check(self, digest_hex: str, sig: Any) -> str | None:
+        """Return None if ``sig`` is a valid signature of ``digest_hex``, else what is wrong."""
+        if not isinstance(sig, dict) or "value" not in sig:
+            return "missing signature"
+        if sig.get("alg") != self.alg:
+            return f"signature algorithm {sig.get('alg')!r}, expected {self.alg}"
+        try:
+            value = base64.b64decode(sig["value"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            return "signature is not valid base64"
+        msg = digest_hex.encode("ascii")
+        if self.hmac_secret is not None:
+            good = hmac.new(self.hmac_secret, msg, hashlib.sha256).digest()
+            return None if hmac.compare_digest(good, value) else "bad signature"
+        assert self.ed_public is not None
+        try:
+            self.ed_public.verify(value, msg)
+        except InvalidSignature:
+            return "bad signature"
+        return None
+
+
+def canonical(entry: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in entry.items() if k not in ("hash", "sig")}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(entry)).hexdigest()
+
+
+def _check_fields(action: str, actor: str, subject: dict[str, Any]) -> dict[str, str | int]:
+    if not _NAME_RE.match(action):
+        raise CaError(f"journal action {action!r} is not a short name")
+    if not actor or len(actor) > 64 or _FORBIDDEN_CONTENT.search(actor):
+        raise CaError(f"journal actor {actor!r} is not a valid operator name")
+    out: dict[str, str | int] = {}
+    for key, value in subject.items():
+        if value is None:
+            continue
+        if key not in SUBJECT_FIELDS:
+            raise CaError(
+                f"journal field {key!r} is not allowed",
+                f"journal entries carry only {', '.join(SUBJECT_FIELDS)}",
+            )
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise CaError(f"journal field {key!r} must be text or a number")
+        if isinstance(value, str) and (
+            len(value) > _MAX_VALUE_LEN or _FORBIDDEN_CONTENT.search(value)
+        ):
+            raise CaError(f"journal field {key!r} is too long or looks like key material")
+        out[key] = value
+    return out
+
+
+def _last_line(fh: Any) -> bytes | None:
+    """Return the last non-empty line of an open binary file (reads from the end)."""
+    fh.seek(0, os.SEEK_END)
+    end = fh.tell()
+    if end == 0:
+        return None
+    chunk = 4096
+    buf = b""
+    pos = end
+    while pos > 0:
+        step = min(chunk, pos)
+        pos -= step
+        fh.seek(pos)
+        buf = fh.read(step) + buf
+        stripped = buf.rstrip(b"\n")
+        if b"\n" in stripped:
+            return stripped.rsplit(b"\n", 1)[1]
+    return buf.rstrip(b"\n") or None
+
+
+@contextlib.contextmanager
+def _locked_append(path: Path) -> Iterator[Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+    with os.fdopen(fd, "r+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield fh
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def append(
+    path: Path,
+    action: str,
+    actor: str,
+    *,
+    host: str | None = None,
+    key: JournalKey | None = None,
+    now: datetime | None = None,
+    **subject: Any,
+) -> dict[str, Any]:
+    """Append one entry under an exclusive lock and return it.
+
+    Safe for concurrent appenders (processes or threads): the lock covers reading the last
+    entry and writing the new one. The write is flushed to disk before the lock is released.
+    """
+    fields = _check_fields(action, actor, subject)
+    with _locked_append(path) as fh:
+        last = _last_line(fh)
+        if last is None:
+            seq, prev = 1, GENESIS
+        else:
+            try:
+                prev_entry = json.loads(last)
+                seq, prev = int(prev_entry["seq"]) + 1, str(prev_entry["hash"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CaError(
+                    f"the last line of journal {path} is damaged; refusing to append",
+                    f"run 'safemail ca journal verify {path}' and report the finding",
+                ) from exc
+        entry: dict[str, Any] = {
+            "seq": seq,
+            "time": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "host": host or socket.gethostname(),
+            "action": action,
+            "actor": actor,
+            **fields,
+            "prev_hash": prev,
+        }
+        entry["hash"] = entry_hash(entry)
+        if key is not None:
+            entry["sig"] = key.sign(entry["hash"])
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        fh.seek(0, os.SEEK_END)
+        fh.write(line.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return entry
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`. ``seq`` is the position (1-based) of the first broken entry."""
+
+    ok: bool
+    entries: int
+    seq: int | None = None
+    problem: str | None = None
+    head: str | None = None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"OK: {self.entries} entries, chain intact, head {self.head}"
+        return f"BROKEN at seq {self.seq}: {self.problem}"
+
+
+def verify(path: Path, key: JournalKey | None = None) -> VerifyResult:
+    """Check the whole chain; return OK or the first broken entry and what is wrong.
+
+    Checks, in this order for each line: valid JSON with all fields, hash matches content
+    (``hash mismatch``), sequence number continues (``seq gap``), ``prev_hash`` matches the
+    previous entry (``broken link``), and, with ``key``, the signature (``bad signature``).
+    """
+    prev = GENESIS
+    count = 0
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CaError(f"journal {path} does not exist") from exc
+    for count, raw in enumerate(data.splitlines(), start=1):  # noqa: B007
+        try:
+            entry = json.loads(raw)
+            if not isinstance(entry, dict) or any(
+                f not in entry for f in (*_CORE_FIELDS, "hash")
+            ):
+                raise ValueError("missing fields")
+        except ValueError:
+            return VerifyResult(False, count - 1, count, "not a complete journal entry")
+        found = entry["seq"]
+        if entry_hash(entry) != entry["hash"]:
+            return VerifyResult(
+                False, count - 1, count, f"hash mismatch: entry seq {found} was altered"
+            )
+        if found != count:
+            return VerifyResult(
+                False, count - 1, count, f"seq gap: expected seq {count}, found {found}"
+            )
+        if entry["prev_hash"] != prev:
+            return VerifyResult(
+                False,
+                count - 1,
+                count,
+                "broken link: prev_hash does not match the previous entry's hash",
+            )
+        if key is not None:
+            problem = key.check(entry["hash"], entry.get("sig"))
+            if problem:
+                return VerifyResult(False, count - 1, count, problem)
+        prev = entry["hash"]
+    return VerifyResult(True, count, head=prev)
+
+
+def head(path: Path) -> tuple[int, str]:
+    """Return (seq, hash) of the last entry, or (0, GENESIS) for an empty journal."""
+    if not path.exists():
+        return 0, GENESIS
+    with path.open("rb") as fh:
+        last = _last_line(fh)
+    if last is None:
+        return 0, GENESIS
+    entry = json.loads(last)
+    return int(entry["seq"]), str(entry["hash"])
+
+
+def generate_hmac_key(path: Path) -> None:
+    """Write a new random 32-byte HMAC journal key (hex, mode 0600); never overwrite one."""
+    from safemail.ca._fs import create_exclusive
+
+    create_exclusive(path, os.urandom(32).hex().encode() + b"\n", 0o600)
+
+
+class Journal:
+    """A host's journal: path, host name and optional key bound together."""
+
+    def __init__(self, path: Path, host: str | None = None, key: JournalKey | None = None):
+        self.path = path
+        self.host = host
+        self.key = key
+
+    def record(self, action: str, actor: str, **subject: Any) -> dict[str, Any]:
+        return append(self.path, action, actor, host=self.host, key=self.key, **subject)
