@@ -1,0 +1,127 @@
+"""Read an Ansible inventory through ``ansible-inventory --list`` (the one reader Ansible trusts).
+
+Used by the report (which hosts were tested) and by the documentation generator.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemail.errors import SafeMailError
+
+# Host variables the documentation shows, by the first name that is set.
+SEGMENT_VARS = ("safemail_segment", "segment", "lab_segment")
+HYPERVISOR_VARS = ("safemail_hypervisor", "hypervisor", "lab_hypervisor")
+LOCATION_VARS = ("safemail_location", "location", "site")
+ADDRESS_VARS = ("ansible_host",)
+
+
+class InventoryError(SafeMailError):
+    """The inventory cannot be read."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    groups: tuple[str, ...]
+    vars: Mapping[str, Any] = field(default_factory=dict)
+
+    def first(self, names: tuple[str, ...]) -> str | None:
+        for name in names:
+            value = self.vars.get(name)
+            if value not in (None, ""):
+                return str(value)
+        return None
+
+    @property
+    def segment(self) -> str | None:
+        return self.first(SEGMENT_VARS)
+
+    @property
+    def hypervisor(self) -> str | None:
+        return self.first(HYPERVISOR_VARS)
+
+    @property
+    def location(self) -> str | None:
+        return self.first(LOCATION_VARS)
+
+    @property
+    def address(self) -> str | None:
+        return self.first(ADDRESS_VARS)
+
+
+def ansible_inventory_command() -> str:
+    """Path of ansible-inventory: on PATH, else next to this Python (the project venv)."""
+    found = shutil.which("ansible-inventory")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "ansible-inventory"
+    if beside.exists():
+        return str(beside)
+    raise InventoryError(
+        "ansible-inventory not found (Ansible is not installed in this environment)",
+        "install the project: .venv/bin/pip install -e . and run safemail from .venv/bin",
+    )
+
+
+def parse_inventory_list(data: Mapping[str, Any]) -> list[Host]:
+    """Hosts with their (transitive) groups from ``ansible-inventory --list`` JSON."""
+    hostvars: Mapping[str, Any] = data.get("_meta", {}).get("hostvars", {})
+    direct: dict[str, set[str]] = {}
+    parents: dict[str, set[str]] = {}
+    for group, body in data.items():
+        if group == "_meta" or not isinstance(body, Mapping):
+            continue
+        for host in body.get("hosts", []) or []:
+            direct.setdefault(host, set()).add(group)
+        for child in body.get("children", []) or []:
+            parents.setdefault(child, set()).add(group)
+
+    def ancestors(group: str, seen: set[str]) -> set[str]:
+        out = set()
+        for parent in parents.get(group, ()):
+            if parent not in seen:
+                seen.add(parent)
+                out |= {parent} | ancestors(parent, seen)
+        return out
+
+    names = set(direct) | set(hostvars)
+    hosts = []
+    for name in sorted(names):
+        groups = set(direct.get(name, ()))
+        for group in list(groups):
+            groups |= ancestors(group, set())
+        groups -= {"all", "ungrouped"}
+        hosts.append(Host(name, tuple(sorted(groups)), dict(hostvars.get(name, {}))))
+    return hosts
+
+
+def read_inventory(inventory: Path) -> list[Host]:
+    """Run ``ansible-inventory -i <inventory> --list`` and return its hosts."""
+    if not inventory.exists():
+        raise InventoryError(
+            f"inventory {inventory} does not exist",
+            "for the test stage run `safemail lab up` first",
+        )
+    cmd = [ansible_inventory_command(), "-i", str(inventory), "--list"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InventoryError(f"cannot run {' '.join(cmd)}: {exc}") from exc
+    if proc.returncode != 0:
+        raise InventoryError(
+            f"ansible-inventory failed for {inventory}: {proc.stderr.strip()[-2000:]}",
+            "check the inventory files for syntax errors",
+        )
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise InventoryError(f"ansible-inventory printed no JSON for {inventory}: {exc}") from exc
+    return parse_inventory_list(data)

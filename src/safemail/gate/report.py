@@ -1,0 +1,702 @@
+"""Turn JUnit XML from the verify suite into a release-decision report (JSON + HTML).
+
+Inputs: one or more JUnit XML files (pytest --junitxml), the requirement catalogue, the waivers
+and run metadata (revision, hashes, stage, hosts, times). Output: ``report.json`` (schema
+below, checked by :func:`validate_report`) and ``report.html`` (self-contained, for change
+managers).
+
+Per requirement, in this order of precedence:
+
+- ``fail``: at least one of its tests failed or errored.
+- ``untested``: it has no test ("no test"), or some of its tests were skipped (a skipped test
+  proves nothing). Counts as failing.
+- ``pass``: it has tests and every one of them passed.
+- ``waived``: it would be fail/untested but an active waiver covers it. An expired waiver
+  covers nothing: the requirement keeps its fail/untested status and the reason says so.
+- ``not-selected``: only in partial runs (``--requirements``): outside the selection, not
+  counted.
+
+The overall verdict is ``pass`` only if no counted requirement fails, no test names an
+unknown requirement (or none), and the run itself had no problems (e.g. pytest aborted).
+
+report.json (schema ``safemail.verify-report/1``; see REPORT_SCHEMA for the exact shape)::
+
+    schema, verdict ("pass"|"fail"), generated (ISO UTC), stage, complete (bool),
+    selection {keyword, markexpr, requirements}, revision {commit, dirty},
+    content_hash, content_files {path: sha256hex}, inventory_hash, hosts [names],
+    started, finished, pytest_exit_code, catalogue {path, sha256},
+    summary {requirements, pass, fail, waived, untested, not_selected, tests, tests_passed,
+             tests_failed, tests_skipped, unmapped_tests},
+    failing_requirements [ids], problems [text],
+    requirements [{id, title, source, legal_basis, statement, status, counts_as_failure,
+                   reason, waiver|null, tests [{id, outcome, duration, host, message,
+                   evidence [text]}]}],
+    unmapped_tests [{id, outcome, req [ids], reason}],
+    waivers [{id, justification, approver, expires, active}]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import xml.etree.ElementTree as ET  # noqa: S405 - parses our own pytest output, not foreign input
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from safemail import __version__
+from safemail.errors import SafeMailError
+from safemail.gate.catalogue import Catalogue
+from safemail.gate.waivers import Waiver
+
+SCHEMA_ID = "safemail.verify-report/1"
+MAX_TEXT = 4000  # characters of a failure message kept per test
+
+STATUSES = ("fail", "untested", "waived", "pass", "not-selected")
+FAILING = frozenset({"fail", "untested"})
+OUTCOMES = ("passed", "failed", "error", "skipped")
+
+
+class ReportError(SafeMailError):
+    """A report or its inputs cannot be read."""
+
+
+# --------------------------------------------------------------------------- JUnit parsing
+
+
+@dataclass
+class TestResult:
+    id: str
+    outcome: str  # passed | failed | error | skipped
+    duration: float = 0.0
+    message: str = ""
+    evidence: list[str] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    req_errors: list[str] = field(default_factory=list)
+    host: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "outcome": self.outcome,
+            "duration": round(self.duration, 3),
+            "host": self.host,
+            "message": self.message,
+            "evidence": list(self.evidence),
+        }
+
+
+_HOST_RE = re.compile(r"(?:ansible|ssh|paramiko|local|docker|podman)://([^\]]*)")
+
+
+def host_of(test_name: str, known_hosts: Sequence[str] = ()) -> str | None:
+    """The testinfra host a parametrized test ran against, from its id (display only)."""
+    match = _HOST_RE.search(test_name)
+    if not match:
+        return None
+    rest = match.group(1)
+    for name in sorted(known_hosts, key=len, reverse=True):
+        if rest == name or rest.startswith(name + "-"):
+            return name
+    return rest.split("-", 1)[0] if known_hosts else rest
+
+
+def _tail(text: str, limit: int = MAX_TEXT) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def parse_junit(paths: Iterable[Path | str], known_hosts: Sequence[str] = ()) -> list[TestResult]:
+    """Read pytest JUnit XML files into one list of test results."""
+    results: list[TestResult] = []
+    for path in map(Path, paths):
+        try:
+            tree = ET.parse(path)  # noqa: S314 - our own pytest output
+        except FileNotFoundError:
+            raise ReportError(
+                f"JUnit XML not found: {path}", "run `safemail verify` to produce it"
+            ) from None
+        except ET.ParseError as exc:
+            raise ReportError(
+                f"{path} is not valid JUnit XML: {exc}",
+                "the test run was probably interrupted; run `safemail verify` again",
+            ) from exc
+        for case in tree.getroot().iter("testcase"):
+            results.append(_parse_case(case, known_hosts))
+    return results
+
+
+def _parse_case(case: ET.Element, known_hosts: Sequence[str]) -> TestResult:
+    classname = case.get("classname", "")
+    name = case.get("name", "")
+    test_id = f"{classname}::{name}" if classname else name
+    outcome = "passed"
+    messages: list[str] = []
+    failures, errors = case.findall("failure"), case.findall("error")
+    if failures or errors:
+        outcome = "error" if errors else "failed"
+    for node in failures + errors:
+        messages.append("\n".join(filter(None, [node.get("message", ""), node.text or ""])))
+    if outcome == "passed":
+        skipped = case.find("skipped")
+        if skipped is not None:
+            outcome = "skipped"
+            messages.append(skipped.get("message", "") or (skipped.text or ""))
+    result = TestResult(
+        id=test_id,
+        outcome=outcome,
+        duration=float(case.get("time", "0") or 0),
+        message=_tail("\n".join(m for m in messages if m.strip())),
+        host=host_of(name, known_hosts),
+    )
+    for prop in case.iter("property"):
+        key, value = prop.get("name", ""), prop.get("value", "")
+        if key == "req":
+            result.req_ids.extend(v.strip() for v in value.split(",") if v.strip())
+        elif key == "req_error":
+            result.req_errors.append(value)
+        elif key == "evidence":
+            result.evidence.append(value)
+    return result
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass
+class RunMetadata:
+    stage: str
+    revision: str
+    dirty: bool
+    content_hash: str
+    content_files: dict[str, str]
+    inventory_hash: str
+    hosts: list[str]
+    started: str
+    finished: str
+    selection: dict[str, Any] = field(
+        default_factory=lambda: {"keyword": None, "markexpr": None, "requirements": None}
+    )
+    pytest_exit_code: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.selection.get(k) for k in ("keyword", "markexpr", "requirements"))
+
+
+def utc_iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> dt.datetime:
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _status_for(tests: Sequence[TestResult]) -> tuple[str, str]:
+    if not tests:
+        return "untested", "no test"
+    bad = [t for t in tests if t.outcome in ("failed", "error")]
+    if bad:
+        return "fail", f"{len(bad)} of {len(tests)} test(s) failed"
+    skipped = [t for t in tests if t.outcome == "skipped"]
+    if skipped:
+        return "untested", f"{len(skipped)} of {len(tests)} test(s) skipped: not proven"
+    return "pass", f"{len(tests)} test(s) passed"
+
+
+def build_report(
+    results: Sequence[TestResult],
+    catalogue: Catalogue,
+    waivers: Sequence[Waiver],
+    meta: RunMetadata,
+    today: dt.date | None = None,
+    generated: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Assemble the report dictionary (see the module docstring for the rules)."""
+    generated = generated or dt.datetime.now(dt.UTC)
+    today = today or generated.date()
+    waiver_map = {w.id: w for w in waivers}
+    known = set(catalogue.ids)
+    selected = meta.selection.get("requirements")
+    selected_ids = set(selected) if selected else None
+
+    by_req: dict[str, list[TestResult]] = {rid: [] for rid in catalogue.ids}
+    unmapped: list[dict[str, Any]] = []
+    for res in results:
+        unknown = [rid for rid in res.req_ids if rid not in known]
+        for rid in res.req_ids:
+            if rid in known:
+                by_req[rid].append(res)
+        if not res.req_ids or unknown:
+            if res.req_errors:
+                reason = "; ".join(res.req_errors)
+            elif unknown:
+                reason = f"unknown requirement id(s): {', '.join(unknown)}"
+            else:
+                reason = "no @pytest.mark.req(...) marker"
+            unmapped.append(
+                {"id": res.id, "outcome": res.outcome, "req": list(res.req_ids), "reason": reason}
+            )
+
+    rows: list[dict[str, Any]] = []
+    for req in catalogue:
+        tests = by_req[req.id]
+        waiver = waiver_map.get(req.id)
+        if selected_ids is not None and req.id not in selected_ids:
+            status, reason = "not-selected", "outside this run's --requirements selection"
+        else:
+            status, reason = _status_for(tests)
+            if waiver is not None:
+                if status in FAILING and waiver.is_active(today):
+                    reason = f"{reason}; waived until {waiver.expires.isoformat()}"
+                    status = "waived"
+                elif status in FAILING:
+                    reason = f"{reason}; waiver expired on {waiver.expires.isoformat()}"
+                elif waiver.is_active(today):
+                    reason = f"{reason}; waiver no longer needed: remove it"
+                else:
+                    reason = f"{reason}; expired waiver left in the waiver file: remove it"
+        rows.append(
+            {
+                **req.to_dict(),
+                "status": status,
+                "counts_as_failure": status in FAILING,
+                "reason": reason,
+                "waiver": waiver.to_dict(today) if waiver else None,
+                "tests": [t.to_dict() for t in tests],
+            }
+        )
+
+    failing = [r["id"] for r in rows if r["counts_as_failure"]]
+    problems = list(meta.problems)
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
+    verdict = "pass" if not failing and not unmapped and not problems else "fail"
+    return {
+        "schema": SCHEMA_ID,
+        "verdict": verdict,
+        "generated": utc_iso(generated),
+        "generator": f"safemail {__version__}",
+        "stage": meta.stage,
+        "complete": meta.complete,
+        "selection": {
+            "keyword": meta.selection.get("keyword"),
+            "markexpr": meta.selection.get("markexpr"),
+            "requirements": list(selected) if selected else None,
+        },
+        "revision": {"commit": meta.revision, "dirty": meta.dirty},
+        "content_hash": meta.content_hash,
+        "content_files": dict(sorted(meta.content_files.items())),
+        "inventory_hash": meta.inventory_hash,
+        "hosts": sorted(meta.hosts),
+        "started": meta.started,
+        "finished": meta.finished,
+        "pytest_exit_code": meta.pytest_exit_code,
+        "catalogue": {"path": catalogue.origin, "sha256": catalogue.sha256},
+        "summary": {
+            "requirements": len(rows),
+            "pass": counts["pass"],
+            "fail": counts["fail"],
+            "waived": counts["waived"],
+            "untested": counts["untested"],
+            "not_selected": counts["not-selected"],
+            "tests": len(results),
+            "tests_passed": sum(1 for t in results if t.outcome == "passed"),
+            "tests_failed": sum(1 for t in results if t.outcome in ("failed", "error")),
+            "tests_skipped": sum(1 for t in results if t.outcome == "skipped"),
+            "unmapped_tests": len(unmapped),
+        },
+        "failing_requirements": failing,
+        "problems": problems,
+        "requirements": rows,
+        "unmapped_tests": unmapped,
+        "waivers": [w.to_dict(today) for w in waivers],
+    }
+
+
+# --------------------------------------------------------------------------- schema
+
+_STR = {"type": "string"}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_STR_LIST = {"type": "array", "items": _STR}
+_HASH = {"type": "string", "pattern": r"^sha256:[0-9a-f]{64}$"}
+_TIME = {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$"}
+_WAIVER = {
+    "type": "object",
+    "required": ["id", "justification", "approver", "expires", "active"],
+    "additionalProperties": False,
+    "properties": {
+        "id": _STR,
+        "justification": _STR,
+        "approver": _STR,
+        "expires": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d$"},
+        "active": {"type": "boolean"},
+    },
+}
+_TEST = {
+    "type": "object",
+    "required": ["id", "outcome", "duration", "host", "message", "evidence"],
+    "additionalProperties": False,
+    "properties": {
+        "id": _STR,
+        "outcome": {"enum": list(OUTCOMES)},
+        "duration": {"type": "number", "minimum": 0},
+        "host": _STR_OR_NULL,
+        "message": _STR,
+        "evidence": _STR_LIST,
+    },
+}
+_REQ = {
+    "type": "object",
+    "required": [
+        "id", "title", "source", "legal_basis", "statement", "status",
+        "counts_as_failure", "reason", "waiver", "tests",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string", "pattern": r"^[A-Z]{2,8}-[0-9]{2,3}$"},
+        "title": _STR,
+        "source": _STR_LIST,
+        "legal_basis": _STR_LIST,
+        "statement": _STR,
+        "status": {"enum": list(STATUSES)},
+        "counts_as_failure": {"type": "boolean"},
+        "reason": _STR,
+        "waiver": {"anyOf": [{"type": "null"}, _WAIVER]},
+        "tests": {"type": "array", "items": _TEST},
+    },
+}
+_COUNT = {"type": "integer", "minimum": 0}
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "SafeMail verification report",
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "schema", "verdict", "generated", "generator", "stage", "complete", "selection",
+        "revision", "content_hash", "content_files", "inventory_hash", "hosts", "started",
+        "finished", "pytest_exit_code", "catalogue", "summary", "failing_requirements",
+        "problems", "requirements", "unmapped_tests", "waivers",
+    ],
+    "properties": {
+        "schema": {"enum": [SCHEMA_ID]},
+        "verdict": {"enum": ["pass", "fail"]},
+        "generated": _TIME,
+        "generator": _STR,
+        "stage": {"type": "string", "pattern": r"^[a-z][a-z0-9_-]*$"},
+        "complete": {"type": "boolean"},
+        "selection": {
+            "type": "object",
+            "required": ["keyword", "markexpr", "requirements"],
+            "additionalProperties": False,
+            "properties": {
+                "keyword": _STR_OR_NULL,
+                "markexpr": _STR_OR_NULL,
+                "requirements": {"anyOf": [{"type": "null"}, _STR_LIST]},
+            },
+        },
+        "revision": {
+            "type": "object",
+            "required": ["commit", "dirty"],
+            "additionalProperties": False,
+            "properties": {"commit": _STR, "dirty": {"type": "boolean"}},
+        },
+        "content_hash": _HASH,
+        "content_files": {"type": "object", "additionalProperties": _STR},
+        "inventory_hash": _HASH,
+        "hosts": _STR_LIST,
+        "started": _TIME,
+        "finished": _TIME,
+        "pytest_exit_code": {"type": ["integer", "null"]},
+        "catalogue": {
+            "type": "object",
+            "required": ["path", "sha256"],
+            "additionalProperties": False,
+            "properties": {"path": _STR, "sha256": _STR},
+        },
+        "summary": {
+            "type": "object",
+            "required": [
+                "requirements", "pass", "fail", "waived", "untested", "not_selected",
+                "tests", "tests_passed", "tests_failed", "tests_skipped", "unmapped_tests",
+            ],
+            "additionalProperties": _COUNT,
+        },
+        "failing_requirements": _STR_LIST,
+        "problems": _STR_LIST,
+        "requirements": {"type": "array", "items": _REQ},
+        "unmapped_tests": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "outcome", "req", "reason"],
+                "additionalProperties": False,
+                "properties": {
+                    "id": _STR,
+                    "outcome": {"enum": list(OUTCOMES)},
+                    "req": _STR_LIST,
+                    "reason": _STR,
+                },
+            },
+        },
+        "waivers": {"type": "array", "items": _WAIVER},
+    },
+}
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+
+
+def _type_ok(value: Any, name: str) -> bool:
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    return isinstance(value, _TYPES[name])
+
+
+def _check(value: Any, schema: Mapping[str, Any], where: str, errors: list[str]) -> None:
+    """Check the subset of JSON Schema that REPORT_SCHEMA uses."""
+    if "anyOf" in schema:
+        if not any(not _collect(value, sub, where) for sub in schema["anyOf"]):
+            errors.append(f"{where}: matches none of the allowed shapes")
+        return
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+        return
+    if "type" in schema:
+        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_type_ok(value, n) for n in names):
+            errors.append(f"{where}: expected {' or '.join(names)}, got {type(value).__name__}")
+            return
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if isinstance(value, int | float) and "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{where}: {value} is below {schema['minimum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: missing key '{key}'")
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in props:
+                _check(item, props[key], f"{where}.{key}", errors)
+            elif extra is False:
+                errors.append(f"{where}: unexpected key '{key}'")
+            elif isinstance(extra, dict):
+                _check(item, extra, f"{where}.{key}", errors)
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            _check(item, schema["items"], f"{where}[{index}]", errors)
+
+
+def _collect(value: Any, schema: Mapping[str, Any], where: str) -> list[str]:
+    errors: list[str] = []
+    _check(value, schema, where, errors)
+    return errors
+
+
+def validate_report(data: Any) -> list[str]:
+    """Problems with a report.json document; an empty list means it is well formed.
+
+    Beyond the schema it checks consistency: the verdict and failing ids follow from the rows.
+    """
+    errors = _collect(data, REPORT_SCHEMA, "report")
+    if errors:
+        return errors
+    failing = [r["id"] for r in data["requirements"] if r["counts_as_failure"]]
+    if failing != data["failing_requirements"]:
+        errors.append("report: failing_requirements does not match the requirement rows")
+    for row in data["requirements"]:
+        if row["counts_as_failure"] != (row["status"] in FAILING):
+            errors.append(f"report: {row['id']}: counts_as_failure contradicts its status")
+    expected = (
+        "pass" if not failing and not data["unmapped_tests"] and not data["problems"] else "fail"
+    )
+    if data["verdict"] != expected:
+        errors.append(f"report: verdict {data['verdict']!r} contradicts the rows ({expected!r})")
+    return errors
+
+
+# --------------------------------------------------------------------------- HTML
+
+_ORDER = {s: i for i, s in enumerate(STATUSES)}
+
+_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>SafeMail verification {{ r.stage }}: {{ r.verdict | upper }}</title>
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem; color: #1b1b1b; }
+h1 { font-size: 1.4rem; margin: 0 0 .5rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
+.verdict { padding: 1rem 1.25rem; border-radius: 6px; color: #fff; margin-bottom: 1rem; }
+.verdict strong { font-size: 1.6rem; letter-spacing: .05em; }
+.v-pass { background: #1e7b34; } .v-fail { background: #b3261e; }
+table { border-collapse: collapse; width: 100%; }
+th, td { border: 1px solid #ccc; padding: .35rem .5rem; vertical-align: top; text-align: left; }
+th { background: #f0f0f0; }
+table.meta { width: auto; } table.meta th { width: 11rem; }
+.badge { display: inline-block; padding: .1rem .45rem; border-radius: 4px; font-weight: 600;
+  font-size: .8rem; white-space: nowrap; }
+.s-pass, .o-passed { background: #d4edda; color: #14532d; }
+.s-fail, .o-failed, .o-error { background: #f8d7da; color: #7f1d1d; }
+.s-untested, .o-skipped { background: #fde68a; color: #713f12; }
+.s-waived { background: #dbeafe; color: #1e3a8a; }
+.s-not-selected { background: #e5e7eb; color: #374151; }
+tr.row-fail td, tr.row-untested td { background: #fff7f7; }
+pre { white-space: pre-wrap; word-break: break-word; background: #f7f7f7; padding: .4rem;
+  margin: .25rem 0; max-height: 18rem; overflow: auto; font-size: 12px; }
+.small { color: #555; font-size: .85rem; } code { font-size: 12px; }
+ul.tests { margin: 0; padding-left: 1rem; }
+</style>
+</head>
+<body>
+<div class="verdict v-{{ r.verdict }}">
+  <strong>{{ r.verdict | upper }}</strong>
+  &nbsp; stage <b>{{ r.stage }}</b>, revision <code>{{ r.revision.commit[:12] }}</code>
+  {%- if r.revision.dirty %} (uncommitted changes){% endif %}
+  <div>{{ r.summary.pass }} pass · {{ r.summary.fail }} fail · {{ r.summary.untested }}
+  untested · {{ r.summary.waived }} waived of {{ r.summary.requirements }} requirements;
+  {{ r.summary.tests }} tests{% if not r.complete %} · PARTIAL RUN, not releasable{% endif %}</div>
+  {%- if r.failing_requirements %}
+  <div>Failing: {{ r.failing_requirements | join(", ") }}</div>
+  {%- endif %}
+</div>
+<h1>SafeMail verification report</h1>
+<table class="meta">
+<tr><th>Stage</th><td>{{ r.stage }}</td></tr>
+<tr><th>Git revision</th><td><code>{{ r.revision.commit }}</code>{% if r.revision.dirty %}
+ <span class="badge s-fail">dirty tree</span>{% endif %}</td></tr>
+<tr><th>Content hash</th><td><code>{{ r.content_hash }}</code>
+ <span class="small">({{ r.content_files | length }} files)</span></td></tr>
+<tr><th>Inventory hash</th><td><code>{{ r.inventory_hash }}</code></td></tr>
+<tr><th>Hosts</th><td>{{ r.hosts | join(", ") or "none recorded" }}</td></tr>
+<tr><th>Run</th><td>{{ r.started }} → {{ r.finished }}
+ {%- if r.pytest_exit_code is not none %} (pytest exit code {{ r.pytest_exit_code }}){% endif %}
+ </td></tr>
+<tr><th>Selection</th><td>{% if r.complete %}complete suite{% else %}partial:
+ {%- if r.selection.keyword %} -k <code>{{ r.selection.keyword }}</code>{% endif %}
+ {%- if r.selection.markexpr %} -m <code>{{ r.selection.markexpr }}</code>{% endif %}
+ {%- if r.selection.requirements %} requirements {{ r.selection.requirements | join(", ") }}
+ {%- endif %}{% endif %}</td></tr>
+<tr><th>Catalogue</th><td><code>{{ r.catalogue.path }}</code>
+ <span class="small">sha256 {{ r.catalogue.sha256[:16] }}</span></td></tr>
+<tr><th>Generated</th><td>{{ r.generated }} by {{ r.generator }}</td></tr>
+</table>
+{%- if r.problems %}
+<h2>Problems with this run</h2>
+<ul>{% for p in r.problems %}<li>{{ p }}</li>{% endfor %}</ul>
+{%- endif %}
+{%- if r.unmapped_tests %}
+<h2>Tests without a known requirement ({{ r.unmapped_tests | length }})</h2>
+<p class="small">Every test must name a requirement of the catalogue. These make the verdict
+fail until the test or the catalogue is fixed.</p>
+<table><tr><th>Test</th><th>Outcome</th><th>Requirement ids</th><th>Problem</th></tr>
+{% for t in r.unmapped_tests %}<tr><td><code>{{ t.id }}</code></td>
+<td><span class="badge o-{{ t.outcome }}">{{ t.outcome }}</span></td>
+<td>{{ t.req | join(", ") or "none" }}</td><td>{{ t.reason }}</td></tr>
+{% endfor %}</table>
+{%- endif %}
+<h2>Requirements</h2>
+<table>
+<tr><th>Id</th><th>Requirement</th><th>Status</th><th>Tests and evidence</th></tr>
+{% for q in rows %}
+<tr id="{{ q.id }}" class="row-{{ q.status }}">
+<td><b>{{ q.id }}</b></td>
+<td>{{ q.title }}<div class="small">Audit report {{ q.source | join(", ") }} ·
+ {{ q.legal_basis | join("; ") }}</div>
+ <details><summary class="small">statement</summary><div class="small">{{ q.statement }}
+ </div></details></td>
+<td><span class="badge s-{{ q.status }}">{% if q.status == "untested" and not q.tests
+ %}no test{% else %}{{ q.status }}{% endif %}</span>
+ <div class="small">{{ q.reason }}</div>
+ {%- if q.waiver %}<div class="small"><b>Waiver</b>
+ {%- if not q.waiver.active %} <b>(expired)</b>{% endif %}: {{ q.waiver.justification }}
+ — approved by {{ q.waiver.approver }}, expires {{ q.waiver.expires }}</div>{% endif %}</td>
+<td>{% if q.tests %}<details{% if q.counts_as_failure or q.status == "waived" %} open{% endif %}>
+ <summary>{{ q.tests | length }} test(s)</summary><ul class="tests">
+ {% for t in q.tests %}<li><span class="badge o-{{ t.outcome }}">{{ t.outcome }}</span>
+ <code>{{ t.id }}</code>{% if t.host %} <span class="small">on {{ t.host }}</span>{% endif %}
+ {% for e in t.evidence %}<pre>{{ e }}</pre>{% endfor %}
+ {% if t.message and t.outcome != "passed" %}<pre>{{ t.message }}</pre>{% endif %}</li>
+ {% endfor %}</ul></details>{% else %}<span class="small">no test</span>{% endif %}</td>
+</tr>
+{% endfor %}
+</table>
+<h2>Waivers ({{ r.waivers | length }})</h2>
+{% if r.waivers %}<table><tr><th>Id</th><th>Justification</th><th>Approver</th>
+<th>Expires</th><th>State</th></tr>
+{% for w in r.waivers %}<tr><td>{{ w.id }}</td><td>{{ w.justification }}</td>
+<td>{{ w.approver }}</td><td>{{ w.expires }}</td>
+<td>{% if w.active %}active{% else %}<span class="badge s-fail">expired</span>{% endif %}</td>
+</tr>{% endfor %}</table>
+{% else %}<p>None.</p>{% endif %}
+</body>
+</html>
+"""
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """A self-contained HTML page: verdict first, failing requirements first."""
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    rows = sorted(
+        report["requirements"], key=lambda q: _ORDER.get(q["status"], len(_ORDER))
+    )  # stable: catalogue order within a status
+    return env.from_string(_HTML).render(r=report, rows=rows)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_report(report: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path, str]:
+    """Write report.json and report.html; return their paths and the JSON's sha256 digest."""
+    problems = validate_report(report)
+    if problems:
+        raise ReportError(
+            "refusing to write a malformed report:\n  " + "\n  ".join(problems),
+            "this is a bug in safemail.gate.report",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    json_path = out_dir / "report.json"
+    html_path = out_dir / "report.html"
+    json_path.write_bytes(data)
+    html_path.write_text(render_html(report), encoding="utf-8")
+    return json_path, html_path, hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """Read and validate a report.json; raise ReportError naming every problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(
+            f"report not found: {path}", "run `safemail verify --stage test` first"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read report {path}: {exc}") from exc
+    problems = validate_report(data)
+    if problems:
+        raise ReportError(
+            f"{path} is not a valid SafeMail report:\n  " + "\n  ".join(problems[:20]),
+            "produce a fresh one with `safemail verify --stage test`",
+        )
+    return data

@@ -1,0 +1,166 @@
+"""pytest plugin for the verify suite: requirement markers and evidence.
+
+Every test proves one or more requirements of verify/requirements.yml and says which::
+
+    @pytest.mark.req("MAIL-03")
+    def test_plaintext_refused(host, evidence):
+        reply = ...
+        evidence(f"RCPT reply: {reply}")
+        assert reply.startswith("550")
+
+What this plugin does:
+
+- registers the ``req`` marker;
+- at collection, records each test's requirement ids as JUnit properties (``req``) and finds
+  tests without a known id; such a test is turned into an error with a clear message (it
+  cannot pass) and listed at the end of the run, and the report lists it too;
+- provides the ``evidence`` fixture: ``evidence(text)`` attaches text (an SMTP reply, a file
+  mode, a probe result) to the test as a JUnit property ``evidence``;
+- ``--req-select MAIL-03,NET-01`` runs only the tests of those requirements;
+  ``--req-catalogue PATH`` reads another catalogue (default: requirements.yml next to this
+  file).
+
+It does not depend on which test modules exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from safemail.gate.catalogue import Catalogue, load_catalogue
+
+CATALOGUE_PATH = Path(__file__).with_name("requirements.yml")
+
+_catalogue_key = pytest.StashKey[Catalogue]()
+_problems_key = pytest.StashKey[list[str]]()
+_item_error_key = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("safemail", "SafeMail verification")
+    group.addoption(
+        "--req-catalogue",
+        default=str(CATALOGUE_PATH),
+        help="requirement catalogue (default: verify/requirements.yml)",
+    )
+    group.addoption(
+        "--req-select",
+        default=None,
+        metavar="IDS",
+        help="comma-separated requirement ids: run only their tests",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "req(*ids): requirement id(s) of verify/requirements.yml this test proves"
+    )
+    # Evidence goes through record_property, which pytest flags under the xunit2 family;
+    # safemail verify uses xunit1, other runs still get the properties.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:record_property is incompatible:pytest.PytestWarning"
+    )
+    config.stash[_catalogue_key] = load_catalogue(config.getoption("--req-catalogue"))
+    config.stash[_problems_key] = []
+
+
+def req_ids(item: pytest.Item) -> list[str]:
+    """Requirement ids named by the item's ``req`` markers, in order, without duplicates."""
+    ids: list[str] = []
+    for mark in item.iter_markers(name="req"):
+        for arg in mark.args:
+            for part in str(arg).split(","):
+                if part.strip() and part.strip() not in ids:
+                    ids.append(part.strip())
+    return ids
+
+
+def _selection(config: pytest.Config) -> set[str] | None:
+    raw = config.getoption("--req-select")
+    if not raw:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    catalogue = config.stash[_catalogue_key]
+    known = set(catalogue.ids)
+    selection = _selection(config)
+    if selection is not None:
+        unknown_sel = sorted(selection - known)
+        if unknown_sel:
+            raise pytest.UsageError(
+                f"--req-select names unknown requirement id(s): {', '.join(unknown_sel)} "
+                f"(catalogue: {catalogue.origin})"
+            )
+    problems = config.stash[_problems_key]
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        ids = req_ids(item)
+        unknown = [i for i in ids if i not in known]
+        if not ids:
+            message = (
+                "no requirement marker: add @pytest.mark.req(\"AREA-NN\") naming the "
+                f"requirement this test proves (ids are in {catalogue.origin})"
+            )
+        elif unknown:
+            message = (
+                f"unknown requirement id(s) {', '.join(unknown)}: not in {catalogue.origin}; "
+                "fix the marker or add the requirement to the catalogue"
+            )
+        else:
+            message = ""
+        if selection is not None and not (set(ids) & selection) and not message:
+            dropped.append(item)
+            continue
+        for rid in ids:
+            item.user_properties.append(("req", rid))
+        if message:
+            item.stash[_item_error_key] = message
+            item.user_properties.append(("req_error", message))
+            problems.append(f"{item.nodeid}: {message}")
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    message = item.stash.get(_item_error_key, None)
+    if message:
+        # An error, not a skip: a test that proves no known requirement must not look green.
+        pytest.fail(f"SafeMail requirement marker error: {message}", pytrace=False)
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    del exitstatus
+    problems = list(config.stash.get(_problems_key, []))
+    # Under xdist the workers collect; their setup errors carry the message instead.
+    for report in terminalreporter.stats.get("error", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "req_error":
+                line = f"{report.nodeid}: {value}"
+                if line not in problems:
+                    problems.append(line)
+    if problems:
+        terminalreporter.section("SafeMail requirement markers", sep="=", red=True, bold=True)
+        for line in problems:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def evidence(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    """Attach evidence text to the current test; it lands in the JUnit XML and the report."""
+
+    def attach(text: str) -> None:
+        record_property("evidence", str(text))
+
+    return attach
