@@ -25,9 +25,7 @@ def hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     key = tmp_path / "journal.key"
     journal.generate_hmac_key(key)
     monkeypatch.setenv("SAFEMAIL_CA_JOURNAL_KEY", str(key))
-    return {name: tmp_path / name for name in ("ra", "signer", "dist", "key")} | {
-        "root": tmp_path
-    }
+    return {name: tmp_path / name for name in ("ra", "signer", "dist", "key")} | {"root": tmp_path}
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -53,15 +51,48 @@ def test_full_flow(hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -
     code, out, _ = run(capsys, "init", "--state-dir", signer, "--operator", "carol")
     assert code == 0 and "not regenerated" in out
 
-    code, out, _ = run(capsys, "register", NUMBER, "--name", "Praxis Mueller", "--mailbox",
-                       MAILBOX, "--specialty", "GP", "--state-dir", ra, "--operator", "alice")
+    code, out, _ = run(
+        capsys,
+        "register",
+        NUMBER,
+        "--name",
+        "Praxis Mueller",
+        "--mailbox",
+        MAILBOX,
+        "--specialty",
+        "GP",
+        "--state-dir",
+        ra,
+        "--operator",
+        "alice",
+    )
     assert code == 0 and "registered" in out
-    code, _, err = run(capsys, "register", "222333444", "--name", "X", "--mailbox",
-                       f"x@{DOMAIN}", "--specialty", "VET", "--state-dir", ra)
+    code, _, err = run(
+        capsys,
+        "register",
+        "222333444",
+        "--name",
+        "X",
+        "--mailbox",
+        f"x@{DOMAIN}",
+        "--specialty",
+        "VET",
+        "--state-dir",
+        ra,
+    )
     assert code == 3 and "refused (unknown-specialty)" in err
 
-    code, out, _ = run(capsys, "submit", str(csr), "--participant", NUMBER, "--state-dir", ra,
-                       "--published-dir", str(hosts["ra"] / "published"))
+    code, out, _ = run(
+        capsys,
+        "submit",
+        str(csr),
+        "--participant",
+        NUMBER,
+        "--state-dir",
+        ra,
+        "--published-dir",
+        str(hosts["ra"] / "published"),
+    )
     assert code == 0
     request_id = out.strip()
     code, out, _ = run(capsys, "list", "--state", "pending", "--state-dir", ra)
@@ -88,9 +119,18 @@ def test_full_flow(hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -
     sync(hosts["signer"], pushed)  # signer pushes its public output
     assert not (pushed / "private").exists()
     ldif = hosts["root"] / "changes.ldif"
-    code, out, _ = run(capsys, "publish", "--from", str(pushed), "--state-dir", dist,
-                       "--ldif", str(ldif), "--ldap-dn-template",
-                       "uid={participant},ou=participants,dc=safemail")
+    code, out, _ = run(
+        capsys,
+        "publish",
+        "--from",
+        str(pushed),
+        "--state-dir",
+        dist,
+        "--ldif",
+        str(ldif),
+        "--ldap-dn-template",
+        "uid={participant},ou=participants,dc=safemail",
+    )
     assert code == 0 and "published 1 certificate(s)" in out
     assert f"dn: uid={NUMBER},ou=participants,dc=safemail" in ldif.read_text()
     published = hosts["dist"] / "published"
@@ -107,8 +147,9 @@ def test_full_flow(hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -
     [row] = json.loads(out)
     assert (row["serial"], row["status"], row["mailbox"]) == (serial, "valid", MAILBOX)
 
-    code, out, _ = run(capsys, "revoke", "--mailbox", MAILBOX, "--reason", "key-compromise",
-                       "--state-dir", signer)
+    code, out, _ = run(
+        capsys, "revoke", "--mailbox", MAILBOX, "--reason", "key-compromise", "--state-dir", signer
+    )
     assert code == 0 and f"revoked {serial}" in out and "number 2, 1 revoked" in out
     code, out, _ = run(capsys, "crl", "--show", "--state-dir", signer)
     assert serial in out
@@ -122,8 +163,9 @@ def test_full_flow(hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -
 
     key = str(hosts["root"] / "journal.key")
     for host in ("ra", "signer", "dist"):
-        code, out, _ = run(capsys, "journal", "verify", str(hosts[host] / "journal.jsonl"),
-                           "--key", key)
+        code, out, _ = run(
+            capsys, "journal", "verify", str(hosts[host] / "journal.jsonl"), "--key", key
+        )
         assert code == 0 and out.startswith("OK"), (host, out)
     # tamper with the signer's journal: verify exits 4 and names the entry
     j = hosts["signer"] / "journal.jsonl"
@@ -135,24 +177,46 @@ def test_full_flow(hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -
     assert code == 4 and out.startswith(f"BROKEN at seq {k + 1}: hash mismatch")
 
 
-def test_operator_errors_have_hints(hosts: dict[str, Path],
-                                    capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "issue", "--from", str(hosts["root"] / "nope"),
-                       "--state-dir", str(hosts["signer"]))
+def test_operator_errors_have_hints(
+    hosts: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        capsys, "issue", "--from", str(hosts["root"] / "nope"), "--state-dir", str(hosts["signer"])
+    )
     assert code == 1 and "error:" in err and "hint:" in err
     code, _, err = run(capsys, "crl", "--state-dir", str(hosts["signer"]))
     assert code == 1 and "safemail ca init" in err
-    code, _, err = run(capsys, "reject", "0123456789abcdef", "--reason", "x", "--operator", "b",
-                       "--state-dir", str(hosts["ra"]))
+    code, _, err = run(
+        capsys,
+        "reject",
+        "0123456789abcdef",
+        "--reason",
+        "x",
+        "--operator",
+        "b",
+        "--state-dir",
+        str(hosts["ra"]),
+    )
     assert code == 1 and "no request" in err
-    code, _, err = run(capsys, "revoke", "--reason", "superseded",
-                       "--state-dir", str(hosts["signer"]))
+    code, _, err = run(
+        capsys, "revoke", "--reason", "superseded", "--state-dir", str(hosts["signer"])
+    )
     assert code == 1 and "either a SERIAL or --mailbox" in err
 
 
 def test_every_step_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for step in ("init", "register", "submit", "list", "approve", "reject", "issue", "revoke",
-                 "crl", "publish"):
+    for step in (
+        "init",
+        "register",
+        "submit",
+        "list",
+        "approve",
+        "reject",
+        "issue",
+        "revoke",
+        "crl",
+        "publish",
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["ca", step, "--help"])
         assert exc.value.code == 0

@@ -17,9 +17,16 @@ N = 6
 
 def fill(path: Path, key: JournalKey | None = None, n: int = N) -> None:
     for i in range(1, n + 1):
-        journal.append(path, "issue", "carol", host="ca-signer", key=key,
-                       participant=f"10000000{i}", serial=f"{i:032x}",
-                       mailbox=f"p{i}@safemail.example")
+        journal.append(
+            path,
+            "issue",
+            "carol",
+            host="ca-signer",
+            key=key,
+            participant=f"10000000{i}",
+            serial=f"{i:032x}",
+            mailbox=f"p{i}@safemail.example",
+        )
 
 
 def lines(path: Path) -> list[str]:
@@ -38,8 +45,18 @@ def test_fresh_journal_verifies(tmp_path: Path) -> None:
     first, last = json.loads(lines(p)[0]), json.loads(lines(p)[-1])
     assert first["seq"] == 1 and first["prev_hash"] == journal.GENESIS
     assert last["hash"] == result.head == journal.head(p)[1]
-    assert set(first) == {"seq", "time", "host", "action", "actor", "participant", "serial",
-                          "mailbox", "prev_hash", "hash"}
+    assert set(first) == {
+        "seq",
+        "time",
+        "host",
+        "action",
+        "actor",
+        "participant",
+        "serial",
+        "mailbox",
+        "prev_hash",
+        "hash",
+    }
     assert str(result).startswith("OK: 6 entries")
 
 
@@ -148,11 +165,18 @@ def test_missing_signature_is_reported(tmp_path: Path) -> None:
 
 def test_ed25519_signed_journal(tmp_path: Path) -> None:
     priv = ed25519.Ed25519PrivateKey.generate()
-    (tmp_path / "host.key").write_bytes(priv.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    (tmp_path / "host.pub").write_bytes(priv.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "host.key").write_bytes(
+        priv.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "host.pub").write_bytes(
+        priv.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     p = tmp_path / "j.jsonl"
     fill(p, JournalKey.load(tmp_path / "host.key"))
     pub = JournalKey.load(tmp_path / "host.pub")

@@ -62,8 +62,11 @@ def test_register_writes_the_participant(ra: RegistrationAuthority) -> None:
         (("987654321", "X", "a@gmail.com", "GP"), "mailbox-domain", "not in a SafeMail domain"),
         (("987654321", "X", f"Praxis@{DOMAIN}", "GP"), "bad-mailbox", "not a valid mailbox"),
         (("987654321", "X", f"a/../b@{DOMAIN}", "GP"), "bad-mailbox", "not a valid mailbox"),
-        (("987654321", "X", f"x@{DOMAIN}", "DENTIST"), "unknown-specialty",
-         "specialty group 'DENTIST' is not one of"),
+        (
+            ("987654321", "X", f"x@{DOMAIN}", "DENTIST"),
+            "unknown-specialty",
+            "specialty group 'DENTIST' is not one of",
+        ),
         (("987654321", "X", MAILBOX, "GP"), "mailbox-taken", "already belongs to participant"),
         (("1", "X", f"x@{DOMAIN}", "GP"), "bad-participant-number", "not a valid participant"),
         (("987654321", "", f"x@{DOMAIN}", "GP"), "bad-practice-name", "1 to 64"),
@@ -154,8 +157,8 @@ def test_ec_key_refused_unless_policy_allows(tmp_path: Path) -> None:
     exc = refusal(ra, make_csr(ec_key(), san=[MAILBOX]))
     assert exc.code == "key-type-not-allowed" and "EC P-256" in exc.message
     ra2 = RegistrationAuthority(
-        tmp_path / "b", policy(participant_key_types=["rsa", "ec"],
-                               participant_ec_curves=["P-384"]))
+        tmp_path / "b", policy(participant_key_types=["rsa", "ec"], participant_ec_curves=["P-384"])
+    )
     ra2.register_participant(NUMBER, "P", MAILBOX, "GP", actor="a")
     assert refusal(ra2, make_csr(ec_key("P-256"), san=[MAILBOX])).code == "key-type-not-allowed"
     assert ra2.submit(make_csr(ec_key("P-384"), san=[MAILBOX]), NUMBER, actor="a").id
@@ -183,16 +186,19 @@ def test_csr_with_altered_content_is_refused(ra: RegistrationAuthority) -> None:
 
 
 def test_csr_with_altered_signature_is_refused(ra: RegistrationAuthority) -> None:
-    der = bytearray(x509.load_pem_x509_csr(make_csr(rsa_key(), san=[MAILBOX])).public_bytes(
-        serialization.Encoding.DER))
+    der = bytearray(
+        x509.load_pem_x509_csr(make_csr(rsa_key(), san=[MAILBOX])).public_bytes(
+            serialization.Encoding.DER
+        )
+    )
     der[-1] ^= 0x01
     assert refusal(ra, bytes(der)).code == "bad-signature"
 
 
 def test_private_key_is_refused_and_not_stored(ra: RegistrationAuthority) -> None:
     key_pem = rsa_key().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     exc = refusal(ra, key_pem)
     assert exc.code == "private-key-submitted"
     assert exc.hint and "never leave the practice" in exc.hint
@@ -218,8 +224,9 @@ def test_participant_with_valid_cert_is_refused_unless_renewal(trio: Trio) -> No
     exc = refusal(trio.ra, make_csr(rsa_key(3072, 1), san=[MAILBOX]))
     assert exc.code == "already-certified"
     assert serial in exc.message and "--renewal" in (exc.hint or "")
-    assert trio.ra.submit(make_csr(rsa_key(3072, 1), san=[MAILBOX]), NUMBER, actor="alice",
-                          renewal=True).renewal
+    assert trio.ra.submit(
+        make_csr(rsa_key(3072, 1), san=[MAILBOX]), NUMBER, actor="alice", renewal=True
+    ).renewal
     # once revoked and published, a new (non-renewal) request is accepted again
     other = trio.ra.list("pending")[0]
     trio.ra.reject(other.id, reason="test", operator="bob")
@@ -281,8 +288,7 @@ def test_bad_request_id_and_operator(ra: RegistrationAuthority) -> None:
 
 def test_approve_rechecks_the_register(ra: RegistrationAuthority) -> None:
     req = ra.submit(make_csr(rsa_key(), san=[MAILBOX]), NUMBER, actor="alice")
-    ra.register_participant(NUMBER, "Praxis Mueller", f"neu@{DOMAIN}", "GP", actor="a",
-                            update=True)
+    ra.register_participant(NUMBER, "Praxis Mueller", f"neu@{DOMAIN}", "GP", actor="a", update=True)
     with pytest.raises(CsrRefused) as exc:
         ra.approve(req.id, operator="bob")
     assert exc.value.code == "register-changed"

@@ -155,9 +155,7 @@ def test_issue_is_idempotent(trio: Trio) -> None:
 
 
 def test_unapproved_request_is_not_issued(trio: Trio) -> None:
-    req = trio.ra.submit(
-        make_csr(rsa_key(), san=[MAILBOX]), NUMBER, actor="a"
-    )
+    req = trio.ra.submit(make_csr(rsa_key(), san=[MAILBOX]), NUMBER, actor="a")
     out = trio.signer.issue(trio.ra.get(req.id).to_dict(), actor="carol")
     assert out.refused == "not-approved" and out.serial is None
     assert trio.signer.index()["certs"] == {}
@@ -213,15 +211,18 @@ def test_revoke_and_crl(trio: Trio) -> None:
     now = datetime.now(UTC)
     assert crl2.last_update_utc <= now < crl2.next_update_utc
     assert crl2.next_update_utc - crl2.last_update_utc == timedelta(
-        hours=policy().crl_validity_hours)
+        hours=policy().crl_validity_hours
+    )
 
     def number(crl: x509.CertificateRevocationList) -> int:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
     assert number(crl2) == number(crl1) + 1
     aki = crl2.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    assert aki.key_identifier == ca.extensions.get_extension_for_class(
-        x509.SubjectKeyIdentifier).value.digest
+    assert (
+        aki.key_identifier
+        == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    )
     assert trio.signer.crl_der_path.exists()
     assert x509.load_der_x509_crl(trio.signer.crl_der_path.read_bytes()) == crl2
     assert trio.signer.index()["certs"][serial]["status"] == "revoked"
@@ -233,7 +234,8 @@ def test_unspecified_reason_has_no_reason_code(trio: Trio) -> None:
     serial = trio.enrol()
     trio.signer.revoke(int(serial, 16), "unspecified", actor="carol")
     rc = trio.signer.generate_crl(actor="c").get_revoked_certificate_by_serial_number(
-        int(serial, 16))
+        int(serial, 16)
+    )
     assert rc is not None and len(rc.extensions) == 0
 
 
@@ -251,8 +253,10 @@ def test_signer_journal_records_every_operation(trio: Trio) -> None:
     serial = trio.enrol()
     trio.signer.revoke(int(serial, 16), "superseded", actor="carol")
     trio.signer.generate_crl(actor="carol")
-    actions = [e.split('"action":"')[1].split('"')[0]
-               for e in trio.signer.journal.path.read_text().splitlines()]
+    actions = [
+        e.split('"action":"')[1].split('"')[0]
+        for e in trio.signer.journal.path.read_text().splitlines()
+    ]
     assert actions == ["ca-init", "issue", "revoke", "crl"]
     assert journal.verify(trio.signer.journal.path).ok
     assert "PRIVATE" not in trio.signer.journal.path.read_text()

@@ -87,15 +87,19 @@ class Trio:
             number, "Praxis Mueller", mailbox, specialty, actor="alice"
         )
 
-    def enrol(self, number: str = NUMBER, mailbox: str = MAILBOX, key: Any = None,
-              renewal: bool = False) -> str:
+    def enrol(
+        self, number: str = NUMBER, mailbox: str = MAILBOX, key: Any = None, renewal: bool = False
+    ) -> str:
         """submit -> approve -> issue; return the serial."""
         req = self.ra.submit(
             make_csr(key or rsa_key(), san=[mailbox]), number, actor="alice", renewal=renewal
         )
         self.ra.approve(req.id, operator="bob")
-        [out] = [o for o in self.signer.issue_from_outbox(self.outbox, actor="carol")
-                 if o.request_id == req.id]
+        [out] = [
+            o
+            for o in self.signer.issue_from_outbox(self.outbox, actor="carol")
+            if o.request_id == req.id
+        ]
         assert out.serial is not None, out
         return out.serial
 
@@ -106,21 +110,29 @@ class Trio:
     def publish(self) -> Any:
         """CRL on the signer, push (the signer dir is the source), publish, sync to the RA."""
         self.signer.generate_crl(actor="carol")
-        return self.dist.publish(self.root / "signer", actor="dave",
-                                 dn_template="uid={participant},ou=participants,dc=safemail")
+        return self.dist.publish(
+            self.root / "signer",
+            actor="dave",
+            dn_template="uid={participant},ou=participants,dc=safemail",
+        )
 
 
 def make_trio(tmp_path: Path, pol: CaPolicy | None = None) -> Trio:
     pol = pol or policy()
-    dist = Distribution(tmp_path / "dist", journal=Journal(tmp_path / "dist" / "journal.jsonl",
-                                                           host="ca-dist"))
+    dist = Distribution(
+        tmp_path / "dist", journal=Journal(tmp_path / "dist" / "journal.jsonl", host="ca-dist")
+    )
     ra = RegistrationAuthority(
-        tmp_path / "ra", pol,
+        tmp_path / "ra",
+        pol,
         journal=Journal(tmp_path / "ra" / "journal.jsonl", host="ca-ra"),
         # In production the RA gets a read-only copy of the published tree; here it reads it.
         published_dir=dist.published,
     )
-    signer = Signer(tmp_path / "signer", pol,
-                    journal=Journal(tmp_path / "signer" / "journal.jsonl", host="ca-signer"))
+    signer = Signer(
+        tmp_path / "signer",
+        pol,
+        journal=Journal(tmp_path / "signer" / "journal.jsonl", host="ca-signer"),
+    )
     signer.init(actor="carol")
     return Trio(tmp_path, ra, signer, dist)

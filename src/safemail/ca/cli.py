@@ -126,8 +126,12 @@ def cmd_register(args: argparse.Namespace) -> int:
                 "give NUMBER --name --mailbox --specialty, or --from-file FILE",
             )
         p = ra.register_participant(
-            args.number, args.name, args.mailbox, args.specialty,
-            actor=_actor(args), update=args.update,
+            args.number,
+            args.name,
+            args.mailbox,
+            args.specialty,
+            actor=_actor(args),
+            update=args.update,
         )
     except RefusedError as exc:
         return _refused(exc)
@@ -141,9 +145,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CaError(f"cannot read {args.csr}: {exc.strerror}") from exc
     try:
-        req = _ra(args).submit(
-            data, args.participant, actor=_actor(args), renewal=args.renewal
-        )
+        req = _ra(args).submit(data, args.participant, actor=_actor(args), renewal=args.renewal)
     except RefusedError as exc:
         return _refused(exc)
     print(req.id)
@@ -160,27 +162,41 @@ def cmd_list(args: argparse.Namespace) -> int:
             status = e["status"]
             if status == "valid" and datetime.fromisoformat(e["not_after"]) <= now:
                 status = "expired"
-            rows.append({"serial": serial, "status": status, **{
-                k: e[k] for k in ("participant", "mailbox", "not_after", "revoked_at", "reason")
-            }})
+            rows.append(
+                {
+                    "serial": serial,
+                    "status": status,
+                    **{
+                        k: e[k]
+                        for k in ("participant", "mailbox", "not_after", "revoked_at", "reason")
+                    },
+                }
+            )
         if args.json:
             print(json.dumps(rows, indent=2))
         for r in [] if args.json else rows:
             extra = f" revoked {r['revoked_at']} ({r['reason']})" if r["revoked_at"] else ""
-            print(f"{r['serial']}  {r['status']:8} {r['participant']:>12}  {r['mailbox']}  "
-                  f"until {r['not_after'][:10]}{extra}")
+            print(
+                f"{r['serial']}  {r['status']:8} {r['participant']:>12}  {r['mailbox']}  "
+                f"until {r['not_after'][:10]}{extra}"
+            )
         return 0
     reqs = _ra(args).list(args.state)
     if args.json:
-        print(json.dumps([{k: v for k, v in r.to_dict().items() if k != "csr_pem"}
-                          for r in reqs], indent=2))
+        print(
+            json.dumps(
+                [{k: v for k, v in r.to_dict().items() if k != "csr_pem"} for r in reqs], indent=2
+            )
+        )
         return 0
     for r in reqs:
         extra = f" by {r.operator}" if r.operator else ""
         extra += f": {r.reason}" if r.reason else ""
         renewal = " renewal" if r.renewal else ""
-        print(f"{r.id}  {r.state:8} {r.participant:>12}  {r.mailbox}{renewal}  "
-              f"{r.submitted_at}{extra}")
+        print(
+            f"{r.id}  {r.state:8} {r.participant:>12}  {r.mailbox}{renewal}  "
+            f"{r.submitted_at}{extra}"
+        )
     if not reqs:
         print("no requests", file=sys.stderr)
     return 0
@@ -236,8 +252,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def _crl_line(crl: Any) -> str:
     from safemail.ca.dist import _crl_number
 
-    return (f"number {_crl_number(crl)}, {len(crl)} revoked, next update "
-            f"{crl.next_update_utc:%Y-%m-%d %H:%M}Z")
+    return (
+        f"number {_crl_number(crl)}, {len(crl)} revoked, next update "
+        f"{crl.next_update_utc:%Y-%m-%d %H:%M}Z"
+    )
 
 
 def cmd_crl(args: argparse.Namespace) -> int:
@@ -316,8 +334,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--mailbox", help="the participant's SafeMail address")
     p.add_argument("--specialty", help="specialty group from the policy (GP, ENT, LAB, ...)")
     p.add_argument("--update", action="store_true", help="change an existing participant")
-    p.add_argument("--from-file", metavar="FILE",
-                   help="add every participant listed in a YAML/JSON file (existing skipped)")
+    p.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="add every participant listed in a YAML/JSON file (existing skipped)",
+    )
     _add_common(p)
     _add_operator(p)
     p.set_defaults(func=cmd_register)
@@ -325,10 +346,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = cs.add_parser("submit", help="RA: check a participant's CSR and queue it (pending)")
     p.add_argument("csr", metavar="CSR_FILE", help="the participant's CSR (PEM or DER)")
     p.add_argument("--participant", required=True, metavar="NUMBER", help="participant number")
-    p.add_argument("--renewal", action="store_true",
-                   help="replace the participant's valid certificate (old one is superseded)")
-    p.add_argument("--published-dir", metavar="DIR",
-                   help="copy of the distribution tree (default: <state-dir>/published)")
+    p.add_argument(
+        "--renewal",
+        action="store_true",
+        help="replace the participant's valid certificate (old one is superseded)",
+    )
+    p.add_argument(
+        "--published-dir",
+        metavar="DIR",
+        help="copy of the distribution tree (default: <state-dir>/published)",
+    )
     _add_common(p)
     _add_operator(p)
     p.set_defaults(func=cmd_submit)
@@ -354,8 +381,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_reject)
 
     p = cs.add_parser("issue", help="signer: issue certificates for approved requests")
-    p.add_argument("--from", dest="source", required=True, metavar="DIR",
-                   help="the approved requests pulled from the RA (its outbox/approved)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="DIR",
+        help="the approved requests pulled from the RA (its outbox/approved)",
+    )
     _add_common(p)
     _add_operator(p)
     p.set_defaults(func=cmd_issue)
@@ -376,14 +408,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_crl)
 
     p = cs.add_parser("publish", help="distribution: check and publish CA cert, CRL, certs")
-    p.add_argument("--from", dest="source", required=True, metavar="DIR",
-                   help="the signer's pushed output (ca.pem, crl.pem, issued/, index.json)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="DIR",
+        help="the signer's pushed output (ca.pem, crl.pem, issued/, index.json)",
+    )
     p.add_argument("--ldif", metavar="FILE", help="also write the LDAP changes as LDIF")
-    p.add_argument("--ldap-dn-template", metavar="TEMPLATE",
-                   help="participant entry DN, e.g. 'uid={participant},ou=participants,"
-                   "dc=safemail,dc=example' ({mailbox} also works)")
-    p.add_argument("--accept-new-ca", action="store_true",
-                   help="allow a different CA certificate (planned CA rollover only)")
+    p.add_argument(
+        "--ldap-dn-template",
+        metavar="TEMPLATE",
+        help="participant entry DN, e.g. 'uid={participant},ou=participants,"
+        "dc=safemail,dc=example' ({mailbox} also works)",
+    )
+    p.add_argument(
+        "--accept-new-ca",
+        action="store_true",
+        help="allow a different CA certificate (planned CA rollover only)",
+    )
     _add_common(p, policy=False)
     _add_operator(p)
     p.set_defaults(func=cmd_publish)
@@ -393,8 +436,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     js.required = True
     v = js.add_parser("verify", help="check the hash chain (and signatures with --key)")
     v.add_argument("path", help="journal file (journal.jsonl)")
-    v.add_argument("--key", metavar="FILE",
-                   help="HMAC secret or Ed25519 public/private key to check signatures")
+    v.add_argument(
+        "--key",
+        metavar="FILE",
+        help="HMAC secret or Ed25519 public/private key to check signatures",
+    )
     v.set_defaults(func=cmd_journal_verify)
     k = js.add_parser("keygen", help="create a random HMAC journal key (mode 0600)")
     k.add_argument("path", help="where to write the key")

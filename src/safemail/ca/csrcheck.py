@@ -63,8 +63,11 @@ def describe_key(key: object) -> str:
 
 def check_key(key: object, policy: CaPolicy) -> None:
     allowed = ", ".join(
-        (f"RSA >= {policy.participant_rsa_min_bits} bits" if t == "rsa" else
-         f"EC {'/'.join(policy.participant_ec_curves)}")
+        (
+            f"RSA >= {policy.participant_rsa_min_bits} bits"
+            if t == "rsa"
+            else f"EC {'/'.join(policy.participant_ec_curves)}"
+        )
         for t in policy.participant_key_types
     )
     if isinstance(key, rsa.RSAPublicKey) and "rsa" in policy.participant_key_types:
@@ -113,8 +116,7 @@ def check_csr(csr: x509.CertificateSigningRequest, policy: CaPolicy, mailbox: st
     if not emails:
         raise CsrRefused(
             "email-missing",
-            f"the request names no e-mail address; it must name the registered mailbox "
-            f"{mailbox}",
+            f"the request names no e-mail address; it must name the registered mailbox {mailbox}",
             "put the mailbox in the subjectAltName (rfc822Name) of the request",
         )
     wrong = sorted({e for e in emails if e != mailbox})
@@ -128,6 +130,5 @@ def check_csr(csr: x509.CertificateSigningRequest, policy: CaPolicy, mailbox: st
     if not policy.mailbox_domain_allowed(mailbox):
         raise CsrRefused(
             "mailbox-domain",
-            f"the mailbox {mailbox} is not in a SafeMail domain "
-            f"({', '.join(policy.mail_domains)})",
+            f"the mailbox {mailbox} is not in a SafeMail domain ({', '.join(policy.mail_domains)})",
         )

@@ -183,12 +183,15 @@ class Distribution:
             report = PublishReport(crl_number=_crl_number(crl))
             certs_dir = self.published / "certs"
             certs_dir.mkdir(parents=True, exist_ok=True)
-            _fs.atomic_write_bytes(self.published / "ca.pem", ca.public_bytes(
-                serialization.Encoding.PEM))
-            _fs.atomic_write_bytes(self.published / "crl.der", crl.public_bytes(
-                serialization.Encoding.DER))
-            _fs.atomic_write_bytes(self.published / "crl.pem", crl.public_bytes(
-                serialization.Encoding.PEM))
+            _fs.atomic_write_bytes(
+                self.published / "ca.pem", ca.public_bytes(serialization.Encoding.PEM)
+            )
+            _fs.atomic_write_bytes(
+                self.published / "crl.der", crl.public_bytes(serialization.Encoding.DER)
+            )
+            _fs.atomic_write_bytes(
+                self.published / "crl.pem", crl.public_bytes(serialization.Encoding.PEM)
+            )
             for mailbox, cert in sorted(current.items()):
                 pem = cert.public_bytes(serialization.Encoding.PEM)
                 path = certs_dir / f"{mailbox}.pem"

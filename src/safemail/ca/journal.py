@@ -278,9 +278,7 @@ def verify(path: Path, key: JournalKey | None = None) -> VerifyResult:
     for count, raw in enumerate(data.splitlines(), start=1):  # noqa: B007
         try:
             entry = json.loads(raw)
-            if not isinstance(entry, dict) or any(
-                f not in entry for f in (*_CORE_FIELDS, "hash")
-            ):
+            if not isinstance(entry, dict) or any(f not in entry for f in (*_CORE_FIELDS, "hash")):
                 raise ValueError("missing fields")
         except ValueError:
             return VerifyResult(False, count - 1, count, "not a complete journal entry")

@@ -169,8 +169,7 @@ class RegistrationAuthority:
                 if number in current and not update:
                     raise RegistrationRefused(
                         "already-registered",
-                        f"participant {number} is already registered "
-                        f"({current[number].mailbox})",
+                        f"participant {number} is already registered ({current[number].mailbox})",
                         "use --update to change the entry",
                     )
                 if update and number not in current:
@@ -327,9 +326,7 @@ class RegistrationAuthority:
             self._journal_refusal("submit-refused", actor, exc, participant=number)
             raise
 
-    def _checked_request(
-        self, csr_data: bytes, number: str, actor: str, renewal: bool
-    ) -> Request:
+    def _checked_request(self, csr_data: bytes, number: str, actor: str, renewal: bool) -> Request:
         participant = self.participants().get(number)
         if participant is None:
             raise CsrRefused(
@@ -352,9 +349,7 @@ class RegistrationAuthority:
             specialty=participant.specialty,
             renewal=renewal,
             csr_pem=pem,
-            csr_sha256=hashlib.sha256(
-                csr.public_bytes(serialization.Encoding.DER)
-            ).hexdigest(),
+            csr_sha256=hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest(),
             submitted_at=_now(),
             submitted_by=actor,
         )

@@ -111,8 +111,12 @@ class Signer:
                         f"names '{self.policy.ca_name().rfc4514_string()}'",
                         "an existing CA is never regenerated; correct the policy's ca_subject",
                     )
-                self.journal.record("ca-init", actor, serial=serial_hex(cert.serial_number),
-                                    detail="existing CA loaded")
+                self.journal.record(
+                    "ca-init",
+                    actor,
+                    serial=serial_hex(cert.serial_number),
+                    detail="existing CA loaded",
+                )
                 return cert, False
             key = _generate_ca_key(self.policy.ca_key_type)
             cert = self._build_ca_cert(key, now or datetime.now(UTC))
@@ -130,8 +134,9 @@ class Signer:
             _fs.atomic_write_bytes(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
             if not self.index_path.exists():
                 _fs.atomic_write_json(self.index_path, _empty_index())
-            self.journal.record("ca-init", actor, serial=serial_hex(cert.serial_number),
-                                detail="CA created")
+            self.journal.record(
+                "ca-init", actor, serial=serial_hex(cert.serial_number), detail="CA created"
+            )
             return cert, True
 
     def _build_ca_cert(
@@ -284,8 +289,9 @@ class Signer:
             serial = serial_hex(cert.serial_number)
             superseded = []
             if request.get("renewal"):
-                for old_serial, entry in list(self.valid_entries(index, request["participant"],
-                                                                 now)):
+                for old_serial, entry in list(
+                    self.valid_entries(index, request["participant"], now)
+                ):
                     entry.update(status="revoked", revoked_at=_iso(now), reason="superseded")
                     superseded.append(old_serial)
             index["certs"][serial] = {
@@ -445,9 +451,7 @@ class Signer:
         return x509.load_pem_x509_certificate(entry["pem"].encode())
 
     # ------------------------------------------------------------------ revocation
-    def revoke(
-        self, serial: int, reason: str, *, actor: str, now: datetime | None = None
-    ) -> str:
+    def revoke(self, serial: int, reason: str, *, actor: str, now: datetime | None = None) -> str:
         """Mark a certificate revoked in the index; regenerate the CRL to publish it."""
         validate_operator(actor)
         if reason not in REVOCATION_REASONS:
@@ -469,8 +473,7 @@ class Signer:
                     f"certificate {key} is already revoked ({entry['reason']}, "
                     f"{entry['revoked_at']})"
                 )
-            entry.update(status="revoked", revoked_at=_iso(now or datetime.now(UTC)),
-                         reason=reason)
+            entry.update(status="revoked", revoked_at=_iso(now or datetime.now(UTC)), reason=reason)
             self._write_index(index)
             self.journal.record(
                 "revoke",
@@ -528,8 +531,7 @@ class Signer:
             self._write_index(index)
             _fs.atomic_write_bytes(self.crl_der_path, crl.public_bytes(serialization.Encoding.DER))
             _fs.atomic_write_bytes(self.crl_pem_path, crl.public_bytes(serialization.Encoding.PEM))
-            self.journal.record("crl", actor, serial=str(number),
-                                detail=f"{len(crl)} revoked")
+            self.journal.record("crl", actor, serial=str(number), detail=f"{len(crl)} revoked")
             return crl
 
     def current_crl(self) -> x509.CertificateRevocationList:
