@@ -1,7 +1,81 @@
+"""`safemail lab`: the local test stage (image, network, machines)."""
+
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+from safemail.lab import image as image_mod
+from safemail.lab.config import LabPaths
+from safemail.lab.stage import Stage
+from safemail.project import project_root
+
+
+def _stage() -> Stage:
+    return Stage(LabPaths.default(), project_root())
+
+
+def _image(args: argparse.Namespace) -> int:
+    stage = _stage()
+    img = image_mod.build(stage.paths, stage.project / "roles", force=args.rebuild)
+    print(f"base: {img.base}\nvm:   {img.vm}")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    return _stage().up(all_vms=args.all_vms)
+
+
+def _down(args: argparse.Namespace) -> int:
+    del args
+    return _stage().down()
+
+
+def _status(args: argparse.Namespace) -> int:
+    rows = _stage().status()
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        cols = ("host", "hypervisor", "groups", "mgmt", "address", "running", "answers")
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+        print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0 if all(r["answers"] for r in rows) else 3
+
+
+def _ssh(args: argparse.Namespace) -> int:
+    stage = _stage()
+    host = stage.plan().host(args.host)
+    cmd = stage.ssh_cmd(str(host.mgmt.address), *args.command, interactive=not args.command)
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)  # noqa: S606 - replace this process with ssh, as `ssh` would
+    return 0  # not reached
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    del sub
+    lab = sub.add_parser("lab", help="the local test stage: image, up, status, ssh, down",
+                         description="Build and run the local test stage (needs root).")
+    lsub = lab.add_subparsers(dest="lab_command", metavar="ACTION")
+    lsub.required = True
+    p = lsub.add_parser("image", help="build the golden image (no-op when unchanged)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_image)
+    p = lsub.add_parser("up", help="start the lab (builds the image if needed)")
+    p.add_argument("--all-vms", action="store_true",
+                   help="run every service host as a QEMU VM (slow; default: only the "
+                        "hosts the inventory marks qemu)")
+    p.set_defaults(func=_up)
+    p = lsub.add_parser("down", help="remove everything the lab created")
+    p.set_defaults(func=_down)
+    p = lsub.add_parser("status", help="show each host and whether it answers "
+                                       "(exit 3 if any does not)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+    p = lsub.add_parser("ssh", help="open a shell (or run a command) on a lab host")
+    p.add_argument("host", help="inventory name, e.g. relay or practice1")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of a shell")
+    p.set_defaults(func=_ssh)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Prepare this machine for SafeMail IaC: Debian packages for the lab and the Python
+# environment (.venv). Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  debootstrap systemd-container qemu-system-x86 qemu-utils e2fsprogs
+  nftables cryptsetup-bin iproute2 openssh-client apt-utils dpkg-dev
+  make git python3-venv
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: setup needs root (it installs Debian packages and the lab runs as root)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "setup: Debian packages present"
+fi
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "setup: creating the Python environment in .venv (about 1-2 min)"
+  rm -rf .venv
+  "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+else
+  echo "setup: Python environment up to date"
+fi

@@ -1,0 +1,225 @@
+"""The golden image (the lab's VMware template) and the VM layer, cached by input hash.
+
+Two layers, each in its own cache directory named by the hash of its inputs:
+
+- ``base-<hash>/rootfs``: debootstrap bookworm with systemd, ssh and python3, nothing
+  service-specific. nspawn machines boot an overlay of it.
+- ``vm-<hash>/upper``: an overlay layer on top of base with Debian's cloud kernel and the
+  roles' packages preinstalled (installing under software emulation takes minutes; the roles
+  still declare and "install" them). QEMU VMs boot a disk made from base + this layer.
+
+Every .deb either layer downloaded is kept in ``<layer>/debs``: the lab mirror serves them,
+so hosts install the roles' packages from inside the lab.
+A finished layer has a ``complete`` marker; building an unchanged image is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from safemail.errors import SafeMailError
+from safemail.lab import runner
+from safemail.lab.config import DEBIAN_MIRROR, DEBIAN_SUITE, LabPaths
+
+# Bump when the build steps below change in a way the inputs do not show.
+BUILDER_VERSION = "1"
+BASE_PACKAGES = (
+    "systemd-sysv", "udev", "dbus", "openssh-server", "python3", "python3-apt",
+    "iproute2", "procps", "iputils-ping", "ca-certificates", "apt-utils",
+)
+VM_PACKAGES = ("linux-image-cloud-amd64", "initramfs-tools", "systemd-timesyncd")
+
+DEBOOTSTRAP_HINTS = {
+    "Failed getting release file": "debootstrap could not reach the Debian mirror "
+                                   f"({DEBIAN_MIRROR}); check the network or set "
+                                   "SAFEMAIL_DEBIAN_MIRROR",
+    "Temporary failure resolving": "debootstrap could not resolve the Debian mirror's name",
+    "No space left on device": "the disk holding the image cache is full",
+}
+APT_HINTS = {
+    "Unable to locate package": "a role names a package Debian bookworm does not have",
+    "Temporary failure resolving": "the image build could not reach the Debian mirror",
+    "No space left on device": "the disk holding the image cache is full",
+}
+
+
+def role_packages(roles_dir: Path) -> list[str]:
+    """Every package a role declares in ``<role>_packages`` in its defaults/main.yml."""
+    found: set[str] = set()
+    for defaults in sorted(roles_dir.glob("*/defaults/main.yml")):
+        role = defaults.parent.parent.name
+        try:
+            data = yaml.safe_load(defaults.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SafeMailError(f"{defaults}: not valid YAML: {exc}") from exc
+        value = data.get(f"{role}_packages")
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise SafeMailError(f"{defaults}: {role}_packages must be a list of package names")
+        found.update(value)
+    return sorted(found)
+
+
+def input_hash(inputs: dict) -> str:
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def base_inputs() -> dict:
+    return {"builder": BUILDER_VERSION, "suite": DEBIAN_SUITE, "variant": "minbase",
+            "packages": sorted(BASE_PACKAGES)}
+
+
+def vm_inputs(base_hash: str, packages: list[str]) -> dict:
+    return {"builder": BUILDER_VERSION, "base": base_hash,
+            "packages": sorted({*VM_PACKAGES, *packages})}
+
+
+@dataclass(frozen=True)
+class Image:
+    base: Path  # base-<hash>/
+    vm: Path  # vm-<hash>/
+
+    @property
+    def rootfs(self) -> Path:
+        return self.base / "rootfs"
+
+    @property
+    def vm_upper(self) -> Path:
+        return self.vm / "upper"
+
+    @property
+    def kernel(self) -> Path:
+        return self.vm / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.vm / "initrd.img"
+
+    def debs(self) -> list[Path]:
+        return sorted([*(self.base / "debs").glob("*.deb"), *(self.vm / "debs").glob("*.deb")])
+
+
+def image_for(paths: LabPaths, roles_dir: Path) -> Image:
+    """Where the image for the current inputs lives (built or not)."""
+    base_hash = input_hash(base_inputs())
+    vm_hash = input_hash(vm_inputs(base_hash, role_packages(roles_dir)))
+    return Image(base=paths.images / f"base-{base_hash}", vm=paths.images / f"vm-{vm_hash}")
+
+
+def is_built(image: Image) -> bool:
+    return (image.base / "complete").exists() and (image.vm / "complete").exists()
+
+
+def _nspawn_run(root: Path, script: str, log: Path, title: str, hints: dict[str, str]) -> None:
+    """Run a shell script inside the image tree (host network, for apt)."""
+    runner.run_logged(title, ["systemd-nspawn", "-q", "-D", str(root), "--register=no",
+                              "--keep-unit", "--resolv-conf=copy-host", "--timezone=off",
+                              "-E", "DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-ec", script],
+                      log, hints=hints)
+
+
+def _collect_debs(root: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        shutil.move(str(deb), dest / deb.name)
+
+
+BUILD_SOURCES = f"deb {DEBIAN_MIRROR} {DEBIAN_SUITE} main\n"
+NO_RECOMMENDS = 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n'
+
+
+def _build_base(target: Path, log: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    rootfs = tmp / "rootfs"
+    tmp.mkdir(parents=True)
+    runner.run_logged(
+        "debootstrap bookworm (about 1 min)",
+        ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+         DEBIAN_SUITE, str(rootfs), DEBIAN_MIRROR],
+        log, hints=DEBOOTSTRAP_HINTS)
+    _collect_debs(rootfs, tmp / "debs")
+    # Template hygiene: every machine gets its own identity and its apt sources from the
+    # common role (the internal mirror); nothing points at the outside world.
+    (rootfs / "etc/apt/sources.list").write_text("")
+    (rootfs / "etc/apt/apt.conf.d/90safemail-no-recommends").write_text(NO_RECOMMENDS)
+    (rootfs / "etc/machine-id").write_text("")
+    for p in [rootfs / "var/lib/dbus/machine-id", rootfs / "etc/hostname",
+              *(rootfs / "etc/ssh").glob("ssh_host_*")]:
+        p.unlink(missing_ok=True)
+    for p in (rootfs / "var/lib/apt/lists").glob("*_*"):
+        p.unlink()
+    tmp.joinpath("inputs.json").write_text(json.dumps(base_inputs(), indent=2))
+    tmp.joinpath("complete").write_text("")
+    tmp.rename(target)
+
+
+def _build_vm(image: Image, packages: list[str], log: Path) -> None:
+    target = image.vm
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        runner.run(["umount", str(tmp / "merged")], check=False)
+        shutil.rmtree(tmp)
+    upper, work, merged = tmp / "upper", tmp / "work", tmp / "merged"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True)
+    runner.run(["mount", "-t", "overlay", "overlay", "-o",
+                f"lowerdir={image.rootfs},upperdir={upper},workdir={work}", str(merged)])
+    try:
+        (merged / "etc/apt/sources.list").write_text(BUILD_SOURCES)
+        pkgs = " ".join(sorted({*VM_PACKAGES, *packages}))
+        _nspawn_run(merged, f"apt-get update -q && apt-get install -y -q {pkgs}", log,
+                    f"install kernel and {len(packages)} role package(s) into the VM layer",
+                    APT_HINTS)
+        _collect_debs(merged, tmp / "debs")
+        (merged / "etc/apt/sources.list").write_text("")
+        for p in (merged / "var/lib/apt/lists").glob("*_*"):
+            p.unlink()
+        kernels = sorted((merged / "boot").glob("vmlinuz-*"))
+        initrds = sorted((merged / "boot").glob("initrd.img-*"))
+        if not kernels or not initrds:
+            raise SafeMailError("the VM layer has no kernel or initrd in /boot",
+                                hint=f"see {log}")
+        shutil.copy2(kernels[-1], tmp / "vmlinuz")
+        shutil.copy2(initrds[-1], tmp / "initrd.img")
+    finally:
+        runner.run(["umount", str(merged)], check=False)
+    shutil.rmtree(work, ignore_errors=True)
+    merged.rmdir()
+    tmp.joinpath("inputs.json").write_text(json.dumps(vm_inputs(image.base.name[5:], packages),
+                                                      indent=2))
+    tmp.joinpath("complete").write_text("")
+    tmp.rename(target)
+
+
+def build(paths: LabPaths, roles_dir: Path, *, force: bool = False) -> Image:
+    """Build what is missing of the image for the current inputs; return it."""
+    runner.require_root()
+    runner.require_tools("debootstrap", "systemd-nspawn")
+    image = image_for(paths, roles_dir)
+    packages = role_packages(roles_dir)
+    log = paths.logs / "image-build.log"
+    if force:
+        for d in (image.base, image.vm):
+            if d.exists():
+                shutil.rmtree(d)
+    if (image.base / "complete").exists():
+        runner.info(f"image: base layer {image.base.name} is up to date")
+    else:
+        runner.info(f"image: building base layer {image.base.name}")
+        _build_base(image.base, log)
+    if (image.vm / "complete").exists():
+        runner.info(f"image: VM layer {image.vm.name} is up to date")
+    else:
+        runner.info(f"image: building VM layer {image.vm.name} ({len(packages)} role packages)")
+        _build_vm(image, packages, log)
+    return image

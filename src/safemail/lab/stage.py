@@ -1,0 +1,417 @@
+"""`lab up`, `lab down`, `lab status`: the local test stage as a whole.
+
+Layout (all names carry the lab prefix, all state lives under LabPaths.state):
+
+- namespace ``smlab-net`` holds one bridge per segment (br-mgmt, br-safenet, ...);
+- namespace ``smlab-router`` routes between the routed segments and to ``internet``;
+- namespaces ``smlab-mirror`` (apt mirror + NTP, on core) and ``smlab-internet`` (the sink);
+- one namespace per nspawn machine (``smlab-<host>``) with ``mgmt0`` and ``eth0``;
+- QEMU VMs use tap devices in ``smlab-net``;
+- the machine's own namespace gets one veth (``smlab-ctl``, 198.18.0.1 on mgmt) and
+  ``unreachable`` routes for every lab range.
+
+The state file lists what was created, so `down` removes exactly that (and, after a crash,
+the remains it can recognise by prefix and state path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from safemail.errors import SafeMailError
+from safemail.lab import image as image_mod
+from safemail.lab import machines, mirror, runner
+from safemail.lab.config import PREFIX, LabPaths
+from safemail.lab.plan import (
+    CONTROLLER_MGMT,
+    LAB_RANGES,
+    ROUTED_SEGMENTS,
+    SEGMENTS,
+    LabPlan,
+    generated_inventory,
+    hosts_from_inventory,
+    make_plan,
+)
+
+NET_NS = f"{PREFIX}-net"
+ROUTER_NS = f"{PREFIX}-router"
+MIRROR_NS = f"{PREFIX}-mirror"
+INTERNET_NS = f"{PREFIX}-internet"
+CONTROLLER_LINK = f"{PREFIX}-ctl"
+GENERATED_INVENTORY = "zz_lab_generated.yml"
+SSH_WAIT_SECONDS = 300
+
+
+@dataclass
+class Stage:
+    paths: LabPaths
+    project: Path
+
+    @property
+    def inventory_dir(self) -> Path:
+        return self.project / "inventories" / "test"
+
+    # -- reading ---------------------------------------------------------------------------
+    def plan(self, all_vms: bool = False) -> LabPlan:
+        hosts_file = self.inventory_dir / "hosts.yml"
+        try:
+            inventory = yaml.safe_load(hosts_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SafeMailError(f"cannot read the test inventory {hosts_file}: {exc}") from exc
+        return make_plan(hosts_from_inventory(inventory, all_vms=all_vms))
+
+    def load_state(self) -> dict | None:
+        try:
+            return json.loads(self.paths.state_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SafeMailError(f"lab state file {self.paths.state_file} is unreadable: {exc}",
+                                hint="run `safemail lab down` to clean up") from exc
+
+    def save_state(self, state: dict) -> None:
+        self.paths.state.mkdir(parents=True, exist_ok=True)
+        tmp = self.paths.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.paths.state_file)
+
+    # -- checks ----------------------------------------------------------------------------
+    def ssh_cmd(self, address: str, *command: str, interactive: bool = False) -> list[str]:
+        mode = ["-t"] if interactive else ["-o", "BatchMode=yes"]
+        return ["ssh", *mode, "-i", str(self.paths.key_file),
+                "-o", f"UserKnownHostsFile={self.paths.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+                "-o", "ConnectTimeout=5", f"root@{address}", *command]
+
+    def answers(self, address: str) -> bool:
+        try:
+            proc = subprocess.run(self.ssh_cmd(address, "true"), capture_output=True,
+                                  timeout=20, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.returncode == 0
+
+    def processes_alive(self, state: dict) -> dict[str, bool]:
+        return {name: machines.process_alive(p["pid"], p["marker"])
+                for name, p in state.get("processes", {}).items()}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One lab command at a time: a second `up` or `down` meanwhile is refused."""
+        self.paths.state.mkdir(parents=True, exist_ok=True)
+        with (self.paths.state / "lock").open("a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise SafeMailError(f"another lab command is running ({holder})",
+                                    hint="wait for it to finish") from exc
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+            yield
+
+    # -- up --------------------------------------------------------------------------------
+    def up(self, all_vms: bool = False) -> int:
+        runner.require_root()
+        with self.locked():
+            return self._up(all_vms)
+
+    def _up(self, all_vms: bool) -> int:
+        runner.require_tools("ip", "systemd-nspawn", "qemu-system-x86_64", "mkfs.ext4",
+                             "ssh", "ssh-keygen", "apt-ftparchive", "debootstrap")
+        state = self.load_state()
+        if state is not None:
+            alive = self.processes_alive(state)
+            if state.get("complete") and all(alive.values()) and \
+                    state.get("all_vms", False) == all_vms:
+                runner.info("lab is already up (nothing to do); `safemail lab status` shows it")
+                return 0
+            runner.info("lab: found remains of an earlier lab; cleaning them first")
+            self._down()
+        plan = self.plan(all_vms=all_vms)
+        started = time.monotonic()
+        runner.info(f"lab: {len(plan.hosts)} hosts "
+                    f"({sum(h.spec.hypervisor == 'qemu' for h in plan.hosts)} QEMU VMs)")
+        runner.info("[1/5] image")
+        img = image_mod.build(self.paths, self.project / "roles")
+        state = {"complete": False, "all_vms": all_vms, "namespaces": [], "processes": {},
+                 "root_links": [], "root_routes": [], "image": [img.base.name, img.vm.name]}
+        self.save_state(state)
+        try:
+            runner.info("[2/5] mirror")
+            self._mirror(img)
+            runner.info("[3/5] network")
+            self._network(plan, state)
+            runner.info("[4/5] machines")
+            self._keys()
+            self._machines(plan, img, state)
+            runner.info("[5/5] waiting for SSH on every host")
+            self._wait(plan)
+            self._write_inventory(plan)
+        except BaseException:
+            runner.info("lab up failed; `safemail lab down` removes what was created "
+                        f"(logs in {self.paths.logs})")
+            raise
+        state["complete"] = True
+        self.save_state(state)
+        runner.info(f"lab is up in {time.monotonic() - started:.0f} s; inventory: "
+                    f"{self.inventory_dir / GENERATED_INVENTORY}")
+        return 0
+
+    def _mirror(self, img: image_mod.Image) -> None:
+        count = mirror.publish(self.paths.mirror, img.debs())
+        runner.info(f"  mirror: {len(img.debs())} packages ({count} new) in "
+                    f"{mirror.repo_dir(self.paths.mirror)}")
+
+    def _ns(self, state: dict, name: str) -> None:
+        runner.run(["ip", "netns", "add", name])
+        state["namespaces"].append(name)
+        self.save_state(state)
+        runner.run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+    def _veth_into(self, ns: str, bridge: str, outer: str, inner: str, cidr: str,
+                   gateway: str | None, mac: str | None = None) -> None:
+        """A veth from bridge `bridge` (in the net namespace) into namespace `ns`."""
+        runner.run(["ip", "-n", NET_NS, "link", "add", outer, "type", "veth", "peer", "name",
+                    f"{outer}x"])
+        runner.run(["ip", "-n", NET_NS, "link", "set", f"{outer}x", "netns", ns])
+        runner.run(["ip", "-n", ns, "link", "set", f"{outer}x", "name", inner])
+        if mac:
+            runner.run(["ip", "-n", ns, "link", "set", inner, "address", mac])
+        runner.run(["ip", "-n", ns, "addr", "add", cidr, "dev", inner])
+        runner.run(["ip", "-n", ns, "link", "set", inner, "up"])
+        runner.run(["ip", "-n", NET_NS, "link", "set", outer, "master", bridge, "up"])
+        if gateway:
+            runner.run(["ip", "-n", ns, "route", "add", "default", "via", gateway])
+
+    def _spawn_service(self, state: dict, name: str, ns: str, args: list[str]) -> None:
+        log = (self.paths.logs / f"{name}.log").open("ab")
+        marker = f"safemail.lab.services {args[0]}"
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m",
+                                 "safemail.lab.services", *args],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        state["processes"][name] = {"pid": proc.pid, "marker": marker}
+        self.save_state(state)
+
+    def _network(self, plan: LabPlan, state: dict) -> None:
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        # Unreachable routes first: from now on a lab address that is not up fails here.
+        for net in LAB_RANGES:
+            runner.run(["ip", "route", "replace", "unreachable", str(net)])
+            state["root_routes"].append(str(net))
+        self._ns(state, NET_NS)
+        for seg in SEGMENTS:
+            runner.run(["ip", "-n", NET_NS, "link", "add", f"br-{seg}", "type", "bridge"])
+            runner.run(["ip", "-n", NET_NS, "link", "set", f"br-{seg}", "up"])
+        # The controller's one way in: a veth on mgmt.
+        runner.run(["ip", "link", "add", CONTROLLER_LINK, "type", "veth", "peer", "name",
+                    "ctl", "netns", NET_NS])
+        state["root_links"].append(CONTROLLER_LINK)
+        self.save_state(state)
+        mgmt_prefix = SEGMENTS["mgmt"].prefixlen
+        runner.run(["ip", "addr", "add", f"{CONTROLLER_MGMT}/{mgmt_prefix}", "dev",
+                    CONTROLLER_LINK])
+        runner.run(["ip", "link", "set", CONTROLLER_LINK, "up"])
+        runner.run(["ip", "-n", NET_NS, "link", "set", "ctl", "master", "br-mgmt", "up"])
+        # Router between the routed segments.
+        self._ns(state, ROUTER_NS)
+        runner.run(["ip", "netns", "exec", ROUTER_NS, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        for seg in ROUTED_SEGMENTS:
+            cidr = f"{plan.router_address(seg)}/{SEGMENTS[seg].prefixlen}"
+            self._veth_into(ROUTER_NS, f"br-{seg}", f"rt-{seg[:8]}", seg, cidr, None)
+        # Mirror (apt + NTP) on core; internet sink on the internet segment.
+        self._ns(state, MIRROR_NS)
+        self._veth_into(MIRROR_NS, "br-core", "mirror", "eth0",
+                        f"{plan.mirror}/{SEGMENTS['core'].prefixlen}",
+                        str(plan.router_address("core")))
+        self._spawn_service(state, "mirror", MIRROR_NS,
+                            ["mirror", "--root", str(self.paths.mirror), "--bind",
+                             str(plan.mirror)])
+        self._ns(state, INTERNET_NS)
+        self._veth_into(INTERNET_NS, "br-internet", "internet", "eth0",
+                        f"{plan.internet_sink}/{SEGMENTS['internet'].prefixlen}",
+                        str(plan.router_address("internet")))
+        self._spawn_service(state, "internet-sink", INTERNET_NS,
+                            ["sink", "--bind", str(plan.internet_sink), "--log",
+                             str(self.paths.logs / "internet-sink.jsonl")])
+
+    def _keys(self) -> None:
+        self.paths.ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.paths.key_file.exists():
+            runner.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "safemail-lab",
+                        "-f", str(self.paths.key_file)])
+        self.paths.known_hosts.write_text("")
+
+    def _machines(self, plan: LabPlan, img: image_mod.Image, state: dict) -> None:
+        public_key = self.paths.key_file.with_suffix(".pub").read_text()
+        known = []
+        for index, host in enumerate(plan.hosts):
+            mdir = self.paths.machines / host.name
+            machines.remove_machine_dir(mdir)
+            upper = mdir / "upper"
+            host_key = machines.write_host_files(host, upper, public_key)
+            known.append(f"{host.mgmt.address},{host.name} {host_key}")
+            if host.spec.hypervisor == "qemu":
+                machines.write_vm_network(host, upper)
+                tap_m, tap_d = machines.tap_names(index)
+                for tap, seg in ((tap_m, "mgmt"), (tap_d, host.data.segment)):
+                    runner.run(["ip", "-n", NET_NS, "tuntap", "add", "dev", tap, "mode", "tap"])
+                    runner.run(["ip", "-n", NET_NS, "link", "set", tap, "master", f"br-{seg}",
+                                "up"])
+                runner.info(f"  {host.name}: QEMU VM (disk image, then boot)")
+                pid = machines.start_qemu(host, img, mdir, index, NET_NS)
+                state["processes"][host.name] = {"pid": pid, "marker": str(mdir)}
+            else:
+                ns = machines.netns(host.name)
+                self._ns(state, ns)
+                self._veth_into(ns, "br-mgmt", f"h{index:02d}m", "mgmt0", host.mgmt.cidr, None,
+                                host.mgmt.mac)
+                self._veth_into(ns, f"br-{host.data.segment}", f"h{index:02d}d", "eth0",
+                                host.data.cidr, str(host.gateway), host.data.mac)
+                runner.info(f"  {host.name}: nspawn machine")
+                pid = machines.start_nspawn(host, img, mdir)
+                state["processes"][host.name] = {"pid": pid, "marker": str(mdir)}
+            self.save_state(state)
+        self.paths.known_hosts.write_text("\n".join(known) + "\n")
+
+    def _wait(self, plan: LabPlan) -> None:
+        pending = {h.name: str(h.mgmt.address) for h in plan.hosts}
+        start = time.monotonic()
+        last_report = 0.0
+        while pending:
+            for name, addr in list(pending.items()):
+                if self.answers(addr):
+                    del pending[name]
+                    runner.info(f"  {name} answers ({time.monotonic() - start:.0f} s)")
+            elapsed = time.monotonic() - start
+            if not pending:
+                break
+            if elapsed > SSH_WAIT_SECONDS:
+                logs = ", ".join(str(self.paths.machines / n / "console.log") for n in pending)
+                raise SafeMailError(
+                    f"no SSH answer after {SSH_WAIT_SECONDS} s from: {', '.join(pending)}",
+                    hint=f"look at the console logs: {logs}")
+            if elapsed - last_report >= 15:
+                runner.info(f"  waiting for {', '.join(sorted(pending))} ({elapsed:.0f} s)")
+                last_report = elapsed
+            time.sleep(2)
+
+    def _write_inventory(self, plan: LabPlan) -> None:
+        data = generated_inventory(plan, str(self.paths.key_file), str(self.paths.known_hosts),
+                                   self.paths.key_file.with_suffix(".pub").read_text().strip())
+        text = ("# Written by `safemail lab up`; removed by `safemail lab down`. Do not edit.\n"
+                + yaml.safe_dump(data, sort_keys=True))
+        (self.inventory_dir / GENERATED_INVENTORY).write_text(text)
+
+    # -- down ------------------------------------------------------------------------------
+    def down(self) -> int:
+        runner.require_root()
+        with self.locked():
+            return self._down()
+
+    def _down(self) -> int:
+        state = self.load_state() or {}
+        removed = 0
+        for name, proc in state.get("processes", {}).items():
+            if machines.process_alive(proc["pid"], proc["marker"]):
+                runner.info(f"  stopping {name} (pid {proc['pid']})")
+                machines.stop_process(proc["pid"], proc["marker"])
+                removed += 1
+        # Crash remains: processes whose command line names the lab's state directory.
+        for pid, _ in self._stray_processes():
+            machines.stop_process(pid, str(self.paths.state))
+            removed += 1
+        for mount in self._lab_mounts():
+            runner.run(["umount", "-l", mount], check=False)
+            removed += 1
+        namespaces = set(state.get("namespaces", [])) | self._lab_namespaces()
+        for ns in sorted(namespaces):
+            runner.run(["ip", "netns", "del", ns], check=False)
+            shutil.rmtree(f"/run/systemd/nspawn/propagate/{ns}", ignore_errors=True)
+            removed += 1
+        links = set(state.get("root_links", [])) | {CONTROLLER_LINK}
+        for link in links:
+            if Path(f"/sys/class/net/{link}").exists():
+                runner.run(["ip", "link", "del", link], check=False)
+                removed += 1
+        routes = set(state.get("root_routes", [])) | {str(n) for n in LAB_RANGES}
+        for net in routes:
+            proc = runner.run(["ip", "route", "del", "unreachable", net], check=False)
+            removed += proc.returncode == 0
+        if self.paths.machines.exists():
+            shutil.rmtree(self.paths.machines)
+        self.paths.state_file.unlink(missing_ok=True)
+        (self.inventory_dir / GENERATED_INVENTORY).unlink(missing_ok=True)
+        runner.info("lab is down" + (f" ({removed} items removed)" if removed else
+                                     " (nothing was running)"))
+        return 0
+
+    def _stray_processes(self) -> list[tuple[int, str]]:
+        marker = str(self.paths.state)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmd and ("systemd-nspawn" in cmd or "qemu-system" in cmd
+                                  or "safemail.lab.services" in cmd):
+                found.append((int(entry.name), cmd))
+        return found
+
+    def _lab_mounts(self) -> list[str]:
+        prefix = str(self.paths.state) + "/"
+        mounts = []
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            target = line.split()[1].replace("\\040", " ")
+            if target.startswith(prefix):
+                mounts.append(target)
+        return sorted(mounts, key=len, reverse=True)
+
+    def _lab_namespaces(self) -> set[str]:
+        try:
+            return {n for n in os.listdir("/run/netns") if n.startswith(f"{PREFIX}-")}
+        except FileNotFoundError:
+            return set()
+
+    # -- status ----------------------------------------------------------------------------
+    def status(self) -> list[dict]:
+        state = self.load_state()
+        plan = self.plan(all_vms=bool(state and state.get("all_vms")))
+        alive = self.processes_alive(state) if state else {}
+        rows = []
+        for h in plan.hosts:
+            running = alive.get(h.name, False)
+            rows.append({
+                "host": h.name, "hypervisor": h.spec.hypervisor,
+                "groups": ",".join(g for g in h.spec.groups if g != "service"),
+                "mgmt": str(h.mgmt.address), "address": f"{h.data.address} ({h.data.segment})",
+                "running": running,
+                "answers": running and self.answers(str(h.mgmt.address)),
+            })
+        for name, addr in (("mirror", plan.mirror), ("internet-sink", plan.internet_sink)):
+            running = alive.get(name, False)
+            # Not reachable from the controller by design (only mgmt is): running is all.
+            rows.append({"host": name, "hypervisor": "namespace", "groups": "lab",
+                         "mgmt": "-", "address": str(addr), "running": running,
+                         "answers": running})
+        return rows
+
