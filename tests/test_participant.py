@@ -7,8 +7,10 @@ import email
 import email.policy
 import io
 import os
+import socket
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -379,3 +381,83 @@ def test_participant_help_lists_actions(capsys: pytest.CaptureFixture) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "keygen" in out and "send" in out and "fetch" in out
+
+
+def _fake_smtp_without_starttls() -> tuple[int, threading.Thread]:
+    """A one-connection SMTP server on 127.0.0.1 that offers no STARTTLS."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(10)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            conn.settimeout(10)
+            reader = conn.makefile("rb")
+            conn.sendall(b"220 fake ESMTP\r\n")
+            for line in reader:
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-fake\r\n250 SIZE 1000000\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"502 no\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server.getsockname()[1], thread
+
+
+def test_submit_refuses_a_server_without_starttls() -> None:
+    """Never send mail (or the password) over a connection that cannot be encrypted."""
+    port, thread = _fake_smtp_without_starttls()
+    account = transport.Account("127.0.0.1", port, SENDER, "pw", timeout=5)
+    with pytest.raises(SafeMailError, match="does not offer STARTTLS; not sending"):
+        transport.submit(account, SENDER, [RECIPIENT], b"x")
+    thread.join(5)
+
+
+class FakeImap:
+    """Answers like an IMAP server through imaplib's return values."""
+
+    def __init__(self, messages: dict[str, bytes]) -> None:
+        self.messages = messages
+        self.readonly: bool | None = None
+        self.logged_out = False
+
+    def select(self, folder: str, readonly: bool = False) -> tuple[str, list[bytes]]:
+        self.readonly = readonly
+        return "OK", [str(len(self.messages)).encode()]
+
+    def uid(self, command: str, *args: str) -> tuple[str, list]:
+        if command == "SEARCH":
+            return "OK", [" ".join(self.messages).encode()]
+        if args[0] == "1:*":
+            items: list = []
+            for i, (u, m) in enumerate(self.messages.items(), 1):
+                head = f"{i} (RFC822.SIZE {len(m)} UID {u} BODY[...] {{12}}".encode()
+                items += [(head, b"Subject: x\r\n"), b")"]
+            return "OK", items
+        body = self.messages.get(args[0])
+        return "OK", [(f"1 (UID {args[0]} BODY[] {{3}}".encode(), body), b")"] if body else [None]
+
+    def logout(self) -> None:
+        self.logged_out = True
+
+
+def test_imap_list_and_fetch_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeImap({"3": b"first", "7": b"newest"})
+    monkeypatch.setattr(transport, "_imap", lambda account: fake)
+    account = transport.Account("127.0.0.1", 993, RECIPIENT, "pw")
+    entries = transport.list_messages(account)
+    assert [(e.uid, e.size) for e in entries] == [("3", 5), ("7", 6)]
+    assert transport.fetch_message(account, None) == b"newest"
+    assert transport.fetch_message(account, "3") == b"first"
+    assert fake.readonly is True and fake.logged_out
+    with pytest.raises(SafeMailError, match="no message with UID 9"):
+        transport.fetch_message(account, "9")
+    with pytest.raises(SafeMailError, match="not a message UID"):
+        transport.fetch_message(account, "1:*")

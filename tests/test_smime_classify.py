@@ -340,3 +340,17 @@ def test_decode_subject_never_raises_on_bad_encoded_words() -> None:
     assert isinstance(decode_subject("=?bogus-charset?q?abc?="), str)
     assert isinstance(decode_subject(b"\xff\xfe =?utf-8?b?!!!?="), str)
     assert decode_subject("a\r\n  b") == "a b"
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("header", ["Content-Transfer-Encoding", "Content-Type"])
+def test_control_characters_in_mime_headers_are_not_whitespace(header: str) -> None:
+    """Found by the fuzz test: str.strip() treats \\x1c-\\x1f as whitespace; MIME does not."""
+    msg = samples.smime_message(samples.enveloped_der())
+    value = b"base64" if header == "Content-Transfer-Encoding" else b'name="smime.p7m"'
+    assert value in msg
+    if header == "Content-Type":
+        msg = msg.replace(b"application/pkcs7-mime;", b"application/pkcs7-mime\x1d;")
+    else:
+        msg = msg.replace(b"Encoding: base64", b"Encoding: base64\x1d")
+    assert not classify(msg).accepted

@@ -173,7 +173,8 @@ def _quote(folder: str) -> str:
     return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-_LIST_ITEM = re.compile(rb"UID (\d+).*RFC822\.SIZE (\d+)")
+_UID = re.compile(rb"\bUID (\d+)")
+_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 
 
 def list_messages(account: Account, folder: str = "INBOX") -> list[MailboxEntry]:
@@ -188,8 +189,13 @@ def list_messages(account: Account, folder: str = "INBOX") -> list[MailboxEntry]
             raise SafeMailError(f"listing {folder!r} failed: {data!r}", "try again")
         entries: list[MailboxEntry] = []
         for item in data:
-            if isinstance(item, tuple) and (match := _LIST_ITEM.search(item[0])):
-                entries.append(MailboxEntry(match[1].decode(), int(match[2]), item[1]))
+            if not isinstance(item, tuple):
+                continue
+            uid, size = _UID.search(item[0]), _SIZE.search(item[0])
+            if uid is not None:
+                entries.append(
+                    MailboxEntry(uid[1].decode(), int(size[1]) if size else 0, bytes(item[1]))
+                )
         return entries
     except imaplib.IMAP4.error as exc:
         raise SafeMailError(f"IMAP error: {exc}", "try again") from exc

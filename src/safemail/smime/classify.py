@@ -95,6 +95,9 @@ _NOT_ENCRYPTED_CMS: dict[str, tuple[str, str]] = {
 
 _HEADER_BODY_SEPARATOR = re.compile(rb"\r?\n\r?\n")
 _BASE64_WHITESPACE = b" \t\r\n"
+# RFC 5322 folding whitespace only: str.strip() would also drop control characters such as
+# \x1c-\x1f, which no mail client reads as whitespace.
+_HEADER_WHITESPACE = " \t\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,7 @@ def _classify(raw: bytes, max_size: int) -> Verdict:
     encodings = headers.get_all("Content-Transfer-Encoding") or []
     if len(encodings) > 1:
         return _refuse(CODE_AMBIGUOUS_HEADERS, "more than one Content-Transfer-Encoding header")
-    cte = str(encodings[0]).strip().lower() if encodings else "7bit"
+    cte = str(encodings[0]).strip(_HEADER_WHITESPACE).lower() if encodings else "7bit"
     if cte == "base64":
         compact = body.translate(None, _BASE64_WHITESPACE)
         if not compact:
@@ -206,7 +209,7 @@ def _split_message(raw: bytes) -> tuple[email.message.Message, bytes] | None:
 
 def _media_type(value: str) -> str | None:
     """The lower-cased type/subtype of a Content-Type value, or None if it has no such form."""
-    main = value.split(";", 1)[0].strip().lower()
+    main = value.split(";", 1)[0].strip(_HEADER_WHITESPACE).lower()
     # RFC 2045 token characters on both sides of exactly one slash.
     if re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+", main) is None:
         return None

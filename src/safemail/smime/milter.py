@@ -162,8 +162,9 @@ class MessageGate:
         """Classify the collected message; never raises (an internal error gives TEMPFAIL)."""
         try:
             return self._decide()
-        except Exception:  # noqa: BLE001 - fail closed: the MTA defers, the sender retries
-            LOG.exception("internal error while deciding")
+        except Exception as exc:  # noqa: BLE001 - fail closed: the MTA defers, the sender retries
+            # Only the exception type: a message or traceback could quote mail content.
+            LOG.error("internal error while deciding (%s)", type(exc).__name__)
             return Decision(Action.TEMPFAIL, CODE_TEMPFAIL, (*_TEMPFAIL_REPLY, _TEMPFAIL_TEXT))
 
     def _decide(self) -> Decision:
@@ -283,8 +284,13 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
                     Action.REJECT: milter_mod.REJECT,
                     Action.TEMPFAIL: milter_mod.TEMPFAIL,
                 }[decision.action]
-            except Exception:  # noqa: BLE001 - fail closed on any glue error
-                LOG.exception("queue_id=%s verdict=%s action=tempfail", queue_id, CODE_TEMPFAIL)
+            except Exception as exc:  # noqa: BLE001 - fail closed on any glue error
+                LOG.error(
+                    "queue_id=%s verdict=%s action=tempfail (%s)",
+                    queue_id,
+                    CODE_TEMPFAIL,
+                    type(exc).__name__,
+                )
                 try:
                     self.setreply(*_TEMPFAIL_REPLY, _TEMPFAIL_TEXT)
                 except Exception:  # noqa: BLE001 - the TEMPFAIL result below still stands
