@@ -106,7 +106,7 @@ def pytest_collection_modifyitems(
         unknown = [i for i in ids if i not in known]
         if not ids:
             message = (
-                "no requirement marker: add @pytest.mark.req(\"AREA-NN\") naming the "
+                'no requirement marker: add @pytest.mark.req("AREA-NN") naming the '
                 f"requirement this test proves (ids are in {catalogue.origin})"
             )
         elif unknown:

@@ -174,8 +174,10 @@ def render_roles(roles: Sequence[RoleDoc], base: Path | None = None) -> str:
                 kind = opt.type + (f" of {opt.elements}" if opt.elements else "")
                 desc = opt.description
                 if opt.choices:
-                    desc += (" " if desc else "") + "Choices: " + ", ".join(
-                        f"`{c}`" for c in opt.choices
+                    desc += (
+                        (" " if desc else "")
+                        + "Choices: "
+                        + ", ".join(f"`{c}`" for c in opt.choices)
                     )
                 lines.append(
                     f"| `{opt.name}` | {_cell(kind)} | {'yes' if opt.required else 'no'} | "
@@ -209,9 +211,10 @@ def render_hosts(hosts: Sequence[Host], inventory: str) -> str:
 
 def render_index(inventory: str, revision: str | None, files: Iterable[str]) -> str:
     lines = [HEADER, "# Generated documentation", ""]
-    lines.append(f"Generated from inventory `{inventory}`" + (
-        f" at revision `{revision}`." if revision else "."
-    ))
+    lines.append(
+        f"Generated from inventory `{inventory}`"
+        + (f" at revision `{revision}`." if revision else ".")
+    )
     lines.append("")
     lines += [f"- [{name}]({name})" for name in files]
     lines.append("")

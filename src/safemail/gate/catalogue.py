@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,10 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
         problems.append(f"{origin}: unknown top-level key(s): {', '.join(map(str, extra))}")
     entries = data["requirements"]
     if not isinstance(entries, list) or not entries:
-        raise CatalogueError(f"{origin}: 'requirements' must be a non-empty list")
+        raise CatalogueError(
+            f"{origin}: 'requirements' must be a non-empty list",
+            "the catalogue lists every requirement of DESIGN §5; restore it from git",
+        )
     seen: set[str] = set()
     reqs: list[Requirement] = []
     for index, entry in enumerate(entries, start=1):
@@ -191,6 +194,15 @@ def load_catalogue(path: Path | str = DEFAULT_CATALOGUE) -> Catalogue:
     except yaml.YAMLError as exc:
         raise CatalogueError(f"{path} is not valid YAML: {exc}") from exc
     return parse_catalogue(data, origin=str(path), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def relative_to(catalogue: Catalogue, base: Path) -> Catalogue:
+    """The same catalogue with its origin shown relative to ``base`` where possible."""
+    try:
+        origin = Path(catalogue.origin).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return catalogue
+    return replace(catalogue, origin=origin)
 
 
 def missing_baseline(catalogue: Catalogue) -> list[str]:

@@ -1,9 +1,9 @@
 """Subcommands for verification reports, the promotion gate and generated documentation.
 
-    safemail verify  --stage test              run the verify suite, write a report directory
-    safemail report  JUNIT [JUNIT ...]         rebuild report.json/html from JUnit XML
-    safemail promote --to production           check the gate, record the release, deploy
-    safemail docs                              write docs/generated/ from inventory and roles
+safemail verify  --stage test              run the verify suite, write a report directory
+safemail report  JUNIT [JUNIT ...]         rebuild report.json/html from JUnit XML
+safemail promote --to production           check the gate, record the release, deploy
+safemail docs                              write docs/generated/ from inventory and roles
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safemail.errors import SafeMailError, UsageError
 from safemail.gate import hashing, promote
-from safemail.gate.catalogue import load_catalogue
+from safemail.gate.catalogue import load_catalogue, relative_to
 from safemail.gate.report import (
     RunMetadata,
     build_report,
@@ -170,8 +170,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     repo = _repo()
     out = args.out or args.junit[0].parent
-    catalogue = load_catalogue(
-        _rel(repo, args.catalogue) if args.catalogue else repo / "verify" / "requirements.yml"
+    catalogue = relative_to(
+        load_catalogue(
+            _rel(repo, args.catalogue) if args.catalogue else repo / "verify" / "requirements.yml"
+        ),
+        repo,
     )
     waivers = load_waivers(
         _rel(repo, args.waivers) if args.waivers else repo / DEFAULT_WAIVERS,
@@ -278,9 +281,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         rc = subprocess.run(cmd, cwd=repo, check=False).returncode
     except OSError as exc:
         raise SafeMailError(f"cannot run ansible-playbook: {exc}") from exc
-    promote.append_release_log(
-        log, **common, event="deploy-finished", extra={"exit_code": rc}
-    )
+    promote.append_release_log(log, **common, event="deploy-finished", extra={"exit_code": rc})
     if rc != 0:
         raise SafeMailError(
             f"ansible-playbook failed with exit code {rc}; the release is recorded as failed",

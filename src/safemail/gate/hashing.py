@@ -13,6 +13,7 @@ Both hashes are "sha256:<hex>" strings. The per-file map holds bare hex digests.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,8 +55,12 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def find_repo_root(start: Path | None = None) -> Path:
-    """The top of the git checkout containing ``start`` (default: the current directory)."""
-    start = (start or Path.cwd()).resolve()
+    """The top of the git checkout containing ``start``.
+
+    ``start`` defaults to $SAFEMAIL_PROJECT if set, else the current directory.
+    """
+    env = os.environ.get("SAFEMAIL_PROJECT")
+    start = (start or (Path(env) if env else Path.cwd())).resolve()
     return Path(_git(start, "rev-parse", "--show-toplevel").strip())
 
 

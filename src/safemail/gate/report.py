@@ -71,6 +71,8 @@ class ReportError(SafeMailError):
 
 @dataclass
 class TestResult:
+    __test__ = False  # not a pytest test class
+
     id: str
     outcome: str  # passed | failed | error | skipped
     duration: float = 0.0
@@ -355,8 +357,16 @@ _TEST = {
 _REQ = {
     "type": "object",
     "required": [
-        "id", "title", "source", "legal_basis", "statement", "status",
-        "counts_as_failure", "reason", "waiver", "tests",
+        "id",
+        "title",
+        "source",
+        "legal_basis",
+        "statement",
+        "status",
+        "counts_as_failure",
+        "reason",
+        "waiver",
+        "tests",
     ],
     "additionalProperties": False,
     "properties": {
@@ -379,10 +389,28 @@ REPORT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": [
-        "schema", "verdict", "generated", "generator", "stage", "complete", "selection",
-        "revision", "content_hash", "content_files", "inventory_hash", "hosts", "started",
-        "finished", "pytest_exit_code", "catalogue", "summary", "failing_requirements",
-        "problems", "requirements", "unmapped_tests", "waivers",
+        "schema",
+        "verdict",
+        "generated",
+        "generator",
+        "stage",
+        "complete",
+        "selection",
+        "revision",
+        "content_hash",
+        "content_files",
+        "inventory_hash",
+        "hosts",
+        "started",
+        "finished",
+        "pytest_exit_code",
+        "catalogue",
+        "summary",
+        "failing_requirements",
+        "problems",
+        "requirements",
+        "unmapped_tests",
+        "waivers",
     ],
     "properties": {
         "schema": {"enum": [SCHEMA_ID]},
@@ -423,8 +451,17 @@ REPORT_SCHEMA: dict[str, Any] = {
         "summary": {
             "type": "object",
             "required": [
-                "requirements", "pass", "fail", "waived", "untested", "not_selected",
-                "tests", "tests_passed", "tests_failed", "tests_skipped", "unmapped_tests",
+                "requirements",
+                "pass",
+                "fail",
+                "waived",
+                "untested",
+                "not_selected",
+                "tests",
+                "tests_passed",
+                "tests_failed",
+                "tests_skipped",
+                "unmapped_tests",
             ],
             "additionalProperties": _COUNT,
         },
@@ -558,6 +595,7 @@ table.meta { width: auto; } table.meta th { width: 11rem; }
 .s-waived { background: #dbeafe; color: #1e3a8a; }
 .s-not-selected { background: #e5e7eb; color: #374151; }
 tr.row-fail td, tr.row-untested td { background: #fff7f7; }
+td.rid { white-space: nowrap; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f7f7f7; padding: .4rem;
   margin: .25rem 0; max-height: 18rem; overflow: auto; font-size: 12px; }
 .small { color: #555; font-size: .85rem; } code { font-size: 12px; }
@@ -616,7 +654,7 @@ fail until the test or the catalogue is fixed.</p>
 <tr><th>Id</th><th>Requirement</th><th>Status</th><th>Tests and evidence</th></tr>
 {% for q in rows %}
 <tr id="{{ q.id }}" class="row-{{ q.status }}">
-<td><b>{{ q.id }}</b></td>
+<td class="rid"><b>{{ q.id }}</b></td>
 <td>{{ q.title }}<div class="small">Audit report {{ q.source | join(", ") }} ·
  {{ q.legal_basis | join("; ") }}</div>
  <details><summary class="small">statement</summary><div class="small">{{ q.statement }}

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from safemail.errors import SafeMailError
 from safemail.gate import hashing
-from safemail.gate.catalogue import Catalogue, load_catalogue
+from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
 from safemail.gate.inventory import InventoryError, read_inventory
 from safemail.gate.report import (
     RunMetadata,
@@ -106,6 +106,8 @@ def stream(cmd: Sequence[str], cwd: Path, log: Path, out: IO[str] | None = None)
     """Run cmd, copying its output to ``out`` (default stdout) and to ``log`` as it comes."""
     out = out or sys.stdout
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # testinfra's ansible backend calls ansible-inventory: prefer the one beside this Python.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PY_COLORS", "1" if out.isatty() else "0")
     with log.open("wb") as sink:
         try:
@@ -184,7 +186,7 @@ def run_verify(
     if not (repo / "verify").is_dir():
         raise SafeMailError(f"no verify/ directory in {repo}", "run from the SafeMail checkout")
     catalogue_path = (opts.catalogue or repo / "verify" / "requirements.yml").resolve()
-    catalogue: Catalogue = load_catalogue(catalogue_path)
+    catalogue: Catalogue = relative_to(load_catalogue(catalogue_path), repo)
     unknown = [r for r in opts.requirements if r not in catalogue]
     if unknown:
         raise SafeMailError(

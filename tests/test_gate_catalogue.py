@@ -1,0 +1,160 @@
+"""The requirement catalogue and the waiver file: the real files load, bad ones are refused."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safemail.gate.catalogue import (
+    BASELINE_IDS,
+    CatalogueError,
+    load_catalogue,
+    missing_baseline,
+    parse_catalogue,
+)
+from safemail.gate.waivers import WaiverError, load_waivers, parse_waivers
+
+REPO = Path(__file__).resolve().parents[1]
+CATALOGUE = REPO / "verify" / "requirements.yml"
+
+# Laws the audit report cites; a legal basis must name one of them.
+REPORT_LAWS = ("LDSG", "DSVO", "TKG", "StGB", "SGB V", "Signaturgesetz")
+
+
+def test_real_catalogue_has_every_design_id() -> None:
+    catalogue = load_catalogue(CATALOGUE)
+    assert missing_baseline(catalogue) == []
+    assert len(BASELINE_IDS) == 27
+    assert len(catalogue.sha256) == 64
+
+
+@pytest.mark.parametrize("req", load_catalogue(CATALOGUE).requirements, ids=lambda r: r.id)
+def test_real_catalogue_entries_are_complete(req) -> None:  # noqa: ANN001
+    assert req.title and req.statement.endswith(".")
+    assert req.source
+    for basis in req.legal_basis:
+        assert any(law in basis for law in REPORT_LAWS), basis
+
+
+def test_catalogue_paragraphs_are_ones_the_report_cites() -> None:
+    report = Path("/work/shared/seed/audit-report.txt")
+    if not report.exists():
+        pytest.skip("audit report not available on this machine")
+    text = " ".join(report.read_text(encoding="utf-8").split())
+    for req in load_catalogue(CATALOGUE):
+        for basis in req.legal_basis:
+            if not basis.startswith("§"):
+                assert basis in text, basis
+                continue
+            number = basis.split()[1]
+            assert f"§ {number}" in text or f"§{number}" in text, basis
+
+
+def _entry(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "id": "MAIL-01",
+        "title": "t",
+        "source": ["2.6"],
+        "legal_basis": ["§ 5 Abs. 1 LDSG"],
+        "statement": "s.",
+    }
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "expected a mapping"),
+        ({"requirements": []}, "non-empty list"),
+        ({"requirements": [_entry(), _entry()]}, "duplicate id"),
+        ({"requirements": [_entry(id="mail-1")]}, "not of the form AREA-NN"),
+        ({"requirements": [_entry(legal_basis=[])]}, "missing field(s): legal_basis"),
+        ({"requirements": [_entry(titel="x")]}, "unknown field(s): titel"),
+        ({"requirements": [_entry()], "extra": 1}, "unknown top-level key"),
+    ],
+)
+def test_bad_catalogue_refused(data: object, message: str) -> None:
+    with pytest.raises(CatalogueError) as info:
+        parse_catalogue(data, origin="cat.yml")
+    assert message in info.value.message
+    assert info.value.hint
+
+
+def test_missing_and_broken_catalogue_files(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match="not found"):
+        load_catalogue(tmp_path / "nope.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("requirements: [\n", encoding="utf-8")
+    with pytest.raises(CatalogueError, match="not valid YAML"):
+        load_catalogue(bad)
+
+
+# ---------------------------------------------------------------- waivers
+
+
+def test_real_waiver_file_is_an_empty_list() -> None:
+    assert load_waivers(REPO / "verify" / "waivers.yml", load_catalogue(CATALOGUE).ids) == []
+
+
+def test_waiver_parsed_and_expiry_inclusive(tmp_path: Path) -> None:
+    path = tmp_path / "waivers.yml"
+    path.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "id": "AV-02",
+                    "justification": "Second relay arrives with the new cluster in Q1.",
+                    "approver": "Head of IT",
+                    "expires": "2026-12-31",
+                }
+            ]
+        ),
+        encoding="utf-8",
+    )
+    (waiver,) = load_waivers(path, known_ids=["AV-02"])
+    assert waiver.expires == dt.date(2026, 12, 31)
+    assert waiver.is_active(dt.date(2026, 12, 31))
+    assert not waiver.is_active(dt.date(2027, 1, 1))
+
+
+def _w(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "id": "AV-02",
+        "justification": "A long enough written justification.",
+        "approver": "Head of IT",
+        "expires": dt.date(2027, 1, 1),
+    }
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"id": "AV-02"}, "expected a YAML list"),
+        (["AV-02"], "must be a mapping"),
+        ([_w(expires="next year")], "is not a date"),
+        ([_w(approver="")], "missing field(s): approver"),
+        ([_w(justification="tbd")], "justification too short"),
+        ([_w(id="AV-99")], "not in the requirement catalogue"),
+        ([_w(), _w()], "a second waiver"),
+        ([_w(reason="x")], "unknown field(s): reason"),
+    ],
+)
+def test_malformed_waivers_refused(data: object, message: str) -> None:
+    with pytest.raises(WaiverError) as info:
+        parse_waivers(data, origin="waivers.yml", known_ids=["AV-02"])
+    assert message in info.value.message
+    assert "waivers.yml" in info.value.message
+
+
+def test_waiver_file_yaml_error(tmp_path: Path) -> None:
+    path = tmp_path / "waivers.yml"
+    path.write_text("- id: [\n", encoding="utf-8")
+    with pytest.raises(WaiverError, match="not valid YAML"):
+        load_waivers(path)
+    assert load_waivers(tmp_path / "absent.yml") == []
