@@ -202,6 +202,40 @@ def test_stale_report_refused(repo: Path) -> None:
     assert _decide(repo, report, max_age_hours=48).allowed
 
 
+def test_waiver_expired_since_the_report_refused(repo: Path) -> None:
+    from safemail.gate.waivers import Waiver
+
+    catalogue = load_catalogue(repo / "verify" / "requirements.yml")
+    waiver = Waiver(
+        "AV-02", "Second relay comes with the new cluster.", "Head of IT", dt.date(2026, 11, 28)
+    )
+    results = [
+        TestResult(f"t::{r.id}", "passed", req_ids=[r.id]) for r in catalogue if r.id != "AV-02"
+    ]
+    path = _make_report(repo)
+    data = json.loads(path.read_text())
+    content = hashing.content_hash(repo, "test")
+    meta = RunMetadata(
+        stage="test",
+        revision=hashing.git_revision(repo),
+        dirty=False,
+        content_hash=content.digest,
+        content_files=content.files,
+        inventory_hash=data["inventory_hash"],
+        hosts=["relay"],
+        started=data["started"],
+        finished=data["finished"],
+    )
+    report = build_report(results, catalogue, [waiver], meta, today=dt.date(2026, 11, 28))
+    assert report["verdict"] == "pass"
+    write_report(report, path.parent)
+    assert _decide(repo, path).allowed  # still 2026-11-28
+    decision = _decide(repo, path, now=NOW + dt.timedelta(hours=13))  # 2026-11-29 01:00
+    assert decision.reasons == [
+        "the report relies on waivers that have expired since: AV-02 (expired 2026-11-28)"
+    ]
+
+
 def test_partial_report_refused(repo: Path) -> None:
     sel = {"keyword": "mail", "markexpr": None, "requirements": None}
     decision = _decide(repo, _make_report(repo, selection=sel))

@@ -83,6 +83,15 @@ def decide(
             parts.append(f"{len(unmapped)} test(s) without a known requirement id")
         parts.extend(report.get("problems", []))
         reasons.append("the verification failed (" + "; ".join(parts or ["no detail"]) + ")")
+    lapsed = [
+        f"{row['id']} (expired {row['waiver']['expires']})"
+        for row in report.get("requirements", [])
+        if row.get("status") == "waived"
+        and row.get("waiver")
+        and dt.date.fromisoformat(row["waiver"]["expires"]) < now.date()
+    ]
+    if lapsed:
+        reasons.append(f"the report relies on waivers that have expired since: {', '.join(lapsed)}")
     if not report.get("complete", False):
         reasons.append("the report covers a partial run (-k/-m/--requirements); run the full suite")
     tested = report.get("revision", {})
