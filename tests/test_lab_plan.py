@@ -122,3 +122,17 @@ def test_no_lab_code_or_inventory_uses_the_uplink_range():
     for p in [*ROOT.glob("src/**/*.py"), *ROOT.glob("inventories/**/*.yml"),
               *ROOT.glob("roles/**/*.j2")]:
         assert "192.0.2." not in p.read_text().replace('"192.0.2.0/24"', ""), p
+
+
+def test_route_conflicts_names_what_the_lab_would_cut():
+    used = {"deb.debian.org": "203.0.113.80", "pypi.org": "203.0.113.5",
+            "nameserver": "10.255.255.53", "weird": "198.19.1.1", "bad": "not-an-ip"}
+    found = P.route_conflicts(used)
+    assert len(found) == 2
+    assert any("pypi.org" in f for f in found)
+    assert any("weird" in f for f in found)
+
+
+def test_lab_ranges_leave_the_machines_package_proxy_reachable():
+    # On our machines the registries' proxy answers at 203.0.113.80 (see plan.LAB_RANGES).
+    assert P.route_conflicts({"proxy": "203.0.113.80"}) == []

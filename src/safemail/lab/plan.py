@@ -20,7 +20,11 @@ from safemail.errors import SafeMailError
 FORBIDDEN_NETWORKS = (ipaddress.ip_network("192.0.2.0/24"),)
 # Everything the lab addresses lies inside these; the machine's own namespace holds
 # `unreachable` routes for them so a down or mistyped lab address fails locally.
-LAB_RANGES = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("203.0.113.0/24"))
+# The internet segment is only the first /28 of 203.0.113.0/24: on our machines the package
+# registries' proxy answers at 203.0.113.80, and a route for the whole /24 would cut the
+# machine off from its packages while the lab is up (`lab up` checks this, see
+# `route_conflicts`).
+LAB_RANGES = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("203.0.113.0/28"))
 
 # Segment -> network. `mgmt` is admin SSH only and is not routed; every other segment is
 # routed by the lab `router` (its address is .1 on each routed segment).
@@ -30,7 +34,7 @@ SEGMENTS: dict[str, ipaddress.IPv4Network] = {
     "front": ipaddress.IPv4Network("198.18.2.0/24"),
     "back": ipaddress.IPv4Network("198.18.3.0/24"),
     "core": ipaddress.IPv4Network("198.18.4.0/24"),
-    "internet": ipaddress.IPv4Network("203.0.113.0/24"),
+    "internet": ipaddress.IPv4Network("203.0.113.0/28"),
 }
 ROUTED_SEGMENTS = ("safenet", "front", "back", "core", "internet")
 HOST_SEGMENTS = ("safenet", "front", "back", "core")
@@ -158,6 +162,20 @@ def mac_for(host: str, segment: str) -> str:
     """A stable, locally administered unicast MAC for a host interface."""
     digest = hashlib.sha256(f"{host}/{segment}".encode()).digest()
     return "52:54:" + ":".join(f"{b:02x}" for b in digest[:4])
+
+
+def route_conflicts(used: dict[str, str]) -> list[str]:
+    """Which of the machine's own destinations (name -> address) the lab's routes would cut."""
+    out = []
+    for name, addr in sorted(used.items()):
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            continue
+        for net in LAB_RANGES:
+            if ip in net:
+                out.append(f"{name} ({addr}) lies in the lab range {net}")
+    return out
 
 
 def make_plan(specs: Iterable[HostSpec]) -> LabPlan:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import socket
+import urllib.parse
 import os
 import shutil
 import subprocess
@@ -33,7 +35,7 @@ import yaml
 from safemail.errors import SafeMailError
 from safemail.lab import image as image_mod
 from safemail.lab import machines, mirror, runner
-from safemail.lab.config import PREFIX, LabPaths
+from safemail.lab.config import DEBIAN_MIRROR, PREFIX, LabPaths
 from safemail.lab.plan import (
     CONTROLLER_MGMT,
     LAB_RANGES,
@@ -43,6 +45,7 @@ from safemail.lab.plan import (
     generated_inventory,
     hosts_from_inventory,
     make_plan,
+    route_conflicts,
 )
 
 NET_NS = f"{PREFIX}-net"
@@ -144,6 +147,7 @@ class Stage:
             runner.info("lab: found remains of an earlier lab; cleaning them first")
             self._down()
         plan = self.plan(all_vms=all_vms)
+        self._preflight()
         started = time.monotonic()
         runner.info(f"lab: {len(plan.hosts)} hosts "
                     f"({sum(h.spec.hypervisor == 'qemu' for h in plan.hosts)} QEMU VMs)")
@@ -172,6 +176,25 @@ class Stage:
         runner.info(f"lab is up in {time.monotonic() - started:.0f} s; inventory: "
                     f"{self.inventory_dir / GENERATED_INVENTORY}")
         return 0
+
+    def _preflight(self) -> None:
+        """Refuse to install routes that would cut the machine off from what it uses."""
+        used: dict[str, str] = {}
+        for name in (urllib.parse.urlparse(DEBIAN_MIRROR).hostname or "", "pypi.org"):
+            try:
+                for info in socket.getaddrinfo(name, 80, socket.AF_INET):
+                    used[name] = str(info[4][0])
+            except OSError:
+                continue
+        for line in Path("/etc/resolv.conf").read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                used[f"nameserver {parts[1]}"] = parts[1]
+        conflicts = route_conflicts(used)
+        if conflicts:
+            raise SafeMailError("the lab's unreachable routes would cut this machine off: "
+                                + "; ".join(conflicts),
+                                hint="change the lab ranges in src/safemail/lab/plan.py")
 
     def _mirror(self, img: image_mod.Image) -> None:
         count = mirror.publish(self.paths.mirror, img.debs())
