@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ]; then
   rm -rf .venv
   "$PYTHON" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  .venv/bin/pip install -q -e '.[controller,dev]'
   touch "$stamp"
 else
   echo "setup: Python environment up to date"

@@ -42,10 +42,45 @@ def test_hash_is_stable_and_changes_with_any_input():
 
 def test_adding_a_role_package_changes_only_the_vm_layer(tmp_path):
     paths = LabPaths(state=tmp_path / "s", images=tmp_path / "i")
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
     _role(tmp_path / "roles", "common", "common_packages: [sudo]\n")
-    first = image.image_for(paths, tmp_path / "roles")
+    first = image.image_for(paths, tmp_path)
     _role(tmp_path / "roles", "mailstore", "mailstore_packages: [dovecot-imapd]\n")
-    second = image.image_for(paths, tmp_path / "roles")
+    second = image.image_for(paths, tmp_path)
     assert first.base == second.base
+    assert first.wheels == second.wheels
     assert first.vm != second.vm
     assert not image.is_built(second)
+
+
+PYPROJECT = """
+[project]
+name = "x"
+dependencies = ["cryptography==50.0.2", "asn1crypto==1.5.1"]
+[project.optional-dependencies]
+controller = ["ansible==12.3.0"]
+"""
+
+
+def test_host_requirements_are_the_non_optional_dependencies(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    assert image.host_requirements(tmp_path / "pyproject.toml") == [
+        "asn1crypto==1.5.1", "cryptography==50.0.2"]
+
+
+def test_changing_a_host_requirement_changes_only_the_wheelhouse(tmp_path):
+    paths = LabPaths(state=tmp_path / "s", images=tmp_path / "i")
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    first = image.image_for(paths, tmp_path)
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT.replace("50.0.2", "50.0.1"))
+    second = image.image_for(paths, tmp_path)
+    assert (first.base, first.vm) == (second.base, second.vm)
+    assert first.wheels != second.wheels
+
+
+def test_project_pyproject_keeps_controller_tools_out_of_the_host_runtime():
+    root = Path(__file__).resolve().parents[1]
+    reqs = image.host_requirements(root / "pyproject.toml")
+    names = {r.split("=")[0].lower() for r in reqs}
+    assert {"cryptography", "asn1crypto"} <= names
+    assert not names & {"ansible", "ansible-core", "molecule", "pytest"}

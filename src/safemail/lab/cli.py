@@ -18,8 +18,8 @@ def _stage() -> Stage:
 
 def _image(args: argparse.Namespace) -> int:
     stage = _stage()
-    img = image_mod.build(stage.paths, stage.project / "roles", force=args.rebuild)
-    print(f"base: {img.base}\nvm:   {img.vm}")
+    img = image_mod.build(stage.paths, stage.project, force=args.rebuild)
+    print(f"base:   {img.base}\nvm:     {img.vm}\nwheels: {img.wheels}")
     return 0
 
 

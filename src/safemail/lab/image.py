@@ -9,7 +9,9 @@ Two layers, each in its own cache directory named by the hash of its inputs:
   still declare and "install" them). QEMU VMs boot a disk made from base + this layer.
 
 Every .deb either layer downloaded is kept in ``<layer>/debs``: the lab mirror serves them,
-so hosts install the roles' packages from inside the lab.
+so hosts install the roles' packages from inside the lab. ``wheels-<hash>/wheels`` holds
+binary wheels of the host-side Python runtime (the package's own dependencies), served by the
+mirror as the internal wheelhouse.
 A finished layer has a ``complete`` marker; building an unchanged image is a no-op.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,10 @@ BASE_PACKAGES = (
     "iproute2", "procps", "iputils-ping", "ca-certificates", "apt-utils",
 )
 VM_PACKAGES = ("linux-image-cloud-amd64", "initramfs-tools", "systemd-timesyncd")
+# Wheels for the hosts' Python (Debian bookworm: CPython 3.11, glibc 2.36).
+WHEEL_PYTHON = "3.11"
+WHEEL_PLATFORMS = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64",
+                   "manylinux_2_17_x86_64"]
 
 DEBOOTSTRAP_HINTS = {
     "Failed getting release file": "debootstrap could not reach the Debian mirror "
@@ -67,6 +74,17 @@ def role_packages(roles_dir: Path) -> list[str]:
     return sorted(found)
 
 
+def host_requirements(pyproject: Path) -> list[str]:
+    """The host-side runtime requirements: the package's own (non-optional) dependencies."""
+    import tomllib
+
+    try:
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise SafeMailError(f"cannot read the dependencies of {pyproject}: {exc}") from exc
+    return sorted(deps)
+
+
 def input_hash(inputs: dict) -> str:
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -86,6 +104,7 @@ def vm_inputs(base_hash: str, packages: list[str]) -> dict:
 class Image:
     base: Path  # base-<hash>/
     vm: Path  # vm-<hash>/
+    wheels: Path  # wheels-<hash>/: the host-side Python runtime, for the mirror
 
     @property
     def rootfs(self) -> Path:
@@ -107,15 +126,22 @@ class Image:
         return sorted([*(self.base / "debs").glob("*.deb"), *(self.vm / "debs").glob("*.deb")])
 
 
-def image_for(paths: LabPaths, roles_dir: Path) -> Image:
+def wheel_inputs(requirements: list[str]) -> dict:
+    return {"builder": BUILDER_VERSION, "python": WHEEL_PYTHON, "platforms": WHEEL_PLATFORMS,
+            "requirements": sorted(requirements)}
+
+
+def image_for(paths: LabPaths, project: Path) -> Image:
     """Where the image for the current inputs lives (built or not)."""
     base_hash = input_hash(base_inputs())
-    vm_hash = input_hash(vm_inputs(base_hash, role_packages(roles_dir)))
-    return Image(base=paths.images / f"base-{base_hash}", vm=paths.images / f"vm-{vm_hash}")
+    vm_hash = input_hash(vm_inputs(base_hash, role_packages(project / "roles")))
+    wheel_hash = input_hash(wheel_inputs(host_requirements(project / "pyproject.toml")))
+    return Image(base=paths.images / f"base-{base_hash}", vm=paths.images / f"vm-{vm_hash}",
+                 wheels=paths.images / f"wheels-{wheel_hash}")
 
 
 def is_built(image: Image) -> bool:
-    return (image.base / "complete").exists() and (image.vm / "complete").exists()
+    return all((d / "complete").exists() for d in (image.base, image.vm, image.wheels))
 
 
 def _nspawn_run(root: Path, script: str, log: Path, title: str, hints: dict[str, str]) -> None:
@@ -201,15 +227,33 @@ def _build_vm(image: Image, packages: list[str], log: Path) -> None:
     tmp.rename(target)
 
 
-def build(paths: LabPaths, roles_dir: Path, *, force: bool = False) -> Image:
+def _build_wheels(target: Path, requirements: list[str], log: Path) -> None:
+    """Download binary wheels of the host runtime for the hosts' Python (no compiling)."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "wheels").mkdir(parents=True)
+    platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
+    runner.run_logged(
+        f"download {len(requirements)} host runtime wheel(s) and their dependencies",
+        [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+         "--python-version", WHEEL_PYTHON, "--implementation", "cp", *platforms,
+         "-d", str(tmp / "wheels"), *requirements],
+        log, hints={"No matching distribution": "a host requirement has no wheel for "
+                                                "CPython 3.11 on manylinux x86_64"})
+    tmp.joinpath("inputs.json").write_text(json.dumps(wheel_inputs(requirements), indent=2))
+    tmp.joinpath("complete").write_text("")
+    tmp.rename(target)
+
+
+def build(paths: LabPaths, project: Path, *, force: bool = False) -> Image:
     """Build what is missing of the image for the current inputs; return it."""
     runner.require_root()
     runner.require_tools("debootstrap", "systemd-nspawn")
-    image = image_for(paths, roles_dir)
-    packages = role_packages(roles_dir)
+    image = image_for(paths, project)
+    packages = role_packages(project / "roles")
     log = paths.logs / "image-build.log"
     if force:
-        for d in (image.base, image.vm):
+        for d in (image.base, image.vm, image.wheels):
             if d.exists():
                 shutil.rmtree(d)
     if (image.base / "complete").exists():
@@ -222,4 +266,9 @@ def build(paths: LabPaths, roles_dir: Path, *, force: bool = False) -> Image:
     else:
         runner.info(f"image: building VM layer {image.vm.name} ({len(packages)} role packages)")
         _build_vm(image, packages, log)
+    if (image.wheels / "complete").exists():
+        runner.info(f"image: wheelhouse {image.wheels.name} is up to date")
+    else:
+        runner.info(f"image: downloading wheelhouse {image.wheels.name}")
+        _build_wheels(image.wheels, host_requirements(project / "pyproject.toml"), log)
     return image

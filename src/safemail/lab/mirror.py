@@ -34,13 +34,30 @@ def publish(mirror_root: Path, debs: Iterable[Path]) -> int:
         dest = pool / deb.name
         if dest.exists():
             continue
-        try:
-            os.link(deb, dest)
-        except OSError:
-            shutil.copy2(deb, dest)
+        _link(deb, dest)
         count += 1
     index(mirror_root)
     return count
+
+
+def publish_wheels(mirror_root: Path, wheels: Iterable[Path]) -> int:
+    """Serve Python wheels at http://<mirror>/wheels/ (a pip --find-links page)."""
+    dest_dir = mirror_root / "wheels"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for whl in wheels:
+        dest = dest_dir / whl.name
+        if not dest.exists():
+            _link(whl, dest)
+        count += 1
+    return count
+
+
+def _link(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def index(mirror_root: Path) -> None:

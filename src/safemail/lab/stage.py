@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import socket
-import urllib.parse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +152,7 @@ class Stage:
         runner.info(f"lab: {len(plan.hosts)} hosts "
                     f"({sum(h.spec.hypervisor == 'qemu' for h in plan.hosts)} QEMU VMs)")
         runner.info("[1/5] image")
-        img = image_mod.build(self.paths, self.project / "roles")
+        img = image_mod.build(self.paths, self.project)
         state = {"complete": False, "all_vms": all_vms, "namespaces": [], "processes": {},
                  "root_links": [], "root_routes": [], "image": [img.base.name, img.vm.name]}
         self.save_state(state)
@@ -198,8 +198,10 @@ class Stage:
 
     def _mirror(self, img: image_mod.Image) -> None:
         count = mirror.publish(self.paths.mirror, img.debs())
+        wheels = mirror.publish_wheels(self.paths.mirror,
+                                       sorted((img.wheels / "wheels").glob("*.whl")))
         runner.info(f"  mirror: {len(img.debs())} packages ({count} new) in "
-                    f"{mirror.repo_dir(self.paths.mirror)}")
+                    f"{mirror.repo_dir(self.paths.mirror)}, {wheels} wheels")
 
     def _ns(self, state: dict, name: str) -> None:
         runner.run(["ip", "netns", "add", name])
