@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from safemail.ca import exchange
 from safemail.ca import journal as journal_mod
 from safemail.ca.dist import Distribution
 from safemail.ca.errors import CaError, RefusedError
@@ -294,6 +295,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    sys.stdout.buffer.write(exchange.pack(Path(args.directory), exchange.KINDS[args.kind]))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_unbundle(args: argparse.Namespace) -> int:
+    names = exchange.unpack(
+        sys.stdin.buffer.read(), Path(args.directory), exchange.KINDS[args.kind]
+    )
+    print(f"received {len(names)} file(s) into {args.directory}", file=sys.stderr)
+    return 0
+
+
 def cmd_journal_verify(args: argparse.Namespace) -> int:
     key = JournalKey.load(Path(args.key)) if args.key else None
     result = journal_mod.verify(Path(args.path), key)
@@ -430,6 +445,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_common(p, policy=False)
     _add_operator(p)
     p.set_defaults(func=cmd_publish)
+
+    kinds = ", ".join(f"{k} ({' '.join(v)})" for k, v in exchange.KINDS.items())
+    p = cs.add_parser(
+        "bundle",
+        help="exchange: write a directory's files of one kind as a bundle to stdout",
+        description="Write the regular files of DIR that belong to KIND as one JSON bundle "
+        f"to stdout (the signer's SSH exchange). Kinds: {kinds}.",
+    )
+    p.add_argument("kind", choices=sorted(exchange.KINDS), metavar="KIND")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=cmd_bundle)
+
+    p = cs.add_parser(
+        "unbundle",
+        help="exchange: replace a directory with a bundle read from stdin",
+        description="Read a bundle from stdin, refuse it whole if it holds any file that does "
+        f"not belong to KIND, and replace DIR with its files. Kinds: {kinds}.",
+    )
+    p.add_argument("kind", choices=sorted(exchange.KINDS), metavar="KIND")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=cmd_unbundle)
 
     p = cs.add_parser("journal", help="verify a CA journal or create a journal key")
     js = p.add_subparsers(dest="journal_command", metavar="ACTION")

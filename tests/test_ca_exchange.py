@@ -1,0 +1,101 @@
+"""The signer-initiated exchange bundle: only expected regular files travel, all or nothing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from safemail.ca import exchange
+from safemail.ca.errors import CaError
+from safemail.cli import main
+
+
+def _tree(root: Path) -> None:
+    (root / "issued").mkdir(parents=True)
+    (root / "private").mkdir()
+    (root / "ca.pem").write_text("CA")
+    (root / "crl.pem").write_text("CRL")
+    (root / "crl.der").write_bytes(b"\x30\x00")
+    (root / "index.json").write_text("{}")
+    (root / "issued" / "01.pem").write_text("CERT")
+    (root / "private" / "ca.key").write_text("SECRET")
+    (root / "journal.jsonl").write_text("{}\n")
+    os.symlink(root / "private" / "ca.key", root / "issued" / "02.pem")
+
+
+def test_pack_takes_only_the_kind_and_skips_links(tmp_path: Path) -> None:
+    _tree(tmp_path / "s")
+    doc = json.loads(exchange.pack(tmp_path / "s", exchange.SIGNER_OUTPUT))
+    assert sorted(doc["files"]) == ["ca.pem", "crl.der", "crl.pem", "index.json", "issued/01.pem"]
+    assert b"SECRET" not in exchange.pack(tmp_path / "s", exchange.SIGNER_OUTPUT)
+
+
+def test_roundtrip_replaces_the_target(tmp_path: Path) -> None:
+    _tree(tmp_path / "s")
+    dest = tmp_path / "incoming"
+    dest.mkdir()
+    (dest / "stale.pem").write_text("old")
+    names = exchange.unpack(
+        exchange.pack(tmp_path / "s", exchange.SIGNER_OUTPUT), dest, exchange.SIGNER_OUTPUT
+    )
+    assert "issued/01.pem" in names
+    assert (dest / "issued" / "01.pem").read_text() == "CERT"
+    assert not (dest / "stale.pem").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["incoming", "s"]
+
+
+def test_pattern_depth_is_exact(tmp_path: Path) -> None:
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "x.json").write_text("{}")
+    (tmp_path / "a" / "sub" / "y.json").write_text("{}")
+    doc = json.loads(exchange.pack(tmp_path / "a", exchange.APPROVED))
+    assert list(doc["files"]) == ["x.json"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../evil.json", "/etc/passwd", ".hidden.json", "sub/x.json", "a\\b.json", "", "x.txt"],
+)
+def test_unexpected_names_refuse_the_whole_bundle(tmp_path: Path, name: str) -> None:
+    dest = tmp_path / "approved"
+    dest.mkdir()
+    (dest / "keep.json").write_text("{}")
+    files = {"good.json": base64.b64encode(b"{}").decode(), name: ""}
+    data = json.dumps({"version": 1, "files": files}).encode()
+    with pytest.raises(CaError, match="unexpected file|nothing was written"):
+        exchange.unpack(data, dest, exchange.APPROVED)
+    assert sorted(p.name for p in dest.iterdir()) == ["keep.json"]
+    assert not (tmp_path / "evil.json").exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b"[]", b'{"version": 2, "files": {}}', b'{"version": 1}',
+     b'{"version": 1, "files": {"a.json": "***"}}'],
+)
+def test_malformed_bundles_are_refused(tmp_path: Path, data: bytes) -> None:
+    with pytest.raises(CaError):
+        exchange.unpack(data, tmp_path / "d", exchange.APPROVED)
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_bundle_and_unbundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    _tree(tmp_path / "s")
+    assert main(["ca", "bundle", "signer-output", str(tmp_path / "s")]) == 0
+    data = capsysbinary.readouterr().out
+
+    class _Stdin:
+        buffer = io.BytesIO(data)
+
+    monkeypatch.setattr("sys.stdin", _Stdin)
+    assert main(["ca", "unbundle", "published", str(tmp_path / "p")]) == 1  # index.json refused
+    monkeypatch.setattr("sys.stdin", type("S", (), {"buffer": io.BytesIO(data)}))
+    assert main(["ca", "unbundle", "signer-output", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "ca.pem").read_text() == "CA"
