@@ -44,12 +44,21 @@ def test_adding_a_role_package_changes_only_the_vm_layer(tmp_path):
     paths = LabPaths(state=tmp_path / "s", images=tmp_path / "i")
     (tmp_path / "pyproject.toml").write_text(PYPROJECT)
     _role(tmp_path / "roles", "common", "common_packages: [sudo]\n")
-    first = image.image_for(paths, tmp_path)
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks/site.yml").write_text(
+        "- hosts: service\n  roles: [common]\n- hosts: store\n  roles: [mailstore]\n")
+    vms = {"relay1": ("service", "relay"), "store1": ("service", "store")}
+    first = image.image_for(paths, tmp_path, vms)
     _role(tmp_path / "roles", "mailstore", "mailstore_packages: [dovecot-imapd]\n")
-    second = image.image_for(paths, tmp_path)
+    second = image.image_for(paths, tmp_path, vms)
     assert first.base == second.base
     assert first.wheels == second.wheels
-    assert first.vm != second.vm
+    # The store's layer and the mirror's download change; the relay's layer does not.
+    assert first.vms["relay1"] == second.vms["relay1"]
+    assert first.vms["store1"] != second.vms["store1"]
+    assert first.debs_dir != second.debs_dir
+    assert "dovecot-imapd" in second.vms["store1"].packages
+    assert "dovecot-imapd" not in second.vms["relay1"].packages
     assert not image.is_built(second)
 
 
@@ -71,10 +80,12 @@ def test_host_requirements_are_the_non_optional_dependencies(tmp_path):
 def test_changing_a_host_requirement_changes_only_the_wheelhouse(tmp_path):
     paths = LabPaths(state=tmp_path / "s", images=tmp_path / "i")
     (tmp_path / "pyproject.toml").write_text(PYPROJECT)
-    first = image.image_for(paths, tmp_path)
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks/site.yml").write_text("- hosts: service\n  roles: [common]\n")
+    first = image.image_for(paths, tmp_path, {"relay1": ("service",)})
     (tmp_path / "pyproject.toml").write_text(PYPROJECT.replace("50.0.2", "50.0.1"))
-    second = image.image_for(paths, tmp_path)
-    assert (first.base, first.vm) == (second.base, second.vm)
+    second = image.image_for(paths, tmp_path, {"relay1": ("service",)})
+    assert (first.base, first.debs_dir, first.vms) == (second.base, second.debs_dir, second.vms)
     assert first.wheels != second.wheels
 
 

@@ -8,7 +8,7 @@ import sys
 
 from safemail.lab import image as image_mod
 from safemail.lab.config import LabPaths
-from safemail.lab.stage import Stage
+from safemail.lab.stage import Stage, vm_hosts
 from safemail.project import project_root
 
 
@@ -18,8 +18,10 @@ def _stage() -> Stage:
 
 def _image(args: argparse.Namespace) -> int:
     stage = _stage()
-    img = image_mod.build(stage.paths, stage.project, force=args.rebuild)
-    print(f"base:   {img.base}\nvm:     {img.vm}\nwheels: {img.wheels}")
+    plan = stage.plan(all_vms=args.all_vms)
+    img = image_mod.build(stage.paths, stage.project, vm_hosts(plan), force=args.rebuild)
+    for part in img.parts():
+        print(part)
     return 0
 
 
@@ -63,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lsub.required = True
     p = lsub.add_parser("image", help="build the golden image (no-op when unchanged)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    p.add_argument("--all-vms", action="store_true",
+                   help="also build the VM layers `lab up --all-vms` needs")
     p.set_defaults(func=_image)
     p = lsub.add_parser("up", help="start the lab (builds the image if needed)")
     p.add_argument("--all-vms", action="store_true",

@@ -1,17 +1,18 @@
 """The golden image (the lab's VMware template) and the VM layer, cached by input hash.
 
-Two layers, each in its own cache directory named by the hash of its inputs:
+Each part lives in its own cache directory named by the hash of its inputs:
 
 - ``base-<hash>/rootfs``: debootstrap bookworm with systemd, ssh and python3, nothing
   service-specific. nspawn machines boot an overlay of it.
-- ``vm-<hash>/upper``: an overlay layer on top of base with Debian's cloud kernel and the
-  roles' packages preinstalled (installing under software emulation takes minutes; the roles
-  still declare and "install" them). QEMU VMs boot a disk made from base + this layer.
-
-Every .deb either layer downloaded is kept in ``<layer>/debs``: the lab mirror serves them,
-so hosts install the roles' packages from inside the lab. ``wheels-<hash>/wheels`` holds
-binary wheels of the host-side Python runtime (the package's own dependencies), served by the
-mirror as the internal wheelhouse.
+- ``debs-<hash>/debs``: every package any role declares (``<role>_packages``) plus the VM
+  kernel, downloaded on top of base: with base's own .debs, the content of the lab mirror,
+  from which hosts install the roles' packages.
+- ``vm-<hash>/upper``: per VM, an overlay layer on base with Debian's cloud kernel and the
+  packages of exactly the roles site.yml applies to that host, preinstalled (installing under
+  software emulation takes minutes; the roles still declare and "install" them). A relay VM
+  therefore carries no directory server. QEMU VMs boot a disk made from base + their layer.
+- ``wheels-<hash>/wheels``: binary wheels of the host-side Python runtime (the package's own
+  dependencies), served by the mirror as the internal wheelhouse.
 A finished layer has a ``complete`` marker; building an unchanged image is a no-op.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from safemail.errors import SafeMailError
-from safemail.lab import runner
+from safemail.lab import playbook, runner
 from safemail.lab.config import DEBIAN_MIRROR, DEBIAN_SUITE, LabPaths
 
 # Bump when the build steps below change in a way the inputs do not show.
@@ -56,11 +57,14 @@ APT_HINTS = {
 }
 
 
-def role_packages(roles_dir: Path) -> list[str]:
-    """Every package a role declares in ``<role>_packages`` in its defaults/main.yml."""
+def role_packages(roles_dir: Path, roles: list[str] | None = None) -> list[str]:
+    """Every package a role declares in ``<role>_packages`` in its defaults/main.yml
+    (of all roles, or of `roles` only)."""
     found: set[str] = set()
     for defaults in sorted(roles_dir.glob("*/defaults/main.yml")):
         role = defaults.parent.parent.name
+        if roles is not None and role not in roles:
+            continue
         try:
             data = yaml.safe_load(defaults.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -100,30 +104,47 @@ def vm_inputs(base_hash: str, packages: list[str]) -> dict:
             "packages": sorted({*VM_PACKAGES, *packages})}
 
 
+def debs_inputs(base_hash: str, packages: list[str]) -> dict:
+    return {"builder": BUILDER_VERSION, "base": base_hash, "download": True,
+            "packages": sorted({*VM_PACKAGES, *packages})}
+
+
+@dataclass(frozen=True)
+class VmLayer:
+    path: Path  # vm-<hash>/
+    packages: tuple[str, ...]
+
+    @property
+    def upper(self) -> Path:
+        return self.path / "upper"
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+
 @dataclass(frozen=True)
 class Image:
     base: Path  # base-<hash>/
-    vm: Path  # vm-<hash>/
+    debs_dir: Path  # debs-<hash>/: every role package, for the mirror
+    vms: dict[str, VmLayer]  # VM host name -> its layer
     wheels: Path  # wheels-<hash>/: the host-side Python runtime, for the mirror
+    packages: tuple[str, ...]  # every role package
 
     @property
     def rootfs(self) -> Path:
         return self.base / "rootfs"
 
-    @property
-    def vm_upper(self) -> Path:
-        return self.vm / "upper"
-
-    @property
-    def kernel(self) -> Path:
-        return self.vm / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.vm / "initrd.img"
-
     def debs(self) -> list[Path]:
-        return sorted([*(self.base / "debs").glob("*.deb"), *(self.vm / "debs").glob("*.deb")])
+        return sorted([*(self.base / "debs").glob("*.deb"),
+                       *(self.debs_dir / "debs").glob("*.deb")])
+
+    def parts(self) -> list[Path]:
+        return [self.base, self.debs_dir, *{v.path for v in self.vms.values()}, self.wheels]
 
 
 def wheel_inputs(requirements: list[str]) -> dict:
@@ -131,22 +152,37 @@ def wheel_inputs(requirements: list[str]) -> dict:
             "requirements": sorted(requirements)}
 
 
-def image_for(paths: LabPaths, project: Path) -> Image:
-    """Where the image for the current inputs lives (built or not)."""
+def image_for(paths: LabPaths, project: Path,
+              vm_hosts: dict[str, tuple[str, ...]] | None = None) -> Image:
+    """Where the image for the current inputs lives (built or not).
+
+    `vm_hosts` maps each VM host to its inventory groups; its layer holds the packages of the
+    roles site.yml applies to it.
+    """
+    roles_dir = project / "roles"
     base_hash = input_hash(base_inputs())
-    vm_hash = input_hash(vm_inputs(base_hash, role_packages(project / "roles")))
+    every = role_packages(roles_dir)
+    plays = playbook.read_plays(project / "playbooks" / "site.yml")
+    vms = {}
+    for host, groups in (vm_hosts or {}).items():
+        pkgs = role_packages(roles_dir, playbook.roles_for(host, groups, plays))
+        vms[host] = VmLayer(paths.images / f"vm-{input_hash(vm_inputs(base_hash, pkgs))}",
+                            tuple(pkgs))
     wheel_hash = input_hash(wheel_inputs(host_requirements(project / "pyproject.toml")))
-    return Image(base=paths.images / f"base-{base_hash}", vm=paths.images / f"vm-{vm_hash}",
-                 wheels=paths.images / f"wheels-{wheel_hash}")
+    return Image(base=paths.images / f"base-{base_hash}",
+                 debs_dir=paths.images / f"debs-{input_hash(debs_inputs(base_hash, every))}",
+                 vms=vms, wheels=paths.images / f"wheels-{wheel_hash}", packages=tuple(every))
 
 
 def is_built(image: Image) -> bool:
-    return all((d / "complete").exists() for d in (image.base, image.vm, image.wheels))
+    return all((d / "complete").exists() for d in image.parts())
 
 
-def _nspawn_run(root: Path, script: str, log: Path, title: str, hints: dict[str, str]) -> None:
+def _nspawn_run(root: Path, script: str, log: Path, title: str, hints: dict[str, str],
+                binds: tuple[str, ...] = ()) -> None:
     """Run a shell script inside the image tree (host network, for apt)."""
     runner.run_logged(title, ["systemd-nspawn", "-q", "-D", str(root), "--register=no",
+                              *(f"--bind-ro={b}" for b in binds),
                               "--keep-unit", "--resolv-conf=copy-host", "--timezone=off",
                               "-E", "DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-ec", script],
                       log, hints=hints)
@@ -189,8 +225,10 @@ def _build_base(target: Path, log: Path) -> None:
     tmp.rename(target)
 
 
-def _build_vm(image: Image, packages: list[str], log: Path) -> None:
-    target = image.vm
+def _layer_run(image: Image, target: Path, title: str, script: str, log: Path,
+               keep: list[str], binds: tuple[str, ...] = ()) -> Path:
+    """Run `script` in an overlay on base (host network, the downloaded .debs as apt's
+    cache) and keep the overlay's upper layer in `target`. Returns target."""
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         runner.run(["umount", str(tmp / "merged")], check=False)
@@ -202,29 +240,36 @@ def _build_vm(image: Image, packages: list[str], log: Path) -> None:
                 f"lowerdir={image.rootfs},upperdir={upper},workdir={work}", str(merged)])
     try:
         (merged / "etc/apt/sources.list").write_text(BUILD_SOURCES)
-        pkgs = " ".join(sorted({*VM_PACKAGES, *packages}))
-        _nspawn_run(merged, f"apt-get update -q && apt-get install -y -q {pkgs}", log,
-                    f"install kernel and {len(packages)} role package(s) into the VM layer",
-                    APT_HINTS)
-        _collect_debs(merged, tmp / "debs")
+        _nspawn_run(merged, script, log, title, APT_HINTS, binds)
         (merged / "etc/apt/sources.list").write_text("")
         for p in (merged / "var/lib/apt/lists").glob("*_*"):
             p.unlink()
-        kernels = sorted((merged / "boot").glob("vmlinuz-*"))
-        initrds = sorted((merged / "boot").glob("initrd.img-*"))
-        if not kernels or not initrds:
-            raise SafeMailError("the VM layer has no kernel or initrd in /boot",
-                                hint=f"see {log}")
-        shutil.copy2(kernels[-1], tmp / "vmlinuz")
-        shutil.copy2(initrds[-1], tmp / "initrd.img")
+        for name in keep:
+            found = sorted((merged / "boot").glob(f"{name}-*"))
+            if not found:
+                raise SafeMailError(f"the VM layer has no {name} in /boot", hint=f"see {log}")
+            shutil.copy2(found[-1], tmp / name)
+        if not keep:  # the download step: keep the .debs, not the layer
+            _collect_debs(merged, tmp / "debs")
+        for deb in (merged / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
     finally:
         runner.run(["umount", str(merged)], check=False)
     shutil.rmtree(work, ignore_errors=True)
     merged.rmdir()
-    tmp.joinpath("inputs.json").write_text(json.dumps(vm_inputs(image.base.name[5:], packages),
-                                                      indent=2))
+    if not keep:
+        shutil.rmtree(upper)
     tmp.joinpath("complete").write_text("")
     tmp.rename(target)
+    return target
+
+
+SEED = "/run/safemail-debs"
+
+
+def _seed_apt_cache(script: str) -> str:
+    """Prefix a build script so apt takes the .debs already downloaded (bound at SEED)."""
+    return f"cp {SEED}/*.deb /var/cache/apt/archives/; {script}"
 
 
 def _build_wheels(target: Path, requirements: list[str], log: Path) -> None:
@@ -245,15 +290,15 @@ def _build_wheels(target: Path, requirements: list[str], log: Path) -> None:
     tmp.rename(target)
 
 
-def build(paths: LabPaths, project: Path, *, force: bool = False) -> Image:
+def build(paths: LabPaths, project: Path,
+          vm_hosts: dict[str, tuple[str, ...]] | None = None, *, force: bool = False) -> Image:
     """Build what is missing of the image for the current inputs; return it."""
     runner.require_root()
     runner.require_tools("debootstrap", "systemd-nspawn")
-    image = image_for(paths, project)
-    packages = role_packages(project / "roles")
+    image = image_for(paths, project, vm_hosts)
     log = paths.logs / "image-build.log"
     if force:
-        for d in (image.base, image.vm, image.wheels):
+        for d in image.parts():
             if d.exists():
                 shutil.rmtree(d)
     if (image.base / "complete").exists():
@@ -261,11 +306,29 @@ def build(paths: LabPaths, project: Path, *, force: bool = False) -> Image:
     else:
         runner.info(f"image: building base layer {image.base.name}")
         _build_base(image.base, log)
-    if (image.vm / "complete").exists():
-        runner.info(f"image: VM layer {image.vm.name} is up to date")
+    if (image.debs_dir / "complete").exists():
+        runner.info(f"image: package download {image.debs_dir.name} is up to date")
     else:
-        runner.info(f"image: building VM layer {image.vm.name} ({len(packages)} role packages)")
-        _build_vm(image, packages, log)
+        pkgs = " ".join(sorted({*VM_PACKAGES, *image.packages}))
+        runner.info(f"image: downloading {len(image.packages)} role packages for the mirror")
+        (paths.images).mkdir(parents=True, exist_ok=True)
+        _layer_run(image, image.debs_dir,
+                   f"download kernel and {len(image.packages)} role package(s)",
+                   f"apt-get update -q && apt-get install -y -q --download-only {pkgs}",
+                   log, keep=[])
+        (image.debs_dir / "inputs.json").write_text(json.dumps(image.packages))
+    for host, layer in sorted(image.vms.items()):
+        if (layer.path / "complete").exists():
+            runner.info(f"image: VM layer {layer.path.name} ({host}) is up to date")
+            continue
+        pkgs = " ".join(sorted({*VM_PACKAGES, *layer.packages}))
+        runner.info(f"image: building VM layer {layer.path.name} for {host} "
+                    f"({len(layer.packages)} role packages)")
+        _layer_run(image, layer.path, f"install kernel and {host}'s packages",
+                   _seed_apt_cache(f"apt-get update -q && apt-get install -y -q {pkgs}"),
+                   log, keep=["vmlinuz", "initrd.img"],
+                   binds=(f"{image.debs_dir / 'debs'}:{SEED}",))
+        (layer.path / "inputs.json").write_text(json.dumps(layer.packages))
     if (image.wheels / "complete").exists():
         runner.info(f"image: wheelhouse {image.wheels.name} is up to date")
     else:

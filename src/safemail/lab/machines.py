@@ -90,7 +90,8 @@ def tap_names(index: int) -> tuple[str, str]:
 
 def start_qemu(host: HostPlan, image: Image, mdir: Path, index: int, bridge_ns: str) -> int:
     merged = mdir / "stage"
-    mount_overlay([image.vm_upper, image.rootfs], mdir / "upper", mdir / "work", merged)
+    layer = image.vms[host.name]
+    mount_overlay([layer.upper, image.rootfs], mdir / "upper", mdir / "work", merged)
     root_disk = mdir / "root.raw"
     try:
         root_disk.unlink(missing_ok=True)
@@ -108,7 +109,7 @@ def start_qemu(host: HostPlan, image: Image, mdir: Path, index: int, bridge_ns: 
         "ip", "netns", "exec", bridge_ns,
         "qemu-system-x86_64", "-name", f"{PREFIX}-{host.name}",
         "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", str(VM_MEMORY_MB),
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-kernel", str(layer.kernel), "-initrd", str(layer.initrd),
         "-append", "root=/dev/disk/by-id/virtio-safemail-root rw console=ttyS0 "
                    f"systemd.hostname={host.name}",
         "-drive", f"file={root_disk},format=raw,if=none,id=root,cache=unsafe",

@@ -57,6 +57,11 @@ GENERATED_INVENTORY = "zz_lab_generated.yml"
 SSH_WAIT_SECONDS = 300
 
 
+def vm_hosts(plan: LabPlan) -> dict[str, tuple[str, ...]]:
+    """VM host -> its inventory groups (the image builder gives each VM its roles' packages)."""
+    return {h.name: h.spec.groups for h in plan.hosts if h.spec.hypervisor == "qemu"}
+
+
 @dataclass
 class Stage:
     paths: LabPaths
@@ -152,9 +157,9 @@ class Stage:
         runner.info(f"lab: {len(plan.hosts)} hosts "
                     f"({sum(h.spec.hypervisor == 'qemu' for h in plan.hosts)} QEMU VMs)")
         runner.info("[1/5] image")
-        img = image_mod.build(self.paths, self.project)
+        img = image_mod.build(self.paths, self.project, vm_hosts(plan))
         state = {"complete": False, "all_vms": all_vms, "namespaces": [], "processes": {},
-                 "root_links": [], "root_routes": [], "image": [img.base.name, img.vm.name]}
+                 "root_links": [], "root_routes": [], "image": [p.name for p in img.parts()]}
         self.save_state(state)
         try:
             runner.info("[2/5] mirror")
