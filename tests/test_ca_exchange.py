@@ -75,8 +75,13 @@ def test_unexpected_names_refuse_the_whole_bundle(tmp_path: Path, name: str) -> 
 
 @pytest.mark.parametrize(
     "data",
-    [b"not json", b"[]", b'{"version": 2, "files": {}}', b'{"version": 1}',
-     b'{"version": 1, "files": {"a.json": "***"}}'],
+    [
+        b"not json",
+        b"[]",
+        b'{"version": 2, "files": {}}',
+        b'{"version": 1}',
+        b'{"version": 1, "files": {"a.json": "***"}}',
+    ],
 )
 def test_malformed_bundles_are_refused(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(CaError):
