@@ -2,8 +2,9 @@
 
 Runs on every service host from a systemd timer (role ``patch_monitor``). It refreshes the apt
 lists from the internal mirror (the hosts' only source), simulates an upgrade with
-``apt-get -s upgrade`` and writes what it found to ``/var/lib/safemail/patch-status.json``
-plus one line to syslog (tag ``safemail-patch-check``, which the admin log collects).
+``apt-get -s upgrade --with-new-pkgs`` (what a patch run applies) and writes what it found to
+``/var/lib/safemail/patch-status.json`` plus one line to syslog (tag ``safemail-patch-check``,
+which the admin log collects).
 
 This file is copied to the hosts as a standalone script and run by Debian's ``/usr/bin/python3``:
 it imports nothing but the standard library. The parsing is pure and unit-tested
@@ -199,7 +200,7 @@ def run_check(*, refresh: bool = True) -> Status:
         if refresh:
             _apt(["-q", "update"], timeout=600)
         # Simulation only (-s): apt takes no lock and changes nothing.
-        simulation = _apt(["-s", "-q", "upgrade"], timeout=300)
+        simulation = _apt(["-s", "-q", "upgrade", "--with-new-pkgs"], timeout=300)
     except CheckError as exc:
         return build_status(host, now, None, reboot_flag=reboot, reboot_pkgs=reboot_pkgs,
                             error=str(exc))

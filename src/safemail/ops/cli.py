@@ -1,0 +1,95 @@
+"""`safemail patch`: patch status of every host, and the manual, logged patch run."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+from safemail.errors import SafeMailError, UsageError
+from safemail.gate import promote
+from safemail.ops import apply, status
+from safemail.project import project_root
+
+
+def _hosts_arg(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one host")
+    return names
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    repo = project_root()
+    hosts = status.inventory_hosts(repo / "inventories" / args.stage, args.hosts)
+    results = status.collect(hosts)
+    if args.json:
+        print(json.dumps(status.to_json(results), indent=2))
+    else:
+        print(status.render_table(status.rows(results, dt.datetime.now(dt.UTC))))
+    code = status.exit_code(results)
+    if code == 3:
+        down = [r.host for r in results if not r.reachable]
+        print(f"unreachable: {', '.join(down)}")
+    return code
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    repo = project_root()
+    operator = (args.operator or promote.default_operator()).strip()
+    if not operator:
+        raise UsageError("--operator must name the person applying the patches")
+    hosts = status.inventory_hosts(repo / "inventories" / args.stage, args.hosts)
+    if args.stage == "production":
+        report = args.report if args.report.is_absolute() else repo / args.report
+        decision = promote.evaluate(repo, report, max_age_hours=args.max_age_hours)
+        test_hosts = status.inventory_hosts(repo / "inventories" / "test")
+        refusals = apply.production_refusals(decision, status.collect(test_hosts))
+        if refusals:
+            print("patching production refused:\n  - " + "\n  - ".join(refusals))
+            return 3
+        print(decision.summary())
+    cmd = apply.playbook_command(apply.ansible_playbook_command(), repo, args.stage,
+                                 [h.name for h in hosts], operator)
+    rc = apply.run_playbook(cmd, repo)
+    if rc != 0:
+        raise SafeMailError(
+            f"the patch run failed (ansible-playbook exit {rc}); hosts after the failed one "
+            "were not touched",
+            "read the failed host's admin log (/var/log/safemail/admin.log) and the output above",
+        )
+    print(f"patched {len(hosts)} host(s) on the {args.stage} stage; each run is recorded in "
+          "the host's admin log")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    patch = sub.add_parser("patch", help="patch status of every host; the manual patch run",
+                           description="Patch watch results and manual, logged patch runs.")
+    psub = patch.add_subparsers(dest="patch_command", metavar="ACTION")
+    psub.required = True
+
+    p = psub.add_parser("status", help="collect every host's patch status (exit 3 if a host "
+                                       "is unreachable, 4 if a check failed or is missing)")
+    p.add_argument("--stage", choices=apply.STAGES, default="test",
+                   help="which inventory (default: test)")
+    p.add_argument("--hosts", type=_hosts_arg, default=None,
+                   help="comma-separated host names (default: every service host)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = psub.add_parser("apply", help="apply pending updates host by host and log each run "
+                                      "(production only when the promotion gate allows)")
+    p.add_argument("--stage", choices=apply.STAGES, required=True,
+                   help="test, or production (needs a passing test-stage report of this "
+                        "revision and a fully patched test stage)")
+    p.add_argument("--hosts", type=_hosts_arg, default=None,
+                   help="comma-separated host names (default: every service host)")
+    p.add_argument("--operator", default=None,
+                   help="who applies the patches (default: the sudo/login user)")
+    p.add_argument("--report", type=Path, default=promote.DEFAULT_REPORT,
+                   help=f"test-stage report for the gate (default {promote.DEFAULT_REPORT})")
+    p.add_argument("--max-age-hours", type=float, default=promote.DEFAULT_MAX_AGE_HOURS,
+                   help="oldest acceptable report (default %(default)s h)")
+    p.set_defaults(func=cmd_apply)
