@@ -36,7 +36,8 @@ def test_parse_pool_name():
 
 
 def test_rewrite_control():
-    control = "Package: lsb-base\nVersion: 11.6\nArchitecture: all\nDescription: transitional\n more\n"
+    control = ("Package: lsb-base\nVersion: 11.6\nArchitecture: all\n"
+               "Description: transitional\n more\n")
     out = updates.rewrite_control(control, "11.6+safemail1")
     assert "Version: 11.6+safemail1\n" in out and "Version: 11.6\n" not in out
     assert "Description: transitional (SafeMail lab re-version" in out

@@ -23,13 +23,13 @@ Calculating upgrade...
 The following packages will be upgraded:
   libc-bin libc6 lsb-base
 3 upgraded, 1 newly installed, 0 to remove and 0 not upgraded.
-Inst libc6 [2.36-9+deb12u4] (2.36-9+deb12u7 Debian:12.7/stable, Debian-Security:12/stable-security [amd64]) []
-Inst libc-bin [2.36-9+deb12u4] (2.36-9+deb12u7 Debian:12.7/stable, Debian-Security:12/stable-security [amd64])
+Inst libc6 [2.36-9+deb12u4] (2.36-9+deb12u7 {SEC} [amd64]) []
+Inst libc-bin [2.36-9+deb12u4] (2.36-9+deb12u7 {SEC} [amd64])
 Inst lsb-base [11.6] (11.6+safemail1 SafeMail lab mirror:bookworm/bookworm [all])
 Inst linux-image-6.1.0-99-cloud-amd64 (6.1.999-1 Debian:12.7/stable [amd64])
-Conf libc6 (2.36-9+deb12u7 Debian:12.7/stable, Debian-Security:12/stable-security [amd64])
+Conf libc6 (2.36-9+deb12u7 {SEC} [amd64])
 Conf lsb-base (11.6+safemail1 SafeMail lab mirror:bookworm/bookworm [all])
-"""
+""".format(SEC="Debian:12.7/stable, Debian-Security:12/stable-security")
 
 
 def test_parse_simulation_security_first_with_versions():
@@ -47,7 +47,8 @@ def test_parse_simulation_security_first_with_versions():
 
 
 def test_nothing_pending():
-    out = "Reading package lists...\n0 upgraded, 0 newly installed, 0 to remove and 0 not upgraded.\n"
+    out = ("Reading package lists...\n"
+           "0 upgraded, 0 newly installed, 0 to remove and 0 not upgraded.\n")
     assert pc.parse_simulation(out) == []
 
 
@@ -119,7 +120,10 @@ def test_main_writes_status_with_fake_apt(tmp_path, monkeypatch, capsys):
     assert pc.main(["--status-file", str(target), "--no-syslog"]) == 0
     assert calls[0] == ["-q", "update"] and "-s" in calls[1]
     assert "pending=4" in capsys.readouterr().out
-    monkeypatch.setattr(pc, "_apt", lambda a, timeout: (_ for _ in ()).throw(pc.CheckError("E: boom")))
+    def failing_apt(args, timeout):
+        raise pc.CheckError("E: boom")
+
+    monkeypatch.setattr(pc, "_apt", failing_apt)
     assert pc.main(["--status-file", str(target), "--no-syslog"]) == 1
     assert json.loads(target.read_text())["error"] == "E: boom"
 
