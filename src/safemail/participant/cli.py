@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from safemail.errors import SafeMailError, UsageError
-from safemail.participant import keys, message, transport
+from safemail.participant import keys, message, probe, transport
 
 KEY_PASSPHRASE_ENV = "SAFEMAIL_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_keygen(actions)
     _add_send(actions)
     _add_fetch(actions)
+    probe.register(actions)
 
 
 def _add_keygen(actions: argparse._SubParsersAction) -> None:

@@ -1,0 +1,288 @@
+"""MAIL-01 ... MAIL-05: the mail path, proven from a participant's side.
+
+practice1 and practice2 are lab participants with their own keys (enrolled through the CA).
+Every SMTP test runs `safemail participant smtp-probe` on practice1 against the relay's
+submission port and reads the server's replies; delivery is proven by practice2 fetching the
+message over IMAP (through the relay's proxy) and decrypting it with its own key.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+import uuid
+
+import pytest
+import testinfra
+
+from safemail.smime import samples
+
+testinfra_hosts = ["ansible://relay"]
+
+PDIR = "/var/lib/safemail-participant"
+CAFILE = "/etc/safemail/tls/ca.crt"
+SAFEMAIL = "/opt/safemail/venv/bin/safemail"
+
+
+class Participant:
+    def __init__(self, host, entry: dict, password: str, relay: str) -> None:
+        self.host = host
+        self.mailbox = entry["mailbox"]
+        self.password = password
+        self.relay = relay
+
+    def _env(self) -> str:
+        return f"SAFEMAIL_PASSWORD={shlex.quote(self.password)}"
+
+    def probe(self, to: list[str], *, message: bytes | None = None, sender: str | None = None,
+              starttls: bool = True, auth: bool = True, port: int = 587) -> dict:
+        args = [SAFEMAIL, "participant", "smtp-probe", "--host", self.relay, "--port",
+                str(port), "--cafile", CAFILE, "--from", sender or self.mailbox]
+        for rcpt in to:
+            args += ["--to", rcpt]
+        if not starttls:
+            args.append("--no-starttls")
+        if auth:
+            args += ["--user", self.mailbox]
+        else:
+            args.append("--no-auth")
+        cmd = f"{self._env()} {shlex.join(args)}"
+        if message is not None:
+            path = f"/tmp/probe-{uuid.uuid4().hex}.eml"
+            self.host.run(f"cat > {path} <<'EOF_MSG'\n{message.decode('latin-1')}\nEOF_MSG")
+            cmd += f" --message {path}; rm -f {path}"
+        out = self.host.check_output(cmd)
+        return json.loads(out)
+
+    def send(self, to: "Participant", subject: str, body: str) -> str:
+        body_file = f"/tmp/body-{uuid.uuid4().hex}"
+        self.host.run(f"cat > {body_file} <<'EOF_BODY'\n{body}\nEOF_BODY")
+        rcpt_cert = f"/tmp/rcpt-{uuid.uuid4().hex}.pem"
+        self.host.run(f"cat > {rcpt_cert} <<'EOF_CERT'\n{to.certificate()}\nEOF_CERT")
+        cmd = (f"{self._env()} {SAFEMAIL} participant send --from {self.mailbox} "
+               f"--to {to.mailbox} --subject {shlex.quote(subject)} --body-file {body_file} "
+               f"--recipient-cert {rcpt_cert} --host {self.relay} --cafile {CAFILE}")
+        res = self.host.run(cmd)
+        self.host.run(f"rm -f {body_file} {rcpt_cert}")
+        return res
+
+    def certificate(self) -> str:
+        return self.host.check_output(f"cat {PDIR}/cert.pem")
+
+    def fetch_newest(self) -> str:
+        return self.host.check_output(
+            f"{self._env()} {SAFEMAIL} participant fetch --key {PDIR}/key.pem "
+            f"--cert {PDIR}/cert.pem --host {self.relay} --cafile {CAFILE}")
+
+    def list_subjects(self) -> str:
+        return self.host.check_output(
+            f"{self._env()} {SAFEMAIL} participant fetch --list --host {self.relay} "
+            f"--cafile {CAFILE}")
+
+
+def _reply(transcript: dict, step_prefix: str) -> tuple[int, str]:
+    for s in transcript["steps"]:
+        if s["step"].startswith(step_prefix):
+            return s["code"], s["text"]
+    return 0, f"no {step_prefix} step: {transcript}"
+
+
+@pytest.fixture(scope="module")
+def lab(request, host):
+    inventory = request.config.option.ansible_inventory
+    hv = host.ansible.get_variables()
+    relay = host.backend.host
+    people = []
+    for entry in hv["safemail_participants"]:
+        if entry.get("lab_host"):
+            h = testinfra.get_host(f"ansible://{entry['lab_host']}",
+                                   ansible_inventory=inventory)
+            people.append(Participant(h, entry, hv["safemail_participant_passwords"][
+                entry["number"]], relay))
+    assert len(people) >= 2, "the lab needs two participants with a lab_host"
+    return {"p1": people[0], "p2": people[1], "relay": host, "domain": hv["safemail_mail_domain"]}
+
+
+def _wait_for(predicate, seconds: float = 60):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    return predicate()
+
+
+@pytest.mark.req("MAIL-01")
+def test_known_mailbox_is_accepted_at_rcpt(lab, evidence):
+    t = lab["p1"].probe([lab["p2"].mailbox])
+    code, text = _reply(t, "rcpt")
+    evidence(f"RCPT {lab['p2'].mailbox}: {code} {text}")
+    assert code == 250
+
+
+@pytest.mark.req("MAIL-01")
+def test_unknown_mailbox_is_refused_at_rcpt(lab, evidence):
+    t = lab["p1"].probe([f"nobody-{uuid.uuid4().hex[:8]}@{lab['domain']}"])
+    code, text = _reply(t, "rcpt")
+    evidence(f"RCPT unknown mailbox: {code} {text}")
+    assert code == 550
+
+
+@pytest.mark.req("MAIL-02")
+@pytest.mark.parametrize("outside", ["someone@example.org", "postmaster@[203.0.113.10]"])
+def test_outside_recipient_is_refused_even_when_authenticated(lab, evidence, outside):
+    t = lab["p1"].probe([outside])
+    code, text = _reply(t, "rcpt")
+    evidence(f"RCPT {outside}: {code} {text}")
+    assert 500 <= code < 600
+
+
+@pytest.mark.req("MAIL-02")
+def test_unauthenticated_client_cannot_send_at_all(lab, evidence):
+    t = lab["p1"].probe([lab["p2"].mailbox], auth=False)
+    code, text = _reply(t, "rcpt")
+    if code == 0:
+        code, text = _reply(t, "mail")
+    evidence(f"unauthenticated: {code} {text}")
+    assert 500 <= code < 600
+
+
+@pytest.mark.req("MAIL-02")
+def test_relay_has_no_way_out(lab, evidence):
+    relay = lab["relay"]
+    conf = relay.check_output("postconf -h default_transport relay_transport relayhost "
+                              "virtual_transport")
+    master = relay.check_output("postconf -M")
+    services = {line.split()[0] for line in master.splitlines() if line.strip()}
+    evidence(f"transports: {conf.split()}; master services: {sorted(services)}")
+    assert "smtp" not in services and "relay" not in services
+    lines = conf.splitlines()
+    assert lines[0].startswith("error:") and lines[1].startswith("error:")
+    assert lines[2] == ""
+    assert lines[3].startswith("lmtp:inet:")
+    # Nothing in the queue is headed anywhere else.
+    queue = relay.check_output("postqueue -j || true")
+    for line in filter(None, queue.splitlines()):
+        for rcpt in json.loads(line).get("recipients", []):
+            assert rcpt["address"].endswith("@" + lab["domain"]), rcpt
+
+
+@pytest.mark.req("MAIL-03")
+def test_encrypted_mail_is_delivered_and_decrypts_to_the_sent_bytes(lab, evidence):
+    marker = f"Befund {uuid.uuid4().hex}"
+    body = f"{marker}\nDiese Zeilen sind nur verschluesselt unterwegs."
+    res = lab["p1"].send(lab["p2"], "Befund folgt", body)
+    evidence(f"send: rc={res.rc} {res.stderr.strip()[-200:]}")
+    assert res.rc == 0, res.stderr
+    plain = _wait_for(lambda: (lambda out: out if marker in out else "")(
+        lab["p2"].fetch_newest()), 90)
+    evidence(f"practice2 decrypted: {plain.strip()[:120]!r}")
+    assert body in plain
+
+
+@pytest.mark.req("MAIL-03")
+def test_plaintext_twin_is_refused_with_5_7_1(lab, evidence):
+    msg = samples.mime_message(b"Befund: alles gut.\r\n", content_type="text/plain")
+    t = lab["p1"].probe([lab["p2"].mailbox], message=msg)
+    code, text = _reply(t, "data")
+    evidence(f"plaintext DATA: {code} {text}")
+    assert code == 550 and "5.7.1" in text
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("sample", samples.refused_samples(), ids=lambda s: s.name)
+def test_gate_refuses(lab, evidence, sample):
+    t = lab["p1"].probe([lab["p2"].mailbox], message=sample.message)
+    code, text = _reply(t, "data")
+    evidence(f"{sample.name}: {code} {text}")
+    assert code == 550, t
+    assert "5.7.1" in text
+
+
+@pytest.mark.req("MAIL-03")
+def test_synthetic_envelope_passes_the_gate(lab, evidence):
+    """The positive twin of the refusals, with the same probe: a well-formed envelope."""
+    t = lab["p1"].probe([lab["p2"].mailbox], message=samples.accepted_samples()[0].message)
+    code, text = _reply(t, "data")
+    evidence(f"enveloped DATA: {code} {text}")
+    assert code == 250
+
+
+@pytest.mark.req("MAIL-03")
+def test_gate_down_means_tempfail_never_acceptance(lab, evidence):
+    relay = lab["relay"]
+    msg = samples.accepted_samples()[0].message
+    relay.check_output("systemctl stop safemail-smime-gate")
+    try:
+        t = lab["p1"].probe([lab["p2"].mailbox], message=msg)
+    finally:
+        relay.check_output("systemctl start safemail-smime-gate")
+    code, text = _reply(t, "data")
+    if code == 0:
+        code, text = _reply(t, "mail")
+    evidence(f"gate stopped: {code} {text}")
+    assert 400 <= code < 500
+    back = _wait_for(lambda: _reply(lab["p1"].probe([lab["p2"].mailbox], message=msg),
+                                    "data")[0] == 250, 30)
+    assert back
+
+
+@pytest.mark.req("MAIL-04")
+@pytest.mark.parametrize("subject", ["Befund A123456789", "Patient: Erika Muster",
+                                     "Labor geb. 01.02.1960"])
+def test_subject_with_patient_identifier_is_refused(lab, evidence, subject):
+    msg = samples.smime_message(samples.enveloped_der(), subject=subject)
+    t = lab["p1"].probe([lab["p2"].mailbox], message=msg)
+    code, text = _reply(t, "data")
+    evidence(f"subject {subject!r}: {code} {text}")
+    assert code == 550 and "5.7.1" in text
+
+
+@pytest.mark.req("MAIL-04")
+def test_neutral_subject_is_accepted(lab, evidence):
+    msg = samples.smime_message(samples.enveloped_der(), subject="Befund folgt")
+    t = lab["p1"].probe([lab["p2"].mailbox], message=msg)
+    code, text = _reply(t, "data")
+    evidence(f"neutral subject: {code} {text}")
+    assert code == 250
+
+
+@pytest.mark.req("MAIL-05")
+def test_submission_without_tls_is_refused(lab, evidence):
+    t = lab["p1"].probe([lab["p2"].mailbox], starttls=False)
+    code, text = _reply(t, "auth")
+    evidence(f"AUTH without STARTTLS: {code} {text}")
+    assert code >= 500
+    t = lab["p1"].probe([lab["p2"].mailbox], starttls=False, auth=False)
+    code, text = _reply(t, "mail")
+    evidence(f"MAIL without STARTTLS: {code} {text}")
+    assert 500 <= code < 600
+
+
+@pytest.mark.req("MAIL-05")
+def test_imap_only_over_tls(lab, evidence):
+    p1 = lab["p1"]
+    code = ("import socket,ssl,sys\n"
+            f"h='{p1.relay}'\n"
+            "try:\n socket.create_connection((h,143),timeout=5); print('plain-open')\n"
+            "except OSError as e: print('plain-refused', e.errno)\n"
+            f"c=ssl.create_default_context(cafile='{CAFILE}')\n"
+            "s=c.wrap_socket(socket.create_connection((h,993),timeout=5),server_hostname=h)\n"
+            "print('tls', s.version(), s.recv(64).decode().strip())\n")
+    out = p1.host.check_output(f"python3 - <<'EOF'\n{code}EOF")
+    evidence(out.replace("\n", " | "))
+    assert "plain-refused" in out
+    assert "tls TLSv1." in out and "* OK" in out
+
+
+@pytest.mark.req("MAIL-05")
+def test_relay_to_store_deliveries_are_verified_tls(lab, evidence):
+    relay = lab["relay"]
+    hv = relay.ansible.get_variables()
+    log = hv.get("mailrelay_log_path", "/var/log/safemail/mail.log")
+    out = relay.check_output(f"grep -E 'TLS connection established to' {log} | tail -n 3")
+    evidence(out)
+    assert "Verified TLS connection established to" in out
+    assert "Untrusted" not in out.splitlines()[-1]
