@@ -55,7 +55,7 @@ class Participant:
         out = self.host.check_output(cmd)
         return json.loads(out)
 
-    def send(self, to: "Participant", subject: str, body: str) -> str:
+    def send(self, to: Participant, subject: str, body: str) -> str:
         body_file = f"/tmp/body-{uuid.uuid4().hex}"
         self.host.run(f"cat > {body_file} <<'EOF_BODY'\n{body}\nEOF_BODY")
         rcpt_cert = f"/tmp/rcpt-{uuid.uuid4().hex}.pem"
