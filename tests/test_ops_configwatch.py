@@ -56,3 +56,14 @@ def test_main_persists_manifest(tmp_path, capsys):
     assert cw.main([str(watched), "--state", str(state), "--no-syslog"]) == 0
     assert capsys.readouterr().out.strip() == f"config change: {watched / 'a.conf'} created"
     assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+
+def test_dropped_roots_are_not_reported_file_by_file(tmp_path):
+    kept, dropped = tmp_path / "etc", tmp_path / "data"
+    kept.mkdir()
+    dropped.mkdir()
+    (dropped / "praxis.mueller@safemail.example.pem").write_text("cert")
+    old = cw.manifest([kept, dropped])
+    new = cw.manifest([kept])
+    assert cw.diff(cw.within(old, [kept]), new) == []
+    assert cw.within({str(tmp_path / "etc2"): {}}, [kept]) == {}

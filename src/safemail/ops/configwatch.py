@@ -90,6 +90,14 @@ def diff(old: Mapping[str, Entry], new: Mapping[str, Entry]) -> list[tuple[str, 
     return changes
 
 
+def within(entries: Mapping[str, Entry], roots: Iterable[Path]) -> dict[str, Entry]:
+    """Only the entries under the watched roots: a root dropped from the watch list (or a
+    manifest from an older list) must not be reported as "removed" file by file."""
+    prefixes = [str(r) for r in roots]
+    return {p: e for p, e in entries.items()
+            if any(p == r or p.startswith(r.rstrip("/") + "/") for r in prefixes)}
+
+
 def lines(changes: Sequence[tuple[str, str]], *, first_run: bool) -> list[str]:
     if first_run:
         return ["config watch: baseline recorded"]
@@ -127,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     old = _load(args.state)
     new = manifest(args.paths)
-    out = lines(diff(old or {}, new), first_run=old is None)
+    out = lines(diff(within(old or {}, args.paths), new), first_run=old is None)
     if args.no_syslog:
         for line in out:
             print(line)
