@@ -1,0 +1,517 @@
+"""CA-01..CA-06: the CA on three hosts (roles/ca_hosts), proven from outside where possible.
+
+Certificates are checked with `openssl verify` on the participant hosts, the CRL is fetched
+over HTTP from distribution by a participant host, CSRs that break the policy are submitted at
+the RA and must be refused with their reason, and every journal must verify while a tampered
+copy must not. CA-04 revokes a throw-away participant that the test registers and enrols
+itself through the real RA -> signer -> distribution path (practice1/practice2 keep theirs).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import time
+from datetime import UTC, datetime, timedelta
+from functools import cache
+
+import pytest
+import testinfra
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+testinfra_hosts = ["ansible://ca_ra", "ansible://ca_signer", "ansible://ca_dist"]
+
+CA = "/usr/local/sbin/safemail-ca"
+STATE = "/var/lib/safemail-ca"
+PDIR = "/var/lib/safemail-participant"
+SEARCH_DIRS = "/etc /var /root /home /opt /srv /tmp /usr/local"
+
+
+# ------------------------------------------------------------------ plumbing
+@cache
+def _host(inventory: str, name: str):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory)
+
+
+@pytest.fixture(scope="module")
+def lab(request):
+    inventory = request.config.getoption("ansible_inventory") or "inventories/test"
+
+    class Lab:
+        def __call__(self, name: str):
+            return _host(inventory, name)
+
+        @property
+        def vars(self) -> dict:
+            return _vars(inventory)
+
+        @property
+        def policy(self) -> dict:
+            """The CA policy as rendered on the RA (what the CA really uses)."""
+            ra = self(self.group("ca_ra")[0])
+            return yaml.safe_load(ra.file("/etc/safemail/ca/policy.yml").content)["ca_policy"]
+
+        def group(self, name: str) -> list[str]:
+            return list(_vars(inventory)["groups"].get(name, []))
+
+    return Lab()
+
+
+@cache
+def _vars(inventory: str) -> dict:
+    signer = testinfra.get_hosts(["ansible://ca_signer"], ansible_inventory=inventory)[0]
+    return signer.ansible.get_variables()
+
+
+def _groups(config, name: str) -> list[str]:
+    inventory = config.getoption("ansible_inventory") or "inventories/test"
+    try:
+        return sorted(_vars(inventory)["groups"].get(name, []))
+    except Exception:  # noqa: BLE001 - collection must not die on an unreachable lab
+        return [f"<{name}: inventory unreadable>"]
+
+
+def pytest_generate_tests(metafunc):
+    if "service_host" in metafunc.fixturenames:
+        metafunc.parametrize("service_host", _groups(metafunc.config, "service"))
+    if "participant_host" in metafunc.fixturenames:
+        metafunc.parametrize("participant_host", _groups(metafunc.config, "participants"))
+
+
+def _function(host) -> str:
+    return host.ansible.get_variables()["ca_hosts_function"]
+
+
+def _cycle(lab) -> None:
+    """Run the signer's exchange cycle (twice: the second is always a fresh run)."""
+    signer = lab(lab.group("ca_signer")[0])
+    for _ in range(2):
+        signer.run_test("systemctl start safemail-ca-cycle.service")
+    out = signer.run("systemctl is-failed safemail-ca-cycle.service")
+    assert out.stdout.strip() != "failed", signer.run(
+        "journalctl -u safemail-ca-cycle -n 30 --no-pager").stdout
+
+
+def _http_get(host, url: str, dest: str):
+    code = (
+        "import sys, urllib.request; "
+        "open(sys.argv[2], 'wb').write(urllib.request.urlopen(sys.argv[1], timeout=20).read())"
+    )
+    return host.run(f"python3 -c {shlex.quote(code)} {shlex.quote(url)} {shlex.quote(dest)}")
+
+
+def _dist_url(lab, path: str) -> str:
+    return lab.policy["crl_distribution_point"].rsplit("/", 1)[0] + "/" + path
+
+
+def _participant(lab, name: str) -> dict:
+    [p] = [p for p in lab.vars["safemail_participants"] if p.get("lab_host") == name]
+    return p
+
+
+def _csr(key, mailbox: str, *, san: bool = True) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "verify test")])
+    )
+    if san:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), critical=False
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _put(host, path: str, data: bytes) -> None:
+    b64 = base64.b64encode(data).decode()
+    host.run_test(f"echo {b64} | base64 -d > {path} && chmod 0644 {path}")
+
+
+def _throwaway(lab, tag: str) -> tuple[str, str]:
+    stamp = f"{int(time.time() * 1000) % 10**11:011d}"
+    number = f"9{tag}{stamp}"
+    domain = lab.policy["mail_domains"][0]
+    mailbox = f"verify-{tag}-{stamp}@{domain}"
+    ra = lab(lab.group("ca_ra")[0])
+    ra.run_expect([0], f"{CA} register {number} --name 'Verify {tag}' --mailbox {mailbox} "
+                       "--specialty OTHER --operator verify")
+    return number, mailbox
+
+
+# ------------------------------------------------------------------ CA-01
+@pytest.mark.req("CA-01")
+def test_each_ca_host_runs_only_its_own_function(host, evidence):
+    fn = _function(host)
+    present = {
+        "ra": f"{STATE}/participants.json",
+        "signer": f"{STATE}/private/ca.key",
+        "dist": f"{STATE}/incoming/ca.pem",
+    }
+    found = {f: host.file(p).exists for f, p in present.items()}
+    evidence(f"{host.backend.host}: function={fn}, state files present={found}")
+    assert found[fn], f"{fn} host lacks its own state"
+    assert [f for f, ok in found.items() if ok] == [fn], "another function's state is here"
+
+
+@pytest.mark.req("CA-01")
+def test_three_functions_on_three_hosts(lab, evidence):
+    names = {fn: lab.group(f"ca_{fn}") for fn in ("ra", "signer", "dist")}
+    hostnames = {fn: lab(n[0]).check_output("hostname") for fn, n in names.items()}
+    evidence(f"groups={names} hostnames={hostnames}")
+    assert all(len(n) >= 1 for n in names.values())
+    assert len(set(hostnames.values())) == 3
+
+
+@pytest.mark.req("CA-01")
+def test_signer_listens_only_on_ssh(lab, evidence):
+    signer = lab(lab.group("ca_signer")[0])
+    dist = lab(lab.group("ca_dist")[0])
+    ports = {line.split()[3].rsplit(":", 1)[1]
+             for line in signer.check_output("ss -ltnH").splitlines() if line.strip()}
+    dist_ports = {line.split()[3].rsplit(":", 1)[1]
+                  for line in dist.check_output("ss -ltnH").splitlines() if line.strip()}
+    udp = signer.check_output("ss -lunH | grep -v '127.0.0\\|::1' || true")
+    evidence(f"signer TCP listeners: {sorted(ports)}; UDP: {udp!r}; "
+             f"distribution (control): {sorted(dist_ports)}")
+    assert ports == {"22"}
+    # The same probe sees distribution's web server: the probe is not blind.
+    assert str(lab.vars.get("ca_hosts_dist_http_port", 80)) in dist_ports
+
+
+@pytest.mark.req("CA-01")
+@pytest.mark.parametrize("fn", ["ra", "dist"])
+def test_exchange_account_runs_only_its_forced_command(lab, evidence, fn):
+    """The signer reaches RA/dist only through the restricted account: its request works,
+    a shell command, a pty and a port forward do not."""
+    signer = lab(lab.group("ca_signer")[0])
+    peer = lab.group(f"ca_{fn}")[0]
+    ssh = f"runuser -u safemail-ca -- ssh -F {STATE}/.ssh/config"
+    ok_req = "pull-approved" if fn == "ra" else "pull-published"
+    good = signer.run(f"{ssh} {peer} {ok_req}")
+    shell = signer.run(f"{ssh} {peer} id")
+    tty = signer.run(f"{ssh} -tt -o RequestTTY=force {peer} pull-published </dev/null")
+    fwd = signer.run(f"{ssh} -o ExitOnForwardFailure=yes -o ClearAllForwardings=no "
+                     f"-L 127.0.0.1:18080:127.0.0.1:22 {peer} {ok_req}")
+    evidence(f"{peer}: {ok_req} rc={good.rc}; 'id' rc={shell.rc} {shell.stderr.strip()!r}; "
+             f"pty rc={tty.rc} {tty.stderr.strip()[-80:]!r}; -L rc={fwd.rc} "
+             f"{fwd.stderr.strip()[-80:]!r}")
+    assert good.rc == 0 and json.loads(good.stdout)["version"] == 1
+    assert shell.rc != 0 and "uid=" not in shell.stdout
+    assert "PTY allocation request failed" in tty.stderr or tty.rc != 0
+    assert fwd.rc != 0
+
+
+# ------------------------------------------------------------------ CA-02
+@pytest.mark.req("CA-02")
+def test_participant_key_exists_on_participant_and_matches_cert(lab, evidence, participant_host):
+    p = lab(participant_host)
+    key = p.file(f"{PDIR}/key.pem")
+    pub_key = p.check_output(f"openssl pkey -in {PDIR}/key.pem -pubout")
+    pub_cert = p.check_output(f"openssl x509 -in {PDIR}/cert.pem -noout -pubkey")
+    evidence(f"{participant_host}: key mode {oct(key.mode)} owner {key.user}; "
+             f"cert public key matches key: {pub_key == pub_cert}")
+    assert key.exists and key.mode & 0o077 == 0 and key.user == "root"
+    assert pub_key == pub_cert
+
+
+def _key_token(lab, participant: str) -> str:
+    """A line from the middle of the participant's key (64 base64 characters)."""
+    token = lab(participant).check_output(f"sed -n 5p {PDIR}/key.pem").strip()
+    assert len(token) == 64
+    return token
+
+
+@pytest.mark.req("CA-02")
+def test_participant_key_is_on_no_service_host(lab, evidence, service_host):
+    tokens = {p: _key_token(lab, p) for p in lab.group("participants")}
+    host = lab(service_host)
+    hits = {}
+    for p, token in tokens.items():
+        out = host.run(f"grep -rlF -e {shlex.quote(token)} {SEARCH_DIRS} 2>/dev/null")
+        hits[p] = out.stdout.split()
+    evidence(f"{service_host}: files holding a participant key line: {hits}")
+    assert not any(hits.values())
+
+
+@pytest.mark.req("CA-02")
+def test_key_search_finds_the_key_where_it_is(lab, evidence, participant_host):
+    """Positive twin: the same search finds the key on its own host."""
+    token = _key_token(lab, participant_host)
+    out = lab(participant_host).run(f"grep -rlF -e {shlex.quote(token)} {SEARCH_DIRS} 2>/dev/null")
+    evidence(f"{participant_host}: {out.stdout.split()}")
+    assert f"{PDIR}/key.pem" in out.stdout.split()
+
+
+# ------------------------------------------------------------------ CA-03
+@pytest.mark.req("CA-03")
+def test_issued_certificate_chains_to_the_ca(lab, evidence, participant_host):
+    p = lab(participant_host)
+    ok = p.run(f"openssl verify -purpose smimeencrypt -CAfile {PDIR}/ca.pem {PDIR}/cert.pem")
+    p.run_test("rm -rf /tmp/verify-foreign && mkdir /tmp/verify-foreign")
+    p.run_test("openssl req -x509 -newkey rsa:2048 -nodes -subj '/CN=SafeMail Test CA' "
+               "-keyout /tmp/verify-foreign/k.pem -out /tmp/verify-foreign/ca.pem -days 1")
+    bad = p.run(f"openssl verify -CAfile /tmp/verify-foreign/ca.pem {PDIR}/cert.pem")
+    p.run("rm -rf /tmp/verify-foreign")
+    evidence(f"{participant_host}: own CA: {ok.stdout.strip()} | look-alike CA: rc={bad.rc} "
+             f"{(bad.stdout + bad.stderr).strip()[-100:]}")
+    assert ok.rc == 0 and ok.stdout.strip().endswith("OK")
+    assert bad.rc != 0
+
+
+@pytest.mark.req("CA-03")
+def test_certificate_profile(lab, evidence, participant_host):
+    p = lab(participant_host)
+    entry = _participant(lab, participant_host)
+    policy = lab.policy
+    cert = x509.load_pem_x509_certificate(p.file(f"{PDIR}/cert.pem").content)
+    ca = x509.load_pem_x509_certificate(p.file(f"{PDIR}/ca.pem").content)
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+    issuer = {a.oid._name: a.value for a in cert.issuer}  # noqa: SLF001 - readable names
+    evidence(f"{participant_host}: KU ds={ku.digital_signature} ke={ku.key_encipherment} "
+             f"nr={ku.content_commitment}; EKU={[o._name for o in eku]}; "  # noqa: SLF001
+             f"SAN={san.get_values_for_type(x509.RFC822Name)}; issuer={issuer}; days={days}; "
+             f"key={cert.public_key().key_size}; CDP={dp[0].full_name[0].value}")
+    assert list(eku) == [ExtendedKeyUsageOID.EMAIL_PROTECTION]
+    assert ku.key_encipherment and ku.digital_signature
+    assert not ku.content_commitment  # no nonRepudiation: never a qualified signature
+    assert not (ku.key_cert_sign or ku.crl_sign) and bc.ca is False
+    assert san.get_values_for_type(x509.RFC822Name) == [entry["mailbox"]]
+    assert cert.issuer == ca.subject
+    assert ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == \
+        policy["ca_subject"]["CN"]
+    cert.verify_directly_issued_by(ca)
+    assert days <= policy.get("ee_validity_days", 730)
+    assert isinstance(cert.public_key(), rsa.RSAPublicKey)
+    assert cert.public_key().key_size >= policy.get("participant_rsa_min_bits", 3072)
+    assert dp[0].full_name[0].value == policy["crl_distribution_point"]
+
+
+def _bad_csrs(mailbox: str) -> dict[str, tuple[bytes, str]]:
+    good_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    small_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    good = _csr(good_key, mailbox)
+    der = bytearray(x509.load_pem_x509_csr(good).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01
+    tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    other = mailbox.replace("verify-", "someone-else-")
+    return {
+        "wrong-email": (_csr(good_key, other), "email-mismatch"),
+        "rsa-1024": (_csr(small_key, mailbox), "key-too-small"),
+        "bad-signature": (tampered, "bad-signature"),
+        "private-key": (good_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()), "private-key-submitted"),
+        "good": (good, ""),
+    }
+
+
+@pytest.fixture(scope="module")
+def csr_cases(lab):
+    number, mailbox = _throwaway(lab, "csr")
+    return number, mailbox, _bad_csrs(mailbox)
+
+
+@pytest.mark.req("CA-03")
+@pytest.mark.parametrize("case", ["wrong-email", "rsa-1024", "bad-signature", "private-key",
+                                  "unknown-participant"])
+def test_policy_violating_csr_is_refused_with_reason(lab, evidence, csr_cases, case):
+    number, _mailbox, cases = csr_cases
+    ra = lab(lab.group("ca_ra")[0])
+    if case == "unknown-participant":
+        data, code, who = cases["good"][0], "unknown-participant", "8" + number[1:]
+    else:
+        (data, code), who = cases[case], number
+    path = f"/tmp/verify-{case}.csr"
+    _put(ra, path, data)
+    before = ra.check_output(f"ls {STATE}/queue/pending | wc -l")
+    out = ra.run(f"{CA} submit {path} --participant {who} --operator verify")
+    after = ra.check_output(f"ls {STATE}/queue/pending | wc -l")
+    ra.run(f"rm -f {path}")
+    evidence(f"{case}: rc={out.rc} {out.stderr.strip()!r}; pending {before} -> {after}")
+    assert out.rc == 3
+    assert f"refused ({code})" in out.stderr
+    assert before == after  # nothing half-registered
+
+
+@pytest.mark.req("CA-03")
+def test_policy_conforming_csr_is_accepted(lab, evidence, csr_cases):
+    """Positive twin: the same participant's good CSR is queued (then rejected to clean up)."""
+    number, _mailbox, cases = csr_cases
+    ra = lab(lab.group("ca_ra")[0])
+    _put(ra, "/tmp/verify-good.csr", cases["good"][0])
+    out = ra.run(f"{CA} submit /tmp/verify-good.csr --participant {number} --operator verify")
+    evidence(f"good CSR: rc={out.rc} id={out.stdout.strip()} {out.stderr.strip()!r}")
+    assert out.rc == 0
+    ra.run_expect([0], f"{CA} reject {out.stdout.split()[0]} --reason 'verify test cleanup' "
+                       "--operator verify")
+    ra.run("rm -f /tmp/verify-good.csr")
+
+
+@pytest.mark.req("CA-03")
+@pytest.mark.parametrize("case", ["bad-domain", "unknown-specialty", "already-certified"])
+def test_bad_registration_or_duplicate_request_is_refused(lab, evidence, case):
+    ra = lab(lab.group("ca_ra")[0])
+    enrolled = _participant(lab, lab.group("participants")[0])
+    if case == "already-certified":
+        csr = lab(enrolled["lab_host"]).file(f"{PDIR}/csr.pem").content
+        _put(ra, "/tmp/verify-dup.csr", csr)
+        out = ra.run(f"{CA} submit /tmp/verify-dup.csr --participant {enrolled['number']} "
+                     "--operator verify")
+        ra.run("rm -f /tmp/verify-dup.csr")
+        code = "already-certified"
+    else:
+        mailbox = "x@not-safemail.invalid" if case == "bad-domain" else "verify-x@" + \
+            lab.policy["mail_domains"][0]
+        specialty = "NOPE" if case == "unknown-specialty" else "GP"
+        out = ra.run(f"{CA} register 97777777 --name Bad --mailbox {mailbox} "
+                     f"--specialty {specialty} --operator verify")
+        code = "mailbox-domain" if case == "bad-domain" else "unknown-specialty"
+    evidence(f"{case}: rc={out.rc} {out.stderr.strip()!r}")
+    assert out.rc == 3 and f"refused ({code})" in out.stderr
+
+
+# ------------------------------------------------------------------ CA-04
+@pytest.mark.req("CA-04")
+def test_published_crl_is_signed_and_fresh(lab, evidence, participant_host):
+    p = lab(participant_host)
+    d = f"/tmp/verify-crl-{participant_host}"
+    p.run_test(f"rm -rf {d} && mkdir {d}")
+    got = [_http_get(p, _dist_url(lab, f), f"{d}/{f}") for f in ("ca.pem", "crl.der")]
+    assert all(g.rc == 0 for g in got), [g.stderr for g in got]
+    check = p.run(f"openssl crl -inform DER -in {d}/crl.der -CAfile {d}/ca.pem -noout "
+                  "-nextupdate")
+    crl = x509.load_der_x509_crl(p.file(f"{d}/crl.der").content)
+    p.run(f"rm -rf {d}")
+    evidence(f"{participant_host} over HTTP: {(check.stdout + check.stderr).strip()!r}")
+    assert check.rc == 0 and "verify OK" in check.stderr + check.stdout
+    assert crl.next_update_utc > datetime.now(UTC)
+    assert crl.last_update_utc <= datetime.now(UTC) + timedelta(minutes=5)
+
+
+@pytest.mark.req("CA-04")
+def test_revocation_end_to_end(lab, evidence):
+    """Register + enrol a throw-away participant on practice host 1, check its certificate
+    passes `openssl verify -crl_check`, revoke it on the signer, and see distribution's CRL
+    (fetched over HTTP by the participant host) list it and openssl call it revoked."""
+    p_name = lab.group("participants")[0]
+    p, ra, signer = lab(p_name), lab(lab.group("ca_ra")[0]), lab(lab.group("ca_signer")[0])
+    number, mailbox = _throwaway(lab, "rev")
+    d = f"/tmp/verify-ca04-{number}"
+    p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
+    p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} --key {d}/key.pem "
+                      f"--csr {d}/csr.pem")
+    _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
+    rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
+                          "--operator verify").split()[0]
+    ra.run_expect([0], f"{CA} approve {rid} --operator verify")
+    ra.run(f"rm -f /tmp/{number}.csr")
+    _cycle(lab)
+
+    def fetch() -> None:
+        for f in ("ca.pem", "crl.pem", f"certs/{mailbox}.pem"):
+            out = _http_get(p, _dist_url(lab, f), f"{d}/{f.split('/')[-1]}")
+            assert out.rc == 0, f"GET {f}: {out.stderr.strip()[-200:]}"
+
+    fetch()
+    verify = f"openssl verify -crl_check -CAfile {d}/ca.pem -CRLfile {d}/crl.pem {d}/{mailbox}.pem"
+    before = p.run(verify)
+    serial = x509.load_pem_x509_certificate(p.file(f"{d}/{mailbox}.pem").content).serial_number
+
+    signer.run_expect([0], f"{CA} revoke --mailbox {mailbox} --reason key-compromise "
+                           "--operator verify")
+    _cycle(lab)
+    p.run_test(f"rm -f {d}/crl.pem")
+    crl_get = _http_get(p, _dist_url(lab, "crl.pem"), f"{d}/crl.pem")
+    after = p.run(verify)
+    crl = x509.load_pem_x509_crl(p.file(f"{d}/crl.pem").content)
+    ca = x509.load_pem_x509_certificate(p.file(f"{d}/ca.pem").content)
+    withdrawn = _http_get(p, _dist_url(lab, f"certs/{mailbox}.pem"), f"{d}/gone.pem")
+    p.run(f"rm -rf {d}")
+    evidence(f"before revoke: {before.stdout.strip()!r}; after: rc={after.rc} "
+             f"{(after.stdout + after.stderr).strip()[-120:]!r}; CRL lists {serial:x}: "
+             f"{crl.get_revoked_certificate_by_serial_number(serial) is not None}; "
+             f"next update {crl.next_update_utc}; cert still published: {withdrawn.rc == 0}")
+    assert before.rc == 0 and before.stdout.strip().endswith("OK")
+    assert crl_get.rc == 0
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert crl.is_signature_valid(ca.public_key())
+    assert crl.next_update_utc > datetime.now(UTC)
+    assert after.rc != 0 and "certificate revoked" in after.stdout + after.stderr
+    assert withdrawn.rc != 0
+
+
+# ------------------------------------------------------------------ CA-05
+@pytest.mark.req("CA-05")
+def test_journal_verifies(host, evidence):
+    out = host.run(f"{CA} journal verify {STATE}/journal.jsonl --key {STATE}/journal.key")
+    actions = {json.loads(line)["action"]
+               for line in host.file(f"{STATE}/journal.jsonl").content_string.splitlines()}
+    expected = {"ra": {"register"}, "signer": {"ca-init", "issue", "crl"},
+                "dist": {"publish"}}[_function(host)]
+    evidence(f"{host.backend.host}: {out.stdout.strip()} actions={sorted(actions)}")
+    assert out.rc == 0
+    assert expected <= actions
+
+
+@pytest.mark.req("CA-05")
+def test_altered_journal_copy_fails(host, evidence):
+    copy = "/tmp/verify-journal-copy.jsonl"
+    host.run_test(f"cp {STATE}/journal.jsonl {copy}")
+    code = (
+        "import json, sys; p = sys.argv[1]; lines = open(p).read().splitlines(); "
+        "e = json.loads(lines[0]); e['actor'] = e['actor'] + 'x'; "
+        "lines[0] = json.dumps(e, separators=(',', ':'), sort_keys=True); "
+        "open(p, 'w').write('\\n'.join(lines) + '\\n')"
+    )
+    host.run_test(f"python3 -c {shlex.quote(code)} {copy}")
+    out = host.run(f"{CA} journal verify {copy} --key {STATE}/journal.key")
+    host.run(f"rm -f {copy}")
+    evidence(f"{host.backend.host}: altered copy -> rc={out.rc} {out.stdout.strip()!r}")
+    assert out.rc == 4
+    assert "seq" in out.stdout
+
+
+# ------------------------------------------------------------------ CA-06
+@pytest.mark.req("CA-06")
+def test_ca_key_only_readable_by_the_ca_user(lab, evidence):
+    signer = lab(lab.group("ca_signer")[0])
+    key = signer.file(f"{STATE}/private/ca.key")
+    private = signer.file(f"{STATE}/private")
+    state = signer.file(STATE)
+    as_ca = signer.run(f"runuser -u safemail-ca -- openssl pkey -in {STATE}/private/ca.key "
+                       "-noout -check")
+    as_other = signer.run(f"runuser -u nobody -- cat {STATE}/private/ca.key")
+    evidence(f"ca.key {oct(key.mode)} {key.user}:{key.group}; private/ {oct(private.mode)}; "
+             f"state {oct(state.mode)} {state.user}; CA user reads: rc={as_ca.rc}; "
+             f"nobody reads: rc={as_other.rc}")
+    assert key.is_file and key.user == "safemail-ca" and key.mode & 0o077 == 0
+    assert state.user == "safemail-ca" and state.mode & 0o077 == 0
+    assert private.mode & 0o077 == 0
+    assert as_ca.rc == 0
+    assert as_other.rc != 0 and not as_other.stdout
+
+
+@pytest.mark.req("CA-06")
+def test_ca_key_is_on_no_other_host(lab, evidence, service_host):
+    signer_name = lab.group("ca_signer")[0]
+    signer = lab(signer_name)
+    token = signer.check_output(f"sed -n 5p {STATE}/private/ca.key").strip()
+    assert len(token) == 64
+    hosts = [service_host] if service_host != signer_name else []
+    hosts += [] if service_host != signer_name else lab.group("participants")
+    hits = {}
+    for name in hosts:
+        out = lab(name).run(f"grep -rlF -e {shlex.quote(token)} {SEARCH_DIRS} 2>/dev/null")
+        hits[name] = out.stdout.split()
+    control = signer.run(f"grep -rlF -e {shlex.quote(token)} {STATE} 2>/dev/null").stdout.split()
+    evidence(f"CA key line found on {hits}; on the signer (control): {control}")
+    assert not any(hits.values())
+    assert control == [f"{STATE}/private/ca.key"]
