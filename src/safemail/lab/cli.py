@@ -7,6 +7,7 @@ import os
 import sys
 
 from safemail.lab import image as image_mod
+from safemail.lab import updates
 from safemail.lab.config import LabPaths
 from safemail.lab.stage import Stage, vm_hosts
 from safemail.project import project_root
@@ -83,3 +84,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("host", help="inventory name, e.g. relay or practice1")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of a shell")
     p.set_defaults(func=_ssh)
+    updates.register(lsub)

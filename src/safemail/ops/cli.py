@@ -40,7 +40,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     operator = (args.operator or promote.default_operator()).strip()
     if not operator:
         raise UsageError("--operator must name the person applying the patches")
-    hosts = status.inventory_hosts(repo / "inventories" / args.stage, args.hosts)
     if args.stage == "production":
         report = args.report if args.report.is_absolute() else repo / args.report
         decision = promote.evaluate(repo, report, max_age_hours=args.max_age_hours)
@@ -50,6 +49,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print("patching production refused:\n  - " + "\n  - ".join(refusals))
             return 3
         print(decision.summary())
+    hosts = status.inventory_hosts(repo / "inventories" / args.stage, args.hosts)
     cmd = apply.playbook_command(apply.ansible_playbook_command(), repo, args.stage,
                                  [h.name for h in hosts], operator)
     rc = apply.run_playbook(cmd, repo)
