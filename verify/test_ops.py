@@ -195,7 +195,7 @@ def test_patch_run_and_watch_are_in_the_admin_log(host, patch_run, evidence):
     assert line is not None, "no patch run record in the admin log"
     record = json.loads(line.split("patch run: ", 1)[1])
     assert record["who"] == "verify-sys04" and record["host"] == name
-    assert record["result"] == "ok" and record["when"]
+    assert record["result"] == "ok" and record["time"]
     assert any(p.startswith(f"{patch_run['package']} ") and p.endswith(f"-> {patch_run['version']}")
                for p in record["packages"])
 
