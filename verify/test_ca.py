@@ -204,9 +204,9 @@ def test_exchange_account_runs_only_its_forced_command(lab, evidence, fn):
     shell = _run(signer, f"{ssh} {peer} id")
     tty = _run(signer, f"{ssh} -tt -o RequestTTY=force {peer} {ok_req} </dev/null")
     fwd = _run(signer, f"{ssh} -o ExitOnForwardFailure=yes -o ClearAllForwardings=no "
-                       f"-L 127.0.0.1:18080:127.0.0.1:22 {peer} {ok_req}")
+                       f"-R 127.0.0.1:18080:127.0.0.1:22 {peer} {ok_req}")
     evidence(f"{peer}: {ok_req} rc={good[0]}; 'id' rc={shell[0]} {shell[2].strip()!r}; "
-             f"pty rc={tty[0]} {tty[2].strip()[-80:]!r}; -L rc={fwd[0]} "
+             f"pty rc={tty[0]} {tty[2].strip()[-80:]!r}; -R rc={fwd[0]} "
              f"{fwd[2].strip()[-80:]!r}")
     assert good[0] == 0 and json.loads(good[1])["version"] == 1
     assert shell[0] != 0 and "uid=" not in shell[1]
@@ -341,9 +341,10 @@ def test_policy_violating_csr_is_refused_with_reason(lab, evidence, csr_cases, c
         (data, code), who = cases[case], number
     path = f"/tmp/verify-{case}.csr"
     _put(ra, path, data)
-    before = ra.check_output(f"ls {STATE}/queue/pending | wc -l")
+    count = f"grep -lF '\"participant\": \"{who}\"' {STATE}/queue/pending/*.json | wc -l"
+    before = ra.check_output(count)
     out = ra.run(f"{CA} submit {path} --participant {who} --operator verify")
-    after = ra.check_output(f"ls {STATE}/queue/pending | wc -l")
+    after = ra.check_output(count)
     ra.run(f"rm -f {path}")
     evidence(f"{case}: rc={out.rc} {out.stderr.strip()!r}; pending {before} -> {after}")
     assert out.rc == 3
