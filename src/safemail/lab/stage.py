@@ -147,6 +147,9 @@ class Stage:
             alive = self.processes_alive(state)
             if state.get("complete") and all(alive.values()) and \
                     state.get("all_vms", False) == all_vms:
+                # This checkout may not have the generated inventory yet (the lab was
+                # started from another one): write it, nothing else.
+                self._write_inventory(self.plan(all_vms=all_vms))
                 runner.info("lab is already up (nothing to do); `safemail lab status` shows it")
                 return 0
             runner.info("lab: found remains of an earlier lab; cleaning them first")
