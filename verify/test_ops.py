@@ -38,7 +38,7 @@ from safemail.project import project_root
 # `safemail verify` sets to all hosts, lab participants included).
 SERVICE_GROUP = "service"
 
-ADMIN_LOG = "/var/log/safemail/admin.log"
+ADMIN_LOG = "/var/log/safemail-admin/admin.log"
 STATUS = "/var/lib/safemail/patch-status.json"
 PATCH_TARGET = "ca-dist"  # an nspawn host: fast to patch
 THROWAWAY_HOST = "ca-ra"
@@ -281,9 +281,9 @@ def test_kernel_audit_or_documented_equivalent_records_config_changes(svc, evide
     svc.check_output(f"touch {path} && rm -f {path}")
     found = svc.run(f"ausearch -i -k safemail-config -f {path}")
     evidence(f"auditctl -l has {rules.count('safemail-config')} safemail-config rules; "
-             f"ausearch rc={found.returncode}: {found.stdout.strip()[-300:]!r}")
+             f"ausearch rc={found.rc}: {found.stdout.strip()[-300:]!r}")
     assert "-w /etc/postfix -p wa -k safemail-config" in rules
-    assert found.returncode == 0 and path in found.stdout
+    assert found.rc == 0 and path in found.stdout
 
 
 @pytest.mark.req("SYS-02")

@@ -57,7 +57,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise SafeMailError(
             f"the patch run failed (ansible-playbook exit {rc}); hosts after the failed one "
             "were not touched",
-            "read the failed host's admin log (/var/log/safemail/admin.log) and the output above",
+            "read the failed host's admin log (/var/log/safemail-admin/admin.log) and the "
+            "output above",
         )
     print(f"patched {len(hosts)} host(s) on the {args.stage} stage; each run is recorded in "
           "the host's admin log")
