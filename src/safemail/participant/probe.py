@@ -52,38 +52,45 @@ def run_probe(host: str, port: int, *, cafile: str | None, starttls: bool, user:
     except OSError as exc:
         t.error = f"connect: {exc}"
         return t
+    step = "ehlo"
     try:
         code, text = smtp.ehlo("probe.safemail.invalid")
-        if not t.add("ehlo", code, text):
+        if not t.add(step, code, text):
             return t
         if starttls:
+            step = "starttls"
             ctx = ssl.create_default_context(cafile=cafile)
             code, text = smtp.starttls(context=ctx)
-            if not t.add("starttls", code, text):
+            if not t.add(step, code, text):
                 return t
             smtp.ehlo("probe.safemail.invalid")
         if user is not None:
+            step = "auth"
             try:
                 code, text = smtp.login(user, password or "")
-            except smtplib.SMTPAuthenticationError as exc:
-                code, text = exc.smtp_code, exc.smtp_error
             except smtplib.SMTPNotSupportedError as exc:
                 code, text = 503, str(exc).encode()
-            if not t.add("auth", code, text):
+            if not t.add(step, code, text):
                 return t
+        step = "mail"
         code, text = smtp.mail(sender)
-        if not t.add("mail", code, text):
+        if not t.add(step, code, text):
             return t
         accepted = 0
         for rcpt in recipients:
+            step = f"rcpt {rcpt}"
             code, text = smtp.rcpt(rcpt)
-            accepted += t.add(f"rcpt {rcpt}", code, text)
+            accepted += t.add(step, code, text)
         if not accepted or message is None:
             return t
+        step = "data"
         code, text = smtp.data(message)
-        t.add("data", code, text)
+        t.add(step, code, text)
+    except smtplib.SMTPResponseException as exc:
+        # A refusal raised rather than returned (STARTTLS, AUTH, DATA): still a reply.
+        t.add(step, exc.smtp_code, exc.smtp_error)
     except (smtplib.SMTPException, OSError) as exc:
-        t.error = f"{type(exc).__name__}: {exc}"
+        t.error = f"{step}: {type(exc).__name__}: {exc}"
     finally:
         try:
             smtp.quit()
