@@ -459,6 +459,95 @@ def test_revocation_end_to_end(lab, evidence):
     assert withdrawn.rc != 0
 
 
+def _participant_dn(lab, number: str) -> str:
+    """uid=<number>,ou=participants,<suffix>; the suffix as the directory announces it (the
+    inventory holds it only as an unrendered template)."""
+    auth = lab(lab.group("auth")[0])
+    out = auth.check_output("ldapsearch -Q -LLL -Y EXTERNAL -H ldapi:/// -s base -b '' "
+                            "namingContexts")
+    [suffix] = [line.split(": ", 1)[1] for line in out.splitlines()
+                if line.startswith("namingContexts: ")]
+    return f"uid={number},ou=participants,{suffix}"
+
+
+def _directory_cert(lab, number: str) -> bytes | None:
+    """The entry's userCertificate;binary (DER) read on the directory host as root (ldapi,
+    SASL EXTERNAL), or None if the entry has none. Fails if the entry does not exist."""
+    auth = lab(lab.group("auth")[0])
+    dn = _participant_dn(lab, number)
+    out = auth.run(f"ldapsearch -Q -LLL -o ldif-wrap=no -Y EXTERNAL -H ldapi:/// "
+                   f"-s base -b {shlex.quote(dn)} 'userCertificate;binary'")
+    assert out.rc == 0, f"{dn}: {out.stderr.strip()}"
+    values = [line.split(":: ", 1)[1] for line in out.stdout.splitlines()
+              if line.startswith("userCertificate;binary:: ")]
+    assert len(values) <= 1, f"{dn} holds {len(values)} certificates"
+    return base64.b64decode(values[0]) if values else None
+
+
+def _wait_directory_cert(lab, number: str, want_present: bool) -> bytes | None:
+    """Distribution applies a publish's directory changes a moment after the push."""
+    for _ in range(30):
+        der = _directory_cert(lab, number)
+        if (der is not None) == want_present:
+            return der
+        time.sleep(1)
+    return der
+
+
+@pytest.mark.req("CA-04")
+def test_directory_holds_the_participants_certificate(lab, evidence, participant_host):
+    """After enrolment, the participant's directory entry carries exactly the certificate
+    the participant host holds (published by ca-dist as userCertificate;binary)."""
+    number = str(_participant(lab, participant_host)["number"])
+    held = x509.load_pem_x509_certificate(lab(participant_host).file(f"{PDIR}/cert.pem").content)
+    der = _directory_cert(lab, number)
+    found = f"{x509.load_der_x509_certificate(der).serial_number:x}" if der else "none"
+    evidence(f"uid={number}: directory certificate {found}; "
+             f"{participant_host} holds {held.serial_number:x}")
+    assert der == held.public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.req("CA-04")
+def test_revoked_certificate_leaves_the_directory(lab, evidence):
+    """A throw-away participant with a directory entry: enrol -> its entry carries the
+    certificate; revoke -> distribution removes it from the entry."""
+    p = lab(lab.group("participants")[0])
+    ra, signer = lab(lab.group("ca_ra")[0]), lab(lab.group("ca_signer")[0])
+    auth = lab(lab.group("auth")[0])
+    number, mailbox = _throwaway(lab, "ldap")
+    dn = _participant_dn(lab, number)
+    entry = (f"dn: {dn}\nobjectClass: inetOrgPerson\nuid: {number}\ncn: Verify ldap\n"
+             f"sn: Verify ldap\nmail: {mailbox}\n")
+    auth.run_expect([0], f"printf {shlex.quote(entry)} | ldapadd -Q -Y EXTERNAL -H ldapi:///")
+    d = f"/tmp/verify-ca04-ldap-{number}"
+    try:
+        p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
+        p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} "
+                          f"--key {d}/key.pem --csr {d}/csr.pem")
+        _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
+        rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
+                              "--operator verify").split()[0]
+        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
+        ra.run(f"rm -f /tmp/{number}.csr")
+        _cycle(lab)
+        published = _wait_directory_cert(lab, number, True)
+        signer.run_expect([0], f"{CA} revoke --mailbox {mailbox} --reason key-compromise "
+                               "--operator verify")
+        _cycle(lab)
+        after = _wait_directory_cert(lab, number, False)
+    finally:
+        p.run(f"rm -rf {d}")
+        auth.run(f"ldapdelete -Q -Y EXTERNAL -H ldapi:/// {shlex.quote(dn)}")
+    evidence(f"{dn}: after enrolment "
+             f"{'a certificate' if published else 'no certificate'}; after revocation "
+             f"{'still a certificate' if after else 'no certificate'}")
+    assert published is not None
+    san = x509.load_der_x509_certificate(published).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.RFC822Name) == [mailbox]
+    assert after is None
+
+
 # ------------------------------------------------------------------ CA-05
 @pytest.mark.req("CA-05")
 def test_journal_verifies(lab, evidence, ca_host):
