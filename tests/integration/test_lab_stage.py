@@ -23,7 +23,8 @@ from safemail.lab.stage import Stage
 
 pytestmark = pytest.mark.lab
 
-BUILT = ["SYS-03", "CA-01", "CA-02", "CA-03", "CA-04", "CA-05", "CA-06"]
+BUILT = ["SYS-03", "CA-01", "CA-02", "CA-03", "CA-04", "CA-05", "CA-06",
+         "MAIL-01", "MAIL-02", "MAIL-03", "MAIL-04", "MAIL-05"]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -174,7 +175,7 @@ def test_controller_reaches_nothing_but_mgmt(stage):
 def _verify(tmp_path: Path, ids: str) -> dict:
     out = tmp_path / f"report-{len(list(tmp_path.iterdir()))}"
     proc = safemail("verify", "--stage", "test", "--requirements", ids, "--report-dir",
-                    str(out), timeout=900)
+                    str(out), timeout=1800)
     sys.stdout.write(proc.stdout[-3000:])
     report = json.loads((out / "report.json").read_text())
     for name in ("junit.xml", "report.html"):
