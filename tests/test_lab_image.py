@@ -95,3 +95,9 @@ def test_project_pyproject_keeps_controller_tools_out_of_the_host_runtime():
     names = {r.split("=")[0].lower() for r in reqs}
     assert {"cryptography", "asn1crypto"} <= names
     assert not names & {"ansible", "ansible-core", "molecule", "pytest"}
+
+
+def test_every_role_of_the_project_declares_a_plain_package_list():
+    # The image builder cannot evaluate Jinja: a templated list would stop `lab up`.
+    root = Path(__file__).resolve().parents[1]
+    assert image.role_packages(root / "roles")
