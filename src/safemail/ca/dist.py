@@ -10,7 +10,8 @@ checks every signature against the CA and renders the published tree::
 
 Decisions rest on signed data only: a certificate counts as revoked because the signed CRL
 lists it, not because an (unsigned) index says so. LDAP publishing is prepared as pure data
-(:class:`LdapCertUpdate`); writing it to the directory is the auth role's job.
+(:class:`LdapCertUpdate`); the ca_hosts role applies it to the directory with ldapmodify on the
+distribution host (safemail-ca-ldap units).
 """
 
 from __future__ import annotations
