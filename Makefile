@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help setup demo test lint unit integration converge lab-up lab-down clean-lab
+.PHONY: help setup demo test lint unit integration integration-full converge lab-up lab-down
 
 help:
 	@echo "make demo   - set up, start the lab, converge site.yml, verify (the main job)"
@@ -13,6 +13,7 @@ help:
 	@echo "make setup  - Debian packages and the Python environment only"
 	@echo "make lint   - ruff, yamllint, ansible-lint"
 	@echo "make unit   - unit tests only (no lab)"
+	@echo "make integration-full - the lab integration test plus a --check run of site.yml"
 	@echo "make lab-up / lab-down / converge - single steps"
 
 setup:
@@ -35,6 +36,10 @@ unit: setup
 
 integration: setup
 	$(BIN)/pytest -v -m lab tests/integration
+
+# Also the --check run of site.yml on the converged stage (adds ~15 min).
+integration-full: setup
+	SAFEMAIL_FULL=1 $(BIN)/pytest -v -m lab tests/integration
 
 converge: setup
 	$(BIN)/ansible-playbook playbooks/site.yml

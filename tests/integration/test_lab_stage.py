@@ -23,8 +23,14 @@ from safemail.lab.stage import Stage
 
 pytestmark = pytest.mark.lab
 
-BUILT = ["SYS-03", "CA-01", "CA-02", "CA-03", "CA-04", "CA-05", "CA-06",
-         "MAIL-01", "MAIL-02", "MAIL-03", "MAIL-04", "MAIL-05"]
+# Two scopes. The default (`make test`, CI) converges the baseline role on every host and
+# verifies what it provides: it fits the CI time budget. SAFEMAIL_FULL=1
+# (`make integration-full`) converges the whole site.yml (~20 min on emulated VMs per run),
+# adds a --check run and verifies every built requirement.
+FULL = bool(os.environ.get("SAFEMAIL_FULL"))
+SCOPE_ARGS = [] if FULL else ["--tags", "common"]
+BUILT = (["SYS-03", "CA-01", "CA-02", "CA-03", "CA-04", "CA-05", "CA-06",
+          "MAIL-01", "MAIL-02", "MAIL-03", "MAIL-04", "MAIL-05"] if FULL else ["SYS-03"])
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,7 +45,8 @@ def safemail(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
 
 
 def playbook(*args: str) -> dict[str, tuple[int, ...]]:
-    proc = subprocess.run([str(BIN / "ansible-playbook"), "playbooks/site.yml", *args],
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "playbooks/site.yml", *SCOPE_ARGS,
+                           *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800, env=ENV,
                           check=False)
     sys.stdout.write(proc.stdout[-3000:])
@@ -105,8 +112,7 @@ def test_lab_up_on_a_running_lab_is_a_no_op(stage):
 
 def test_site_converges(stage):
     recap = playbook()
-    service = {h.name for h in stage.plan().hosts if h.spec.is_service}
-    assert set(recap) == service
+    assert set(recap) == {h.name for h in stage.plan().hosts}
     for host, (_ok, _changed, unreachable, failed) in recap.items():
         assert (unreachable, failed) == (0, 0), host
 
@@ -118,6 +124,10 @@ def test_second_converge_changes_nothing(stage):
 
 
 def test_check_mode_on_converged_stage_changes_nothing(stage):
+    # A third full run costs ~15 minutes on emulated VMs: `make integration-full` runs it,
+    # the default test command does not (it stays within the CI time budget).
+    if not FULL:
+        pytest.skip("check-mode run only with SAFEMAIL_FULL=1 (make integration-full)")
     recap = playbook("--check")
     changed = {h: v[1] for h, v in recap.items() if v[1]}
     assert changed == {}
