@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -146,7 +147,8 @@ def test_control_probe_internet_sink_is_reachable_by_route(stage):
     sink = str(stage.plan().internet_sink)
     code = (f"import socket; s=socket.create_connection(('{sink}', 80), timeout=5); "
             "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100).decode())")
-    proc = _ssh(stage, "practice1", "python3", "-c", code)
+    # ssh hands the remote shell one string: quote the program.
+    proc = _ssh(stage, "practice1", f"python3 -c {shlex.quote(code)}")
     assert proc.returncode == 0, proc.stderr
     assert "internet sink" in proc.stdout
     log = stage.paths.logs / "internet-sink.jsonl"
