@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from safemail.errors import SafeMailError
 from safemail.lab import image as image_mod
 from safemail.lab import updates
 from safemail.lab.config import LabPaths
@@ -23,6 +24,18 @@ def _image(args: argparse.Namespace) -> int:
     img = image_mod.build(stage.paths, stage.project, vm_hosts(plan), force=args.rebuild)
     for part in img.parts():
         print(part)
+    return 0
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    """Publish the current role packages to a running lab's mirror (no restart)."""
+    stage = _stage()
+    state = stage.load_state()
+    if state is None or not state.get("complete"):
+        raise SafeMailError("the lab is not up", hint="start it with `safemail lab up`")
+    plan = stage.plan(all_vms=state.get("all_vms", False))
+    img = image_mod.build(stage.paths, stage.project, vm_hosts(plan))
+    stage.publish_mirror(img)
     return 0
 
 
@@ -74,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run every service host as a QEMU VM (slow; default: only the "
                         "hosts the inventory marks qemu)")
     p.set_defaults(func=_up)
+    p = lsub.add_parser("mirror", help="publish the roles' current package lists to the "
+                                       "running lab's mirror (after a role gains a package)")
+    p.set_defaults(func=_mirror)
     p = lsub.add_parser("down", help="remove everything the lab created")
     p.set_defaults(func=_down)
     p = lsub.add_parser("status", help="show each host and whether it answers "

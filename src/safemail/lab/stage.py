@@ -166,7 +166,7 @@ class Stage:
         self.save_state(state)
         try:
             runner.info("[2/5] mirror")
-            self._mirror(img)
+            self.publish_mirror(img)
             runner.info("[3/5] network")
             self._network(plan, state)
             runner.info("[4/5] machines")
@@ -204,7 +204,7 @@ class Stage:
                                 + "; ".join(conflicts),
                                 hint="change the lab ranges in src/safemail/lab/plan.py")
 
-    def _mirror(self, img: image_mod.Image) -> None:
+    def publish_mirror(self, img: image_mod.Image) -> None:
         count = mirror.publish(self.paths.mirror, img.debs())
         wheels = mirror.publish_wheels(self.paths.mirror,
                                        sorted((img.wheels / "wheels").glob("*.whl")))
