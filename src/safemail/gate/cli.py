@@ -1,6 +1,7 @@
 """Subcommands for verification reports, the promotion gate and generated documentation.
 
 safemail verify  --stage test              run the verify suite, write a report directory
+safemail verify  --mutate                  apply known-bad changes, expect verify to fail
 safemail report  JUNIT [JUNIT ...]         rebuild report.json/html from JUnit XML
 safemail promote --to production           check the gate, record the release, deploy
 safemail docs                              write docs/generated/ from inventory and roles
@@ -63,6 +64,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated requirement ids: run only their tests (partial run)",
     )
     p.add_argument("--catalogue", type=Path, help="requirement catalogue (default: verify/)")
+    m = p.add_argument_group(
+        "mutation run (proof that verify can fail; test stage only)",
+        "--mutate applies each known-bad change of verify/mutations.yml to the test stage in\n"
+        "turn, runs only the tests of its requirements (expecting failure), always restores,\n"
+        "and prints the mutation score. Exit code 0 only if every mutation was caught.",
+    )
+    m.add_argument("--mutate", action="store_true", help="run the mutation catalogue")
+    m.add_argument(
+        "--mutations",
+        type=_mutation_list,
+        default=(),
+        metavar="IDS",
+        help="comma-separated mutation ids: run only these (default: all)",
+    )
+    m.add_argument("--list", action="store_true", help="with --mutate: list mutations, run none")
+    m.add_argument(
+        "--check-restore",
+        action="store_true",
+        help="after each restore run the same tests again; they must pass",
+    )
+    m.add_argument(
+        "--mutation-catalogue",
+        type=Path,
+        help="mutation catalogue (default: verify/mutations.yml)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
@@ -145,6 +171,10 @@ def _id_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip().upper() for part in text.split(",") if part.strip())
 
 
+def _mutation_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
 def _repo() -> Path:
     return hashing.find_repo_root()
 
@@ -155,6 +185,20 @@ def _rel(repo: Path, path: Path) -> Path:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     repo = _repo()
+    mutation_flags = [
+        flag
+        for flag, used in (
+            ("--mutations", bool(args.mutations)),
+            ("--list", args.list),
+            ("--check-restore", args.check_restore),
+            ("--mutation-catalogue", args.mutation_catalogue is not None),
+        )
+        if used
+    ]
+    if args.mutate:
+        return cmd_mutate(args, repo)
+    if mutation_flags:
+        raise UsageError(f"{', '.join(mutation_flags)} only go with --mutate")
     opts = VerifyOptions(
         stage=args.stage,
         workers=args.workers,
@@ -165,6 +209,52 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     report_dir = _rel(repo, args.report_dir) if args.report_dir else None
     return run_verify(repo, opts, report_dir).exit_code
+
+
+def cmd_mutate(args: argparse.Namespace, repo: Path) -> int:
+    from safemail.gate import mutate
+
+    partial = [
+        flag
+        for flag, used in (
+            ("-k", args.keyword),
+            ("-m", args.markexpr),
+            ("--requirements", args.requirements),
+        )
+        if used
+    ]
+    if partial:
+        raise UsageError(
+            f"--mutate chooses the tests per mutation; drop {', '.join(partial)}",
+            "select mutations with --mutations ID,ID",
+        )
+    catalogue = relative_to(
+        load_catalogue(
+            _rel(repo, args.catalogue) if args.catalogue else repo / "verify" / "requirements.yml"
+        ),
+        repo,
+    )
+    path = _rel(repo, args.mutation_catalogue or mutate.DEFAULT_CATALOGUE)
+    chosen = mutate.select(mutate.load_mutations(path, catalogue), args.mutations)
+    tested = mutate.tested_requirements(repo / "verify")
+    if args.list:
+        print(mutate.format_list(chosen, tested))
+        return 0
+    if args.stage != "test":
+        raise UsageError(
+            "--mutate changes the stage it runs against: only --stage test is allowed"
+        )
+    root = _rel(repo, args.report_dir) if args.report_dir else mutate.default_report_root(repo)
+    opts = mutate.MutateOptions(
+        stage=args.stage, workers=args.workers, check_restore=args.check_restore
+    )
+    print(f"safemail verify --mutate: {len(chosen)} mutation(s), reports in {root}", flush=True)
+    run = mutate.run_mutations(repo, chosen, opts, root, tested=tested)
+    print(mutate.format_summary(run))
+    print(f"details: {root / 'mutate.json'}")
+    if run.interrupted:
+        return 130
+    return 0 if run.all_caught else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
