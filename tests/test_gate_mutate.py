@@ -179,12 +179,30 @@ def test_ssh_command_connects_as_the_inventory_says():
     assert shlex.split(other[-1]) == ["sudo", "-n", "sh", "-c", "id"]
 
 
+def test_ssh_runs_in_its_own_session(monkeypatch):
+    seen: dict[str, Any] = {}
+
+    def fake_run(cmd, **kw):
+        seen.update(kw, cmd=cmd)
+
+        class Done:
+            returncode, stdout, stderr = 0, "ok\n", ""
+
+        return Done()
+
+    monkeypatch.setattr(mutate.subprocess, "run", fake_run)
+    assert mutate.ssh_runner(HOSTS["relay1"], "true", 5) == CommandResult(0, "ok")
+    # A Ctrl-C in the terminal reaches only safemail, which restores before it stops.
+    assert seen["start_new_session"] is True and seen["timeout"] == 5
+
+
 def test_remote_script_sets_the_state_dir_and_fails_early():
     m = _mutation("ca-key")
     script = mutate.remote_script(m, "chmod 0644 k")
     assert script.startswith("set -eu\nM=/run/safemail-mutate/ca-key\n")
     assert "chmod 0644 k" in script and 'rm -rf "$M"' not in script
-    assert mutate.remote_script(m, "x", cleanup=True).rstrip().endswith('rm -rf "$M"')
+    cleanup = mutate.remote_script(m, "x", cleanup=True)
+    assert 'rm -rf "$M"\nrmdir /run/safemail-mutate 2>/dev/null || true' in cleanup
 
 
 # --- judging ----------------------------------------------------------------------------------
@@ -232,11 +250,24 @@ def test_failed_apply_is_an_error_and_still_restores(tmp_path):
     assert not run.all_caught
 
 
+def test_verify_that_cannot_run_is_an_error_and_still_restores(tmp_path):
+    class Broken(Fake):
+        def verifier(self, opts, report_dir):
+            self.calls.append(("verify", ""))
+            raise mutate.SafeMailError("inventory inventories/test does not exist")
+
+    fake = Broken()
+    run = _run(tmp_path, [_mutation()], fake)
+    assert [c[0] for c in fake.calls] == ["apply", "verify", "restore"]
+    assert run.outcomes[0].status == ERROR and "could not run" in run.outcomes[0].detail
+
+
 def test_interrupt_during_verify_restores_and_stops(tmp_path):
     fake = Fake(interrupt_on_verify=True)
     run = _run(tmp_path, [_mutation("a-1"), _mutation("b-2")], fake)
     assert [c[0] for c in fake.calls] == ["apply", "verify", "restore"]
     assert run.interrupted and not run.all_caught
+    assert [(o.mutation.id, o.status) for o in run.outcomes] == [("a-1", ERROR)]
     assert json.loads((tmp_path / "reports" / "mutate.json").read_text())["interrupted"]
 
 

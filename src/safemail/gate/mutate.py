@@ -20,7 +20,7 @@ caught / applied; the exit code is 0 only when every selected mutation was caugh
 
 The commands run under ``sh -eu`` with ``$M`` set to a private per-mutation directory on the
 host (/run/safemail-mutate/<id>): apply keeps what restore needs there (a copy of a file, a
-mode, a rule handle). A successful restore removes it.
+mode, a rule handle). A successful restore removes it (and the parent, once empty).
 """
 
 from __future__ import annotations
@@ -285,6 +285,9 @@ def ssh_runner(host: Host, script: str, timeout: float) -> CommandResult:
             timeout=timeout,
             check=False,
             stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C in the terminal must not kill a restore in flight
+            # (the run defers the signal and restores first).
+            start_new_session=True,
         )
     except subprocess.TimeoutExpired:
         return CommandResult(124, f"timed out after {timeout:.0f} s")
@@ -302,6 +305,7 @@ def remote_script(mutation: Mutation, body: str, *, cleanup: bool = False) -> st
     ]
     if cleanup:
         lines.append('rm -rf "$M"')
+        lines.append(f"rmdir {STATE_ROOT} 2>/dev/null || true")
     return "\n".join(lines) + "\n"
 
 
@@ -428,16 +432,21 @@ def run_mutations(
         print(text, file=out, flush=True)
 
     total = len(mutations)
+    current: Mutation | None = None
     try:
         with _sigterm_as_interrupt():
             for n, m in enumerate(mutations, 1):
+                current = m
                 say(f"[{n}/{total}] {m.id} on {m.host}: {m.title}")
                 outcome = _run_one(m, hosts[m.host], opts, report_root, runner, verifier,
                                    tested, say)
+                current = None
                 run.outcomes.append(outcome)
                 say(f"[{n}/{total}] {m.id}: {outcome.status.upper()} - {outcome.detail}")
     except KeyboardInterrupt:
         run.interrupted = True
+        if current is not None:
+            run.outcomes.append(Outcome(current, ERROR, "interrupted (its restore ran first)"))
         say("interrupted: the mutation in progress was restored; later ones were not run")
     finally:
         run.finished = _now().isoformat(timespec="seconds")
@@ -476,9 +485,13 @@ def _run_one(
         else:
             say(f"    verify {','.join(m.requirements)}"
                 + (f" -k {m.keyword!r}" if m.keyword else "") + " (expecting failure)")
-            result = verifier(vopts, report_root / m.id / "mutated")
-            outcome.report_dir = str(result.report_dir)
-            outcome.status, outcome.detail, outcome.statuses = judge(m, result.report)
+            try:
+                result = verifier(vopts, report_root / m.id / "mutated")
+            except SafeMailError as exc:
+                outcome.detail = f"verify could not run: {exc.message}"
+            else:
+                outcome.report_dir = str(result.report_dir)
+                outcome.status, outcome.detail, outcome.statuses = judge(m, result.report)
     finally:
         # Always restore: also after a failed apply (it may have half-applied) and on Ctrl-C.
         with _signals_deferred() as held:
