@@ -298,6 +298,19 @@ def test_check_restore_runs_the_tests_again(tmp_path):
         _run(tmp_path, [_mutation()], still, check_restore=True)
 
 
+def test_baseline_runs_first_and_a_failing_baseline_is_not_applied(tmp_path):
+    fake = Fake(verdicts=[{"MAIL-03": "pass"}, {"MAIL-03": "fail"}])
+    run = _run(tmp_path, [_mutation()], fake, baseline=True)
+    assert [c[0] for c in fake.calls] == ["verify", "apply", "verify", "restore"]
+    assert run.all_caught
+
+    failing = Fake(verdicts=[{"MAIL-03": "fail"}])
+    run = _run(tmp_path, [_mutation()], failing, baseline=True)
+    assert [c[0] for c in failing.calls] == ["verify"]  # never applied, nothing to restore
+    assert run.outcomes[0].status == ERROR
+    assert "tests fail before the mutation" in run.outcomes[0].detail
+
+
 def test_only_the_test_stage_is_mutated(tmp_path):
     with pytest.raises(MutationError, match="test stage only"):
         _run(tmp_path, [_mutation()], Fake(), stage="production")
@@ -327,6 +340,7 @@ def test_cli_lists_the_catalogue(monkeypatch, capsys):
     [
         (["verify", "--mutations", "smime-gate-off"], "only go with --mutate"),
         (["verify", "--list"], "only go with --mutate"),
+        (["verify", "--baseline"], "only go with --mutate"),
         (["verify", "--mutate", "--stage", "production"], "only --stage test"),
         (["verify", "--mutate", "-k", "relay"], "--mutate chooses the tests"),
         (["verify", "--mutate", "--requirements", "MAIL-03"], "--mutate chooses the tests"),

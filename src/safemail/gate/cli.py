@@ -85,6 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="after each restore run the same tests again; they must pass",
     )
     m.add_argument(
+        "--baseline",
+        action="store_true",
+        help="before each mutation run its tests once; they must pass, else it is not applied",
+    )
+    m.add_argument(
         "--mutation-catalogue",
         type=Path,
         help="mutation catalogue (default: verify/mutations.yml)",
@@ -191,6 +196,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ("--mutations", bool(args.mutations)),
             ("--list", args.list),
             ("--check-restore", args.check_restore),
+            ("--baseline", args.baseline),
             ("--mutation-catalogue", args.mutation_catalogue is not None),
         )
         if used
@@ -246,7 +252,10 @@ def cmd_mutate(args: argparse.Namespace, repo: Path) -> int:
         )
     root = _rel(repo, args.report_dir) if args.report_dir else mutate.default_report_root(repo)
     opts = mutate.MutateOptions(
-        stage=args.stage, workers=args.workers, check_restore=args.check_restore
+        stage=args.stage,
+        workers=args.workers,
+        check_restore=args.check_restore,
+        baseline=args.baseline,
     )
     print(f"safemail verify --mutate: {len(chosen)} mutation(s), reports in {root}", flush=True)
     run = mutate.run_mutations(repo, chosen, opts, root, tested=tested)

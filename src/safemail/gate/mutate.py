@@ -14,6 +14,9 @@ For every selected mutation:
    the whole run if the restore fails: the stage is then in an unknown state;
 5. optionally (``--check-restore``) run the same tests again: they must pass now.
 
+With ``--baseline`` the same tests run first, before applying: a mutation whose tests already
+fail is not applied (``error``): its failure would prove nothing.
+
 A mutation is ``caught`` when every one of its requirement ids has status ``fail`` in the
 mutated run's report; ``missed`` when the tests ran and some id did not fail. The score is
 caught / applied; the exit code is 0 only when every selected mutation was caught.
@@ -317,6 +320,7 @@ class MutateOptions:
     stage: str = "test"
     workers: int = 2
     check_restore: bool = False
+    baseline: bool = False
     timeout: float = 180.0
 
 
@@ -347,12 +351,12 @@ def judge(mutation: Mutation, report: Mapping[str, Any]) -> tuple[str, str, dict
     return CAUGHT, f"{failed} test(s) failed: " + ", ".join(statuses), statuses
 
 
-def restore_passes(mutation: Mutation, report: Mapping[str, Any]) -> tuple[bool, str]:
+def tests_pass(mutation: Mutation, report: Mapping[str, Any]) -> tuple[bool, str]:
     statuses = requirement_statuses(report, mutation.requirements)
     bad = [f"{rid} {st}" for rid, st in statuses.items() if st != "pass"]
     if report.get("problems"):
         bad.append("problems: " + "; ".join(report["problems"]))
-    return (not bad, "tests pass again" if not bad else "still failing: " + ", ".join(bad))
+    return (not bad, "tests pass" if not bad else "failing: " + ", ".join(bad))
 
 
 @contextlib.contextmanager
@@ -477,6 +481,19 @@ def _run_one(
         stage=opts.stage, workers=opts.workers, keyword=m.keyword, requirements=m.requirements
     )
     outcome = Outcome(m, ERROR, "not run")
+    if opts.baseline:
+        # A test that fails without the mutation would "catch" it for nothing.
+        say("    baseline: the same tests before applying (expecting success)")
+        try:
+            before = verifier(vopts, report_root / m.id / "baseline")
+        except SafeMailError as exc:
+            outcome.detail = f"not applied: the baseline verify could not run: {exc.message}"
+            return outcome
+        ok, why = tests_pass(m, before.report)
+        if not ok:
+            outcome.detail = (f"not applied: the tests fail before the mutation ({why}); "
+                              f"see {before.report_dir}")
+            return outcome
     try:
         say(f"    apply: {m.apply.splitlines()[0][:100]}")
         applied = runner(host, remote_script(m, m.apply), opts.timeout)
@@ -513,7 +530,8 @@ def _run_one(
         say("    check restore: the same tests again (expecting success)")
         result = verifier(vopts, report_root / m.id / "restored")
         outcome.restore_report_dir = str(result.report_dir)
-        ok, why = restore_passes(m, result.report)
+        ok, why = tests_pass(m, result.report)
+        why = "tests pass again" if ok else f"still {why}"
         outcome.restore_checked = ok
         if not ok:
             outcome.status = ERROR
