@@ -16,6 +16,9 @@ What this plugin does:
   cannot pass) and listed at the end of the run, and the report lists it too;
 - provides the ``evidence`` fixture: ``evidence(text)`` attaches text (an SMTP reply, a file
   mode, a probe result) to the test as a JUnit property ``evidence``;
+- keeps a module that declares ``testinfra_hosts`` on those hosts: ``safemail verify``
+  passes ``--hosts=ansible://all``, and testinfra lets ``--hosts`` win over the module's own
+  list, so the relay's mail tests would otherwise run (and fail) against every host;
 - ``--req-select MAIL-03,NET-01`` runs only the tests of those requirements;
   ``--req-catalogue PATH`` reads another catalogue (default: requirements.yml next to this
   file).
@@ -85,9 +88,46 @@ def _selection(config: pytest.Config) -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _declared_hosts(config: pytest.Config, module: object, cache: dict) -> set[str] | None:
+    declared = getattr(module, "testinfra_hosts", None)
+    if declared is None:
+        return None
+    key = getattr(module, "__name__", id(module))
+    if key not in cache:
+        import testinfra
+
+        hosts = testinfra.get_hosts(
+            list(declared), ansible_inventory=config.getoption("ansible_inventory", None)
+        )
+        cache[key] = {h.backend.get_pytest_id() for h in hosts}
+    return cache[key]
+
+
+def _outside_declared_hosts(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:
+    """Items parametrized (by --hosts) with a host their module's testinfra_hosts excludes."""
+    if not config.getoption("hosts", None):
+        return []  # no --hosts: testinfra already used each module's own list
+    cache: dict = {}
+    outside = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        host = callspec.params.get("_testinfra_host") if callspec is not None else None
+        if host is None:
+            continue
+        allowed = _declared_hosts(config, getattr(item, "module", None), cache)
+        if allowed is not None and host.backend.get_pytest_id() not in allowed:
+            outside.append(item)
+    return outside
+
+
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    outside = _outside_declared_hosts(config, items)
+    if outside:
+        config.hook.pytest_deselected(items=outside)
+        dropped_ids = {id(i) for i in outside}
+        items[:] = [i for i in items if id(i) not in dropped_ids]
     catalogue = config.stash[_catalogue_key]
     known = set(catalogue.ids)
     selection = _selection(config)

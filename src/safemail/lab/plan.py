@@ -256,7 +256,10 @@ def generated_inventory(plan: LabPlan, key_file: str, known_hosts: str,
                 "ansible_ssh_private_key_file": key_file,
                 "ansible_ssh_common_args": (
                     f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes "
-                    "-o IdentitiesOnly=yes -o ConnectTimeout=10"
+                    "-o IdentitiesOnly=yes -o ConnectTimeout=10 "
+                    # A host that stops answering (rebooted VM, dropped state) ends the
+                    # session within a minute instead of hanging a run forever.
+                    "-o ServerAliveInterval=15 -o ServerAliveCountMax=4"
                 ),
                 "lab_ssh_public_key": public_key,
                 "lab_mirror_address": str(plan.mirror),

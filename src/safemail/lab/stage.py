@@ -101,7 +101,8 @@ class Stage:
         return ["ssh", *mode, "-i", str(self.paths.key_file),
                 "-o", f"UserKnownHostsFile={self.paths.known_hosts}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
-                "-o", "ConnectTimeout=5", f"root@{address}", *command]
+                "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=15",
+                "-o", "ServerAliveCountMax=4", f"root@{address}", *command]
 
     def answers(self, address: str) -> bool:
         try:
