@@ -5,6 +5,7 @@ safemail verify  --mutate                  apply known-bad changes, expect verif
 safemail report  JUNIT [JUNIT ...]         rebuild report.json/html from JUnit XML
 safemail promote --to production           check the gate, record the release, deploy
 safemail docs                              write docs/generated/ from inventory and roles
+safemail docs network                      write docs/network.md and .svg from the flow matrix
 """
 
 from __future__ import annotations
@@ -157,8 +158,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=fmt,
     )
-    p.add_argument("--out", type=Path, default=Path("docs/generated"), help="%(default)s")
-    p.add_argument("--stage", choices=STAGES, default="production", help="inventory to document")
+    p.add_argument(
+        "part",
+        nargs="?",
+        choices=("all", "network"),
+        default="all",
+        help="all: hosts.md, roles.md, index.md; network: the network plan (network.md and "
+        "network.svg) from the flow matrix (default: %(default)s)",
+    )
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: docs/generated; docs for network)")
+    p.add_argument("--stage", choices=STAGES, default=None,
+                   help="inventory to document (default: production; test for network, the "
+                   "stage whose inventory has hosts)")
     p.set_defaults(func=cmd_docs)
 
 
@@ -408,7 +420,15 @@ def cmd_docs(args: argparse.Namespace) -> int:
     from safemail import docs
 
     repo = _repo()
-    out = _rel(repo, args.out)
+    if args.part == "network":
+        from safemail.network import docs as network_docs
+
+        out = _rel(repo, args.out or Path("docs"))
+        for path in network_docs.generate(repo, out, args.stage or "test"):
+            print(f"wrote {path}")
+        return 0
+    args.stage = args.stage or "production"
+    out = _rel(repo, args.out or Path("docs/generated"))
     try:
         revision: str | None = hashing.git_revision(repo)
     except SafeMailError:

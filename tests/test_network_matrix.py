@@ -1,0 +1,249 @@
+"""The flow matrix (safemail.network): combining, checking, per-host rules, probes, the plan."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safemail.lab import plan as lab_plan
+from safemail.network import matrix, plan
+from safemail.network.docs import generate
+
+REPO = Path(__file__).resolve().parents[1]
+
+NETWORK = {
+    "safemail_network_segments": {
+        "mgmt": "10.0.0.0/24", "safenet": "10.0.1.0/24", "front": "10.0.2.0/24",
+        "back": "10.0.3.0/24", "core": "10.0.4.0/24",
+    },
+    "safemail_network_endpoints": {
+        "controller": {"address": "10.0.0.1", "segment": "mgmt"},
+        "mirror": {"address": "10.0.4.5", "segment": "core", "description": "mirror"},
+    },
+    "safemail_site_flows": [
+        {"from": "controller", "to": "service", "proto": "tcp", "port": 22, "purpose": "admin"},
+        {"from": "service", "to": "mirror", "proto": "tcp", "port": 80, "purpose": "apt"},
+    ],
+    "safemail_flow_roles": [],
+}
+
+FLOWS = [
+    {"from": "participants", "to": "relay", "proto": "tcp", "port": 587, "purpose": "submit"},
+    {"from": "relay", "to": "store", "proto": "tcp", "port": 24, "purpose": "LMTP"},
+    {"from": "relay", "to": "store", "proto": "tcp", "port": 24, "purpose": "LMTP in"},
+    {"from": "relay", "to": "auth", "proto": "tcp", "port": 389, "purpose": "lookups"},
+    {"from": "store", "to": "auth", "proto": "tcp", "port": 389, "purpose": "users"},
+]
+
+
+def _topo() -> matrix.Topology:
+    spec = matrix.parse_network(NETWORK)
+    nodes = {
+        "relay1": matrix.Node("relay1", ("relay", "service"), "front", "10.0.2.12", "10.0.0.16"),
+        "store1": matrix.Node("store1", ("service", "store"), "back", "10.0.3.11", "10.0.0.17"),
+        "auth1": matrix.Node("auth1", ("auth", "service"), "back", "10.0.3.10", "10.0.0.10"),
+        "practice1": matrix.Node("practice1", ("participants",), "safenet", "10.0.1.10",
+                                 "10.0.0.14"),
+    }
+    return matrix.Topology(spec, nodes)
+
+
+def _flows() -> tuple[matrix.Flow, ...]:
+    return matrix.combine([*NETWORK["safemail_site_flows"], *FLOWS])
+
+
+def test_combine_merges_duplicates_and_keeps_both_purposes():
+    flows = _flows()
+    lmtp = [f for f in flows if f.port == 24]
+    assert len(lmtp) == 1
+    assert lmtp[0].purposes == ("LMTP", "LMTP in")
+    assert list(flows) == sorted(flows)
+
+
+@pytest.mark.parametrize(("flow", "message"), [
+    ({"from": "a", "to": "b", "proto": "icmp", "port": 1, "purpose": "x"}, "protocol"),
+    ({"from": "a", "to": "b", "proto": "tcp", "port": 0, "purpose": "x"}, "port 0"),
+    ({"from": "a", "to": "b", "proto": "tcp", "port": "22", "purpose": "x"}, "port '22'"),
+    ({"from": "a", "to": "b", "proto": "tcp", "port": 70000, "purpose": "x"}, "port 70000"),
+    ({"from": "a", "to": "b", "proto": "tcp", "port": 22}, "lacks purpose"),
+    ({"from": "a", "to": "a", "proto": "tcp", "port": 22, "purpose": "x"}, "to itself"),
+])
+def test_combine_refuses_bad_flows(flow, message):
+    with pytest.raises(matrix.MatrixError, match=message):
+        matrix.combine([flow])
+
+
+def test_unknown_names_and_misplaced_endpoints_are_refused():
+    topo = _topo()
+    with pytest.raises(matrix.MatrixError, match="no inventory group, segment or endpoint"):
+        matrix.check(matrix.combine([{**FLOWS[0], "to": "relays"}]), topo)
+    bad = json.loads(json.dumps(NETWORK))
+    bad["safemail_network_endpoints"]["mirror"]["address"] = "10.0.9.5"
+    with pytest.raises(matrix.MatrixError, match="not inside its segment"):
+        matrix.parse_network(bad)
+    bad["safemail_network_endpoints"]["mirror"]["address"] = "10.0.4.500"
+    with pytest.raises(matrix.MatrixError, match="not an IPv4"):
+        matrix.parse_network(bad)
+
+
+def test_host_rules_in_and_out():
+    topo, flows = _topo(), _flows()
+    relay = matrix.host_rules(flows, topo, "relay1")
+    assert [(r.proto, r.port, r.networks) for r in relay["input"]] == [
+        ("tcp", 22, ("10.0.0.1/32",)), ("tcp", 587, ("10.0.1.10/32",))]
+    assert [(r.proto, r.port, r.networks) for r in relay["output"]] == [
+        ("tcp", 24, ("10.0.3.11/32",)), ("tcp", 80, ("10.0.4.5/32",)),
+        ("tcp", 389, ("10.0.3.10/32",))]
+    auth = matrix.host_rules(flows, topo, "auth1")
+    assert [(r.port, r.networks) for r in auth["input"]] == [
+        (22, ("10.0.0.1/32",)), (389, ("10.0.2.12/32", "10.0.3.11/32"))]
+    assert [r.port for r in auth["output"]] == [80]
+
+
+def test_uncovered_finds_a_missing_admin_rule():
+    topo = _topo()
+    flows = matrix.combine(FLOWS + [NETWORK["safemail_site_flows"][1]])  # no admin SSH
+    rules = [r.as_dict() for r in matrix.host_rules(flows, topo, "relay1")["input"]]
+    assert matrix.uncovered(rules, ["10.0.0.1"], "tcp", 22) == ["10.0.0.1"]
+    rules = [r.as_dict() for r in matrix.host_rules(_flows(), topo, "relay1")["input"]]
+    assert matrix.uncovered(rules, ["10.0.0.1"], "tcp", 22) == []
+
+
+def test_probes_expect_exactly_the_matrix_and_use_mgmt_from_the_controller():
+    topo, flows = _topo(), _flows()
+    ports = matrix.probe_ports(flows)
+    assert {22, 24, 587, 389, 80, 25, 443} <= set(ports)
+    from_practice = matrix.probes(flows, topo, "practice1", ["relay1", "store1", "auth1"], ports)
+    allowed = {(p.dst, p.port) for p in from_practice if p.expect}
+    assert allowed == {("relay1", 587)}
+    assert all(p.address == topo.nodes[p.dst].address for p in from_practice)
+    from_ctl = matrix.probes(flows, topo, "controller", ["relay1"], ports)
+    assert {p.port for p in from_ctl if p.expect} == {22}
+    assert {p.address for p in from_ctl} == {"10.0.0.16"}
+    to_mirror = matrix.probes(flows, topo, "relay1", ["mirror"], [80, 443])
+    assert [(p.address, p.port, p.expect) for p in to_mirror] == [
+        ("10.0.4.5", 80, True), ("10.0.4.5", 443, False)]
+
+
+def test_the_test_inventory_matches_the_lab_plan():
+    spec = matrix.read_network(REPO / "inventories" / "test")
+    for name, net in spec.segments.items():
+        assert lab_plan.SEGMENTS[name] == net
+    assert spec.endpoints["controller"].address == ipaddress.ip_network(lab_plan.CONTROLLER_MGMT)
+    mirror = lab_plan.SEGMENTS[lab_plan.MIRROR[1]].network_address + lab_plan.MIRROR[2]
+    assert spec.endpoints["mirror"].address == ipaddress.ip_network(mirror)
+
+
+@pytest.mark.parametrize("stage", ["test", "production"])
+def test_every_flow_role_exports_valid_flows(stage):
+    spec, flows = matrix.load_matrix(REPO, stage)
+    assert spec.flow_roles
+    assert any(f.src == "controller" and f.port == 22 for f in flows)
+    known = set(spec.segments) | set(spec.endpoints) | set(lab_plan.SERVICE_GROUPS) | {
+        "service", "participants"}
+    assert {f.src for f in flows} | {f.dst for f in flows} <= known
+
+
+def test_ansible_combines_the_same_matrix_as_python():
+    """safemail_flow_matrix (Jinja, what the firewall role gets) == matrix.load_matrix."""
+    ansible = Path(sys.executable).parent / "ansible"
+    if not ansible.exists():
+        pytest.skip("ansible is not installed in this environment")
+    proc = subprocess.run(
+        [str(ansible), "-i", "inventories/test", "relay1", "-m", "ansible.builtin.debug",
+         "-a", "var=safemail_flow_matrix", "-o"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={"ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "PATH": str(ansible.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout.split("=>", 1)[1])
+    _, python_flows = matrix.load_matrix(REPO, "test")
+    assert matrix.combine(data["safemail_flow_matrix"]) == python_flows
+    assert [f.purposes for f in matrix.combine(data["safemail_flow_matrix"])] == [
+        f.purposes for f in python_flows]
+
+
+def _filter_plugin():
+    path = REPO / "roles" / "firewall" / "filter_plugins" / "safemail_firewall.py"
+    spec = importlib.util.spec_from_file_location("safemail_firewall_plugin", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_filter_plugin_gives_the_role_the_same_rules():
+    pytest.importorskip("ansible")
+    plugin = _filter_plugin()
+    topo = _topo()
+    groups = {"all": sorted(topo.nodes), "relay": ["relay1"], "store": ["store1"],
+              "auth": ["auth1"], "service": ["auth1", "relay1", "store1"],
+              "participants": ["practice1"]}
+    hostvars = {n.name: {"safemail_address": n.address, "safemail_segment": n.segment}
+                for n in topo.nodes.values()}
+    flows = [*NETWORK["safemail_site_flows"], *FLOWS]
+    rules = plugin.safemail_firewall_rules(flows, "store1", hostvars, groups,
+                                           NETWORK["safemail_network_segments"],
+                                           NETWORK["safemail_network_endpoints"])
+    expected = matrix.host_rules(_flows(), topo, "store1")
+    assert rules == {k: [r.as_dict() for r in v] for k, v in expected.items()}
+    assert plugin.safemail_firewall_uncovered(rules, ["10.0.0.1"], "tcp", 22) == []
+    from ansible.errors import AnsibleFilterError
+    with pytest.raises(AnsibleFilterError, match="no inventory group"):
+        plugin.safemail_firewall_rules([{**FLOWS[0], "from": "nobody"}], "store1", hostvars,
+                                       groups, NETWORK["safemail_network_segments"])
+
+
+def test_plan_shows_every_flow_and_every_pair():
+    topo, flows = _topo(), _flows()
+    md = plan.render_markdown(flows, topo, "test")
+    for f in flows:
+        assert f"| {f.service} |" in md
+    svg = plan.render_svg(flows, topo, "test")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = root.findall(f"{ns}polyline")
+    assert len(lines) == len({(f.src, f.dst) for f in flows})
+    texts = {t.text for t in root.iter(f"{ns}text")}
+    assert {"relay", "store", "auth", "participants", "controller", "mirror"} <= texts
+    assert "tcp/80" in texts and "tcp/24" in texts
+    assert plan.render_svg(flows, topo, "test") == svg  # deterministic
+
+
+def test_committed_network_plan_matches_the_matrix(tmp_path):
+    """docs/network.md and docs/network.svg are what `safemail docs network` writes now."""
+    committed = REPO / "docs" / "network.md"
+    if not committed.exists():
+        pytest.fail("docs/network.md is missing: run `safemail docs network`")
+    hosts_yml = yaml.safe_load((REPO / "inventories/test/hosts.yml").read_text())
+    hosts = [_InvHost(s.name, s.groups, {"safemail_segment": s.segment})
+             for s in lab_plan.hosts_from_inventory(hosts_yml)]
+    generate(REPO, tmp_path, "test", hosts=hosts)
+    for name in ("network.md", "network.svg"):
+        fresh = (tmp_path / name).read_text(encoding="utf-8")
+        assert (REPO / "docs" / name).read_text(encoding="utf-8") == fresh, (
+            f"docs/{name} is stale: run `safemail docs network` and commit it")
+
+
+class _InvHost:
+    def __init__(self, name: str, groups: tuple[str, ...], hostvars: dict) -> None:
+        self.name = name
+        self.groups = groups
+        self.vars = hostvars
+
+
+def test_cli_docs_network_writes_the_plan(tmp_path, monkeypatch):
+    from safemail.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    assert main(["docs", "network", "--stage", "test", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "network.md").read_text().startswith(plan.HEADER)
+    ET.fromstring((tmp_path / "network.svg").read_text())
