@@ -330,7 +330,7 @@ def test_cli_send_without_matching_certificate_fails_clearly(
     assert rc == 1
     err = capsys.readouterr().err
     assert f"error: no certificate for recipient {RECIPIENT}" in err
-    assert "hint: pass the recipient's certificate" in err
+    assert "hint: is the recipient enrolled" in err
 
 
 def test_cli_send_needs_host_and_password(

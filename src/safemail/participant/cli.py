@@ -14,9 +14,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from safemail.errors import SafeMailError, UsageError
-from safemail.participant import keys, message, probe, transport
+from safemail.participant import directory, keys, message, probe, transport
 
 KEY_PASSPHRASE_ENV = "SAFEMAIL_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+DIRECTORY_ENV = "SAFEMAIL_DIRECTORY"
+DIRECTORY_BIND_DN_ENV = "SAFEMAIL_DIRECTORY_BIND_DN"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_keygen(actions)
     _add_send(actions)
     _add_fetch(actions)
+    _add_lookup(actions)
     probe.register(actions)
 
 
@@ -80,12 +83,67 @@ def _add_connection(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
 
 
+def _add_directory(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "directory",
+        "where recipient certificates come from: the SafeMail directory (LDAP with StartTLS, "
+        "verified with --cafile), bound as your participant entry with your mail password",
+    )
+    g.add_argument(
+        "--directory",
+        default=os.environ.get(DIRECTORY_ENV),
+        metavar="URI",
+        help=f"directory URI, ldap://HOST (StartTLS) or ldaps://HOST (default ${DIRECTORY_ENV})",
+    )
+    g.add_argument(
+        "--directory-bind-dn",
+        default=os.environ.get(DIRECTORY_BIND_DN_ENV),
+        metavar="DN",
+        help="your participant entry, uid=NUMBER,ou=participants,... "
+        f"(default ${DIRECTORY_BIND_DN_ENV})",
+    )
+    g.add_argument(
+        "--directory-base",
+        metavar="DN",
+        help="where participants are (default: the parent of --directory-bind-dn)",
+    )
+    g.add_argument(
+        "--smime-ca",
+        type=Path,
+        help="the SafeMail CA certificate: use only directory certificates it signed",
+    )
+
+
+def _add_lookup(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "lookup",
+        help="print a participant's certificate(s) from the directory (PEM)",
+        description="Look a mailbox up in the SafeMail directory and print the certificates "
+        "published for it (only those that name the mailbox).",
+    )
+    p.add_argument("--mailbox", required=True, help="the participant to look up")
+    _add_directory(p)
+    p.add_argument("--cafile", type=Path, help="CA certificate(s) to verify the directory (PEM)")
+    p.add_argument(
+        "--password-file", type=Path, help="file whose first line is the password (never argv)"
+    )
+    p.add_argument(
+        "--password-env",
+        default=transport.DEFAULT_PASSWORD_ENV,
+        help="environment variable holding the password "
+        f"(default {transport.DEFAULT_PASSWORD_ENV})",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    p.set_defaults(func=cmd_lookup)
+
+
 def _add_send(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "send",
         help="encrypt a message for its recipients and submit it (SMTP, STARTTLS, AUTH)",
         description="Build an S/MIME enveloped message (AES-256) for each recipient's "
-        "certificate and submit it. The subject is NOT encrypted: keep patient data out of it.",
+        "certificate, fetched from the SafeMail directory, and submit it. The subject is NOT "
+        "encrypted: keep patient data out of it.",
     )
     p.add_argument("--from", dest="sender", required=True, help="your mailbox")
     p.add_argument("--to", action="append", required=True, help="recipient mailbox (repeatable)")
@@ -99,8 +157,10 @@ def _add_send(actions: argparse._SubParsersAction) -> None:
         action="append",
         type=Path,
         default=[],
-        help="recipient certificate file; its SAN must name a --to mailbox (repeatable)",
+        help="use this certificate file instead of the directory (repeatable; its SAN must "
+        "name a --to mailbox). Whether it is still valid and unrevoked is then up to you",
     )
+    _add_directory(p)
     p.add_argument(
         "--sender-cert",
         type=Path,
@@ -182,6 +242,36 @@ def _write_output(data: bytes, path: Path | None, private: bool = False) -> None
         raise SafeMailError(f"cannot write {path}: {exc.strerror}", "check --out") from exc
 
 
+def _directory(args: argparse.Namespace) -> directory.LdapCertificateDirectory:
+    if not args.directory or not args.directory_bind_dn:
+        raise UsageError(
+            "no directory to fetch recipient certificates from",
+            f"pass --directory ldap://HOST and --directory-bind-dn uid=NUMBER,ou=participants,"
+            f"... (or set ${DIRECTORY_ENV} and ${DIRECTORY_BIND_DN_ENV}); --recipient-cert "
+            "FILE uses a certificate file instead",
+        )
+    config = directory.DirectoryConfig(
+        uri=args.directory,
+        bind_dn=args.directory_bind_dn,
+        password=transport.read_password(args.password_file, args.password_env),
+        base=args.directory_base,
+        cafile=args.cafile,
+        timeout=args.timeout,
+    )
+    issuer = message.load_certificate(args.smime_ca) if args.smime_ca else None
+    return directory.LdapCertificateDirectory(config, issuer)
+
+
+def _recipient_certificates(args: argparse.Namespace) -> list:
+    """One certificate per --to: from --recipient-cert files if given, else the directory."""
+    if args.recipient_cert:
+        return message.resolve_recipients(
+            args.to, message.FileCertificateDirectory.from_paths(args.recipient_cert)
+        )
+    with _directory(args) as certs_from_directory:
+        return message.resolve_recipients(args.to, certs_from_directory)
+
+
 def _account(args: argparse.Namespace, default_user: str | None) -> transport.Account:
     if not args.host:
         raise UsageError("--host is required to connect", "or use --build-only / --input")
@@ -238,8 +328,7 @@ def _warn_subject(subject: str) -> None:
 def cmd_send(args: argparse.Namespace) -> int:
     if args.out is not None and not args.build_only:
         raise UsageError("--out is only used with --build-only", "drop --out or add --build-only")
-    directory = message.FileCertificateDirectory.from_paths(args.recipient_cert)
-    certs = message.resolve_recipients(args.to, directory)
+    certs = _recipient_certificates(args)
     if args.sender_cert is not None:
         certs.append(message.load_certificate(args.sender_cert))
     for cert in certs:
@@ -282,4 +371,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     key = keys.load_private_key(args.key, _passphrase(args.passphrase_file))
     cert = message.load_certificate(args.cert)
     _write_output(message.decrypt_message(raw, cert, key), args.out, private=True)
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    keys.validate_mailbox(args.mailbox)
+    with _directory(args) as certs_from_directory:
+        certs = certs_from_directory.certificates_for(args.mailbox)
+    if not certs:
+        raise SafeMailError(
+            f"the directory holds no certificate for {args.mailbox}",
+            "is the mailbox enrolled and its certificate published by the CA?",
+        )
+    for cert in certs:
+        _write_output(cert.public_bytes(serialization.Encoding.PEM), None)
     return 0

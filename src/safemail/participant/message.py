@@ -112,7 +112,7 @@ def check_recipient_certificate(
 
 
 class CertificateDirectory(Protocol):
-    """Where recipient certificates come from (files now; the LDAP directory later)."""
+    """Where recipient certificates come from (the LDAP directory, or files)."""
 
     def certificates_for(self, mailbox: str) -> list[x509.Certificate]:
         """All usable certificates for ``mailbox`` (may be empty)."""
@@ -146,11 +146,14 @@ def resolve_recipients(
         if not found:
             raise SafeMailError(
                 f"no certificate for recipient {mailbox}",
-                "pass the recipient's certificate with --recipient-cert FILE (its SAN must name "
-                "this mailbox)",
+                "is the recipient enrolled and its certificate published to the directory? "
+                "(a --recipient-cert FILE must name this mailbox in its SAN)",
             )
-        # Newest first: a renewed certificate replaces the old one.
-        certs.append(max(found, key=lambda c: c.not_valid_after_utc))
+        # A certificate valid now, the newest of them: a renewed certificate replaces the old
+        # one. If none is valid, the newest, which check_recipient_certificate then refuses.
+        now = datetime.datetime.now(datetime.UTC)
+        valid = [c for c in found if c.not_valid_before_utc <= now <= c.not_valid_after_utc]
+        certs.append(max(valid or found, key=lambda c: c.not_valid_after_utc))
     return certs
 
 
