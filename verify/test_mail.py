@@ -3,7 +3,9 @@
 practice1 and practice2 are lab participants with their own keys (enrolled through the CA).
 Every SMTP test runs `safemail participant smtp-probe` on practice1 against the relay's
 submission port and reads the server's replies; delivery is proven by practice2 fetching the
-message over IMAP (through the relay's proxy) and decrypting it with its own key.
+message over IMAP (through the relay's proxy) and decrypting it with its own key. The sender
+fetches the recipient's certificate from the directory (auth, LDAP with StartTLS), bound as its
+own participant entry, as `safemail participant send` does by default.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import shlex
 import time
 import uuid
 
+import jinja2
 import pytest
 import testinfra
+from cryptography import x509
 
 from safemail.smime import samples
 
@@ -26,11 +30,15 @@ SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 
 
 class Participant:
-    def __init__(self, host, entry: dict, password: str, relay: str) -> None:
+    def __init__(self, host, entry: dict, password: str, relay: str, ldap: dict) -> None:
         self.host = host
         self.mailbox = entry["mailbox"]
         self.password = password
         self.relay = relay
+        # The directory as the participant sees it: its own entry is its bind DN.
+        self.directory = ["--directory", ldap["uri"], "--directory-bind-dn",
+                          f"uid={entry['number']},{ldap['participants_dn']}",
+                          "--smime-ca", f"{PDIR}/ca.pem"]
 
     def _env(self) -> str:
         return f"SAFEMAIL_PASSWORD={shlex.quote(self.password)}"
@@ -55,17 +63,22 @@ class Participant:
         out = self.host.check_output(cmd)
         return json.loads(out)
 
-    def send(self, to: Participant, subject: str, body: str) -> str:
+    def send(self, to: Participant, subject: str, body: str):
+        """`participant send` with its default certificate source: the directory."""
         body_file = f"/tmp/body-{uuid.uuid4().hex}"
         self.host.run(f"cat > {body_file} <<'EOF_BODY'\n{body}\nEOF_BODY")
-        rcpt_cert = f"/tmp/rcpt-{uuid.uuid4().hex}.pem"
-        self.host.run(f"cat > {rcpt_cert} <<'EOF_CERT'\n{to.certificate()}\nEOF_CERT")
         cmd = (f"{self._env()} {SAFEMAIL} participant send --from {self.mailbox} "
                f"--to {to.mailbox} --subject {shlex.quote(subject)} --body-file {body_file} "
-               f"--recipient-cert {rcpt_cert} --host {self.relay} --cafile {CAFILE}")
+               f"{shlex.join(self.directory)} --host {self.relay} --cafile {CAFILE}")
         res = self.host.run(cmd)
-        self.host.run(f"rm -f {body_file} {rcpt_cert}")
+        self.host.run(f"rm -f {body_file}")
         return res
+
+    def lookup(self, mailbox: str, password: str | None = None):
+        secret = self.password if password is None else password
+        env = f"SAFEMAIL_PASSWORD={shlex.quote(secret)}"
+        return self.host.run(f"{env} {SAFEMAIL} participant lookup --mailbox {mailbox} "
+                             f"{shlex.join(self.directory)} --cafile {CAFILE}")
 
     def certificate(self) -> str:
         return self.host.check_output(f"cat {PDIR}/cert.pem")
@@ -103,18 +116,31 @@ def _gate_answers(lab) -> bool:
     return _reply(lab["p1"].probe([lab["p2"].mailbox], message=msg), "data")[0] == 250
 
 
+def _render(hv: dict, name: str) -> str:
+    """An inventory variable with its Jinja references resolved (testinfra hands them over raw,
+    e.g. ``ou=participants,{{ safemail_ldap_base_dn }}``)."""
+    value = hv[name]
+    for _ in range(5):
+        if "{{" not in str(value):
+            return str(value)
+        value = jinja2.Template(str(value)).render(hv)
+    raise AssertionError(f"{name} does not resolve: {value}")
+
+
 @pytest.fixture(scope="module")
 def lab(request, host):
     inventory = request.config.option.ansible_inventory
     hv = host.ansible.get_variables()
     relay = host.backend.host
+    ldap = {"uri": _render(hv, "safemail_ldap_uri"),
+            "participants_dn": _render(hv, "safemail_ldap_participants_dn")}
     people = []
     for entry in hv["safemail_participants"]:
         if entry.get("lab_host"):
             h = testinfra.get_host(f"ansible://{entry['lab_host']}",
                                    ansible_inventory=inventory)
             people.append(Participant(h, entry, hv["safemail_participant_passwords"][
-                entry["number"]], relay))
+                entry["number"]], relay, ldap))
     assert len(people) >= 2, "the lab needs two participants with a lab_host"
     return {"p1": people[0], "p2": people[1], "relay": host, "domain": hv["safemail_mail_domain"]}
 
@@ -196,6 +222,26 @@ def test_encrypted_mail_is_delivered_and_decrypts_to_the_sent_bytes(lab, evidenc
     evidence(f"practice2 decrypted: {plain.strip()[:120]!r}")
     # The client wraps the text in a MIME entity with CRLF line ends; compare the text.
     assert body.replace("\n", "\r\n") in plain
+
+
+@pytest.mark.req("MAIL-03")
+def test_sender_gets_the_recipients_certificate_from_the_directory(lab, evidence):
+    """What `send` encrypts to is the certificate practice2 holds the key for (CA-published)."""
+    res = lab["p1"].lookup(lab["p2"].mailbox)
+    evidence(f"lookup {lab['p2'].mailbox}: rc={res.rc} {res.stderr.strip()[-200:]}")
+    assert res.rc == 0, res.stderr
+    published = x509.load_pem_x509_certificate(res.stdout.encode())
+    own = x509.load_pem_x509_certificate(lab["p2"].certificate().encode())
+    evidence(f"directory serial {published.serial_number:x}, practice2 serial "
+             f"{own.serial_number:x}")
+    assert published == own
+
+
+@pytest.mark.req("MAIL-03")
+def test_directory_lookup_needs_the_participants_password(lab, evidence):
+    res = lab["p1"].lookup(lab["p2"].mailbox, password="wrong-" + uuid.uuid4().hex[:8])
+    evidence(f"lookup with a wrong password: rc={res.rc} {res.stderr.strip()[-200:]}")
+    assert res.rc != 0 and "refused the bind" in res.stderr
 
 
 @pytest.mark.req("MAIL-03")
@@ -300,3 +346,23 @@ def test_relay_to_store_deliveries_are_verified_tls(lab, evidence):
     evidence(out)
     assert "Verified TLS connection established to" in out
     assert "Untrusted" not in out.splitlines()[-1]
+
+
+@pytest.mark.req("MAIL-05")
+def test_imap_proxy_verifies_the_store_certificate(lab, evidence):
+    """The relay's IMAP proxy starts TLS to the store AND verifies it (no any-cert), with the
+    service TLS CA in ssl_ca (Dovecot 2.3's login proxy ignores ssl_client_ca_*). The store's
+    certificate verifies for its name against that CA; the fetch tests above prove sessions
+    pass through the verifying proxy."""
+    relay = lab["relay"]
+    attrs = relay.check_output("grep -h '^pass_attrs' /etc/dovecot/dovecot-ldap.conf.ext")
+    ca_line = relay.check_output("doveconf -h ssl_ca")
+    store = attrs.split("=host=", 1)[1].split(",", 1)[0].strip() if "=host=" in attrs else ""
+    probe = relay.run(
+        f"echo | openssl s_client -starttls imap -connect {store}:143 -CAfile {CAFILE} "
+        f"-verify_return_error -verify_hostname {store} -brief 2>&1")
+    evidence(f"{attrs.strip()} | ssl_ca {ca_line.strip()} | store TLS: "
+             f"{[x for x in probe.stdout.splitlines() if 'Verif' in x or 'Peer cert' in x]}")
+    assert "starttls=yes" in attrs and "any-cert" not in attrs
+    assert ca_line.strip() == f"<{CAFILE}"
+    assert probe.rc == 0 and "Verification: OK" in probe.stdout
