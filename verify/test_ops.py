@@ -279,7 +279,15 @@ def test_kernel_audit_or_documented_equivalent_records_config_changes(svc, evide
     rules = svc.check_output("auditctl -l")
     path = f"/etc/ssh/sshd_config.d/safemail-audit-{uuid.uuid4().hex[:12]}.txt"
     svc.check_output(f"touch {path} && rm -f {path}")
-    found = svc.run(f"ausearch -i -k safemail-config -f {path}")
+    # auditd writes asynchronously (flush = INCREMENTAL_ASYNC): poll for a few seconds.
+    # --input-logs: without it ausearch reads stdin when stdin is not a terminal (as over
+    # testinfra's SSH) and finds nothing.
+    deadline = time.monotonic() + 20
+    while True:
+        found = svc.run(f"ausearch --input-logs -i -k safemail-config -f {path}")
+        if found.rc == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     evidence(f"auditctl -l has {rules.count('safemail-config')} safemail-config rules; "
              f"ausearch rc={found.rc}: {found.stdout.strip()[-300:]!r}")
     assert "-w /etc/postfix -p wa -k safemail-config" in rules
