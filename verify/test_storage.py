@@ -1,0 +1,387 @@
+"""STORE-01, STORE-02: mailboxes, queue and mail logs only on LUKS; nothing lost when locked.
+
+On the relay (Postfix queue, mail logs) and the store (mailboxes, Dovecot's log), each path
+must resolve to a bind mount from an open LUKS2 volume (roles/encrypted_storage). A lab mail
+with a unique marker proves where its traces land: found by reading the opened (decrypted)
+volume, NOT found by the same read of the raw data disk, nor on the plain root filesystem
+(seen through a non-recursive bind of /, which shows what lies under the mounts), nor in the
+journal.
+
+STORE-02 locks a volume with the documented command (`safemail-storage lock`), shows that the
+services do not start while it is locked and that nothing is written to the plain directory
+underneath, sends mail meanwhile (store locked: the relay accepts and queues it; relay
+locked: the participant's connection is refused, a temporary failure it retries), unlocks and
+counts: the mail is there exactly once. A reboot of each VM must bring the volume back by the
+boot unlock path with the services started only after the mounts.
+
+These tests lock volumes and reboot VMs: they take a lock file on the controller so that they
+never run at the same time as each other (safemail verify runs pytest-xdist workers).
+
+How each was shown to fail: docs/storage.md, "Fault checks".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shlex
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import testinfra
+
+from safemail.smime import samples
+
+DEVICE = "/dev/disk/by-id/virtio-safemail-data"
+NAME = "safemail-data"
+MAPPER = f"/dev/mapper/{NAME}"
+HELPER = "/usr/local/sbin/safemail-storage"
+# What must live on the volume, per host group (DESIGN §3, audit report 2.6).
+PATHS = {
+    "relay": ["/var/spool/postfix", "/var/log/safemail"],
+    "store": ["/var/mail/vmail", "/var/log/safemail"],
+}
+SERVICES = {"relay": ["postfix@-.service", "dovecot.service"], "store": ["dovecot.service"]}
+# Where mail data could land on the plain root filesystem (seen through the root view).
+PLAIN_DIRS = ["var", "tmp", "root", "home", "srv", "etc"]
+ROOT_VIEW = "/run/safemail-verify-rootview"
+LOCK_FILE = "/tmp/safemail-verify-storage.lock"
+CAFILE = "/etc/safemail/tls/ca.crt"
+SAFEMAIL = "/opt/safemail/venv/bin/safemail"
+
+
+@contextmanager
+def exclusive() -> Iterator[None]:
+    """One storage test at a time across xdist workers (they lock volumes, reboot VMs)."""
+    with open(LOCK_FILE, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _wait_for(predicate, seconds: float = 90, step: float = 3):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def stage(request) -> dict:
+    inventory = request.config.option.ansible_inventory
+    relay = testinfra.get_hosts(["ansible://relay"], ansible_inventory=inventory)[0]
+    hv = relay.ansible.get_variables()
+    groups = hv["groups"]
+    hosts = {g: testinfra.get_host(f"ansible://{groups[g][0]}", ansible_inventory=inventory)
+             for g in ("relay", "store")}
+    people = [e for e in hv["safemail_participants"] if e.get("lab_host")]
+    assert len(people) >= 2, "the lab needs two participants with a lab_host"
+    sender = testinfra.get_host(f"ansible://{people[0]['lab_host']}",
+                                ansible_inventory=inventory)
+    return {
+        "hosts": hosts,
+        "relay_name": groups["relay"][0],
+        "sender": sender,
+        "from": people[0]["mailbox"],
+        "to": people[1]["mailbox"],
+        "password": hv["safemail_participant_passwords"][people[0]["number"]],
+        "mailboxes": [e["mailbox"] for e in hv["safemail_participants"]],
+    }
+
+
+def probe_send(stage: dict, subject: str) -> dict:
+    """Send an S/MIME-shaped sample with `subject` from the first participant; the transcript."""
+    msg = samples.smime_message(samples.enveloped_der(), subject=subject)
+    host = stage["sender"]
+    path = f"/tmp/store-probe-{uuid.uuid4().hex}.eml"
+    host.run(f"cat > {path} <<'EOF_MSG'\n{msg.decode('latin-1')}\nEOF_MSG")
+    args = [SAFEMAIL, "participant", "smtp-probe", "--host", stage["relay_name"], "--port",
+            "587", "--cafile", CAFILE, "--from", stage["from"], "--to", stage["to"],
+            "--user", stage["from"], "--message", path]
+    out = host.check_output(f"SAFEMAIL_PASSWORD={shlex.quote(stage['password'])} "
+                            f"{shlex.join(args)}; rm -f {path}")
+    return json.loads(out)
+
+
+def data_reply(transcript: dict) -> tuple[int, str]:
+    for s in transcript["steps"]:
+        if s["step"].startswith("data"):
+            return s["code"], s["text"]
+    return 0, transcript.get("error") or f"no data step: {transcript['steps']}"
+
+
+def mailbox_count(store, marker: str) -> int:
+    out = store.run(f"grep -rlF {shlex.quote(marker)} /var/mail/vmail | grep -c /Maildir/")
+    return int(out.stdout.strip() or 0)
+
+
+@contextmanager
+def root_view(host) -> Iterator[str]:
+    """A non-recursive bind of / : the plain root filesystem without anything mounted on it."""
+    host.check_output(f"mkdir -p {ROOT_VIEW} && mount --bind / {ROOT_VIEW}")
+    try:
+        yield ROOT_VIEW
+    finally:
+        host.run(f"umount {ROOT_VIEW} && rmdir {ROOT_VIEW}")
+
+
+def plain_hits(host, needle: str) -> list[str]:
+    """Files on the plain root filesystem (under the mounts too) and journal lines with needle."""
+    with root_view(host) as view:
+        dirs = " ".join(f"{view}/{d}" for d in PLAIN_DIRS)
+        files = host.run(f"grep -rlaF --exclude-dir=journal {shlex.quote(needle)} {dirs}")
+    journal = host.run(f"journalctl -q --no-pager -o cat | grep -cF {shlex.quote(needle)}")
+    hits = files.stdout.split()
+    if int(journal.stdout.strip() or 0):
+        hits.append(f"journal ({journal.stdout.strip()} lines)")
+    return hits
+
+
+# Counts needle in a raw device in 16 MiB chunks (grep would buffer the whole newline-free
+# ciphertext as one line and run out of memory on a 1.5 GB VM).
+COUNT_PY = (
+    "import sys\n"
+    "needle = sys.argv[2].encode(); tail = b''; n = 0\n"
+    "with open(sys.argv[1], 'rb', buffering=0) as fh:\n"
+    "    while chunk := fh.read(16 << 20):\n"
+    "        buf = tail + chunk; n += buf.count(needle); tail = buf[-(len(needle) - 1):]\n"
+    "print(n)\n"
+)
+
+
+def device_count(host, device: str, needle: str) -> int:
+    """How often needle occurs on `device` read raw (after a sync)."""
+    out = host.run(f"sync; python3 -c {shlex.quote(COUNT_PY)} {device} {shlex.quote(needle)}")
+    assert out.rc == 0, out.stderr
+    return int(out.stdout.strip() or 0)
+
+
+def storage_hosts() -> list[str]:
+    return list(PATHS)
+
+
+# --- STORE-01 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.req("STORE-01")
+@pytest.mark.parametrize("group", storage_hosts())
+def test_volume_is_an_open_luks2_volume_on_the_data_disk(stage, evidence, group):
+    host = stage["hosts"][group]
+    with exclusive():
+        status = host.run(f"cryptsetup status {NAME}")
+        disk = host.check_output(f"readlink -f {DEVICE}")
+        luks = host.run(f"cryptsetup luksDump {DEVICE}")
+    evidence(f"{group}: cryptsetup status: {' '.join(status.stdout.split())[:300]}")
+    assert status.rc == 0, status.stderr
+    assert "type:    LUKS2" in status.stdout
+    assert f"device:  {disk}" in status.stdout
+    assert "Version:       \t2" in luks.stdout or "Version:" in luks.stdout
+
+
+@pytest.mark.req("STORE-01")
+@pytest.mark.parametrize("group,path",
+                         [(g, p) for g, paths in PATHS.items() for p in paths])
+def test_mail_path_resolves_to_the_dm_crypt_volume(stage, evidence, group, path):
+    host = stage["hosts"][group]
+    with exclusive():
+        source = host.check_output(f"findmnt -n -o SOURCE -T {path}")
+        chain = host.check_output(f"lsblk -n -s -o NAME,TYPE {MAPPER} || true")
+        with root_view(host) as view:
+            below = host.run(f"ls -A {view}{path}")
+    evidence(f"{group} {path}: mounted from {source}; {MAPPER}: {' '.join(chain.split())}; "
+             f"plain directory underneath: {below.stdout.split() or 'empty'}")
+    assert source.startswith(f"{MAPPER}["), f"{path} is on {source}, not on {MAPPER}"
+    assert "crypt" in chain.split()
+    assert below.rc == 0 and below.stdout.strip() == "", (
+        f"plain directory under {path} holds {below.stdout.split()}")
+
+
+@pytest.mark.req("STORE-01")
+def test_mail_traces_only_on_the_encrypted_volume(stage, evidence):
+    relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
+    marker = f"STORE01-{uuid.uuid4().hex}"
+    with exclusive():
+        t = probe_send(stage, f"Befund {marker}")
+        code, text = data_reply(t)
+        evidence(f"DATA: {code} {text}")
+        assert code == 250, t
+        queue_id = text.rsplit(" ", 1)[-1]
+        delivered = _wait_for(lambda: mailbox_count(store, marker), 120)
+        logged = _wait_for(lambda: relay.run(
+            f"grep -cF {queue_id} /var/log/safemail/mail.log").stdout.strip() not in ("", "0"), 60)
+        # The marker (subject) in the store's mailbox, the queue id in the relay's mail log:
+        # found by reading the opened volume, not by the same read of the raw disk.
+        found = {
+            "store mailbox files": delivered,
+            "store decrypted volume": device_count(store, MAPPER, marker),
+            "store raw disk": device_count(store, DEVICE, marker),
+            "relay decrypted volume": device_count(relay, MAPPER, queue_id),
+            "relay raw disk": device_count(relay, DEVICE, queue_id),
+        }
+        plain = {"store": plain_hits(store, marker), "relay": plain_hits(relay, queue_id),
+                 "relay (subject)": plain_hits(relay, marker)}
+    evidence(f"marker {marker}, relay queue id {queue_id}, in mail.log: {bool(logged)}; "
+             f"blocks/files found: {found}; on the plain root fs or journal: {plain}")
+    assert found["store mailbox files"] == 1
+    assert logged
+    assert found["store decrypted volume"] > 0 and found["relay decrypted volume"] > 0
+    assert found["store raw disk"] == 0 and found["relay raw disk"] == 0
+    assert plain == {"store": [], "relay": [], "relay (subject)": []}
+
+
+@pytest.mark.req("STORE-01")
+@pytest.mark.parametrize("group", storage_hosts())
+def test_no_mail_log_lines_on_the_plain_disk(stage, evidence, group):
+    """No participant's address in /var/log of the root disk or in the journal."""
+    host = stage["hosts"][group]
+    with exclusive():
+        on_volume = {m: host.run(f"grep -rlF {shlex.quote(m)} /var/log/safemail").stdout.split()
+                     for m in stage["mailboxes"]}
+        with root_view(host) as view:
+            plain = {m: host.run(f"grep -rlaF --exclude-dir=journal {shlex.quote(m)} "
+                                 f"{view}/var/log").stdout.split() for m in stage["mailboxes"]}
+        journal = {m: host.run(f"journalctl -q --no-pager -o cat | grep -cF {shlex.quote(m)}")
+                   .stdout.strip() for m in stage["mailboxes"]}
+    evidence(f"{group}: mailbox addresses in the volume's logs: {on_volume}; "
+             f"in the plain /var/log: {plain}; journal lines: {journal}")
+    assert any(on_volume.values()), "no mail log on the volume names a participant (no traffic?)"
+    assert not any(plain.values()) and set(journal.values()) <= {"0", ""}
+
+
+# --- STORE-02 ----------------------------------------------------------------------------------
+
+
+def _lock(host) -> str:
+    return host.check_output(f"{HELPER} lock")
+
+
+def _unlock(host) -> None:
+    host.run(f"{HELPER} unlock")
+
+
+def _start_refused(host, unit: str) -> tuple[bool, str]:
+    """Try to start `unit` with the volume locked: it must not become active."""
+    res = host.run(f"timeout 60 systemctl start {unit}; systemctl cancel {unit} 2>/dev/null")
+    state = host.run(f"systemctl is-active {unit}").stdout.strip()
+    return state != "active", f"systemctl start {unit}: rc={res.rc}, then {state}"
+
+
+def _plain_listing(host, paths: list[str]) -> dict[str, list[str]]:
+    return {p: host.run(f"ls -A {p}").stdout.split() for p in paths}
+
+
+@pytest.mark.req("STORE-02")
+def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
+    relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
+    marker = f"STORE02S-{uuid.uuid4().hex}"
+    with exclusive():
+        try:
+            _lock(store)
+            closed = store.run(f"test -e {MAPPER}").rc != 0
+            refused, how = _start_refused(store, "dovecot.service")
+            t = probe_send(stage, f"Befund {marker}")
+            code, text = data_reply(t)
+            queue_id = text.rsplit(" ", 1)[-1]
+            time.sleep(10)
+            queued = relay.run(f"postqueue -j | grep -cF {queue_id}").stdout.strip()
+            plain = _plain_listing(store, PATHS["store"])
+        finally:
+            _unlock(store)
+        relay.run("postqueue -f")
+        count = _wait_for(lambda: mailbox_count(store, marker), 180)
+        time.sleep(5)
+        final = mailbox_count(store, marker)
+        left = relay.run(f"postqueue -j | grep -cF {queue_id}").stdout.strip()
+    evidence(f"store locked (volume closed: {closed}); {how}; relay DATA {code} {text}; "
+             f"in the relay queue: {queued}; plain dirs while locked: {plain}; "
+             f"after unlock: {final} copy in the mailbox, queue entries left: {left}")
+    assert closed and refused
+    assert code == 250 and queued == "1"
+    assert all(not v for v in plain.values())
+    assert count == 1 and final == 1 and left == "0"
+
+
+@pytest.mark.req("STORE-02")
+def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
+    relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
+    marker = f"STORE02R-{uuid.uuid4().hex}"
+    with exclusive():
+        try:
+            _lock(relay)
+            closed = relay.run(f"test -e {MAPPER}").rc != 0
+            refused, how = _start_refused(relay, "postfix@-.service")
+            postfix_state = relay.run("systemctl is-active postfix@-.service").stdout.strip()
+            locked_try = probe_send(stage, f"Befund {marker}")
+            plain = _plain_listing(relay, PATHS["relay"])
+        finally:
+            _unlock(relay)
+        active = _wait_for(lambda: relay.run("systemctl is-active postfix@-.service")
+                           .stdout.strip() == "active", 60)
+        t = probe_send(stage, f"Befund {marker}")
+        code, text = data_reply(t)
+        if code != 250:
+            # One retry: smtpd is spawned on the first connection after the start.
+            time.sleep(15)
+            t = probe_send(stage, f"Befund {marker}")
+            code, text = data_reply(t)
+        count = _wait_for(lambda: mailbox_count(store, marker), 120)
+    evidence(f"relay locked (volume closed: {closed}); {how}; postfix@-: {postfix_state}; "
+             f"participant while locked: {locked_try.get('error') or locked_try['steps']}; "
+             f"plain dirs while locked: {plain}; after unlock postfix active: {active}, "
+             f"DATA {code} {text}, copies delivered: {count}")
+    assert closed and refused and postfix_state != "active"
+    # No SMTP answer at all: the client's send fails temporarily (it retries), nothing stored.
+    assert locked_try["error"].startswith("connect:") and not locked_try["steps"]
+    assert all(not v for v in plain.values())
+    assert code == 250 and count == 1
+
+
+@pytest.mark.req("STORE-01", "STORE-02")
+@pytest.mark.parametrize("group", storage_hosts())
+def test_reboot_reopens_the_volume_before_the_services(stage, evidence, group):
+    host = stage["hosts"][group]
+    with exclusive():
+        boot_before = host.check_output("cat /proc/sys/kernel/random/boot_id")
+        host.run("systemd-run --on-active=2 systemctl reboot")
+        time.sleep(15)
+
+        def back() -> bool:
+            try:
+                res = host.run("cat /proc/sys/kernel/random/boot_id; "
+                               "systemctl is-system-running --wait")
+            except Exception:  # noqa: BLE001 - the VM is down while it reboots: keep polling
+                return False
+            lines = res.stdout.split()
+            return bool(lines) and lines[0] != boot_before
+
+        up = _wait_for(back, 420, 10)
+        assert up, f"{group} did not come back from the reboot"
+        mount_unit = host.check_output(f"systemd-escape --path --suffix=mount {host_mount(host)}")
+        crypt_unit = host.check_output(
+            f"systemd-escape --template=systemd-cryptsetup@.service {NAME}")
+        times = {}
+        for u in [crypt_unit, mount_unit, *SERVICES[group]]:
+            out = host.check_output(
+                f"systemctl show -p ActiveState -p ActiveEnterTimestampMonotonic {shlex.quote(u)}")
+            props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+            since = int(props.get("ActiveEnterTimestampMonotonic", 0))
+            times[u] = (props.get("ActiveState"), since)
+        sources = {p: host.check_output(f"findmnt -n -o SOURCE -T {p}") for p in PATHS[group]}
+    evidence(f"{group} after reboot: units (state, activated at µs): {times}; mounts: {sources}")
+    crypt, mount, *services = times.values()
+    assert all(state == "active" for state, _ in times.values()), times
+    assert 0 < crypt[1] <= mount[1]
+    assert all(mount[1] < t for _, t in services), "a service started before the volume mount"
+    assert all(s.startswith(f"{MAPPER}[") for s in sources.values()), sources
+
+
+def host_mount(host) -> str:
+    return host.check_output(f"findmnt -n -o TARGET --source {MAPPER} | head -n 1")
