@@ -10,6 +10,7 @@ own participant entry, as `safemail participant send` does by default.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shlex
 import time
@@ -89,6 +90,23 @@ class Participant:
             f"--key {PDIR}/key.pem "
             f"--cert {PDIR}/cert.pem --host {self.relay} --cafile {CAFILE}")
 
+    def fetch_by_subject(self, subject: str) -> str:
+        """Decrypt the message whose Subject carries ``subject`` ("" while it has not arrived).
+
+        Not simply the newest: other tests deliver synthetic envelopes (which no key opens) to
+        the same mailbox at the same time."""
+        listing = self.host.run(
+            f"{self._env()} {SAFEMAIL} participant fetch --list --mailbox {self.mailbox} "
+            f"--host {self.relay} --cafile {CAFILE}")
+        for line in listing.stdout.splitlines():
+            uid, _, header = line.partition("\t")
+            if subject in header:
+                return self.host.check_output(
+                    f"{self._env()} {SAFEMAIL} participant fetch --mailbox {self.mailbox} "
+                    f"--uid {uid} --key {PDIR}/key.pem --cert {PDIR}/cert.pem "
+                    f"--host {self.relay} --cafile {CAFILE}")
+        return ""
+
     def list_subjects(self) -> str:
         return self.host.check_output(
             f"{self._env()} {SAFEMAIL} participant fetch --list --mailbox {self.mailbox} "
@@ -109,6 +127,20 @@ def _first_refusal(transcript: dict) -> tuple[str, int, str]:
         if s["code"] >= 400:
             return s["step"], s["code"], s["text"]
     return "", 0, f"nothing refused: {transcript}"
+
+
+# Stopping the gate (test_gate_down_...) must not overlap another worker's SMTP test: those
+# would see the 4xx meant for it. Every test here holds a shared lock on the controller; the
+# gate-down test takes it exclusively.
+_GATE_LOCK = "/tmp/safemail-verify-mail-gate.lock"
+
+
+@pytest.fixture(autouse=True)
+def _gate_lock():
+    with open(_GATE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield handle
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _gate_answers(lab) -> bool:
@@ -214,11 +246,11 @@ def test_relay_has_no_way_out(lab, evidence):
 def test_encrypted_mail_is_delivered_and_decrypts_to_the_sent_bytes(lab, evidence):
     marker = f"Befund {uuid.uuid4().hex}"
     body = f"{marker}\nDiese Zeilen sind nur verschluesselt unterwegs."
-    res = lab["p1"].send(lab["p2"], "Befund folgt", body)
+    subject = f"Befund folgt {uuid.uuid4().hex[:8]}"
+    res = lab["p1"].send(lab["p2"], subject, body)
     evidence(f"send: rc={res.rc} {res.stderr.strip()[-200:]}")
     assert res.rc == 0, res.stderr
-    plain = _wait_for(lambda: (lambda out: out if marker in out else "")(
-        lab["p2"].fetch_newest()), 90)
+    plain = _wait_for(lambda: lab["p2"].fetch_by_subject(subject), 90)
     evidence(f"practice2 decrypted: {plain.strip()[:120]!r}")
     # The client wraps the text in a MIME entity with CRLF line ends; compare the text.
     assert body.replace("\n", "\r\n") in plain
@@ -273,7 +305,9 @@ def test_synthetic_envelope_passes_the_gate(lab, evidence):
 
 
 @pytest.mark.req("MAIL-03")
-def test_gate_down_means_tempfail_never_acceptance(lab, evidence):
+def test_gate_down_means_tempfail_never_acceptance(lab, evidence, _gate_lock):
+    fcntl.flock(_gate_lock, fcntl.LOCK_UN)
+    fcntl.flock(_gate_lock, fcntl.LOCK_EX)  # wait until no other mail test runs
     relay = lab["relay"]
     msg = samples.accepted_samples()[0].message
     relay.check_output("systemctl stop safemail-smime-gate")
