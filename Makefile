@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help setup demo test lint unit integration integration-full converge lab-up lab-down
+.PHONY: help setup demo test lint unit integration integration-full converge lab-up lab-down \
+	bench-gate molecule-stage molecule-role mutate
 
 help:
 	@echo "make demo   - set up, start the lab, converge site.yml, verify (the main job)"
@@ -15,6 +16,10 @@ help:
 	@echo "make unit   - unit tests only (no lab)"
 	@echo "make integration-full - the lab integration test plus a --check run of site.yml"
 	@echo "make lab-up / lab-down / converge - single steps"
+	@echo "make molecule-stage - molecule test -s stage: lab up, site.yml, idempotence, --check, verify, lab down"
+	@echo "make molecule-role SCENARIO=auth - one role scenario on the running lab (docs/molecule.md)"
+	@echo "make mutate - the mutation run on the running, converged lab (docs/mutations.md)"
+	@echo "make bench-gate - S/MIME gate in Postfix: messages/s with vs without (lab up)"
 
 setup:
 	@bash scripts/setup-host.sh
@@ -49,3 +54,30 @@ lab-up: setup
 
 lab-down: setup
 	$(BIN)/safemail lab down
+
+# Messages/s through the relay's Postfix with and without the S/MIME gate (lab up, relay
+# converged); adds two loopback listeners on the relay for about a minute, then removes them.
+bench-gate: setup
+	$(BIN)/python bench/bench_smime_gate.py
+
+# Molecule (docs/molecule.md). The stage scenario: starts the lab, converges site.yml,
+# second run changed=0, --check, the whole verify suite, stops the lab.
+molecule-stage: setup
+	$(BIN)/molecule test -s stage
+
+# One role scenario against the running lab (started if it is not; never stopped):
+# converge, idempotence, check mode, verify. make molecule-role SCENARIO=auth
+SCENARIO ?= auth
+molecule-role: setup
+	$(BIN)/molecule converge -s $(SCENARIO)
+	$(BIN)/molecule idempotence -s $(SCENARIO)
+	$(BIN)/molecule check -s $(SCENARIO)
+	$(BIN)/molecule verify -s $(SCENARIO)
+
+# Proof that verify can fail (docs/mutations.md): every mutation of verify/mutations.yml on
+# the running, converged lab, one at a time: its tests pass first, fail while it is applied,
+# and pass again after the restore.
+# make mutate MUTATIONS=smime-gate-off,ca-key-world-readable
+MUTATIONS ?=
+mutate: setup
+	$(BIN)/safemail verify --mutate --baseline --check-restore $(if $(MUTATIONS),--mutations $(MUTATIONS))
