@@ -361,7 +361,7 @@ def test_cli_send_without_directory_or_file_says_what_to_give(
     assert rc == 2
     err = capsys.readouterr().err
     assert "no directory to fetch recipient certificates from" in err
-    assert "--directory ldap://HOST" in err
+    assert "--directory http://CA-DIST/" in err
 
 
 def test_cli_send_unknown_recipient_in_the_directory(

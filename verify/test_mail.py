@@ -4,8 +4,9 @@ practice1 and practice2 are lab participants with their own keys (enrolled throu
 Every SMTP test runs `safemail participant smtp-probe` on practice1 against the relay's
 submission port and reads the server's replies; delivery is proven by practice2 fetching the
 message over IMAP (through the relay's proxy) and decrypting it with its own key. The sender
-fetches the recipient's certificate from the directory (auth, LDAP with StartTLS), bound as its
-own participant entry, as `safemail participant send` does by default.
+fetches the recipient's certificate from the CA's distribution point (ca-dist, HTTP inside
+SafeNet) and checks it against the SafeMail CA and its CRL, as `safemail participant send` does
+by default; the directory (auth, back segment) is out of a participant's reach (SYS-01).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shlex
 import time
 import uuid
 
-import jinja2
 import pytest
 import testinfra
 from cryptography import x509
@@ -31,15 +31,14 @@ SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 
 
 class Participant:
-    def __init__(self, host, entry: dict, password: str, relay: str, ldap: dict) -> None:
+    def __init__(self, host, entry: dict, password: str, relay: str, dist_uri: str) -> None:
         self.host = host
         self.mailbox = entry["mailbox"]
         self.password = password
         self.relay = relay
-        # The directory as the participant sees it: its own entry is its bind DN.
-        self.directory = ["--directory", ldap["uri"], "--directory-bind-dn",
-                          f"uid={entry['number']},{ldap['participants_dn']}",
-                          "--smime-ca", f"{PDIR}/ca.pem"]
+        # Recipient certificates from the distribution point, trusted through the SafeMail CA
+        # the participant host holds (enrolment put it there), not through the transport.
+        self.directory = ["--directory", dist_uri, "--smime-ca", f"{PDIR}/ca.pem"]
 
     def _env(self) -> str:
         return f"SAFEMAIL_PASSWORD={shlex.quote(self.password)}"
@@ -65,7 +64,7 @@ class Participant:
         return json.loads(out)
 
     def send(self, to: Participant, subject: str, body: str):
-        """`participant send` with its default certificate source: the directory."""
+        """`participant send` with its default certificate source: the distribution point."""
         body_file = f"/tmp/body-{uuid.uuid4().hex}"
         self.host.run(f"cat > {body_file} <<'EOF_BODY'\n{body}\nEOF_BODY")
         cmd = (f"{self._env()} {SAFEMAIL} participant send --from {self.mailbox} "
@@ -75,11 +74,10 @@ class Participant:
         self.host.run(f"rm -f {body_file}")
         return res
 
-    def lookup(self, mailbox: str, password: str | None = None):
-        secret = self.password if password is None else password
-        env = f"SAFEMAIL_PASSWORD={shlex.quote(secret)}"
-        return self.host.run(f"{env} {SAFEMAIL} participant lookup --mailbox {mailbox} "
-                             f"{shlex.join(self.directory)} --cafile {CAFILE}")
+    def lookup(self, mailbox: str, directory: list[str] | None = None):
+        args = self.directory if directory is None else directory
+        return self.host.run(f"{SAFEMAIL} participant lookup --mailbox {shlex.quote(mailbox)} "
+                             f"{shlex.join(args)}")
 
     def certificate(self) -> str:
         return self.host.check_output(f"cat {PDIR}/cert.pem")
@@ -148,33 +146,26 @@ def _gate_answers(lab) -> bool:
     return _reply(lab["p1"].probe([lab["p2"].mailbox], message=msg), "data")[0] == 250
 
 
-def _render(hv: dict, name: str) -> str:
-    """An inventory variable with its Jinja references resolved (testinfra hands them over raw,
-    e.g. ``ou=participants,{{ safemail_ldap_base_dn }}``)."""
-    value = hv[name]
-    for _ in range(5):
-        if "{{" not in str(value):
-            return str(value)
-        value = jinja2.Template(str(value)).render(hv)
-    raise AssertionError(f"{name} does not resolve: {value}")
-
-
 @pytest.fixture(scope="module")
 def lab(request, host):
     inventory = request.config.option.ansible_inventory
     hv = host.ansible.get_variables()
     relay = host.backend.host
-    ldap = {"uri": _render(hv, "safemail_ldap_uri"),
-            "participants_dn": _render(hv, "safemail_ldap_participants_dn")}
+    # The distribution point at ca-dist's SafeNet-facing service address (where
+    # ca_hosts_dist_http_address binds it in the test inventory).
+    dist = testinfra.get_host(f"ansible://{hv['groups']['ca_dist'][0]}",
+                              ansible_inventory=inventory)
+    dist_uri = f"http://{dist.ansible.get_variables()['safemail_address']}/"
     people = []
     for entry in hv["safemail_participants"]:
         if entry.get("lab_host"):
             h = testinfra.get_host(f"ansible://{entry['lab_host']}",
                                    ansible_inventory=inventory)
             people.append(Participant(h, entry, hv["safemail_participant_passwords"][
-                entry["number"]], relay, ldap))
+                entry["number"]], relay, dist_uri))
     assert len(people) >= 2, "the lab needs two participants with a lab_host"
-    return {"p1": people[0], "p2": people[1], "relay": host, "domain": hv["safemail_mail_domain"]}
+    return {"p1": people[0], "p2": people[1], "relay": host, "domain": hv["safemail_mail_domain"],
+            "dist_uri": dist_uri}
 
 
 def _wait_for(predicate, seconds: float = 60):
@@ -257,23 +248,33 @@ def test_encrypted_mail_is_delivered_and_decrypts_to_the_sent_bytes(lab, evidenc
 
 
 @pytest.mark.req("MAIL-03")
-def test_sender_gets_the_recipients_certificate_from_the_directory(lab, evidence):
+def test_sender_gets_the_recipients_certificate_from_the_distribution_point(lab, evidence):
     """What `send` encrypts to is the certificate practice2 holds the key for (CA-published)."""
     res = lab["p1"].lookup(lab["p2"].mailbox)
-    evidence(f"lookup {lab['p2'].mailbox}: rc={res.rc} {res.stderr.strip()[-200:]}")
+    evidence(f"lookup {lab['p2'].mailbox} at {lab['dist_uri']}: rc={res.rc} "
+             f"{res.stderr.strip()[-200:]}")
     assert res.rc == 0, res.stderr
     published = x509.load_pem_x509_certificate(res.stdout.encode())
     own = x509.load_pem_x509_certificate(lab["p2"].certificate().encode())
-    evidence(f"directory serial {published.serial_number:x}, practice2 serial "
+    evidence(f"published serial {published.serial_number:x}, practice2 serial "
              f"{own.serial_number:x}")
     assert published == own
 
 
 @pytest.mark.req("MAIL-03")
-def test_directory_lookup_needs_the_participants_password(lab, evidence):
-    res = lab["p1"].lookup(lab["p2"].mailbox, password="wrong-" + uuid.uuid4().hex[:8])
-    evidence(f"lookup with a wrong password: rc={res.rc} {res.stderr.strip()[-200:]}")
-    assert res.rc != 0 and "refused the bind" in res.stderr
+def test_distribution_point_lookup_needs_the_smime_ca(lab, evidence):
+    """Without the CA to check against, the client refuses to use what HTTP delivered."""
+    res = lab["p1"].lookup(lab["p2"].mailbox, ["--directory", lab["dist_uri"]])
+    evidence(f"lookup without --smime-ca: rc={res.rc} {res.stderr.strip()[-200:]}")
+    assert res.rc == 2 and "needs --smime-ca" in res.stderr
+
+
+@pytest.mark.req("MAIL-03")
+def test_unenrolled_mailbox_has_no_published_certificate(lab, evidence):
+    mailbox = f"nobody-{uuid.uuid4().hex[:8]}@{lab['domain']}"
+    res = lab["p1"].lookup(mailbox)
+    evidence(f"lookup {mailbox}: rc={res.rc} {res.stderr.strip()[-200:]}")
+    assert res.rc == 1 and f"no certificate published for {mailbox}" in res.stderr
 
 
 @pytest.mark.req("MAIL-03")

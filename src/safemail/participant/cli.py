@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 
@@ -86,46 +87,55 @@ def _add_connection(p: argparse.ArgumentParser, default_port: int) -> None:
 def _add_directory(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "directory",
-        "where recipient certificates come from: the SafeMail directory (LDAP with StartTLS, "
-        "verified with --cafile), bound as your participant entry with your mail password",
+        "where recipient certificates come from: the SafeMail CA's distribution point "
+        "(--directory http://HOST/, the participant default; every certificate is checked "
+        "against --smime-ca and the CA's CRL), or, for service hosts, the LDAP directory "
+        "(--directory ldap://HOST, StartTLS verified with --cafile, bound with "
+        "--directory-bind-dn and the mail password)",
     )
     g.add_argument(
         "--directory",
         default=os.environ.get(DIRECTORY_ENV),
         metavar="URI",
-        help=f"directory URI, ldap://HOST (StartTLS) or ldaps://HOST (default ${DIRECTORY_ENV})",
+        help="http://HOST/ (CA distribution point; needs --smime-ca), or ldap://HOST "
+        f"(StartTLS) / ldaps://HOST (default ${DIRECTORY_ENV})",
     )
     g.add_argument(
         "--directory-bind-dn",
         default=os.environ.get(DIRECTORY_BIND_DN_ENV),
         metavar="DN",
-        help="your participant entry, uid=NUMBER,ou=participants,... "
+        help="LDAP only: your entry, uid=NUMBER,ou=participants,... "
         f"(default ${DIRECTORY_BIND_DN_ENV})",
     )
     g.add_argument(
         "--directory-base",
         metavar="DN",
-        help="where participants are (default: the parent of --directory-bind-dn)",
+        help="LDAP only: where participants are (default: the parent of --directory-bind-dn)",
     )
     g.add_argument(
         "--smime-ca",
         type=Path,
-        help="the SafeMail CA certificate: use only directory certificates it signed",
+        help="the SafeMail CA certificate: use only certificates it signed (required with an "
+        "http:// directory, where it also checks the CRL)",
     )
 
 
 def _add_lookup(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "lookup",
-        help="print a participant's certificate(s) from the directory (PEM)",
-        description="Look a mailbox up in the SafeMail directory and print the certificates "
-        "published for it (only those that name the mailbox).",
+        help="print a participant's certificate from the distribution point or directory (PEM)",
+        description="Look a mailbox up at the SafeMail CA's distribution point (or in the "
+        "directory) and print the certificates published for it that pass the checks (signed "
+        "by --smime-ca, naming the mailbox; from the distribution point also valid now and "
+        "not revoked).",
     )
     p.add_argument("--mailbox", required=True, help="the participant to look up")
     _add_directory(p)
-    p.add_argument("--cafile", type=Path, help="CA certificate(s) to verify the directory (PEM)")
+    p.add_argument("--cafile", type=Path,
+                   help="CA certificate(s) to verify an ldap:// or https:// server (PEM)")
     p.add_argument(
-        "--password-file", type=Path, help="file whose first line is the password (never argv)"
+        "--password-file", type=Path,
+        help="LDAP only: file whose first line is the password (never argv)"
     )
     p.add_argument(
         "--password-env",
@@ -142,8 +152,9 @@ def _add_send(actions: argparse._SubParsersAction) -> None:
         "send",
         help="encrypt a message for its recipients and submit it (SMTP, STARTTLS, AUTH)",
         description="Build an S/MIME enveloped message (AES-256) for each recipient's "
-        "certificate, fetched from the SafeMail directory, and submit it. The subject is NOT "
-        "encrypted: keep patient data out of it.",
+        "certificate, fetched from the SafeMail CA's distribution point (or directory) and "
+        "checked against the CA, and submit it. The subject is NOT encrypted: keep patient "
+        "data out of it.",
     )
     p.add_argument("--from", dest="sender", required=True, help="your mailbox")
     p.add_argument("--to", action="append", required=True, help="recipient mailbox (repeatable)")
@@ -242,13 +253,42 @@ def _write_output(data: bytes, path: Path | None, private: bool = False) -> None
         raise SafeMailError(f"cannot write {path}: {exc.strerror}", "check --out") from exc
 
 
-def _directory(args: argparse.Namespace) -> directory.LdapCertificateDirectory:
-    if not args.directory or not args.directory_bind_dn:
+def _directory(
+    args: argparse.Namespace,
+) -> directory.HttpCertificateDirectory | directory.LdapCertificateDirectory:
+    """The certificate source --directory names: the distribution point (http) or LDAP."""
+    if not args.directory:
         raise UsageError(
             "no directory to fetch recipient certificates from",
-            f"pass --directory ldap://HOST and --directory-bind-dn uid=NUMBER,ou=participants,"
-            f"... (or set ${DIRECTORY_ENV} and ${DIRECTORY_BIND_DN_ENV}); --recipient-cert "
-            "FILE uses a certificate file instead",
+            f"pass --directory http://CA-DIST/ (the CA's distribution point) and --smime-ca "
+            f"CA.pem (or set ${DIRECTORY_ENV}); --recipient-cert FILE uses a certificate "
+            "file instead",
+        )
+    scheme = urlsplit(args.directory).scheme.lower()
+    if scheme in directory.HTTP_SCHEMES:
+        if args.smime_ca is None:
+            raise UsageError(
+                f"--directory {args.directory} needs --smime-ca",
+                "certificates from the distribution point are trusted because the SafeMail "
+                "CA signed them, not because of the way they came: give the CA certificate "
+                "(on the lab participants /var/lib/safemail-participant/ca.pem)",
+            )
+        return directory.HttpCertificateDirectory(
+            args.directory,
+            message.load_certificate(args.smime_ca),
+            timeout=args.timeout,
+            cafile=args.cafile,
+        )
+    if scheme not in ("ldap", "ldaps"):
+        raise UsageError(
+            f"--directory {args.directory!r}: unknown kind of directory",
+            "give the CA distribution point as http://HOST/ (or a directory as ldap://HOST)",
+        )
+    if not args.directory_bind_dn:
+        raise UsageError(
+            "an LDAP directory needs --directory-bind-dn",
+            f"pass --directory-bind-dn uid=NUMBER,ou=participants,... (or set "
+            f"${DIRECTORY_BIND_DN_ENV}); participants use --directory http://CA-DIST/ instead",
         )
     config = directory.DirectoryConfig(
         uri=args.directory,
@@ -263,7 +303,7 @@ def _directory(args: argparse.Namespace) -> directory.LdapCertificateDirectory:
 
 
 def _recipient_certificates(args: argparse.Namespace) -> list:
-    """One certificate per --to: from --recipient-cert files if given, else the directory."""
+    """One certificate per --to: from --recipient-cert files if given, else --directory."""
     if args.recipient_cert:
         return message.resolve_recipients(
             args.to, message.FileCertificateDirectory.from_paths(args.recipient_cert)

@@ -1,37 +1,52 @@
-"""Recipient certificates from the SafeMail directory (LDAP, StartTLS, bound as the participant).
+"""Recipient certificates: from the CA's distribution point (HTTP) or the directory (LDAP).
 
-The CA's distribution host publishes each participant's certificate into the directory
-(``userCertificate;binary`` of ``uid=<number>,ou=participants,<base>``); the directory lets a
-participant, bound as its own entry, read other participants' ``mail``, ``cn`` and
-certificate and nothing else (roles/auth). This module is the client side of that lookup.
+Two sources behind one interface (:class:`safemail.participant.message.CertificateDirectory`,
+used as a context manager):
 
-It speaks the three LDAPv3 operations it needs (RFC 4511: StartTLS, simple bind, one-level
-search with an equality filter) over the standard library's socket and ssl, so the participant
-hosts need no further package. TLS is mandatory (StartTLS on ``ldap://``, or ``ldaps://``) and
+* :class:`HttpCertificateDirectory` -- the participant default. The CA's distribution host
+  (ca_dist, front segment) serves ``ca.pem``, ``crl.der``/``crl.pem`` and
+  ``certs/<mailbox>.pem`` over HTTP inside SafeNet (roles/ca_hosts, safemail.ca.dist). The
+  transport is not trusted: a certificate is used only if the SafeMail CA (``--smime-ca``)
+  signed it, it names the mailbox, it is valid now and its serial is not on the CA's CRL
+  (itself checked against the CA and not expired).
+* :class:`LdapCertificateDirectory` -- for service-side use. The distribution host also
+  publishes each participant's certificate into the directory (``userCertificate;binary`` of
+  ``uid=<number>,ou=participants,<base>``); this client binds and searches there. The
+  directory sits on the back segment, which SafeNet cannot reach (SYS-01), so participants
+  do not use it.
+
+The LDAP client speaks the three LDAPv3 operations it needs (RFC 4511: StartTLS, simple bind,
+one-level search with an equality filter) over the standard library's socket and ssl, so no
+further package is needed. TLS is mandatory (StartTLS on ``ldap://``, or ``ldaps://``) and
 the server is verified against a CA file; the bind password never travels before TLS is up.
 
 :func:`encode_*` and :func:`decode_message` are pure (unit-tested byte for byte);
-:class:`LdapCertificateDirectory` is the network edge.
+:class:`LdapCertificateDirectory` and :class:`HttpCertificateDirectory` are the network edge.
 """
 
 from __future__ import annotations
 
+import datetime
 import socket
 import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from safemail.errors import SafeMailError
+from safemail.participant.keys import validate_mailbox
 from safemail.participant.message import certificate_mailboxes
 
 __all__ = [
     "CERT_ATTRIBUTE",
     "DirectoryConfig",
+    "HttpCertificateDirectory",
     "LdapCertificateDirectory",
     "LdapMessage",
     "decode_message",
@@ -420,3 +435,185 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+# --- the CA's distribution point (HTTP) -----------------------------------------------------
+
+_MAX_HTTP_BODY = 1024 * 1024  # a certificate or a CRL of a few hundred entries: a few KB
+HTTP_SCHEMES = ("http", "https")
+
+
+class HttpCertificateDirectory:
+    """Recipient certificates from the CA's distribution point (``<uri>/certs/<mailbox>.pem``).
+
+    Implements :class:`safemail.participant.message.CertificateDirectory`. The distribution
+    host and the way to it are not trusted: integrity comes from the SafeMail CA's signatures.
+    A certificate is returned only if ``issuer`` signed it, it names the mailbox, it is within
+    its validity and its serial is not on the CRL the distribution point publishes (the CRL
+    signed by ``issuer`` and not expired). The CRL is fetched once per instance (one send).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        issuer: x509.Certificate,
+        *,
+        timeout: float = 30.0,
+        cafile: Path | None = None,
+        now: datetime.datetime | None = None,
+    ) -> None:
+        parts = urlsplit(uri)
+        if parts.scheme not in HTTP_SCHEMES or not parts.hostname:
+            raise SafeMailError(
+                f"{uri!r} is not an http:// or https:// URI",
+                "give the CA distribution point as http://HOST/",
+            )
+        self.uri = uri.rstrip("/")
+        self.issuer = issuer
+        self.timeout = timeout
+        self._now = now
+        self._crl: x509.CertificateRevocationList | None = None
+        handlers: list[urllib.request.BaseHandler] = [
+            # Direct connections only: the distribution point is inside SafeNet, and an
+            # inherited proxy setting would send the lookups somewhere else.
+            urllib.request.ProxyHandler({}),
+        ]
+        if parts.scheme == "https":
+            try:
+                ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise SafeMailError(f"cannot load CA file {cafile}: {exc}",
+                                    "give the server's TLS CA as PEM with --cafile") from exc
+            handlers.append(urllib.request.HTTPSHandler(context=ctx))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __enter__(self) -> HttpCertificateDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to close (one request per fetch); here for the common interface."""
+
+    def _where(self) -> str:
+        return f"the CA distribution point {self.uri}/"
+
+    def _now_utc(self) -> datetime.datetime:
+        return self._now or datetime.datetime.now(datetime.UTC)
+
+    def _get(self, path: str) -> bytes | None:
+        """The body of ``<uri>/<path>``; None on 404; SafeMailError on anything else."""
+        url = f"{self.uri}/{path}"
+        try:
+            with self._opener.open(url, timeout=self.timeout) as response:
+                body = response.read(_MAX_HTTP_BODY + 1)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise SafeMailError(f"{self._where()} answered {exc.code} {exc.reason} for {path}",
+                                "try again; if it persists, tell the CA operators") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SafeMailError(f"cannot reach {self._where()}: {reason}",
+                                "is the distribution host reachable from this host "
+                                "(--directory http://HOST/)?") from exc
+        if len(body) > _MAX_HTTP_BODY:
+            raise SafeMailError(f"{self._where()} sent an oversized answer for {path}",
+                                "is the URI really the CA distribution point?")
+        return body
+
+    def _load_crl(self, data: bytes, name: str) -> x509.CertificateRevocationList:
+        try:
+            if b"-----BEGIN" in data:
+                return x509.load_pem_x509_crl(data)
+            return x509.load_der_x509_crl(data)
+        except ValueError as exc:
+            raise SafeMailError(f"{self._where()} sent no readable CRL ({name}): {exc}",
+                                "is the URI really the CA distribution point?") from exc
+
+    def revocation_list(self) -> x509.CertificateRevocationList:
+        """The CA's current CRL from the distribution point, checked; fetched once."""
+        if self._crl is not None:
+            return self._crl
+        for name in ("crl.der", "crl.pem"):
+            data = self._get(name)
+            if data is not None:
+                break
+        else:
+            raise SafeMailError(
+                f"{self._where()} publishes no CRL (crl.der or crl.pem)",
+                "without the CRL a revoked certificate cannot be told apart; tell the CA "
+                "operators",
+            )
+        crl = self._load_crl(data, name)
+        ca = self.issuer
+        if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            raise SafeMailError(
+                f"the CRL from {self._where()} is not signed by the SafeMail CA "
+                f"{ca.subject.rfc4514_string()}",
+                "check --smime-ca; if it is right, the distribution point serves a false CRL: "
+                "tell the CA operators",
+            )
+        now = self._now_utc()
+        if crl.next_update_utc is None or crl.next_update_utc <= now:
+            raise SafeMailError(
+                f"the CRL from {self._where()} has expired (next update "
+                f"{crl.next_update_utc or 'not set'})",
+                "revocations since then would be missed; tell the CA operators (the signer "
+                "pushes a fresh CRL regularly)",
+            )
+        self._crl = crl
+        return crl
+
+    def _refusal(self, cert: x509.Certificate, mailbox: str) -> str | None:
+        """Why ``cert`` may not be used for ``mailbox``, or None if it may."""
+        if not _issued_by(cert, self.issuer):
+            return "it is not signed by the SafeMail CA (--smime-ca)"
+        if mailbox.lower() not in certificate_mailboxes(cert):
+            return "it does not name this mailbox"
+        now = self._now_utc()
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return (f"it is not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                    f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
+        if self.revocation_list().get_revoked_certificate_by_serial_number(
+                cert.serial_number) is not None:
+            return f"it is revoked (serial {cert.serial_number:x} is on the CA's CRL)"
+        return None
+
+    def certificates_for(self, mailbox: str) -> list[x509.Certificate]:
+        """The published certificate of ``mailbox`` after the checks above.
+
+        Raises SafeMailError if nothing is published for the mailbox, or if what is published
+        fails a check (saying which), rather than returning an empty list: the reason matters
+        to the sender.
+        """
+        validate_mailbox(mailbox)  # it becomes part of the URL path
+        name = f"certs/{quote(mailbox.lower(), safe='@+')}.pem"
+        data = self._get(name)
+        if data is None:
+            raise SafeMailError(
+                f"no certificate published for {mailbox}",
+                f"is {mailbox} enrolled with the SafeMail CA? The distribution point "
+                f"({self.uri}/certs/) lists every mailbox with a current certificate",
+            )
+        try:
+            found = x509.load_pem_x509_certificates(data)
+        except ValueError as exc:
+            raise SafeMailError(f"{self._where()} sent no readable certificate for {mailbox}",
+                                "is the URI really the CA distribution point?") from exc
+        certs, refusals = [], []
+        for cert in found:
+            reason = self._refusal(cert, mailbox)
+            if reason is None:
+                certs.append(cert)
+            else:
+                refusals.append(f"serial {cert.serial_number:x}: {reason}")
+        if not certs:
+            raise SafeMailError(
+                f"the certificate published for {mailbox} is not usable: "
+                + "; ".join(refusals),
+                "nothing was sent; ask the recipient to renew the certificate, or tell the CA "
+                "operators if the distribution point looks tampered with",
+            )
+        return certs

@@ -112,7 +112,7 @@ def check_recipient_certificate(
 
 
 class CertificateDirectory(Protocol):
-    """Where recipient certificates come from (the LDAP directory, or files)."""
+    """Where recipient certificates come from (the CA distribution point, LDAP, or files)."""
 
     def certificates_for(self, mailbox: str) -> list[x509.Certificate]:
         """All usable certificates for ``mailbox`` (may be empty)."""
@@ -146,7 +146,7 @@ def resolve_recipients(
         if not found:
             raise SafeMailError(
                 f"no certificate for recipient {mailbox}",
-                "is the recipient enrolled and its certificate published to the directory? "
+                "is the recipient enrolled and its certificate published by the CA? "
                 "(a --recipient-cert FILE must name this mailbox in its SAN)",
             )
         # A certificate valid now, the newest of them: a renewed certificate replaces the old
