@@ -61,6 +61,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "req(*ids): requirement id(s) of verify/requirements.yml this test proves"
     )
+    config.addinivalue_line(
+        "markers",
+        "disruptive: the test stops services, locks volumes, reboots or reconverges hosts; "
+        "it runs alone (no other verify test at the same time, across xdist workers)",
+    )
     # Evidence goes through record_property, which pytest flags under the xunit2 family;
     # safemail verify uses xunit1, other runs still get the properties.
     config.addinivalue_line(
@@ -194,6 +199,26 @@ def pytest_terminal_summary(
         terminalreporter.section("SafeMail requirement markers", sep="=", red=True, bold=True)
         for line in problems:
             terminalreporter.write_line(line)
+
+
+# Tests marked `disruptive` (lock a volume, reboot a VM, stop the S/MIME gate, reconverge a
+# host) would make tests on other xdist workers fail for reasons that are not theirs. Every
+# test holds a lock file on the controller: shared normally, exclusive when disruptive, so a
+# disruptive test waits until nothing else runs and nothing else starts until it is done.
+STAGE_LOCK = "/tmp/safemail-verify-stage.lock"
+
+
+@pytest.fixture(autouse=True)
+def _stage_lock(request: pytest.FixtureRequest):
+    import fcntl
+
+    exclusive = request.node.get_closest_marker("disruptive") is not None
+    with open(STAGE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture

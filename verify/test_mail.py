@@ -306,6 +306,7 @@ def test_synthetic_envelope_passes_the_gate(lab, evidence):
 
 
 @pytest.mark.req("MAIL-03")
+@pytest.mark.disruptive
 def test_gate_down_means_tempfail_never_acceptance(lab, evidence, _gate_lock):
     fcntl.flock(_gate_lock, fcntl.LOCK_UN)
     fcntl.flock(_gate_lock, fcntl.LOCK_EX)  # wait until no other mail test runs

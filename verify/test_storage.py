@@ -283,6 +283,7 @@ def _plain_listing(host, paths: list[str]) -> dict[str, list[str]]:
 
 
 @pytest.mark.req("STORE-02")
+@pytest.mark.disruptive
 def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
     relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
     marker = f"STORE02S-{uuid.uuid4().hex}"
@@ -314,6 +315,7 @@ def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
 
 
 @pytest.mark.req("STORE-02")
+@pytest.mark.disruptive
 def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
     relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
     marker = f"STORE02R-{uuid.uuid4().hex}"
@@ -350,6 +352,7 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
 
 @pytest.mark.req("STORE-01", "STORE-02")
 @pytest.mark.parametrize("group", storage_hosts())
+@pytest.mark.disruptive
 def test_reboot_reopens_the_volume_before_the_services(stage, evidence, group):
     host = stage["hosts"][group]
     with exclusive():
