@@ -67,20 +67,25 @@ def _add_keygen(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_keygen)
 
 
+def _add_password(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument(
+        "--password-file", type=Path,
+        help=f"{note}file whose first line is the password (never argv)",
+    )
+    p.add_argument(
+        "--password-env",
+        default=transport.DEFAULT_PASSWORD_ENV,
+        help=f"{note}environment variable holding the password "
+        f"(default {transport.DEFAULT_PASSWORD_ENV})",
+    )
+
+
 def _add_connection(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--host", help="relay host name (as in its TLS certificate)")
     p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
     p.add_argument("--cafile", type=Path, help="CA certificate(s) to verify the server (PEM)")
     p.add_argument("--user", help="login name (default: the mailbox)")
-    p.add_argument(
-        "--password-file", type=Path, help="file whose first line is the password (never argv)"
-    )
-    p.add_argument(
-        "--password-env",
-        default=transport.DEFAULT_PASSWORD_ENV,
-        help="environment variable holding the password "
-        f"(default {transport.DEFAULT_PASSWORD_ENV})",
-    )
+    _add_password(p)
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
 
 
@@ -133,16 +138,7 @@ def _add_lookup(actions: argparse._SubParsersAction) -> None:
     _add_directory(p)
     p.add_argument("--cafile", type=Path,
                    help="CA certificate(s) to verify an ldap:// or https:// server (PEM)")
-    p.add_argument(
-        "--password-file", type=Path,
-        help="LDAP only: file whose first line is the password (never argv)"
-    )
-    p.add_argument(
-        "--password-env",
-        default=transport.DEFAULT_PASSWORD_ENV,
-        help="environment variable holding the password "
-        f"(default {transport.DEFAULT_PASSWORD_ENV})",
-    )
+    _add_password(p, note="LDAP only: ")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     p.set_defaults(func=cmd_lookup)
 
