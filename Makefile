@@ -14,7 +14,7 @@ help:
 	@echo "make setup  - Debian packages and the Python environment only"
 	@echo "make lint   - ruff, yamllint, ansible-lint"
 	@echo "make unit   - unit tests only (no lab)"
-	@echo "make integration-full - the lab integration test plus a --check run of site.yml"
+	@echo "make integration-full - the lab integration test plus a second whole-site run and --check"
 	@echo "make lab-up / lab-down / converge - single steps"
 	@echo "make molecule-stage - molecule test -s stage: lab up, site.yml, idempotence, --check, verify, lab down"
 	@echo "make molecule-role SCENARIO=auth - one role scenario on the running lab (docs/molecule.md)"
