@@ -36,12 +36,12 @@ BUILT = ["MAIL-01", "MAIL-02", "MAIL-03", "MAIL-04", "MAIL-05",
          "CA-01", "CA-02", "CA-03", "CA-04", "CA-05", "CA-06",
          "NET-01", "NET-02",
          "SYS-01", "SYS-02", "SYS-03", "SYS-04", "SYS-05", "SYS-06"]
-# Known failure, not hidden: on a lab built from scratch, delivery into the store fails (the
-# store's Dovecot could not start TLS to the directory; the relay's lookups worked), so the
-# tests that need a delivered mail fail: MAIL-03 (delivery), STORE-01 (traces), STORE-02.
-# They pass on a lab converged step by step. Until that is fixed the default run does not
-# gate on them; `make integration-full` and every `safemail verify` run still do, and the
-# report shows them failing.
+# Not gated by the default run yet: on a lab built from scratch these failed because
+# encrypted_storage created /etc/safemail 0700 and hid the service CA from the store's
+# Dovecot (no directory lookups: mail stayed queued on the relay). Fixed in the role and
+# checked on a freshly built lab (the three pass, 47 tests); they are gated again here once
+# a whole `make test` run has shown it. `make integration-full` and `safemail verify` gate
+# on them now.
 KNOWN_FAILING_ON_FRESH_LAB = ["MAIL-03", "STORE-01", "STORE-02"]
 if not FULL:
     BUILT = [r for r in BUILT if r not in KNOWN_FAILING_ON_FRESH_LAB]
