@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import _results
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STATUS = "/var/lib/safemail/patch-status.json"
@@ -54,7 +56,7 @@ def _time(cmd: list[str]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=_results.DEFAULT_DIR)
     args = parser.parse_args()
     hosts = json.loads(subprocess.run(COMMANDS["patch_status"], cwd=REPO, capture_output=True,
                                       text=True, check=False).stdout or "[]")
@@ -78,11 +80,7 @@ def main() -> int:
         "ratio_slurp_over_patch_status": round(medians["ansible_slurp"]
                                                / medians["patch_status"], 2),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"patch_status-{result['when'].replace(':', '')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"written: {path}", file=sys.stderr)
+    _results.write(result, args.out)
     return 0
 
 

@@ -36,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _results
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SENDER = Path(__file__).with_name("gate_sender.py")
@@ -117,7 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--host", help="relay host (default: first of the relay group)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=_results.DEFAULT_DIR)
     parser.add_argument("--restore", action="store_true",
                         help="only put the relay's original master.cf back and reload")
     args = parser.parse_args()
@@ -155,11 +157,7 @@ def main() -> int:
         "wall_seconds": round(elapsed, 1),
         "results": _summary(raw, args.rounds),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"smime_gate-{result['when'].replace(':', '')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"written: {path}", file=sys.stderr)
+    _results.write(result, args.out)
     return 0
 
 
