@@ -24,6 +24,23 @@ def test_role_packages_collects_each_roles_list(tmp_path):
     assert image.role_packages(tmp_path) == ["openssh-server", "postfix", "sudo"]
 
 
+def test_optional_package_lists_go_to_the_mirror_only(tmp_path):
+    _role(tmp_path, "storage", "storage_packages: [cryptsetup]\n"
+                               "storage_tang_packages: [clevis, clevis-luks]\n"
+                               "other_tang_packages: [not-this-roles]\n")
+    assert image.role_packages(tmp_path) == ["cryptsetup"]
+    assert image.role_packages(tmp_path, optional=True) == ["clevis", "clevis-luks", "cryptsetup"]
+    _role(tmp_path, "bad", "bad_extra_packages: clevis\n")
+    with pytest.raises(SafeMailError, match="bad_extra_packages must be a list"):
+        image.role_packages(tmp_path, optional=True)
+
+
+def test_the_mirror_carries_the_tang_packages_and_the_test_server(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    img = image.image_for(LabPaths(state=tmp_path / "s", images=tmp_path / "i"), root)
+    assert {"clevis", "clevis-luks", "clevis-systemd", "tang"} <= set(img.packages)
+
+
 def test_role_packages_refuses_a_non_list(tmp_path):
     _role(tmp_path, "common", "common_packages: sudo\n")
     with pytest.raises(SafeMailError, match="list of package names"):

@@ -4,7 +4,8 @@ Each part lives in its own cache directory named by the hash of its inputs:
 
 - ``base-<hash>/rootfs``: debootstrap bookworm with systemd, ssh and python3, nothing
   service-specific. nspawn machines boot an overlay of it.
-- ``debs-<hash>/debs``: every package any role declares (``<role>_packages``) plus the VM
+- ``debs-<hash>/debs``: every package any role declares (``<role>_packages`` and optional
+  lists such as ``encrypted_storage_tang_packages``), the lab's test-only packages and the VM
   kernel, downloaded on top of base: with base's own .debs, the content of the lab mirror,
   from which hosts install the roles' packages.
 - ``vm-<hash>/upper``: per VM, an overlay layer on base with Debian's cloud kernel and the
@@ -38,6 +39,9 @@ BASE_PACKAGES = (
     "iproute2", "procps", "iputils-ping", "ca-certificates", "apt-utils",
 )
 VM_PACKAGES = ("linux-image-cloud-amd64", "initramfs-tools", "systemd-timesyncd")
+# In the mirror only, for tests: a tang server the encrypted_storage scenario runs on a VM's
+# loopback to exercise the role's network-bound unlock (molecule/encrypted_storage/tang.yml).
+LAB_TEST_PACKAGES = ("tang",)
 # Wheels for the hosts' Python (Debian bookworm: CPython 3.11, glibc 2.36).
 WHEEL_PYTHON = "3.11"
 WHEEL_PLATFORMS = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64",
@@ -57,9 +61,11 @@ APT_HINTS = {
 }
 
 
-def role_packages(roles_dir: Path, roles: list[str] | None = None) -> list[str]:
+def role_packages(roles_dir: Path, roles: list[str] | None = None,
+                  optional: bool = False) -> list[str]:
     """Every package a role declares in ``<role>_packages`` in its defaults/main.yml
-    (of all roles, or of `roles` only)."""
+    (of all roles, or of `roles` only); with `optional`, also its other package lists
+    ``<role>_<what>_packages`` (installed only in some modes, e.g. clevis for tang unlock)."""
     found: set[str] = set()
     for defaults in sorted(roles_dir.glob("*/defaults/main.yml")):
         role = defaults.parent.parent.name
@@ -69,12 +75,17 @@ def role_packages(roles_dir: Path, roles: list[str] | None = None) -> list[str]:
             data = yaml.safe_load(defaults.read_text()) or {}
         except yaml.YAMLError as exc:
             raise SafeMailError(f"{defaults}: not valid YAML: {exc}") from exc
-        value = data.get(f"{role}_packages")
-        if value is None:
-            continue
-        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-            raise SafeMailError(f"{defaults}: {role}_packages must be a list of package names")
-        found.update(value)
+        names = [f"{role}_packages"]
+        if optional:
+            names += sorted(k for k in data if isinstance(k, str) and k.startswith(f"{role}_")
+                            and k.endswith("_packages") and k != f"{role}_packages")
+        for name in names:
+            value = data.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise SafeMailError(f"{defaults}: {name} must be a list of package names")
+            found.update(value)
     return sorted(found)
 
 
@@ -161,7 +172,7 @@ def image_for(paths: LabPaths, project: Path,
     """
     roles_dir = project / "roles"
     base_hash = input_hash(base_inputs())
-    every = role_packages(roles_dir)
+    every = sorted({*role_packages(roles_dir, optional=True), *LAB_TEST_PACKAGES})
     plays = playbook.read_plays(project / "playbooks" / "site.yml")
     vms = {}
     for host, groups in (vm_hosts or {}).items():
