@@ -61,7 +61,7 @@ bench-gate: setup
 	$(BIN)/python bench/bench_smime_gate.py
 
 # Molecule (docs/molecule.md). The stage scenario: starts the lab, converges site.yml,
-# second run changed=0, --check, the whole verify suite, stops the lab.
+# second run changed=0, --check, verify of every built requirement, stops the lab.
 molecule-stage: setup
 	$(BIN)/molecule test -s stage
 
