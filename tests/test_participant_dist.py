@@ -250,6 +250,14 @@ def test_mailbox_must_be_plain(dist: DistPoint, pki: Pki) -> None:
 # --- CLI ---------------------------------------------------------------------------------
 
 
+def _cli_send(dist: DistPoint, tmp_path: Path, body: str, *extra: str) -> int:
+    """`safemail participant send --build-only` from SENDER to RECIPIENT through `dist`."""
+    (tmp_path / "body.txt").write_text(body)
+    return safemail_main(["participant", "send", "--from", SENDER, "--to", RECIPIENT,
+                          "--subject", "Befund", "--body-file", str(tmp_path / "body.txt"),
+                          "--build-only", "--directory", dist.url, *extra])
+
+
 @pytest.mark.req("MAIL-03")
 def test_cli_send_encrypts_to_the_published_certificate_without_a_password(
     dist: DistPoint, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -257,13 +265,10 @@ def test_cli_send_encrypts_to_the_published_certificate_without_a_password(
     monkeypatch.delenv("SAFEMAIL_PASSWORD", raising=False)
     monkeypatch.delenv("SAFEMAIL_DIRECTORY_BIND_DN", raising=False)
     dist.publish_cert(RECIPIENT, pki.rcpt)
-    (tmp_path / "body.txt").write_text("Befund von der Verteilstelle.\n")
     out = tmp_path / "msg.eml"
-    rc = safemail_main(["participant", "send", "--from", SENDER, "--to", RECIPIENT,
-                        "--subject", "Befund", "--body-file", str(tmp_path / "body.txt"),
-                        "--build-only", "--out", str(out), "--directory", dist.url,
-                        "--smime-ca", str(write_pem(tmp_path / "ca.pem", pki.ca.cert)),
-                        "--timeout", "5"])
+    rc = _cli_send(dist, tmp_path, "Befund von der Verteilstelle.\n", "--out", str(out),
+                   "--smime-ca", str(write_pem(tmp_path / "ca.pem", pki.ca.cert)),
+                   "--timeout", "5")
     assert rc == 0
     raw = out.read_bytes()
     assert classify(raw).accepted
@@ -276,12 +281,9 @@ def test_cli_send_refuses_a_revoked_recipient(
     dist: DistPoint, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     dist.publish_cert(RECIPIENT, pki.revoked)
-    (tmp_path / "b.txt").write_text("x")
     out = tmp_path / "msg.eml"
-    rc = safemail_main(["participant", "send", "--from", SENDER, "--to", RECIPIENT,
-                        "--subject", "x", "--body-file", str(tmp_path / "b.txt"),
-                        "--build-only", "--out", str(out), "--directory", dist.url,
-                        "--smime-ca", str(write_pem(tmp_path / "ca.pem", pki.ca.cert))])
+    rc = _cli_send(dist, tmp_path, "x", "--out", str(out),
+                   "--smime-ca", str(write_pem(tmp_path / "ca.pem", pki.ca.cert)))
     assert rc == 1
     assert "revoked" in capsys.readouterr().err
     assert not out.exists()
@@ -290,10 +292,7 @@ def test_cli_send_refuses_a_revoked_recipient(
 def test_cli_http_directory_without_smime_ca_is_a_usage_error(
     dist: DistPoint, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    (tmp_path / "b.txt").write_text("x")
-    rc = safemail_main(["participant", "send", "--from", SENDER, "--to", RECIPIENT,
-                        "--subject", "x", "--body-file", str(tmp_path / "b.txt"),
-                        "--build-only", "--directory", dist.url])
+    rc = _cli_send(dist, tmp_path, "x")
     assert rc == 2
     err = capsys.readouterr().err
     assert "needs --smime-ca" in err and "CA signed them" in err
