@@ -391,28 +391,42 @@ class LdapCertificateDirectory:
         self._sock.close()
         self._sock = None
 
-    def search_certificates(self, mailbox: str) -> list[bytes]:
-        """The DER values of ``userCertificate;binary`` of every entry with ``mail=mailbox``."""
+    def search(
+        self, attribute: str, value: str, attributes: Iterable[str]
+    ) -> list[dict[str, list[bytes]]]:
+        """The requested attributes of every entry with ``attribute=value`` under the base.
+
+        Attribute names come back lower-cased without options (``usercertificate``).
+        """
         self.connect()
+        wanted = list(attributes)
         mid = self._request(lambda i: encode_search(
-            i, self.config.search_base, "mail", mailbox, [CERT_ATTRIBUTE]))
-        found: list[bytes] = []
+            i, self.config.search_base, attribute, value, wanted))
+        entries: list[dict[str, list[bytes]]] = []
         try:
             while True:
                 msg = self._recv()
                 if msg.message_id != mid:
                     continue
                 if msg.op == _APP_SEARCH_ENTRY:
+                    entry: dict[str, list[bytes]] = {}
                     for name, values in msg.attributes.items():
-                        if name.lower().split(";")[0] == "usercertificate":
-                            found.extend(values)
+                        entry.setdefault(name.lower().split(";")[0], []).extend(values)
+                    entries.append(entry)
                 elif msg.op == _APP_SEARCH_DONE:
                     self._check(msg, "search")
-                    return found
+                    return entries
                 # references and intermediate responses: nothing to follow here
         except OSError as exc:
             self.close()
             raise SafeMailError(f"{self._where()}: {exc}", "try again") from exc
+
+    def search_certificates(self, mailbox: str) -> list[bytes]:
+        """The DER values of ``userCertificate;binary`` of every entry with ``mail=mailbox``."""
+        found: list[bytes] = []
+        for entry in self.search("mail", mailbox, [CERT_ATTRIBUTE]):
+            found.extend(entry.get("usercertificate", []))
+        return found
 
     def certificates_for(self, mailbox: str) -> list[x509.Certificate]:
         certs = []
