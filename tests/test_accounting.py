@@ -137,6 +137,22 @@ def test_collect_reads_each_line_once_and_waits_for_unfinished_lines(tmp_path: P
         assert _by_number(ledger) == {"100001": (1, 0), "100002": (0, 1)}
 
 
+def test_a_sender_waiting_between_runs_is_kept_as_participant_not_address(
+        tmp_path: Path) -> None:
+    log = tmp_path / "mail.log"
+    lines = _mail("Q1", "Dec  1 06:00:00", "lab@safemail.example", "gp@safemail.example")
+    _write(log, lines[:1])  # queued, not yet delivered
+    calls: list = []
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.collect(log, _resolver(calls), NOW).deliveries == 0
+        assert list(ledger.db.execute("SELECT sender FROM pending")) == [("#100002\tLAB",)]
+        _write(log, lines[1:])
+        assert ledger.collect(log, _resolver(calls), NOW).recorded == 1
+        assert calls == [["lab@safemail.example"], ["gp@safemail.example"]]
+        assert _by_number(ledger) == {"100001": (0, 1), "100002": (1, 0)}
+        assert ledger.status()["pending_queue_ids"] == 0
+
+
 def test_collect_restarts_on_a_new_log_and_never_counts_twice(tmp_path: Path) -> None:
     log = tmp_path / "mail.log"
     _traffic(log)
@@ -393,3 +409,21 @@ def test_directory_resolver_maps_mail_to_number_and_group(monkeypatch) -> None:
     assert got == {"gp@safemail.example": Participant("100001", "GP")}
     with pytest.raises(SafeMailError, match="lack password"):
         cli.directory_resolver({"uri": "ldap://a", "base": "b", "bind_dn": "c"})
+
+
+def test_controller_bill_command_and_its_refusals(tmp_path: Path, capsys) -> None:
+    from safemail import cli as main_cli
+    from safemail.accounting import control
+
+    cmd = control.bill_command("ansible-playbook", tmp_path, "test", "2026q3", " ops ")
+    assert cmd == ["ansible-playbook", "-i", str(tmp_path / "inventories" / "test"),
+                   str(tmp_path / "playbooks" / "accounting-bill.yml"),
+                   "-e", "accounting_quarter=2026Q3", "-e", "accounting_operator=ops"]
+    assert control.bill_command("a", tmp_path, "test", "2026Q3", "o", check=True)[-1] == "--check"
+    with pytest.raises(UsageError, match="not a quarter"):
+        control.bill_command("a", tmp_path, "test", "Q3", "o")
+    with pytest.raises(UsageError, match="operator"):
+        control.bill_command("a", tmp_path, "test", "2026Q3", " ")
+    with pytest.raises(SystemExit) as exc:
+        main_cli.main(["accounting", "bill", "--quarter", "2026Q3"])  # no --stage
+    assert exc.value.code == 2 and "--stage" in capsys.readouterr().err

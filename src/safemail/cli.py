@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "safemail.participant.cli",
     "safemail.gate.cli",
     "safemail.ops.cli",
+    "safemail.accounting.control",
 )
 
 

@@ -35,7 +35,8 @@ BUILT = ["MAIL-01", "MAIL-02", "MAIL-03", "MAIL-04", "MAIL-05",
          "STORE-01", "STORE-02",
          "CA-01", "CA-02", "CA-03", "CA-04", "CA-05", "CA-06",
          "NET-01", "NET-02",
-         "SYS-01", "SYS-02", "SYS-03", "SYS-04", "SYS-05", "SYS-06"]
+         "SYS-01", "SYS-02", "SYS-03", "SYS-04", "SYS-05", "SYS-06",
+         "ACC-01", "ACC-02", "ACC-03", "ACC-04"]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -16,8 +16,8 @@ One SQLite file on the relay's encrypted log volume. Tables:
     ACC-02). Kept apart from the traffic records and deleted when their retention ends;
     ``billed`` keeps only the quarter's totals.
 ``pending`` / ``meta``
-    Senders of queue ids still in Postfix's queue (between two collect runs) and the log
-    cursor.
+    The sender's participant (number and group, not the address) of each queue id still in
+    Postfix's queue between two collect runs, and the log cursor.
 
 Every operation is one transaction: it applies completely or not at all.
 """
@@ -168,6 +168,21 @@ def quarter_bounds(quarter: str) -> tuple[datetime.datetime, datetime.datetime]:
     return start, end
 
 
+# A queue id's sender kept between runs: "#<number>\t<group>" ("#" alone: no participant).
+_KEPT = "#"
+
+
+def _token(who: Participant | None) -> str:
+    return _KEPT if who is None else f"{_KEPT}{who.number}\t{who.specialty}"
+
+
+def _from_token(text: str) -> Participant | None:
+    if not text.startswith(_KEPT) or "\t" not in text:
+        return None
+    number, group = text[1:].split("\t", 1)
+    return Participant(number, group)
+
+
 def _hour(at: datetime.datetime) -> str:
     return at.strftime("%Y-%m-%d %H")
 
@@ -288,10 +303,13 @@ class Ledger:
         deliveries = list(parser.feed(lines))
         result.deliveries, result.orphans = len(deliveries), parser.orphans
         result.unreadable = parser.unreadable
-        addresses = {d.sender for d in deliveries} | {d.recipient for d in deliveries}
-        who = resolve(sorted(a for a in addresses if a)) if addresses else {}
-        billed = self.billed_quarters()
         still = parser.pending()
+        addresses = ({d.sender for d in deliveries} | {d.recipient for d in deliveries}
+                     | set(still.values()))
+        wanted = sorted(a for a in addresses if a and not a.startswith(_KEPT))
+        who = resolve(wanted) if wanted else {}
+        who.update({t: p for t in addresses if (p := _from_token(t)) is not None})
+        billed = self.billed_quarters()
         with self._tx():
             for d in deliveries:
                 s, r = who.get(d.sender), who.get(d.recipient)
@@ -318,8 +336,9 @@ class Ledger:
             self.db.execute("DELETE FROM pending")
             stamp = now.isoformat(timespec="seconds")
             for qid, sender in still.items():
+                # The sender's participant, not its address, waits for the next run.
                 self.db.execute("INSERT INTO pending VALUES (?, ?, ?)",
-                                (qid, sender, seen.get(qid, stamp)))
+                                (qid, _token(who.get(sender)), seen.get(qid, stamp)))
             self._set_meta("log_inode", inode)
             self._set_meta("log_offset", str(offset + end))
             self._set_meta("collected_at", stamp)
