@@ -274,13 +274,21 @@ def _unlock(host) -> None:
 
 def _start_refused(host, unit: str) -> tuple[bool, str]:
     """Try to start `unit` with the volume locked: it must not become active. The start job
-    (and the mount jobs it pulled in) stay queued after the timeout: cancel them by job id, so
-    they do not fire when the volume is unlocked."""
+    (and the mount jobs it pulled in) stay queued after the timeout, as after an operator's
+    `systemctl start` on a locked host: `safemail-storage unlock` must cancel them and start
+    the services itself, in order (otherwise the queued start races the helper's mounts)."""
     res = host.run(f"timeout 60 systemctl start {unit}")
     state = host.run(f"systemctl is-active {unit}").stdout.strip()
-    host.run("for j in $(systemctl list-jobs --no-legend --plain | awk '{print $1}'); do "
-             "systemctl cancel $j; done")
-    return state != "active", f"systemctl start {unit}: rc={res.rc}, then {state}"
+    queued = host.run("systemctl list-jobs --no-legend --plain").stdout.split("\n")
+    queued = [line.split()[1] for line in queued if len(line.split()) > 1]
+    return state != "active", (f"systemctl start {unit}: rc={res.rc}, then {state}; "
+                                f"queued jobs left for unlock: {queued}")
+
+
+def _jobs_left(host, units: list[str]) -> list[str]:
+    """Jobs still queued for `units` (after unlock there must be none)."""
+    out = host.run("systemctl list-jobs --no-legend --plain").stdout
+    return [line for line in out.splitlines() if any(u in line for u in units)]
 
 
 def _plain_listing(host, paths: list[str]) -> dict[str, list[str]]:
@@ -305,6 +313,8 @@ def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
             plain = _plain_listing(store, PATHS["store"])
         finally:
             _unlock(store)
+        jobs = _jobs_left(store, SERVICES["store"])
+        dovecot = store.run("systemctl is-active dovecot.service").stdout.strip()
         relay.run("postqueue -f")
         count = _wait_for(lambda: mailbox_count(store, marker), 180)
         time.sleep(5)
@@ -312,8 +322,10 @@ def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
         left = relay.run(f"postqueue -j | grep -cF {queue_id}").stdout.strip()
     evidence(f"store locked (volume closed: {closed}); {how}; relay DATA {code} {text}; "
              f"in the relay queue: {queued}; plain dirs while locked: {plain}; "
-             f"after unlock: {final} copy in the mailbox, queue entries left: {left}")
+             f"after unlock: dovecot {dovecot}, jobs left {jobs}, {final} copy in the "
+             f"mailbox, queue entries left: {left}")
     assert closed and refused
+    assert jobs == [] and dovecot == "active"
     assert code == 250 and queued == "1"
     assert all(not v for v in plain.values())
     assert count == 1 and final == 1 and left == "0"
@@ -334,6 +346,7 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
             plain = _plain_listing(relay, PATHS["relay"])
         finally:
             _unlock(relay)
+        jobs = _jobs_left(relay, SERVICES["relay"])
         active = _wait_for(lambda: relay.run("systemctl is-active postfix@-.service")
                            .stdout.strip() == "active", 60)
         t = probe_send(stage, f"Befund {marker}")
@@ -347,8 +360,9 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
     evidence(f"relay locked (volume closed: {closed}); {how}; postfix@-: {postfix_state}; "
              f"participant while locked: {locked_try.get('error') or locked_try['steps']}; "
              f"plain dirs while locked: {plain}; after unlock postfix active: {active}, "
-             f"DATA {code} {text}, copies delivered: {count}")
+             f"jobs left {jobs}, DATA {code} {text}, copies delivered: {count}")
     assert closed and refused and postfix_state != "active"
+    assert jobs == []
     # No SMTP answer at all: the client's send fails temporarily (it retries), nothing stored.
     assert locked_try["error"].startswith("connect:") and not locked_try["steps"]
     assert all(not v for v in plain.values())
