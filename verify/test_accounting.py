@@ -18,12 +18,12 @@ from __future__ import annotations
 import datetime
 import json
 import shlex
-import time
 import uuid
 
 import pytest
 import testinfra
 import yaml
+from waits import wait_for
 
 from safemail.smime import samples
 
@@ -34,16 +34,6 @@ CONFIG = "/etc/safemail/accounting.yml"
 CAFILE = "/etc/safemail/tls/ca.crt"
 SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 GAP = (3, 2, 3)  # the quiet gap of the synthetic week: Thursday (3), 02:00, three hours
-
-
-def _wait_for(predicate, seconds: float = 120, step: float = 3):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def _previous_quarter(today: datetime.date) -> tuple[str, datetime.date]:
@@ -110,17 +100,17 @@ def _send(acc: dict, sender: int, recipient: int, subject: str) -> str:
 def test_mails_between_participants_are_counted_and_mails_to_oneself_are_not(acc, evidence):
     relay, (p1, p2) = acc["relay"], acc["people"]
     log = acc["config"]["log"]
-    assert _wait_for(lambda: _queue_empty(relay), 180), "the relay's queue does not drain"
+    assert wait_for(lambda: _queue_empty(relay), 180), "the relay's queue does not drain"
     _collect(relay)
     before = _counts(relay)
     marker = f"ACC01-{uuid.uuid4().hex[:12]}"
     sends = [(0, 1), (0, 1), (1, 0), (0, 0)]  # p1->p2 twice, p2->p1, p1->p1 (to oneself)
     qids = [_send(acc, s, r, f"Abrechnungstest {marker}") for s, r in sends]
-    delivered = _wait_for(lambda: all(
+    delivered = wait_for(lambda: all(
         relay.run(f"grep -F {q}: {log} | grep -c status=sent").stdout.strip() not in ("", "0")
         for q in qids), 180)
     assert delivered, f"not every probe mail was delivered: {qids}"
-    assert _wait_for(lambda: _queue_empty(relay), 120)
+    assert wait_for(lambda: _queue_empty(relay), 120)
     _collect(relay)
     after = _counts(relay)
     delta = {n: tuple(a - b for a, b in zip(after.get(n, (0, 0)), before.get(n, (0, 0)),

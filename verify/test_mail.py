@@ -14,12 +14,12 @@ from __future__ import annotations
 import fcntl
 import json
 import shlex
-import time
 import uuid
 
 import pytest
 import testinfra
 from cryptography import x509
+from waits import wait_for
 
 from safemail.smime import samples
 
@@ -168,16 +168,6 @@ def lab(request, host):
             "dist_uri": dist_uri}
 
 
-def _wait_for(predicate, seconds: float = 60):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(2)
-    return predicate()
-
-
 @pytest.mark.req("MAIL-01")
 def test_known_mailbox_is_accepted_at_rcpt(lab, evidence):
     t = lab["p1"].probe([lab["p2"].mailbox])
@@ -241,7 +231,7 @@ def test_encrypted_mail_is_delivered_and_decrypts_to_the_sent_bytes(lab, evidenc
     res = lab["p1"].send(lab["p2"], subject, body)
     evidence(f"send: rc={res.rc} {res.stderr.strip()[-200:]}")
     assert res.rc == 0, res.stderr
-    plain = _wait_for(lambda: lab["p2"].fetch_by_subject(subject), 90)
+    plain = wait_for(lambda: lab["p2"].fetch_by_subject(subject), 90)
     evidence(f"practice2 decrypted: {plain.strip()[:120]!r}")
     # The client wraps the text in a MIME entity with CRLF line ends; compare the text.
     assert body.replace("\n", "\r\n") in plain
@@ -322,7 +312,7 @@ def test_gate_down_means_tempfail_never_acceptance(lab, evidence, _gate_lock):
     assert 400 <= code < 500, t
     assert _reply(t, "data")[0] != 250
     # Back up: the same message is accepted again (the gate needs some seconds to start).
-    assert _wait_for(lambda: _gate_answers(lab), 180)
+    assert wait_for(lambda: _gate_answers(lab), 180)
 
 
 @pytest.mark.req("MAIL-04")

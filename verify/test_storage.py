@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 import pytest
 import testinfra
+from waits import wait_for
 
 from safemail.smime import samples
 
@@ -62,16 +63,6 @@ def exclusive() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _wait_for(predicate, seconds: float = 90, step: float = 3):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +207,8 @@ def test_mail_traces_only_on_the_encrypted_volume(stage, evidence):
         evidence(f"DATA: {code} {text}")
         assert code == 250, t
         queue_id = text.rsplit(" ", 1)[-1]
-        delivered = _wait_for(lambda: mailbox_count(store, marker), 120)
-        logged = _wait_for(lambda: relay.run(
+        delivered = wait_for(lambda: mailbox_count(store, marker), 120)
+        logged = wait_for(lambda: relay.run(
             f"grep -cF {queue_id} /var/log/safemail/mail.log").stdout.strip() not in ("", "0"), 60)
         # The marker (subject) in the store's mailbox, the queue id in the relay's mail log:
         # found by reading the opened volume, not by the same read of the raw disk.
@@ -316,7 +307,7 @@ def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
         jobs = _jobs_left(store, SERVICES["store"])
         dovecot = store.run("systemctl is-active dovecot.service").stdout.strip()
         relay.run("postqueue -f")
-        count = _wait_for(lambda: mailbox_count(store, marker), 180)
+        count = wait_for(lambda: mailbox_count(store, marker), 180)
         time.sleep(5)
         final = mailbox_count(store, marker)
         left = relay.run(f"postqueue -j | grep -cF {queue_id}").stdout.strip()
@@ -347,7 +338,7 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
         finally:
             _unlock(relay)
         jobs = _jobs_left(relay, SERVICES["relay"])
-        active = _wait_for(lambda: relay.run("systemctl is-active postfix@-.service")
+        active = wait_for(lambda: relay.run("systemctl is-active postfix@-.service")
                            .stdout.strip() == "active", 60)
         t = probe_send(stage, f"Befund {marker}")
         code, text = data_reply(t)
@@ -356,7 +347,7 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
             time.sleep(15)
             t = probe_send(stage, f"Befund {marker}")
             code, text = data_reply(t)
-        count = _wait_for(lambda: mailbox_count(store, marker), 120)
+        count = wait_for(lambda: mailbox_count(store, marker), 120)
     evidence(f"relay locked (volume closed: {closed}); {how}; postfix@-: {postfix_state}; "
              f"participant while locked: {locked_try.get('error') or locked_try['steps']}; "
              f"plain dirs while locked: {plain}; after unlock postfix active: {active}, "
@@ -388,7 +379,7 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence, group):
             lines = res.stdout.split()
             return bool(lines) and lines[0] != boot_before
 
-        up = _wait_for(back, 420, 10)
+        up = wait_for(back, 420, 10)
         assert up, f"{group} did not come back from the reboot"
         mount_unit = host.check_output(f"systemd-escape --path --suffix=mount {host_mount(host)}")
         crypt_unit = host.check_output(
