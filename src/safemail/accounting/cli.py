@@ -39,8 +39,8 @@ from safemail.accounting.ledger import (
     Participant,
     Policy,
     normalise_quarter,
-    quarter_bounds,
     quarter_of,
+    require_closed,
 )
 from safemail.errors import SafeMailError
 
@@ -175,11 +175,7 @@ def cmd_bill(args: argparse.Namespace, config: dict[str, Any]) -> int:
     policy = _policy(config)
     days = _int_setting(config, "statement_retention_days", 400)
     now = _now()
-    _, end = quarter_bounds(quarter)
-    if now < end:  # before touching anything
-        raise SafeMailError(
-            f"{quarter} is not over (it ends {end:%Y-%m-%d}): it cannot be billed yet",
-            "bill a quarter after its end; `counts` shows the running quarter")
+    require_closed(quarter, now)  # before touching anything (the ledger checks it again)
     with _open_ledger(args, config) as ledger:
         if not args.no_collect:
             print(_collect(args, config, ledger), file=sys.stderr)

@@ -45,6 +45,7 @@ __all__ = [
     "parse_quarter",
     "quarter_bounds",
     "quarter_of",
+    "require_closed",
 ]
 
 SCHEMA_VERSION = "1"
@@ -181,6 +182,18 @@ def _from_token(text: str) -> Participant | None:
         return None
     number, group = text[1:].split("\t", 1)
     return Participant(number, group)
+
+
+def require_closed(quarter: str, now: datetime.datetime) -> str:
+    """The quarter's normal name if it is over at `now`; SafeMailError if it is still running."""
+    quarter = normalise_quarter(quarter)
+    _, end = quarter_bounds(quarter)
+    if now < end:
+        raise SafeMailError(
+            f"{quarter} is not over (it ends {end:%Y-%m-%d}): it cannot be billed yet",
+            "bill a quarter after its end; `counts` shows the running quarter",
+        )
+    return quarter
 
 
 def _hour(at: datetime.datetime) -> str:
@@ -363,13 +376,7 @@ class Ledger:
         self, quarter: str, policy: Policy, now: datetime.datetime, statement_days: int
     ) -> list[tuple[Count, int, bool]]:
         """Bill a closed quarter: statement, then anonymise its records, in one transaction."""
-        quarter = normalise_quarter(quarter)
-        _, end = quarter_bounds(quarter)
-        if now < end:
-            raise SafeMailError(
-                f"{quarter} is not over (it ends {end:%Y-%m-%d}): it cannot be billed yet",
-                "bill a quarter after its end; `counts` shows the running quarter",
-            )
+        quarter = require_closed(quarter, now)
         billed = self.billed_quarters()
         if quarter in billed:
             raise SafeMailError(f"{quarter} was billed on {billed[quarter]}",
