@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help setup demo test lint unit integration integration-full converge lab-up lab-down \
-	bench-gate molecule-stage molecule-role mutate
+	bench-gate bench-stage molecule-stage molecule-role mutate
 
 help:
 	@echo "make demo   - set up, start the lab, converge site.yml, verify (the main job)"
@@ -20,6 +20,7 @@ help:
 	@echo "make molecule-role SCENARIO=auth - one role scenario on the running lab (docs/molecule.md)"
 	@echo "make mutate - the mutation run on the running, converged lab (docs/mutations.md)"
 	@echo "make bench-gate - S/MIME gate in Postfix: messages/s with vs without (lab up)"
+	@echo "make bench-stage - stage rerun and verify against their floors (lab up, converged)"
 
 setup:
 	@bash scripts/setup-host.sh
@@ -59,6 +60,13 @@ lab-down: setup
 # converged); adds two loopback listeners on the relay for about a minute, then removes them.
 bench-gate: setup
 	$(BIN)/python bench/bench_smime_gate.py
+
+# The stage's speed (docs/PERFORMANCE.md): the idempotent rerun of site.yml (whole stage and
+# the nspawn hosts alone) against a bare fact run, 10 paired rounds, Ansible without Mitogen
+# side by side; BENCH_ARGS for other rows: make bench-stage BENCH_ARGS="--rows verify"
+BENCH_ARGS ?= --rows rerun,rerun-nspawn --compare-baseline
+bench-stage: setup
+	$(BIN)/python bench/bench_stage.py $(BENCH_ARGS)
 
 # Molecule (docs/molecule.md). The stage scenario: starts the lab, converges site.yml,
 # second run changed=0, --check, verify of every built requirement, stops the lab.

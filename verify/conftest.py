@@ -28,10 +28,12 @@ It does not depend on which test modules exist.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waits import record_lock_wait
 
 from safemail.gate.catalogue import Catalogue, load_catalogue
 
@@ -73,6 +75,25 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[_catalogue_key] = load_catalogue(config.getoption("--req-catalogue"))
     config.stash[_problems_key] = []
+    _ssh_control_dir()
+
+
+def _ssh_control_dir() -> None:
+    """Create the directory of ansible.cfg's SSH ControlPath before testinfra reads the config.
+
+    testinfra passes the ControlPath to ssh only if that directory exists; Ansible makes it
+    on its first SSH connection, but under the Mitogen strategy it may never have. Without it
+    every command of the suite would be a new SSH login (about 2 s each on an emulated VM).
+    """
+    import configparser
+    import os
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(os.environ.get("ANSIBLE_CONFIG") or Path(__file__).resolve().parents[1]
+             / "ansible.cfg")
+    directory = cfg.get("ssh_connection", "control_path_dir", fallback="")
+    if directory:
+        Path(os.path.expanduser(directory)).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 def req_ids(item: pytest.Item) -> list[str]:
@@ -214,7 +235,11 @@ def _stage_lock(request: pytest.FixtureRequest):
 
     exclusive = request.node.get_closest_marker("disruptive") is not None
     with open(STAGE_LOCK, "a") as handle:
+        waited = time.monotonic()
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        # The wait is part of the test's JUnit time; bench/bench_stage.py subtracts it to show
+        # where the suite's own time goes.
+        record_lock_wait(request.node, time.monotonic() - waited)
         try:
             yield
         finally:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import pytest
 import testinfra
-from waits import wait_for
+from waits import record_lock_wait, wait_for
 
 from safemail.smime import samples
 
@@ -54,11 +54,24 @@ CAFILE = "/etc/safemail/tls/ca.crt"
 SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 
 
+_current: list[pytest.Item] = []
+
+
+@pytest.fixture(autouse=True)
+def _current_item(request) -> Iterator[None]:
+    _current.append(request.node)
+    yield
+    _current.remove(request.node)
+
+
 @contextmanager
 def exclusive() -> Iterator[None]:
     """One storage test at a time across xdist workers (they lock volumes, reboot VMs)."""
     with open(LOCK_FILE, "w") as fh:
+        waited = time.monotonic()
         fcntl.flock(fh, fcntl.LOCK_EX)
+        if _current:
+            record_lock_wait(_current[-1], time.monotonic() - waited)
         try:
             yield
         finally:
@@ -361,43 +374,63 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
 
 
 @pytest.mark.req("STORE-01", "STORE-02")
-@pytest.mark.parametrize("group", storage_hosts())
 @pytest.mark.disruptive
-def test_reboot_reopens_the_volume_before_the_services(stage, evidence, group):
-    host = stage["hosts"][group]
+def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
+    """Both VMs reboot at once (the stage recovers once, not once per host); each must bring
+    its volume back by the boot unlock path and start its services only after the mounts."""
+    groups = storage_hosts()
+    hosts = {g: stage["hosts"][g] for g in groups}
     with exclusive():
-        boot_before = host.check_output("cat /proc/sys/kernel/random/boot_id")
-        host.run("systemd-run --on-active=2 systemctl reboot")
+        boot_before = {g: h.check_output("cat /proc/sys/kernel/random/boot_id")
+                       for g, h in hosts.items()}
+        for h in hosts.values():
+            h.run("systemd-run --on-active=2 systemctl reboot")
         time.sleep(15)
 
-        def back() -> bool:
+        def back(group: str) -> bool:
             try:
-                res = host.run("cat /proc/sys/kernel/random/boot_id; "
-                               "systemctl is-system-running --wait")
+                res = hosts[group].run("cat /proc/sys/kernel/random/boot_id; "
+                                       "systemctl is-system-running --wait")
             except Exception:  # noqa: BLE001 - the VM is down while it reboots: keep polling
                 return False
             lines = res.stdout.split()
-            return bool(lines) and lines[0] != boot_before
+            return bool(lines) and lines[0] != boot_before[group]
 
-        up = wait_for(back, 420, 10)
-        assert up, f"{group} did not come back from the reboot"
-        mount_unit = host.check_output(f"systemd-escape --path --suffix=mount {host_mount(host)}")
-        crypt_unit = host.check_output(
-            f"systemd-escape --template=systemd-cryptsetup@.service {NAME}")
-        times = {}
-        for u in [crypt_unit, mount_unit, *SERVICES[group]]:
-            out = host.check_output(
-                f"systemctl show -p ActiveState -p ActiveEnterTimestampMonotonic {shlex.quote(u)}")
-            props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-            since = int(props.get("ActiveEnterTimestampMonotonic", 0))
-            times[u] = (props.get("ActiveState"), since)
-        sources = {p: host.check_output(f"findmnt -n -o SOURCE -T {p}") for p in PATHS[group]}
-    evidence(f"{group} after reboot: units (state, activated at µs): {times}; mounts: {sources}")
-    crypt, mount, *services = times.values()
-    assert all(state == "active" for state, _ in times.values()), times
-    assert 0 < crypt[1] <= mount[1]
-    assert all(mount[1] < t for _, t in services), "a service started before the volume mount"
-    assert all(s.startswith(f"{MAPPER}[") for s in sources.values()), sources
+        up = {g: False for g in groups}
+
+        def all_back() -> bool:
+            for g in groups:
+                up[g] = up[g] or back(g)
+            return all(up.values())
+
+        up_all = wait_for(all_back, 420, 10)
+        assert up_all, f"did not come back from the reboot: {[g for g in groups if not up[g]]}"
+        times: dict[str, dict] = {}
+        sources: dict[str, dict] = {}
+        for group, host in hosts.items():
+            mount_unit = host.check_output(
+                f"systemd-escape --path --suffix=mount {host_mount(host)}")
+            crypt_unit = host.check_output(
+                f"systemd-escape --template=systemd-cryptsetup@.service {NAME}")
+            times[group] = {}
+            for u in [crypt_unit, mount_unit, *SERVICES[group]]:
+                out = host.check_output(f"systemctl show -p ActiveState "
+                                        f"-p ActiveEnterTimestampMonotonic {shlex.quote(u)}")
+                props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+                since = int(props.get("ActiveEnterTimestampMonotonic", 0))
+                times[group][u] = (props.get("ActiveState"), since)
+            sources[group] = {p: host.check_output(f"findmnt -n -o SOURCE -T {p}")
+                              for p in PATHS[group]}
+    for group in groups:
+        evidence(f"{group} after reboot: units (state, activated at µs): {times[group]}; "
+                 f"mounts: {sources[group]}")
+    for group in groups:
+        crypt, mount, *services = times[group].values()
+        assert all(state == "active" for state, _ in times[group].values()), (group, times)
+        assert 0 < crypt[1] <= mount[1], group
+        assert all(mount[1] < t for _, t in services), \
+            f"{group}: a service started before the volume mount"
+        assert all(s.startswith(f"{MAPPER}[") for s in sources[group].values()), sources
 
 
 def host_mount(host) -> str:
