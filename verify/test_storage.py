@@ -408,7 +408,7 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
                 up[g] = up[g] or back(g)
             return all(up.values())
 
-        up_all = wait_for(all_back, 420, 10)
+        up_all = wait_for(all_back, 420, 3)
         assert up_all, f"did not come back from the reboot: {[g for g in groups if not up[g]]}"
         times: dict[str, dict] = {}
         sources: dict[str, dict] = {}
