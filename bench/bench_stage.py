@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def nspawn_hosts(inv: dict) -> list[str]:
     return sorted(h for h, v in hostvars.items() if v.get("lab_hypervisor") == "nspawn")
 
 
+# The floor gathers what site.yml's plays gather (gather_subset: [min, virtual]).
+FACT_SUBSET = "gather_subset=min,virtual"
 BASELINE = {"ANSIBLE_STRATEGY": "linear", "ANSIBLE_GATHERING": "implicit"}
 
 
@@ -131,16 +134,30 @@ def playbook_round(label: str, args: list[str], levers_off: bool, work: Path,
 
 def fact_round(pattern: str) -> dict:
     load = _load()
-    seconds, _ = _run([str(BIN / "ansible"), pattern, "-m", "ansible.builtin.setup"])
+    seconds, _ = _run([str(BIN / "ansible"), pattern, "-m", "ansible.builtin.setup",
+                       "-a", FACT_SUBSET])
     return {"seconds": round(seconds, 2), "load_before": load, "load_after": _load()}
 
 
 # --- verify -------------------------------------------------------------------------------
 
-SSH_LOGGER = """#!/bin/sh
-# bench_stage: log the host of every ssh call the verify suite makes, then run ssh.
-printf '%s\\n' "$*" >> "$SAFEMAIL_SSH_LOG"
-exec {ssh} "$@"
+SSH_LOGGER = """#!{python}
+# bench_stage: log the options and destination of every ssh call the verify suite makes (one
+# JSON line, no remote command: it may carry passwords), then run the real ssh.
+import json, os, shlex, sys
+args = sys.argv[1:]
+opts, dest, i = [], None, 0
+while i < len(args):
+    tokens = shlex.split(args[i]) if args[i].startswith("-") and " " in args[i] else [args[i]]
+    head = tokens[0]
+    if head in ("-o", "-i", "-F", "-p", "-l", "-S") and len(tokens) == 1 and i + 1 < len(args):
+        opts += [head, args[i + 1]]; i += 2; continue
+    if head.startswith("-"):
+        opts += tokens; i += 1; continue
+    dest = head.split()[0]; break
+with open(os.environ["SAFEMAIL_SSH_LOG"], "a") as log:
+    log.write(json.dumps({{"opts": opts, "dest": dest}}) + "\\n")
+os.execv({ssh!r}, ["ssh", *args])
 """
 
 
@@ -151,7 +168,7 @@ def verify_round(work: Path, n: int, requirements: str | None) -> dict:
     shim.mkdir(exist_ok=True)
     real = subprocess.run(["sh", "-c", "command -v ssh"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    (shim / "ssh").write_text(SSH_LOGGER.format(ssh=real))
+    (shim / "ssh").write_text(SSH_LOGGER.format(python=sys.executable, ssh=real))
     (shim / "ssh").chmod(0o755)
     log = work / f"ssh-{n}.log"
     report = work / f"verify-{n}"
@@ -164,7 +181,10 @@ def verify_round(work: Path, n: int, requirements: str | None) -> dict:
     seconds, proc = _run(cmd, env=env, timeout=5400, ok_codes=(0, 1))
     junit = report / "junit.xml"
     modules, hosts, failed, tests, waited = _junit_breakdown(junit)
-    calls = log.read_text().splitlines() if log.exists() else []
+    if failed:
+        # A failing suite measures something else (a test that gave up early, a timeout).
+        raise BenchError(f"verify round {n + 1}: {len(failed)} test(s) failed: {failed[:5]}")
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return {"seconds": round(seconds, 2), "load_before": load, "load_after": _load(),
             "exit_code": proc.returncode, "tests": tests, "failed": failed,
             "ssh_calls": len(calls), "per_module": modules, "per_host": hosts,
@@ -203,38 +223,19 @@ def _junit_breakdown(junit: Path) -> tuple[dict, dict, list[str], int, float]:
             round(sum(waits.values()), 1))
 
 
-def _ssh_target(args: list[str]) -> tuple[list[str], str] | None:
-    """The options and the destination of a logged ssh call (the remote command dropped)."""
-    tokens: list[str] = []
-    for a in args:
-        tokens += shlex.split(a)
-    opts: list[str] = []
-    i = 0
-    while i < len(tokens):
-        t = tokens[i]
-        if t in ("-o", "-i", "-F", "-p", "-l") and i + 1 < len(tokens):
-            opts += [t, tokens[i + 1]]
-            i += 2
-            continue
-        if t.startswith("-"):
-            opts.append(t)
-            i += 1
-            continue
-        return opts, t
-    return None
-
-
-def ssh_floor(calls: list[str], workers: int) -> dict:
+def ssh_floor(calls: list[dict], workers: int) -> dict:
     """Replay as many `ssh HOST true` as verify made, to the same hosts with the same options,
     `workers` at a time (verify's pytest workers)."""
-    targets = [t for line in calls if (t := _ssh_target(line.split(" "))) is not None]
+    targets = [(c["opts"], c["dest"]) for c in calls if c.get("dest")]
     if not targets:
         raise BenchError("the verify run made no ssh call through the logged ssh")
 
     def one(target: tuple[list[str], str]) -> None:
         opts, dest = target
-        subprocess.run(["ssh", *opts, dest, "true"], capture_output=True, timeout=120,
-                       check=False)
+        proc = subprocess.run(["ssh", *opts, dest, "true"], capture_output=True, timeout=120,
+                              check=False)
+        if proc.returncode != 0:
+            raise BenchError(f"floor: ssh {dest} true failed: {proc.stderr.strip()[-300:]}")
 
     load = _load()
     start = time.perf_counter()
@@ -305,7 +306,8 @@ def main() -> int:
                              "(Ansible's linear strategy without Mitogen, facts in every play)")
     parser.add_argument("--fresh", action="store_true",
                         help="allow the converge row (takes the lab down and up each round)")
-    parser.add_argument("--out", type=Path, default=_results.DEFAULT_DIR)
+    parser.add_argument("--out", type=Path, default=_results.DEFAULT_DIR,
+                        help="result directory (default: bench/results)")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -340,11 +342,14 @@ def main() -> int:
         for row in rows:
             print(f"bench_stage: {row} ...", file=sys.stderr, flush=True)
             result["rows"][row] = run_row(row, args, nspawn, work)
-    except BenchError as exc:
+    except (BenchError, subprocess.TimeoutExpired) as exc:
         print(f"bench_stage: {exc}", file=sys.stderr)
         result["error"] = str(exc)[-2000:]
         _results.write(result, args.out)
         return 1
+    finally:
+        # The verify rounds' reports and logs hold mail addresses and evidence: not kept.
+        shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     _results.write(result, args.out)
     return 0
@@ -374,7 +379,7 @@ def run_row(row: str, args: argparse.Namespace, nspawn: list[str], work: Path) -
                   + (f", levers off {others[-1]['seconds']} s" if others else ""),
                   file=sys.stderr, flush=True)
         out = {"command": "ansible-playbook playbooks/site.yml " + " ".join(limit),
-               "floor_command": f"ansible {pattern} -m ansible.builtin.setup",
+               "floor_command": f"ansible {pattern} -m ansible.builtin.setup -a {FACT_SUBSET}",
                "seconds": stats([r["seconds"] for r in runs]),
                "floor_seconds": stats([f["seconds"] for f in floors]),
                "ratio_to_floor": ratio_stats([(r["seconds"], f["seconds"])

@@ -91,9 +91,11 @@ def _ssh_control_dir() -> None:
     cfg = configparser.ConfigParser(interpolation=None)
     cfg.read(os.environ.get("ANSIBLE_CONFIG") or Path(__file__).resolve().parents[1]
              / "ansible.cfg")
-    directory = cfg.get("ssh_connection", "control_path_dir", fallback="")
-    if directory:
-        Path(os.path.expanduser(directory)).mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not cfg.get("ssh_connection", "control_path", fallback=""):
+        return
+    # Where testinfra looks (utils/ansible_runner.py), with its default.
+    directory = cfg.get("persistent_connection", "control_path_dir", fallback="~/.ansible/cp")
+    Path(os.path.expanduser(directory)).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 def req_ids(item: pytest.Item) -> list[str]:

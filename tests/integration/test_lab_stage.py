@@ -25,10 +25,10 @@ from safemail.lab.stage import Stage
 pytestmark = pytest.mark.lab
 
 # Two scopes. The default (`make test`, CI) converges the whole site.yml once on a fresh lab
-# and verifies every requirement whose role and tests are built (`make test` took about 35 min
-# on this machine, most of it the emulated VMs).
+# and verifies every requirement whose role and tests are built (docs/PERFORMANCE.md has the
+# measured times).
 # SAFEMAIL_FULL=1 (`make integration-full`) adds a second converge (changed=0 on every host)
-# and a --check run (~20 min more).
+# and a --check run (about 2 min each).
 FULL = bool(os.environ.get("SAFEMAIL_FULL"))
 SCOPE_ARGS: list[str] = []
 BUILT = ["MAIL-01", "MAIL-02", "MAIL-03", "MAIL-04", "MAIL-05",
