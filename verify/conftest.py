@@ -28,12 +28,11 @@ It does not depend on which test modules exist.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from waits import record_lock_wait
+from waits import controller_lock
 
 from safemail.gate.catalogue import Catalogue, load_catalogue
 
@@ -233,19 +232,9 @@ STAGE_LOCK = "/tmp/safemail-verify-stage.lock"
 
 @pytest.fixture(autouse=True)
 def _stage_lock(request: pytest.FixtureRequest):
-    import fcntl
-
     exclusive = request.node.get_closest_marker("disruptive") is not None
-    with open(STAGE_LOCK, "a") as handle:
-        waited = time.monotonic()
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        # The wait is part of the test's JUnit time; bench/bench_stage.py subtracts it to show
-        # where the suite's own time goes.
-        record_lock_wait(request.node, time.monotonic() - waited)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with controller_lock(STAGE_LOCK, exclusive, request.node):
+        yield
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ How each was shown to fail: docs/storage.md, "Fault checks".
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import json
 import shlex
 import time
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 
 import pytest
 import testinfra
-from waits import record_lock_wait, wait_for
+from waits import controller_lock, wait_for
 
 from safemail.smime import samples
 
@@ -65,18 +64,9 @@ def _current_item(request) -> Iterator[None]:
     _current.remove(request.node)
 
 
-@contextmanager
-def exclusive() -> Iterator[None]:
+def exclusive():
     """One storage test at a time across xdist workers (they lock volumes, reboot VMs)."""
-    with open(LOCK_FILE, "w") as fh:
-        waited = time.monotonic()
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        if _current:
-            record_lock_wait(_current[-1], time.monotonic() - waited)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return controller_lock(LOCK_FILE, True, _current[-1] if _current else None)
 
 
 @pytest.fixture(scope="module")
