@@ -136,3 +136,14 @@ def test_route_conflicts_names_what_the_lab_would_cut():
 def test_lab_ranges_leave_the_machines_package_proxy_reachable():
     # On our machines the registries' proxy answers at 203.0.113.80 (see plan.LAB_RANGES).
     assert P.route_conflicts({"proxy": "203.0.113.80"}) == []
+
+
+def test_vm_boot_settings_mask_the_lab_only_units(tmp_path):
+    from safemail.lab import machines
+
+    machines.write_vm_boot_settings(tmp_path)
+    machines.write_vm_boot_settings(tmp_path)  # a second lab up over the same tree
+    system = tmp_path / "etc/systemd/system"
+    for unit in machines.VM_MASKED_UNITS:
+        assert (system / unit).is_symlink()
+        assert str((system / unit).readlink()) == "/dev/null"

@@ -39,6 +39,11 @@ BASE_PACKAGES = (
     "iproute2", "procps", "iputils-ping", "ca-certificates", "apt-utils",
 )
 VM_PACKAGES = ("linux-image-cloud-amd64", "initramfs-tools", "systemd-timesyncd")
+# The lab VMs' initramfs holds only what finds the root disk (ext4 is built into Debian's
+# cloud kernel; virtio-blk is a module). With initramfs-tools' default MODULES=most the
+# initramfs loads dozens of modules under software emulation: its phase took 17-88 s of a
+# reboot on this machine, against about 5 s with this list.
+VM_INITRAMFS_MODULES = ("virtio_pci", "virtio_blk")
 # In the mirror only, for tests: a tang server the encrypted_storage scenario runs on a VM's
 # loopback to exercise the role's network-bound unlock (molecule/encrypted_storage/tang.yml).
 LAB_TEST_PACKAGES = ("tang",)
@@ -112,7 +117,16 @@ def base_inputs() -> dict:
 
 def vm_inputs(base_hash: str, packages: list[str]) -> dict:
     return {"builder": BUILDER_VERSION, "base": base_hash,
-            "packages": sorted({*VM_PACKAGES, *packages})}
+            "packages": sorted({*VM_PACKAGES, *packages}),
+            "initramfs_modules": list(VM_INITRAMFS_MODULES)}
+
+
+def vm_initramfs_script() -> str:
+    """Shell run after the VM layer's packages: a small initramfs (MODULES=list)."""
+    modules = "\\n".join(VM_INITRAMFS_MODULES)
+    return ("printf 'MODULES=list\\n' > /etc/initramfs-tools/conf.d/safemail-lab && "
+            f"printf '{modules}\\n' >> /etc/initramfs-tools/modules && "
+            "update-initramfs -u -k all")
 
 
 def debs_inputs(base_hash: str, packages: list[str]) -> dict:
@@ -336,7 +350,8 @@ def build(paths: LabPaths, project: Path,
         runner.info(f"image: building VM layer {layer.path.name} for {host} "
                     f"({len(layer.packages)} role packages)")
         _layer_run(image, layer.path, f"install kernel and {host}'s packages",
-                   _seed_apt_cache(f"apt-get update -q && apt-get install -y -q {pkgs}"),
+                   _seed_apt_cache(f"apt-get update -q && apt-get install -y -q {pkgs} && "
+                                   + vm_initramfs_script()),
                    log, keep=["vmlinuz", "initrd.img"],
                    binds=(f"{image.debs_dir / 'debs'}:{SEED}",))
         (layer.path / "inputs.json").write_text(json.dumps(layer.packages))

@@ -303,6 +303,7 @@ class Stage:
             known.append(f"{host.mgmt.address},{host.name} {host_key}")
             if host.spec.hypervisor == "qemu":
                 machines.write_vm_network(host, upper)
+                machines.write_vm_boot_settings(upper)
                 tap_m, tap_d = machines.tap_names(index)
                 for tap, seg in ((tap_m, "mgmt"), (tap_d, host.data.segment)):
                     runner.run(["ip", "-n", NET_NS, "tuntap", "add", "dev", tap, "mode", "tap"])
