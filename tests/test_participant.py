@@ -71,13 +71,13 @@ def make_cert(
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     return key, make_cert(RECIPIENT, key)
 
 
 @pytest.fixture(scope="module")
 def sender_pair() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     return key, make_cert(SENDER, key)
 
 

@@ -135,7 +135,7 @@ class Pki:
         self.server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.server = _cert(self.server_key, self.ca_key, "Test CA", cn="localhost",
                             dns="localhost")
-        self.rcpt_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rcpt_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
         self.rcpt = _cert(self.rcpt_key, self.ca_key, "Test CA", cn=RECIPIENT, mailbox=RECIPIENT)
         rogue_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.rogue = _cert(rogue_key, rogue_key, "Test CA", cn=RECIPIENT, mailbox=RECIPIENT,

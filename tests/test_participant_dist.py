@@ -31,7 +31,7 @@ NOW = datetime.datetime.now(datetime.UTC)
 
 
 def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
 
 
 def _name(cn: str, email: str | None = None) -> x509.Name:

@@ -5,7 +5,9 @@ Only two things are decided here, both as pure functions:
 * :func:`classify` — is this RFC 5322 message an S/MIME *enveloped* message, i.e. is its whole
   content encrypted for at least one recipient? Anything else (plain text, multipart of any kind,
   signed-only, compressed, a pkcs7 header over a body that is not a complete CMS structure) is
-  refused with a machine code and a reason a person can act on.
+  refused with a machine code and a reason a person can act on. An envelope must also meet
+  the cryptographic policy of :mod:`safemail.smime.policy` (ciphers, key sizes, nothing
+  readable outside the encryption).
 * :func:`check_subject` — does the (unencrypted) Subject header look like it carries patient
   identifiers? Patterns are data, passed in by the caller (group_vars on the relay); a default
   set is :data:`DEFAULT_SUBJECT_PATTERNS`.
@@ -31,8 +33,33 @@ from dataclasses import dataclass
 
 from asn1crypto import cms
 
+from safemail.smime.policy import (
+    CODE_NOT_CIPHERTEXT,
+    CODE_ORIGINATOR_INFO,
+    CODE_RSA_KEY_TOO_SMALL,
+    CODE_UNKNOWN_CONTENT_CIPHER,
+    CODE_UNPROTECTED_ATTRIBUTES,
+    CODE_UNSUPPORTED_RECIPIENT_KIND,
+    CODE_WEAK_CONTENT_CIPHER,
+    CODE_WEAK_KEY_AGREEMENT,
+    CODE_WEAK_KEY_TRANSPORT,
+    DEFAULT_POLICY,
+    CryptoPolicy,
+    check_envelope,
+)
+
 __all__ = [
     "ACCEPTED_CONTENT_TYPES",
+    "CODE_NOT_CIPHERTEXT",
+    "CODE_ORIGINATOR_INFO",
+    "CODE_RSA_KEY_TOO_SMALL",
+    "CODE_UNKNOWN_CONTENT_CIPHER",
+    "CODE_UNPROTECTED_ATTRIBUTES",
+    "CODE_UNSUPPORTED_RECIPIENT_KIND",
+    "CODE_WEAK_CONTENT_CIPHER",
+    "CODE_WEAK_KEY_AGREEMENT",
+    "CODE_WEAK_KEY_TRANSPORT",
+    "CryptoPolicy",
     "DEFAULT_MAX_SIZE",
     "DEFAULT_SUBJECT_PATTERNS",
     "ENVELOPED_CONTENT_TYPES",
@@ -76,6 +103,8 @@ CODE_NOT_ENVELOPED = "not_enveloped"
 CODE_NO_RECIPIENTS = "no_recipients"
 CODE_NO_ENCRYPTED_CONTENT = "no_encrypted_content"
 CODE_INTERNAL_ERROR = "internal_error"
+# The cryptographic policy's codes (weak_content_cipher, rsa_key_too_small, ...) are defined
+# in safemail.smime.policy and re-exported here.
 
 # CMS content types that are not encryption, with the words used in the reason.
 _NOT_ENCRYPTED_CMS: dict[str, tuple[str, str]] = {
@@ -117,16 +146,19 @@ def _refuse(code: str, detail: str) -> Verdict:
     return Verdict(False, code, f"{_REJECT_PREFIX}message is not S/MIME encrypted ({detail})")
 
 
-def classify(raw: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Verdict:
+def classify(
+    raw: bytes, max_size: int = DEFAULT_MAX_SIZE, policy: CryptoPolicy | None = None
+) -> Verdict:
     """Classify one raw RFC 5322 message (headers and body, as bytes).
 
     Accepts only a message whose top-level Content-Type is application/(x-)pkcs7-mime, with
     Content-Transfer-Encoding base64 (or binary), whose decoded body is exactly one CMS
     ContentInfo of type enveloped-data or authenticated-enveloped-data with at least one
-    RecipientInfo and encrypted content. Never raises.
+    RecipientInfo and encrypted content, made as ``policy`` requires (None: the default
+    :data:`~safemail.smime.policy.DEFAULT_POLICY`). Never raises.
     """
     try:
-        return _classify(raw, max_size)
+        return _classify(raw, max_size, DEFAULT_POLICY if policy is None else policy)
     except Exception as exc:  # noqa: BLE001 - the gate must answer; fail closed (TEMPFAIL)
         return Verdict(
             False,
@@ -136,7 +168,7 @@ def classify(raw: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Verdict:
         )
 
 
-def _classify(raw: bytes, max_size: int) -> Verdict:
+def _classify(raw: bytes, max_size: int, policy: CryptoPolicy) -> Verdict:
     if not isinstance(raw, bytes | bytearray | memoryview):
         return _refuse(CODE_MALFORMED_HEADERS, "input is not a byte string")
     raw = bytes(raw)
@@ -185,7 +217,7 @@ def _classify(raw: bytes, max_size: int) -> Verdict:
         )
     if not der:
         return _refuse(CODE_EMPTY_BODY, "the S/MIME body is empty")
-    return _classify_cms(der)
+    return _classify_cms(der, policy)
 
 
 def _split_message(raw: bytes) -> tuple[email.message.Message, bytes] | None:
@@ -229,7 +261,7 @@ def _refuse_media_type(ctype: str) -> Verdict:
     return _refuse(CODE_NOT_SMIME, f"found {ctype[:80]}, expected application/pkcs7-mime")
 
 
-def _classify_cms(der: bytes) -> Verdict:
+def _classify_cms(der: bytes, policy: CryptoPolicy) -> Verdict:
     try:
         info = cms.ContentInfo.load(der, strict=True)
         content_type = info["content_type"].native
@@ -263,6 +295,10 @@ def _classify_cms(der: bytes) -> Verdict:
         return _refuse(CODE_NO_RECIPIENTS, "the CMS envelope has no recipients")
     if not has_content:
         return _refuse(CODE_NO_ENCRYPTED_CONTENT, "the CMS envelope carries no encrypted content")
+    # Structure first, so every existing refusal keeps its code; then how it is encrypted.
+    violation = check_envelope(info, policy)
+    if violation is not None:
+        return _refuse(*violation)
     kind = "authEnveloped" if content_type == "authenticated_enveloped_data" else "enveloped"
     return Verdict(True, ACCEPTED, f"S/MIME {kind} message for {recipient_count} recipient(s)")
 
