@@ -137,10 +137,13 @@ def start_qemu(host: HostPlan, image: Image, mdir: Path, index: int, bridge_ns: 
         # The data disk shows in the guest as /dev/disk/by-id/virtio-safemail-data.
         "-drive", f"file={data_disk},format=raw,if=none,id=data",
         "-device", "virtio-blk-pci,drive=data,serial=safemail-data",
-        "-netdev", f"tap,id=mgmt,ifname={tap_m},script=no,downscript=no",
-        "-device", f"virtio-net-pci,netdev=mgmt,mac={host.mgmt.mac}",
+        # The data NIC first: the kernel names it eth0, the name its .link file gives it, so
+        # the rename by MAC never races the management NIC for "eth0" (it did once the
+        # initramfs stopped loading virtio_net early: relay1 came up with an unnamed eth1).
         "-netdev", f"tap,id=data,ifname={tap_d},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=data,mac={host.data.mac}",
+        "-netdev", f"tap,id=mgmt,ifname={tap_m},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=mgmt,mac={host.mgmt.mac}",
         "-display", "none", "-monitor", "none", "-nodefaults",
         "-serial", f"file:{mdir / 'console.log'}",
         "-qmp", f"unix:{mdir / 'qmp.sock'},server=on,wait=off",
