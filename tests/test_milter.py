@@ -94,7 +94,29 @@ def test_oversized_mail_is_rejected_without_buffering_it_all() -> None:
     feed(gate, big, chunk=500)
     decision = gate.decide()
     assert (decision.action, decision.code) == (Action.REJECT, "too_large")
-    assert sum(len(p) for p in gate._parts) == 0
+
+
+@pytest.mark.req("MAIL-03")
+def test_gate_holds_no_copy_of_the_body() -> None:
+    """The body streams through the classifier: the gate keeps the headers, not the body."""
+    import tracemalloc
+
+    big = samples.smime_message(samples.enveloped_der(content_size=4_000_000))
+    gate = MessageGate(GateConfig())
+    fields, body = split_headers(big)
+    tracemalloc.start()
+    try:
+        for name, value in fields:
+            gate.add_header(name, value)
+        gate.end_of_headers()
+        for start in range(0, len(body), 65536):
+            gate.add_body(body[start : start + 65536])
+        decision = gate.decide()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decision.action is Action.ACCEPT
+    assert peak < 1 << 20, f"peak {peak} bytes for a {len(big)} byte message"
 
 
 def test_gate_is_reusable_after_reset() -> None:
@@ -110,17 +132,17 @@ def test_internal_error_is_tempfail(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(milter, "classify", boom)
+    monkeypatch.setattr(milter.StreamClassifier, "_finish", boom)
     decision = decide(ENCRYPTED)
     assert decision.action is Action.TEMPFAIL
     assert decision.reply is not None and decision.reply[:2] == ("451", "4.3.0")
 
 
 def test_classifier_internal_error_verdict_is_tempfail(monkeypatch: pytest.MonkeyPatch) -> None:
-    from safemail.smime import classify as cmod
+    def boom(self, piece: bytes) -> None:
+        raise ZeroDivisionError
 
-    monkeypatch.setattr(cmod, "_classify", lambda raw, max_size: 1 / 0)
-    monkeypatch.setattr(milter, "classify", cmod.classify)
+    monkeypatch.setattr(milter.StreamClassifier, "_feed_piece", boom)
     assert decide(ENCRYPTED).action is Action.TEMPFAIL
 
 
@@ -151,7 +173,7 @@ def test_subject_policy_flag_adds_warning_header() -> None:
     assert decision.add_headers == (
         (
             SUBJECT_WARNING_HEADER,
-            "subject may contain patient data (kvnr); subjects are not encrypted",
+            "subject may contain patient data (kvnr); headers are not encrypted",
         ),
     )
 
@@ -295,7 +317,7 @@ def test_glue_rejects_plaintext_with_550(caplog: pytest.LogCaptureFixture) -> No
         (
             "550",
             "5.7.1",
-            "523 Encryption Needed: message is not S/MIME encrypted (found text/plain)",
+            "523 Encryption Needed: message is not S/MIME encrypted (found text/plain) [plaintext]",
         )
     ]
     assert "queue_id=4ABC123 verdict=plaintext action=reject" in caplog.text

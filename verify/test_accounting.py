@@ -80,7 +80,8 @@ def _queue_empty(relay) -> bool:
 def _send(acc: dict, sender: int, recipient: int, subject: str) -> str:
     """Mail from participant `sender` to `recipient` (indexes); the relay's queue id."""
     host, who = acc["hosts"][sender], acc["people"][sender]
-    msg = samples.smime_message(samples.enveloped_der(), subject=subject)
+    msg = samples.with_from(samples.smime_message(samples.enveloped_der(), subject=subject),
+                            who["mailbox"])
     path = f"/tmp/acc-probe-{uuid.uuid4().hex}.eml"
     host.run(f"cat > {path} <<'EOF_MSG'\n{msg.decode('latin-1')}\nEOF_MSG")
     args = [SAFEMAIL, "participant", "smtp-probe", "--host", acc["relay_name"], "--port", "587",

@@ -94,7 +94,8 @@ def stage(request) -> dict:
 
 def probe_send(stage: dict, subject: str) -> dict:
     """Send an S/MIME-shaped sample with `subject` from the first participant; the transcript."""
-    msg = samples.smime_message(samples.enveloped_der(), subject=subject)
+    msg = samples.with_from(samples.smime_message(samples.enveloped_der(), subject=subject),
+                            stage["from"])
     host = stage["sender"]
     path = f"/tmp/store-probe-{uuid.uuid4().hex}.eml"
     host.run(f"cat > {path} <<'EOF_MSG'\n{msg.decode('latin-1')}\nEOF_MSG")
@@ -436,11 +437,16 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
         assert up_all, f"did not come back from the reboot: {[g for g in groups if not up[g]]}"
         times: dict[str, dict] = {}
         sources: dict[str, dict] = {}
+        unmounted: dict[str, str] = {}
         for group, host in hosts.items():
-            mount_unit = host.check_output(
-                f"systemd-escape --path --suffix=mount {host_mount(host)}")
-            crypt_unit = host.check_output(
-                f"systemd-escape --template=systemd-cryptsetup@.service {NAME}")
+            target = host_mount(host)
+            if not target:  # the volume did not come back: say so, with systemd's view of it
+                unmounted[group] = host.run(
+                    f"systemctl status --no-pager --lines=15 {shlex.quote(crypt_unit_name(host))}"
+                ).stdout[-1500:]
+                continue
+            mount_unit = host.check_output(f"systemd-escape --path --suffix=mount {target}")
+            crypt_unit = crypt_unit_name(host)
             times[group] = {}
             for u in [crypt_unit, mount_unit, *SERVICES[group]]:
                 out = host.check_output(f"systemctl show -p ActiveState "
@@ -450,11 +456,12 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
                 times[group][u] = (props.get("ActiveState"), since)
             sources[group] = {p: host.check_output(f"findmnt -n -o SOURCE -T {p}")
                               for p in PATHS[group]}
-    for group in groups:
+    problems = [f"{group}: the volume is not mounted after the reboot:\n{status}"
+                for group, status in unmounted.items()]
+    for group in times:
         evidence(f"{group} after reboot: units (state, activated at µs): {times[group]}; "
                  f"mounts: {sources[group]}")
-    problems = []
-    for group in groups:
+    for group in times:
         crypt, mount, *services = times[group].values()
         if not all(state == "active" for state, _ in times[group].values()):
             problems.append(f"{group}: not every unit is active: {times[group]}")
@@ -465,6 +472,10 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
         if not all(s.startswith(f"{MAPPER}[") for s in sources[group].values()):
             problems.append(f"{group}: a mail path is not on the volume: {sources[group]}")
     assert problems == [], problems
+
+
+def crypt_unit_name(host) -> str:
+    return host.check_output(f"systemd-escape --template=systemd-cryptsetup@.service {NAME}")
 
 
 def host_mount(host) -> str:

@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "DEFAULT_SUBJECT_PATTERNS",
     "ENVELOPED_CONTENT_TYPES",
+    "MAX_HEADER_BYTES",
     "SubjectMatch",
     "SubjectPattern",
     "Verdict",
@@ -74,6 +75,12 @@ __all__ = [
 
 #: Largest message classified, in bytes (headers + body as received). Larger mail is refused.
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024
+
+#: Largest header section (up to the blank line) read; a longer one is refused as malformed.
+#: Mail clients write a few KiB; the bound lets the streaming classifier
+#: (:mod:`safemail.smime.stream`) hold the header section in bounded memory and still decide
+#: exactly as :func:`classify` does.
+MAX_HEADER_BYTES = 256 * 1024
 
 #: Top-level media types that may carry an S/MIME enveloped message (RFC 8551 §3.2 and the
 #: older x- form still sent by some clients). The smime-type parameter is not trusted: the
@@ -160,12 +167,21 @@ def classify(
     try:
         return _classify(raw, max_size, DEFAULT_POLICY if policy is None else policy)
     except Exception as exc:  # noqa: BLE001 - the gate must answer; fail closed (TEMPFAIL)
-        return Verdict(
-            False,
-            CODE_INTERNAL_ERROR,
-            "451 Temporary failure: the S/MIME gate could not check this message "
-            f"({type(exc).__name__}); please try again later",
-        )
+        return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> Verdict:
+    """The verdict for a failure of the gate's own code: a temporary failure, never a pass."""
+    return Verdict(
+        False,
+        CODE_INTERNAL_ERROR,
+        "451 Temporary failure: the S/MIME gate could not check this message "
+        f"({type(exc).__name__}); please try again later",
+    )
+
+
+def _too_large(size: int, max_size: int) -> Verdict:
+    return _refuse(CODE_TOO_LARGE, f"message of {size} bytes exceeds the limit of {max_size} bytes")
 
 
 def _classify(raw: bytes, max_size: int, policy: CryptoPolicy) -> Verdict:
@@ -175,14 +191,68 @@ def _classify(raw: bytes, max_size: int, policy: CryptoPolicy) -> Verdict:
     if not raw.strip():
         return _refuse(CODE_EMPTY_BODY, "the message is empty")
     if len(raw) > max_size:
-        return _refuse(
-            CODE_TOO_LARGE, f"message of {len(raw)} bytes exceeds the limit of {max_size} bytes"
-        )
+        return _too_large(len(raw), max_size)
 
-    split = _split_message(raw)
-    if split is None:
+    head_end, body_start = _split_point(raw)
+    found = _header_verdict(raw[:head_end])
+    if isinstance(found, Verdict):
+        return found
+    body = raw[body_start:]
+    if found == "base64":
+        compact = body.translate(None, _BASE64_WHITESPACE)
+        if not compact:
+            return _refuse(CODE_EMPTY_BODY, "the S/MIME body is empty")
+        try:
+            der = base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            return _refuse(CODE_BAD_BASE64, "the S/MIME body is not valid base64")
+    else:
+        # binary: only the line break that ends the message body may follow the DER structure.
+        der = body[:-2] if body.endswith(b"\r\n") else body[:-1] if body.endswith(b"\n") else body
+    if not der:
+        return _refuse(CODE_EMPTY_BODY, "the S/MIME body is empty")
+    return _classify_cms(der, policy)
+
+
+def _split_point(raw: bytes | bytearray) -> tuple[int, int]:
+    """Where the header section ends and the body starts: (head_end, body_start).
+
+    The first empty line (CRLF or LF) separates them; a message that starts with an empty line
+    has no header section; one without an empty line is all headers.
+    """
+    if raw.startswith((b"\r\n", b"\n")):
+        return 0, raw.index(b"\n") + 1
+    match = _HEADER_BODY_SEPARATOR.search(raw)
+    if match is None:
+        return len(raw), len(raw)
+    return match.start(), match.end()
+
+
+def _parse_header_section(head: bytes) -> email.message.Message | None:
+    """Parsed headers of a header section (without the empty line); None if it is broken."""
+    if not head:
+        return email.message.Message()
+    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    headers = parser.parsebytes(head + b"\n\n")
+    # A line that is no header makes the parser start the body early, and a first line that is
+    # a continuation has no header to belong to: the header section is then not what every
+    # mail client would read, so refuse it rather than guess.
+    if headers.get_payload() or headers.defects:
+        return None
+    return headers
+
+
+def _header_verdict(head: bytes | bytearray) -> Verdict | str:
+    """Judge the header section: a refusal, or the transfer encoding ("base64" or "binary")
+    under which the body must then be judged."""
+    if len(head) > MAX_HEADER_BYTES:
+        return _refuse(
+            CODE_MALFORMED_HEADERS,
+            f"the header section is larger than {MAX_HEADER_BYTES // 1024} KiB",
+        )
+    headers = _parse_header_section(bytes(head))
+    if headers is None:
         return _refuse(CODE_MALFORMED_HEADERS, "the header section is malformed")
-    headers, body = split
 
     content_types = headers.get_all("Content-Type") or []
     if not content_types:
@@ -199,44 +269,12 @@ def _classify(raw: bytes, max_size: int, policy: CryptoPolicy) -> Verdict:
     if len(encodings) > 1:
         return _refuse(CODE_AMBIGUOUS_HEADERS, "more than one Content-Transfer-Encoding header")
     cte = str(encodings[0]).strip(_HEADER_WHITESPACE).lower() if encodings else "7bit"
-    if cte == "base64":
-        compact = body.translate(None, _BASE64_WHITESPACE)
-        if not compact:
-            return _refuse(CODE_EMPTY_BODY, "the S/MIME body is empty")
-        try:
-            der = base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError):
-            return _refuse(CODE_BAD_BASE64, "the S/MIME body is not valid base64")
-    elif cte == "binary":
-        # Only the line break that ends the message body may follow the DER structure.
-        der = body[:-2] if body.endswith(b"\r\n") else body[:-1] if body.endswith(b"\n") else body
-    else:
-        return _refuse(
-            CODE_BAD_TRANSFER_ENCODING,
-            f"Content-Transfer-Encoding {cte[:40]!r} cannot carry S/MIME; use base64",
-        )
-    if not der:
-        return _refuse(CODE_EMPTY_BODY, "the S/MIME body is empty")
-    return _classify_cms(der, policy)
-
-
-def _split_message(raw: bytes) -> tuple[email.message.Message, bytes] | None:
-    """Split raw mail into parsed headers and the undecoded body; None if headers are broken."""
-    if raw.startswith((b"\r\n", b"\n")):
-        return email.message.Message(), raw.split(b"\n", 1)[1]
-    match = _HEADER_BODY_SEPARATOR.search(raw)
-    if match is None:
-        head, body = raw, b""
-    else:
-        head, body = raw[: match.start()], raw[match.end() :]
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-    headers = parser.parsebytes(head + b"\n\n")
-    # A line that is no header makes the parser start the body early, and a first line that is
-    # a continuation has no header to belong to: the header section is then not what every
-    # mail client would read, so refuse it rather than guess.
-    if headers.get_payload() or headers.defects:
-        return None
-    return headers, body
+    if cte in ("base64", "binary"):
+        return cte
+    return _refuse(
+        CODE_BAD_TRANSFER_ENCODING,
+        f"Content-Transfer-Encoding {cte[:40]!r} cannot carry S/MIME; use base64",
+    )
 
 
 def _media_type(value: str) -> str | None:
@@ -261,7 +299,20 @@ def _refuse_media_type(ctype: str) -> Verdict:
     return _refuse(CODE_NOT_SMIME, f"found {ctype[:80]}, expected application/pkcs7-mime")
 
 
-def _classify_cms(der: bytes, policy: CryptoPolicy) -> Verdict:
+def _refuse_content_type(content_type: object) -> Verdict:
+    """The refusal for a CMS content type that is not enveloped."""
+    code, detail = _NOT_ENCRYPTED_CMS.get(
+        content_type,  # type: ignore[arg-type]
+        (CODE_NOT_ENVELOPED, "the CMS content type is not enveloped-data"),
+    )
+    return _refuse(code, detail)
+
+
+def _classify_cms(
+    der: bytes, policy: CryptoPolicy, ciphertext: tuple[int, bytes] | None = None
+) -> Verdict:
+    """Judge the CMS structure ``der``. ``ciphertext`` (length, first bytes) gives the real
+    encrypted content when ``der`` carries only a stand-in for it (the streaming classifier)."""
     try:
         info = cms.ContentInfo.load(der, strict=True)
         content_type = info["content_type"].native
@@ -269,10 +320,7 @@ def _classify_cms(der: bytes, policy: CryptoPolicy) -> Verdict:
         return _refuse(CODE_MALFORMED_CMS, "the body is not a complete CMS structure")
 
     if content_type not in ENVELOPED_CONTENT_TYPES:
-        code, detail = _NOT_ENCRYPTED_CMS.get(
-            content_type, (CODE_NOT_ENVELOPED, "the CMS content type is not enveloped-data")
-        )
-        return _refuse(code, detail)
+        return _refuse_content_type(content_type)
 
     try:
         # Force a full parse of every nested value so that corrupt inner structures are
@@ -286,8 +334,11 @@ def _classify_cms(der: bytes, policy: CryptoPolicy) -> Verdict:
             if content_type == "enveloped_data"
             else "auth_encrypted_content_info"
         )
-        encrypted = envelope[info_field]["encrypted_content"]
-        has_content = encrypted.native is not None and len(encrypted.native) > 0
+        encrypted = envelope[info_field]["encrypted_content"].native
+        if encrypted is None:
+            has_content = False
+        else:
+            has_content = (len(encrypted) if ciphertext is None else ciphertext[0]) > 0
     except Exception:  # noqa: BLE001 - see above
         return _refuse(CODE_MALFORMED_CMS, "the CMS enveloped-data structure is corrupt")
 
@@ -296,7 +347,7 @@ def _classify_cms(der: bytes, policy: CryptoPolicy) -> Verdict:
     if not has_content:
         return _refuse(CODE_NO_ENCRYPTED_CONTENT, "the CMS envelope carries no encrypted content")
     # Structure first, so every existing refusal keeps its code; then how it is encrypted.
-    violation = check_envelope(info, policy)
+    violation = check_envelope(info, policy, ciphertext=ciphertext)
     if violation is not None:
         return _refuse(*violation)
     kind = "authEnveloped" if content_type == "authenticated_enveloped_data" else "enveloped"

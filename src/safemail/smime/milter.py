@@ -1,11 +1,18 @@
 """The relay's S/MIME gate as a milter (MAIL-03, MAIL-04).
 
-Postfix hands every message to this milter before it is queued. The milter buffers headers and
-body, classifies the whole message at end-of-message with :mod:`safemail.smime.classify`, and
-rejects anything that is not S/MIME enveloped with ``550 5.7.1`` and a reason the sender can
-act on. Subjects that look like they carry patient identifiers are refused or flagged with an
-``X-SafeMail-Subject-Warning`` header, as configured. Any internal failure gives a temporary
-failure (fail closed; Postfix's ``milter_default_action = tempfail`` covers a dead milter).
+Postfix hands every message to this milter before it is queued. The body streams through
+:class:`safemail.smime.stream.StreamClassifier` as it arrives (memory per message is a small
+constant, the ciphertext is counted, not kept), which decides at end-of-message exactly as
+:func:`safemail.smime.classify.classify` would on the whole message, under the site's
+cryptographic policy (:mod:`safemail.smime.policy`); the milter rejects anything that is
+not S/MIME enveloped with ``550 5.7.1`` and a reason the sender can act on (its stable code in
+brackets at the end). Then the header section (:mod:`safemail.smime.headers`): the From header
+must be the authenticated participant's mailbox; headers outside the allowed list are deleted;
+a kept header value or MIME parameter that looks like it carries a patient identifier is
+refused or flagged with an ``X-SafeMail-Subject-Warning`` header, as configured. Any internal
+failure gives a temporary failure (fail closed; Postfix's ``milter_default_action = tempfail``
+covers a dead milter). At most ``max_in_flight`` messages are held at once; a further one gets
+a temporary failure at MAIL FROM, so memory stays bounded.
 
 The per-message decision lives in :class:`MessageGate`, a plain class the tests drive directly.
 The pymilter glue (Debian ``python3-milter``) is imported only inside :func:`run`, so this
@@ -13,7 +20,7 @@ module imports without it.
 
 Privacy: the log holds the queue id and the verdict code, never addresses, subjects or content.
 
-Run: ``python3 -m safemail.smime.milter --socket inet:10025@127.0.0.1``.
+Run: ``python3 -m safemail.smime.milter --socket unix:/run/safemail-gate/milter.sock``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import enum
 import json
 import logging
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +39,20 @@ from typing import Any
 from safemail.smime.classify import (
     DEFAULT_MAX_SIZE,
     DEFAULT_SUBJECT_PATTERNS,
+    MAX_HEADER_BYTES,
     SubjectPattern,
-    check_subject,
-    classify,
     compile_subject_patterns,
 )
+from safemail.smime.headers import (
+    CODE_FROM_NOT_LOGIN,
+    DEFAULT_ALLOWED_HEADERS,
+    check_from,
+    find_identifier,
+    normalise_allowed,
+    plan_removals,
+)
+from safemail.smime.policy import DEFAULT_POLICY, CryptoPolicy, load_crypto_policy
+from safemail.smime.stream import StreamClassifier
 
 __all__ = [
     "Action",
@@ -57,10 +74,14 @@ SUBJECT_POLICIES = ("refuse", "flag", "off")
 
 CODE_SUBJECT = "subject_patient_data"
 CODE_TEMPFAIL = "internal_error"
+CODE_BUSY = "busy"
+DEFAULT_MAX_IN_FLIGHT = 16
 
 _REJECT_REPLY = ("550", "5.7.1")
 _TEMPFAIL_REPLY = ("451", "4.3.0")
 _TEMPFAIL_TEXT = "Temporary failure in the S/MIME gate; please try again later"
+_BUSY_REPLY = ("451", "4.3.2")
+_BUSY_TEXT = "The S/MIME gate is busy; please try again later"
 
 
 class Action(enum.Enum):
@@ -79,6 +100,8 @@ class Decision:
     code: str
     reply: tuple[str, str, str] | None = None
     add_headers: tuple[tuple[str, str], ...] = ()
+    #: (name, index) of headers to delete, index 1-based per name (smfi_chgheader).
+    remove_headers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,11 @@ class GateConfig:
     subject_patterns: tuple[SubjectPattern, ...] = field(
         default_factory=lambda: compile_subject_patterns(DEFAULT_SUBJECT_PATTERNS)
     )
+    crypto_policy: CryptoPolicy = DEFAULT_POLICY
+    allowed_headers: frozenset[str] = field(
+        default_factory=lambda: normalise_allowed(DEFAULT_ALLOWED_HEADERS)
+    )
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if self.subject_policy not in SUBJECT_POLICIES:
@@ -99,6 +127,8 @@ class GateConfig:
             )
         if self.max_size < 1:
             raise ValueError("max size must be positive")
+        if self.max_in_flight < 1:
+            raise ValueError("max in flight must be at least 1")
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -108,10 +138,17 @@ def _as_bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
-def _reply_text(text: str) -> str:
-    """One printable line; libmilter drops a reply with a single '%', so double them."""
+def _reply_text(text: str, code: str | None = None) -> str:
+    """One printable line ending in the verdict code; libmilter drops a reply with a single
+    '%', so double them."""
     clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)[:400]
+    if code:
+        clean += f" [{code}]"
     return clean.replace("%", "%%")
+
+
+def _as_text(value: str | bytes) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 class MessageGate:
@@ -123,40 +160,37 @@ class MessageGate:
 
     def reset(self) -> None:
         """Forget the current message (new MAIL FROM, abort)."""
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._overflow = False
-        self._subjects: list[str | bytes] = []
+        # The body is classified as it streams by (safemail.smime.stream): memory per
+        # message is a small constant, not the message's size.
+        self._stream = StreamClassifier(self.config.max_size, self.config.crypto_policy)
+        self._headers: list[tuple[str, str]] = []
+        self._header_bytes = 0
+        self._login: str | None = None
 
-    def _append(self, data: bytes) -> None:
-        if self._overflow:
-            return
-        self._size += len(data)
-        if self._size > self.config.max_size:
-            self._overflow = True
-            self._parts = []  # stop holding a message we will refuse anyway
-            return
-        self._parts.append(data)
+    def set_login(self, login: str | None) -> None:
+        """The SASL login of the session (Postfix's {auth_authen} macro), None if none."""
+        self._login = login or None
 
     def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """One header field as the MTA passes it (name without colon, unfolded value)."""
-        raw_name, raw_value = _as_bytes(name), _as_bytes(value)
-        if raw_name.strip().lower() == b"subject":
-            self._subjects.append(value)
-        raw_value = raw_value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        self._append(raw_name + b": " + raw_value + b"\r\n")
+        self._stream.add_header(name, value)
+        # Kept for the header decisions; beyond the classifier's header limit the message is
+        # refused anyway (malformed_headers), so stop keeping copies.
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes <= MAX_HEADER_BYTES:
+            self._headers.append((_as_text(name).strip(), _as_text(value)))
 
     def end_of_headers(self) -> None:
         """The blank line between headers and body."""
-        self._append(b"\r\n")
+        self._stream.end_of_headers()
 
     def add_body(self, chunk: bytes) -> None:
         """A chunk of the body (CRLF line endings, as the MTA sends it)."""
-        self._append(bytes(chunk))
+        self._stream.add_body(chunk)
 
     @property
     def size(self) -> int:
-        return self._size
+        return self._stream.size
 
     def decide(self) -> Decision:
         """Classify the collected message; never raises (an internal error gives TEMPFAIL)."""
@@ -168,38 +202,56 @@ class MessageGate:
             return Decision(Action.TEMPFAIL, CODE_TEMPFAIL, (*_TEMPFAIL_REPLY, _TEMPFAIL_TEXT))
 
     def _decide(self) -> Decision:
-        if self._overflow:
-            text = (
-                f"523 Encryption Needed: message larger than {self.config.max_size} bytes "
-                "is not accepted by the S/MIME gate"
-            )
-            return Decision(Action.REJECT, "too_large", (*_REJECT_REPLY, _reply_text(text)))
-        verdict = classify(b"".join(self._parts), self.config.max_size)
+        verdict = self._stream.finish()
         if verdict.code == "internal_error":
             return Decision(Action.TEMPFAIL, verdict.code, (*_TEMPFAIL_REPLY, _TEMPFAIL_TEXT))
         if not verdict.accepted:
-            return Decision(
-                Action.REJECT, verdict.code, (*_REJECT_REPLY, _reply_text(verdict.reason))
+            return _reject(verdict.code, verdict.reason)
+        sender = check_from(self._headers, self._login)
+        if not sender.ok:
+            return _reject(CODE_FROM_NOT_LOGIN, f"From does not match your login: {sender.detail}")
+        removals = tuple(plan_removals(self._headers, self.config.allowed_headers))
+        if self.config.subject_policy != "off":
+            hit = find_identifier(
+                self._headers, self.config.allowed_headers, self.config.subject_patterns
             )
-        if self.config.subject_policy == "off":
-            return Decision(Action.ACCEPT, verdict.code)
-        for subject in self._subjects:
-            hit = check_subject(subject, self.config.subject_patterns)
-            if not hit.matched:
-                continue
-            if self.config.subject_policy == "refuse":
+            if hit is not None and self.config.subject_policy == "refuse":
+                where = "" if hit.where == "value" else f" ({hit.where})"
                 text = (
-                    f"Subject looks like it contains patient data ({hit.pattern}). The subject "
-                    "is not encrypted: put patient data in the encrypted message instead"
+                    f"header {hit.header}{where} looks like it contains patient data "
+                    f"({hit.pattern}). Headers are not encrypted: put patient data in the "
+                    "encrypted message instead"
                 )
-                return Decision(Action.REJECT, CODE_SUBJECT, (*_REJECT_REPLY, _reply_text(text)))
-            warning = (
-                f"subject may contain patient data ({hit.pattern}); subjects are not encrypted"
-            )
-            return Decision(
-                Action.ACCEPT, CODE_SUBJECT, add_headers=((SUBJECT_WARNING_HEADER, warning),)
-            )
-        return Decision(Action.ACCEPT, verdict.code)
+                return _reject(CODE_SUBJECT, text)
+            if hit is not None:
+                warning = (
+                    f"{hit.header.lower()} may contain patient data ({hit.pattern}); "
+                    "headers are not encrypted"
+                )
+                return Decision(
+                    Action.ACCEPT,
+                    CODE_SUBJECT,
+                    add_headers=((SUBJECT_WARNING_HEADER, warning),),
+                    remove_headers=removals,
+                )
+        return Decision(Action.ACCEPT, verdict.code, remove_headers=removals)
+
+
+def _reject(code: str, text: str) -> Decision:
+    return Decision(Action.REJECT, code, (*_REJECT_REPLY, _reply_text(text, code)))
+
+
+class InFlight:
+    """At most ``limit`` messages held at once across the milter's connections (threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def take(self) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def give(self) -> None:
+        self._slots.release()
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -243,13 +295,28 @@ def _load_json(text: str, path: Path) -> Any:
 
 def _milter_class(milter_mod: Any, config: GateConfig) -> type:
     """The pymilter class for ``config``; one instance per SMTP connection."""
+    in_flight = InFlight(config.max_in_flight)
 
     class SafeMailGate(milter_mod.Base):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             self.gate = MessageGate(config)
+            self.slot = False
+
+        def _give_back(self) -> None:
+            if self.slot:
+                self.slot = False
+                in_flight.give()
 
         def envfrom(self, mailfrom: str, *params: str) -> int:
             self.gate.reset()
+            self._give_back()
+            if not in_flight.take():
+                LOG.warning("verdict=%s action=tempfail (%d in flight)", CODE_BUSY,
+                            config.max_in_flight)
+                self.setreply(*_BUSY_REPLY, _BUSY_TEXT)
+                return milter_mod.TEMPFAIL
+            self.slot = True
+            self.gate.set_login(self.getsymval("{auth_authen}"))
             return milter_mod.CONTINUE
 
         def header(self, name: str, value: str | bytes) -> int:
@@ -269,13 +336,18 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
             try:
                 queue_id = str(self.getsymval("i") or "-")
                 decision = self.gate.decide()
-                for name, value in decision.add_headers:
-                    self.addheader(name, value)
+                if decision.action is Action.ACCEPT:
+                    # Highest index first, so the indexes still to delete stay valid.
+                    for name, index in sorted(decision.remove_headers, key=lambda r: -r[1]):
+                        self.chgheader(name, index, None)
+                    for name, value in decision.add_headers:
+                        self.addheader(name, value)
                 LOG.info(
-                    "queue_id=%s verdict=%s action=%s",
+                    "queue_id=%s verdict=%s action=%s removed_headers=%d",
                     queue_id,
                     decision.code,
                     decision.action.value,
+                    len(decision.remove_headers) if decision.action is Action.ACCEPT else 0,
                 )
                 if decision.reply is not None:
                     self.setreply(*decision.reply)
@@ -298,13 +370,16 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
                 result = milter_mod.TEMPFAIL
             finally:
                 self.gate.reset()
+                self._give_back()
             return result
 
         def abort(self) -> int:
             self.gate.reset()
+            self._give_back()
             return milter_mod.CONTINUE
 
         def close(self) -> int:
+            self._give_back()
             return milter_mod.CONTINUE
 
     return SafeMailGate
@@ -315,13 +390,16 @@ def run(socket: str, config: GateConfig, timeout: int = 600) -> None:
     import Milter  # Debian python3-milter; imported here so the module loads without it
 
     Milter.factory = _milter_class(Milter, config)
-    flags = Milter.ADDHDRS if config.subject_policy == "flag" else 0
+    # CHGHDRS: headers outside the allowed list are deleted; ADDHDRS: the subject warning.
+    flags = Milter.CHGHDRS | (Milter.ADDHDRS if config.subject_policy == "flag" else 0)
     Milter.set_flags(flags)
     LOG.info(
-        "starting on %s (max size %d bytes, subject policy %s)",
+        "starting on %s (max size %d bytes, subject policy %s, %d in flight, %d headers allowed)",
         socket,
         config.max_size,
         config.subject_policy,
+        config.max_in_flight,
+        len(config.allowed_headers),
     )
     try:
         Milter.runmilter(MILTER_NAME, socket, timeout)
@@ -337,8 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket",
         required=True,
-        help="milter socket, e.g. inet:10025@127.0.0.1 or "
-        "unix:/var/spool/postfix/safemail/milter.sock",
+        help="milter socket, e.g. unix:/run/safemail-gate/milter.sock",
     )
     parser.add_argument(
         "--max-size",
@@ -358,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="YAML or JSON list of {name, regex}; default: the built-in patient-identifier set",
     )
+    parser.add_argument(
+        "--crypto-policy",
+        type=Path,
+        help="YAML or JSON cryptographic policy (docs/mail.md); default: the built-in one",
+    )
+    parser.add_argument(
+        "--allowed-headers",
+        help="comma-separated header names that pass (others are deleted); default: "
+        + ", ".join(DEFAULT_ALLOWED_HEADERS),
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=DEFAULT_MAX_IN_FLIGHT,
+        help=f"messages held at once; more get 451 at MAIL FROM (default {DEFAULT_MAX_IN_FLIGHT})",
+    )
     parser.add_argument("--timeout", type=int, default=600, help="MTA timeout, seconds")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     return parser
@@ -370,8 +463,26 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         if args.subject_patterns is not None
         else compile_subject_patterns(DEFAULT_SUBJECT_PATTERNS)
     )
+    policy = DEFAULT_POLICY
+    if args.crypto_policy is not None:
+        try:
+            policy = load_crypto_policy(args.crypto_policy)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read crypto policy {args.crypto_policy}: {exc.strerror}"
+            ) from exc
+    names = (
+        [n.strip() for n in args.allowed_headers.split(",") if n.strip()]
+        if args.allowed_headers is not None
+        else list(DEFAULT_ALLOWED_HEADERS)
+    )
     return GateConfig(
-        max_size=args.max_size, subject_policy=args.subject_policy, subject_patterns=patterns
+        max_size=args.max_size,
+        subject_policy=args.subject_policy,
+        subject_patterns=patterns,
+        crypto_policy=policy,
+        allowed_headers=normalise_allowed(names),
+        max_in_flight=args.max_in_flight,
     )
 
 

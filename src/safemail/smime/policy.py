@@ -406,13 +406,21 @@ Violation = tuple[str, str]
 
 
 def check_envelope(
-    info: cms.ContentInfo, policy: CryptoPolicy = DEFAULT_POLICY
+    info: cms.ContentInfo,
+    policy: CryptoPolicy = DEFAULT_POLICY,
+    *,
+    ciphertext: tuple[int, bytes] | None = None,
 ) -> Violation | None:
     """The first policy violation of an enveloped or authEnveloped ContentInfo, or None.
 
     Returns ``(code, detail)``: a code from :data:`POLICY_CODES` (or ``malformed_cms`` for
     cipher parameters that do not parse) and one sentence a sender can act on. ``info`` must
     have passed classify's structural checks (fully parsed, enveloped, with recipients).
+
+    ``ciphertext`` is ``(length, first bytes)`` of the real encrypted content, for a caller
+    that did not keep it whole (the streaming classifier): ``info`` then carries only a
+    stand-in, and the checks on the content use these instead. At least the first
+    :data:`TEXT_SAMPLE_BYTES` bytes (all of a shorter content) are needed.
     """
     kind = info["content_type"].native
     if kind not in ("enveloped_data", "authenticated_enveloped_data"):
@@ -423,7 +431,7 @@ def check_envelope(
     return (
         _check_recipients(envelope["recipient_infos"], policy)
         or _check_content_cipher(content["content_encryption_algorithm"], auth, policy)
-        or _check_ciphertext(envelope, content, auth)
+        or _check_ciphertext(envelope, content, auth, ciphertext)
         or _check_attributes(envelope, auth, policy)
         or _check_originator_info(envelope, policy)
     )
@@ -641,14 +649,21 @@ def _aead_parameters(parameters: core.Asn1Value) -> tuple[bytes, int] | None:
 
 
 def _check_ciphertext(
-    envelope: core.Sequence, content: cms.EncryptedContentInfo, auth: bool
+    envelope: core.Sequence,
+    content: cms.EncryptedContentInfo,
+    auth: bool,
+    ciphertext: tuple[int, bytes] | None = None,
 ) -> Violation | None:
     """Only called for an allowed cipher with valid parameters (checked before)."""
-    data = content["encrypted_content"].native or b""  # classify refuses a missing one first
-    if not auth and len(data) % 16:
+    if ciphertext is None:
+        data = content["encrypted_content"].native or b""  # classify refuses a missing one first
+        size = len(data)
+    else:
+        size, data = ciphertext
+    if not auth and size % 16:
         return (
             CODE_NOT_CIPHERTEXT,
-            f"the encrypted content has {len(data)} bytes, which AES-CBC cannot produce "
+            f"the encrypted content has {size} bytes, which AES-CBC cannot produce "
             "(it gives whole 16-byte blocks)",
         )
     if auth:

@@ -35,6 +35,7 @@ __all__ = [
     "refused_samples",
     "signed_der",
     "smime_message",
+    "with_from",
 ]
 
 SMIME_ENVELOPED_TYPE = 'application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"'
@@ -380,6 +381,20 @@ def mime_message(
     headers.extend(extra_headers)
     head = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
     return head + b"\r\n" + body
+
+
+def with_from(message: bytes, address: str) -> bytes:
+    """``message`` with its (first) From header replaced by ``address``: the gate requires the
+    From of a participant's mail to be the participant's own mailbox (its SASL login)."""
+    head, sep, body = message.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if line.lower().startswith(b"from:"):
+            lines[i] = b"From: " + address.encode()
+            break
+    else:
+        lines.insert(0, b"From: " + address.encode())
+    return b"\r\n".join(lines) + sep + body
 
 
 def smime_message(der: bytes, **kwargs: object) -> bytes:

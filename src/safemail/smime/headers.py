@@ -1,0 +1,207 @@
+"""The header section of a message at the relay's S/MIME gate (issue 17; MAIL-03, MAIL-04).
+
+S/MIME encrypts the body only: every header leaves the practice readable. Three decisions
+about the headers live here, as pure functions the milter calls at end-of-message:
+
+* :func:`plan_removals` — which headers leave the relay at all. Only the headers a mail
+  client legitimately sends (:data:`DEFAULT_ALLOWED_HEADERS`, a site may narrow or widen the
+  list) are kept; the milter deletes every other header before the message is queued. Removed,
+  not refused: clients add private headers (X-Mozilla-Draft-Info, X-MS-Has-Attach, ...) that
+  say nothing about a patient, and refusing them would stop ordinary mail; deleting them
+  guarantees just as well that nothing outside the list reaches another practice.
+* :func:`find_identifier` — does a kept header value, or a MIME parameter of Content-Type and
+  Content-Disposition (``name=``, ``filename=``), match a patient-identifier pattern? The
+  Subject policy of the gate (refuse / flag / off) applies to whatever this finds.
+  Not examined: the relay's own Received header (Postfix adds it before the milter sees the
+  message; its queue id can look like an insurance number) and Date (a fixed syntax).
+* :func:`check_from` — is the header From the authenticated participant's own mailbox?
+  ``reject_sender_login_mismatch`` binds only the envelope sender to the login; without this
+  a participant could show another practice's address to the recipient. Sender, when present,
+  must be the login too.
+
+Standard library only (this runs on the relay under Debian's python3).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from safemail.smime.classify import SubjectPattern, check_subject, decode_subject
+
+__all__ = [
+    "CODE_FROM_NOT_LOGIN",
+    "DEFAULT_ALLOWED_HEADERS",
+    "FromCheck",
+    "IdentifierHit",
+    "check_from",
+    "find_identifier",
+    "mime_parameters",
+    "normalise_allowed",
+    "plan_removals",
+]
+
+CODE_FROM_NOT_LOGIN = "from_not_login"
+
+#: Headers that pass the relay (case-insensitive). What the mail clients of the practices send
+#: (Thunderbird, Outlook, Apple Mail, the project's participant client), plus Postfix's own
+#: Received. Everything else is deleted by the gate. A site sets its own list in group_vars
+#: (mailrelay_allowed_headers); From, To, Date, Message-ID, MIME-Version, Content-Type and
+#: Content-Transfer-Encoding are always kept (without them the message is not one).
+DEFAULT_ALLOWED_HEADERS: tuple[str, ...] = (
+    "Received",
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "Content-Disposition",
+    "Content-Language",
+    "User-Agent",
+    "X-Mailer",
+    "Disposition-Notification-To",
+    "Importance",
+    "X-Priority",
+    "Thread-Topic",
+    "Thread-Index",
+    "Auto-Submitted",
+)
+
+REQUIRED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+    }
+)
+
+# Not examined for identifiers: Postfix's own Received (the first one) and Date.
+_NOT_EXAMINED = frozenset({"date"})
+# Headers whose MIME parameters (RFC 2045/2183/2231) carry file names.
+_PARAMETER_HEADERS = frozenset({"content-type", "content-disposition"})
+
+
+def normalise_allowed(names: Iterable[str]) -> frozenset[str]:
+    """The allowed header names, lower-cased, with the required ones added; ValueError for a
+    name that is not a header field name (RFC 5322 ftext)."""
+    out = set(REQUIRED_HEADERS)
+    for name in names:
+        if not isinstance(name, str) or not name or any(
+            not (33 <= ord(ch) <= 126) or ch == ":" for ch in name
+        ):
+            raise ValueError(f"allowed header {name!r} is not a header field name")
+        out.add(name.lower())
+    return frozenset(out)
+
+
+def plan_removals(
+    headers: Sequence[tuple[str, str]], allowed: frozenset[str]
+) -> list[tuple[str, int]]:
+    """(name, index) of every header to delete, index 1-based per name as the milter protocol
+    counts (smfi_chgheader). Received headers after the first are removed too: the first is
+    the relay's own, a mail client adds none, so any further one came from the sender."""
+    seen: dict[str, int] = {}
+    removals: list[tuple[str, int]] = []
+    for name, _ in headers:
+        key = name.lower()
+        seen[key] = seen.get(key, 0) + 1
+        if key not in allowed or (key == "received" and seen[key] > 1):
+            removals.append((name, seen[key]))
+    return removals
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifierHit:
+    """A patient-identifier pattern matched in header ``header`` (``where`` says which part)."""
+
+    header: str
+    where: str
+    pattern: str
+
+
+def mime_parameters(value: str) -> list[tuple[str, str]]:
+    """The parameters of a Content-Type or Content-Disposition value, RFC 2231 decoded."""
+    from email.message import Message
+
+    msg = Message()
+    msg["Content-Type"] = value if "/" in value.split(";", 1)[0] else f"x/{value}"
+    params = msg.get_params(header="content-type", unquote=True) or []
+    out = []
+    for key, val in params[1:]:
+        text = email.utils.collapse_rfc2231_value(val) if isinstance(val, tuple) else val
+        out.append((key.lower(), str(text)))
+    return out
+
+
+def find_identifier(
+    headers: Sequence[tuple[str, str]],
+    allowed: frozenset[str],
+    patterns: Sequence[SubjectPattern],
+) -> IdentifierHit | None:
+    """The first kept header value or MIME parameter that matches a pattern, or None."""
+    received = 0
+    for name, value in headers:
+        key = name.lower()
+        if key == "received":
+            received += 1
+            continue  # the first is the relay's own; plan_removals deletes the others
+        if key not in allowed or key in _NOT_EXAMINED:
+            continue
+        hit = check_subject(value, patterns)
+        if hit.matched:
+            return IdentifierHit(name, "value", hit.pattern or "")
+        if key in _PARAMETER_HEADERS:
+            for param, text in mime_parameters(decode_subject(value)):
+                hit = check_subject(text, patterns)
+                if hit.matched:
+                    return IdentifierHit(name, f"parameter {param}", hit.pattern or "")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FromCheck:
+    """Result of :func:`check_from`: ``ok``, else a sentence for the sender."""
+
+    ok: bool
+    detail: str = ""
+
+
+def _addresses(values: Sequence[str]) -> list[str]:
+    pairs = email.utils.getaddresses([decode_subject(v) for v in values])
+    return [addr.strip().lower() for _, addr in pairs if addr.strip()]
+
+
+def check_from(headers: Sequence[tuple[str, str]], login: str | None) -> FromCheck:
+    """With a SASL login, exactly one From header with exactly one address, equal (ignoring
+    case) to the login; a Sender header, if any, the same. Without a login (local submission
+    on the relay, no participant) there is nothing to compare: ``ok``."""
+    if not login:
+        return FromCheck(True)
+    own = login.strip().lower()
+    froms = [v for n, v in headers if n.lower() == "from"]
+    if len(froms) != 1:
+        return FromCheck(False, f"the message has {len(froms)} From headers; send exactly one")
+    addrs = _addresses(froms)
+    if len(addrs) != 1:
+        return FromCheck(False, "the From header must name exactly one address, your mailbox")
+    if addrs[0] != own:
+        return FromCheck(
+            False, f"From <{addrs[0][:100]}> is not your mailbox <{own[:100]}>; send as yourself"
+        )
+    senders = [v for n, v in headers if n.lower() == "sender"]
+    if senders and _addresses(senders) != [own]:
+        return FromCheck(False, f"the Sender header is not your mailbox <{own[:100]}>")
+    return FromCheck(True)

@@ -1,0 +1,230 @@
+"""The gate's header policy: From bound to the login, allowed headers, identifiers anywhere."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from safemail.smime import headers, milter, samples
+from safemail.smime.classify import compile_subject_patterns
+from safemail.smime.headers import (
+    DEFAULT_ALLOWED_HEADERS,
+    check_from,
+    find_identifier,
+    normalise_allowed,
+    plan_removals,
+)
+from safemail.smime.milter import Action, GateConfig, MessageGate
+
+ALLOWED = normalise_allowed(DEFAULT_ALLOWED_HEADERS)
+PATTERNS = compile_subject_patterns()
+LOGIN = "praxis1@safenet.test"  # the From of samples.mime_message
+
+
+def gate_decide(raw: bytes, login: str | None = LOGIN, **config: object) -> milter.Decision:
+    gate = MessageGate(GateConfig(**config))  # type: ignore[arg-type]
+    gate.set_login(login)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    for line in head.decode().split("\r\n"):
+        name, value = line.split(":", 1)
+        gate.add_header(name, value.lstrip())
+    gate.end_of_headers()
+    gate.add_body(body)
+    return gate.decide()
+
+
+def envelope(**kw: object) -> bytes:
+    return samples.smime_message(samples.enveloped_der(), **kw)  # type: ignore[arg-type]
+
+
+# --- From = login -----------------------------------------------------------------------------
+
+
+@pytest.mark.req("MAIL-03")
+def test_from_equal_to_the_login_passes_ignoring_case() -> None:
+    assert check_from([("From", "Praxis Eins <PRAXIS1@safenet.test>")], LOGIN).ok
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ([("From", "praxis2@safenet.test")], "is not your mailbox"),
+        ([("From", "praxis1@safenet.test, praxis2@safenet.test")], "exactly one address"),
+        ([("From", "praxis1@safenet.test"), ("From", "praxis2@safenet.test")], "2 From"),
+        ([], "0 From"),
+        ([("From", "praxis1@safenet.test"), ("Sender", "praxis2@safenet.test")], "Sender"),
+        # An encoded word cannot hide another address.
+        ([("From", "=?utf-8?q?x?= <praxis2@safenet.test>")], "is not your mailbox"),
+    ],
+)
+def test_from_that_is_not_the_login_is_refused(fields, words) -> None:
+    result = check_from(fields, LOGIN)
+    assert not result.ok and words in result.detail
+
+
+@pytest.mark.req("MAIL-03")
+def test_without_a_login_there_is_nothing_to_compare() -> None:
+    assert check_from([("From", "anyone@safenet.test")], None).ok
+
+
+@pytest.mark.req("MAIL-03")
+def test_gate_refuses_another_practices_from_with_550_and_code() -> None:
+    decision = gate_decide(envelope(), login="praxis2@safenet.test")
+    assert decision.action is Action.REJECT and decision.code == "from_not_login"
+    assert decision.reply is not None and decision.reply[:2] == ("550", "5.7.1")
+    assert decision.reply[2].endswith("[from_not_login]")
+
+
+@pytest.mark.req("MAIL-03")
+def test_encryption_is_judged_before_the_from() -> None:
+    plain = samples.mime_message(b"Befund\r\n", content_type="text/plain")
+    assert gate_decide(plain, login="praxis2@safenet.test").code == "plaintext"
+
+
+# --- allowed headers --------------------------------------------------------------------------
+
+
+@pytest.mark.req("MAIL-04")
+def test_headers_outside_the_list_are_removed_with_per_name_indexes() -> None:
+    fields = [
+        ("Received", "from relay (own)"),
+        ("Received", "from a client that claims to be an MTA"),
+        ("From", LOGIN),
+        ("X-Note", "one"),
+        ("x-note", "two"),
+        ("Subject", "Befund"),
+    ]
+    assert plan_removals(fields, ALLOWED) == [("Received", 2), ("X-Note", 1), ("x-note", 2)]
+
+
+@pytest.mark.req("MAIL-04")
+def test_the_gate_asks_the_mta_to_delete_unknown_headers() -> None:
+    raw = envelope(extra_headers=[("X-Private-Note", "Rueckruf morgen"), ("X-Mailer", "T")])
+    decision = gate_decide(raw)
+    assert decision.action is Action.ACCEPT
+    assert decision.remove_headers == (("X-Private-Note", 1),)
+
+
+@pytest.mark.req("MAIL-04")
+def test_required_headers_cannot_be_dropped_from_the_list() -> None:
+    assert {"from", "content-type", "message-id"} <= normalise_allowed(["Subject"])
+    with pytest.raises(ValueError, match="not a header field name"):
+        normalise_allowed(["X-Bad Name"])
+
+
+# --- identifiers in any header ----------------------------------------------------------------
+
+
+@pytest.mark.req("MAIL-04")
+@pytest.mark.parametrize(
+    ("name", "value", "where"),
+    [
+        ("Thread-Topic", "Befund A123456789", "value"),
+        ("To", '"Patient: Erika Muster" <labor@safenet.test>', "value"),
+        # Only the decoded parameter shows the identifier (RFC 2231 continuations, %-escapes).
+        ("Content-Type", 'application/pkcs7-mime; name*0="Muster geb. 01.02."; name*1="1960"',
+         "parameter name"),
+        ("Content-Disposition", "attachment; filename*=utf-8''A%3123456789.p7m",
+         "parameter filename"),
+        ("Subject", "=?utf-8?q?Befund_A123456789?=", "value"),
+    ],
+)
+def test_identifiers_are_found_in_every_kept_header_and_parameter(name, value, where) -> None:
+    hit = find_identifier([(name, value)], ALLOWED, PATTERNS)
+    assert hit is not None and hit.header == name and hit.where == where
+
+
+@pytest.mark.req("MAIL-04")
+def test_relays_own_received_and_removed_headers_are_not_examined() -> None:
+    fields = [
+        ("Received", "by relay1 (Postfix) id D436210038"),  # a queue id shaped like a KVNR
+        ("X-Removed-Anyway", "A123456789"),
+        ("Date", "Mon, 01 Feb 1960 10:00:00 +0100"),
+    ]
+    assert find_identifier(fields, ALLOWED, PATTERNS) is None
+    second = [*fields, ("Received", "from x id D436210038")]
+    assert find_identifier(second, ALLOWED, PATTERNS) is None  # removed, not examined
+
+
+@pytest.mark.req("MAIL-04")
+def test_gate_refuses_an_identifier_outside_the_subject() -> None:
+    raw = envelope(extra_headers=[("Thread-Topic", "Patient: Erika Muster")])
+    decision = gate_decide(raw, subject_policy="refuse")
+    assert decision.action is Action.REJECT and decision.code == "subject_patient_data"
+    assert "Thread-Topic" in decision.reply[2]
+
+
+@pytest.mark.req("MAIL-04")
+def test_mime_parameters_are_rfc2231_decoded() -> None:
+    params = headers.mime_parameters("attachment; filename*=utf-8''Befund%20A.p7m")
+    assert params == [("filename", "Befund A.p7m")]
+
+
+# --- messages in flight -----------------------------------------------------------------------
+
+
+class _FakeMilter:
+    CONTINUE, REJECT, TEMPFAIL = "continue", "reject", "tempfail"
+
+    class Base:
+        def __init__(self) -> None:
+            self.replies: list[tuple[str, ...]] = []
+            self.changed: list[tuple[str, int, object]] = []
+
+        def getsymval(self, name: str) -> str | None:
+            return {"{auth_authen}": LOGIN, "i": "Q1"}.get(name)
+
+        def setreply(self, *reply: str) -> None:
+            self.replies.append(reply)
+
+        def chgheader(self, name: str, index: int, value: object) -> None:
+            self.changed.append((name, index, value))
+
+        def addheader(self, name: str, value: str) -> None:
+            pass
+
+
+def _connection(config: GateConfig):
+    cls = milter._milter_class(types.SimpleNamespace(**vars(_FakeMilter)), config)
+    conn = cls.__new__(cls)
+    _FakeMilter.Base.__init__(conn)
+    cls.__init__(conn)
+    return conn
+
+
+@pytest.mark.req("MAIL-03")
+def test_more_messages_than_slots_get_a_temporary_failure_at_mail_from() -> None:
+    config = GateConfig(max_in_flight=2)
+    cls = milter._milter_class(types.SimpleNamespace(**vars(_FakeMilter)), config)
+    conns = []
+    for _ in range(3):
+        conn = cls.__new__(cls)
+        _FakeMilter.Base.__init__(conn)
+        cls.__init__(conn)
+        conns.append(conn)
+    assert conns[0].envfrom("<a>") == "continue"
+    assert conns[1].envfrom("<b>") == "continue"
+    assert conns[2].envfrom("<c>") == "tempfail"
+    assert conns[2].replies[-1][:2] == ("451", "4.3.2")
+    conns[0].abort()  # a slot comes back when a message ends, however it ends
+    assert conns[2].envfrom("<c>") == "continue"
+    conns[1].close()
+    conns[2].eom()
+    assert conns[0].envfrom("<a>") == "continue"
+
+
+@pytest.mark.req("MAIL-04")
+def test_glue_deletes_headers_highest_index_first() -> None:
+    conn = _connection(GateConfig())
+    conn.envfrom("<a>")
+    raw = envelope(extra_headers=[("X-A", "1"), ("X-A", "2"), ("X-B", "3")])
+    head, body = raw.split(b"\r\n\r\n", 1)
+    for line in head.decode().split("\r\n"):
+        name, value = line.split(":", 1)
+        conn.header(name, value.lstrip())
+    conn.eoh()
+    conn.body(body)
+    assert conn.eom() == "continue"
+    assert conn.changed == [("X-A", 2, None), ("X-A", 1, None), ("X-B", 1, None)]
