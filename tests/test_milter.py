@@ -52,6 +52,7 @@ def feed(gate: MessageGate, raw: bytes, chunk: int = 65536) -> None:
 
 def decide(raw: bytes, **config: object) -> milter.Decision:
     gate = MessageGate(GateConfig(**config))  # type: ignore[arg-type]
+    gate.set_login("praxis1@safenet.test")  # submission: the samples' From is the login
     feed(gate, raw)
     return gate.decide()
 
@@ -90,6 +91,7 @@ def test_small_chunks_give_the_same_answer() -> None:
 @pytest.mark.req("MAIL-03")
 def test_oversized_mail_is_rejected_without_buffering_it_all() -> None:
     gate = MessageGate(GateConfig(max_size=2000))
+    gate.set_login("praxis1@safenet.test")
     big = samples.smime_message(samples.enveloped_der(content_size=8000))
     feed(gate, big, chunk=500)
     decision = gate.decide()
@@ -121,9 +123,11 @@ def test_gate_holds_no_copy_of_the_body() -> None:
 
 def test_gate_is_reusable_after_reset() -> None:
     gate = MessageGate(GateConfig())
+    gate.set_login("praxis1@safenet.test")
     feed(gate, PLAIN)
     assert gate.decide().action is Action.REJECT
     gate.reset()
+    gate.set_login("praxis1@safenet.test")
     feed(gate, ENCRYPTED)
     assert gate.decide().action is Action.ACCEPT
 
@@ -273,7 +277,8 @@ class FakeBase:
     def __init__(self) -> None:
         self.replies: list[tuple[str, ...]] = []
         self.added: list[tuple[str, str]] = []
-        self.macros = {"i": "4ABC123"}
+        # A participant's session: submission always has a SASL login (the samples' From).
+        self.macros = {"i": "4ABC123", "{auth_authen}": "praxis1@safenet.test"}
 
     def getsymval(self, name: str) -> str | None:
         return self.macros.get(name)
@@ -285,7 +290,13 @@ class FakeBase:
         self.added.append((name, value))
 
 
-FAKE_MILTER = types.SimpleNamespace(Base=FakeBase, CONTINUE=0, REJECT=1, TEMPFAIL=2, ACCEPT=3)
+    def chgheader(self, name: str, idx: int, value: object) -> None:
+        pass
+
+
+FAKE_MILTER = types.SimpleNamespace(
+    Base=FakeBase, CONTINUE=0, REJECT=1, TEMPFAIL=2, ACCEPT=3, DISCARD=4
+)
 
 
 def run_glue(raw: bytes, config: GateConfig | None = None) -> tuple[int, FakeBase]:

@@ -166,7 +166,7 @@ def test_mime_parameters_are_rfc2231_decoded() -> None:
 
 
 class _FakeMilter:
-    CONTINUE, REJECT, TEMPFAIL = "continue", "reject", "tempfail"
+    CONTINUE, REJECT, TEMPFAIL, DISCARD = "continue", "reject", "tempfail", "discard"
 
     class Base:
         def __init__(self) -> None:
@@ -228,3 +228,15 @@ def test_glue_deletes_headers_highest_index_first() -> None:
     conn.body(body)
     assert conn.eom() == "continue"
     assert conn.changed == [("X-A", 2, None), ("X-A", 1, None), ("X-B", 1, None)]
+
+
+@pytest.mark.req("MAIL-03")
+def test_refused_mail_without_a_login_is_discarded_not_bounced() -> None:
+    """Local submission on the relay (no SASL login): a refusal would become a bounce that
+    carries the plaintext to the envelope sender without passing the gate; it is discarded."""
+    plain = samples.mime_message(b"Befund im Klartext\r\n", content_type="text/plain")
+    decision = gate_decide(plain, login=None)
+    assert decision.action is Action.DISCARD and decision.code == "plaintext"
+    assert decision.reply is None
+    assert gate_decide(plain).action is Action.REJECT  # with a login: 550 to the client
+    assert gate_decide(envelope(), login=None).action is Action.ACCEPT

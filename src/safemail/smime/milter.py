@@ -90,6 +90,13 @@ class Action(enum.Enum):
     ACCEPT = "accept"
     REJECT = "reject"
     TEMPFAIL = "tempfail"
+    # A refused message without a SASL login: mail put in on the relay itself (sendmail).
+    # Rejecting it would make Postfix bounce it, and the bounce, a new message Postfix makes
+    # itself, carries the refused plaintext to the envelope sender's mailbox without passing
+    # the gate (measured on the lab: `sendmail -f <a participant>` put the text in that
+    # participant's mailbox). So it is discarded: logged by Postfix and the gate, never
+    # delivered, never bounced. Submission always has a login (SASL is required on 587).
+    DISCARD = "discard"
 
 
 @dataclass(frozen=True)
@@ -195,7 +202,10 @@ class MessageGate:
     def decide(self) -> Decision:
         """Classify the collected message; never raises (an internal error gives TEMPFAIL)."""
         try:
-            return self._decide()
+            decision = self._decide()
+            if decision.action is Action.REJECT and self._login is None:
+                return Decision(Action.DISCARD, decision.code)
+            return decision
         except Exception as exc:  # noqa: BLE001 - fail closed: the MTA defers, the sender retries
             # Only the exception type: a message or traceback could quote mail content.
             LOG.error("internal error while deciding (%s)", type(exc).__name__)
@@ -355,6 +365,7 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
                     Action.ACCEPT: milter_mod.CONTINUE,
                     Action.REJECT: milter_mod.REJECT,
                     Action.TEMPFAIL: milter_mod.TEMPFAIL,
+                    Action.DISCARD: milter_mod.DISCARD,
                 }[decision.action]
             except Exception as exc:  # noqa: BLE001 - fail closed on any glue error
                 LOG.error(
