@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import certs
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from safemail.participant import message as pmessage
 from safemail.smime import samples
@@ -30,20 +29,7 @@ ACCEPTED = samples.accepted_samples()
 
 
 def _cert(mailbox: str, key: rsa.RSAPrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, mailbox)])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    return certs.self_signed(mailbox, key, skid=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
 import json
 import random
 import re
@@ -12,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import certs
 import pytest
 from asn1crypto import algos, cms, core
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from safemail.participant import message as pmessage
 from safemail.smime import policy, samples
@@ -466,19 +465,7 @@ def test_documented_policy_is_the_default(tmp_path: Path) -> None:
 
 
 def _cert(mailbox: str, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, mailbox)])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    return certs.self_signed(mailbox, key)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import random
 import subprocess
 import tracemalloc
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import certs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -771,24 +771,11 @@ def _openssl() -> bool:
 
 @pytest.fixture(scope="module")
 def recipient_cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "praxis2@safenet.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert = certs.self_signed("praxis2@safenet.test", key, san=False)
     path = tmp_path_factory.mktemp("cert") / "c.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
