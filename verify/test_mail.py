@@ -301,9 +301,10 @@ def _gate_samples() -> list[samples.Sample]:
     return structural + chosen
 
 
-# What the relay answers where Postfix changes the message before the gate sees it: it adds
-# its Received header (the empty message is no longer empty) and ends the header section at a
-# line that is no header (the rest is body, so there is no Content-Type).
+# What the relay answers where the message the gate sees is not the sample itself: the probe
+# gives every message the participant's From (the empty message is no longer empty), and
+# Postfix ends the header section at a line that is no header (the rest is body, so there is
+# no Content-Type).
 _AT_THE_RELAY = {"empty_message": "plaintext", "broken_header_line": "plaintext"}
 # Postfix's first layer (mime_header_checks) refuses these content types before the gate.
 _FIRST_LAYER = "[mime_header_checks]"
@@ -385,12 +386,14 @@ def test_patient_identifier_in_another_header_is_refused(lab, evidence, header):
 
 @pytest.mark.req("MAIL-04")
 def test_headers_outside_the_allowed_list_never_reach_the_store(lab, evidence):
-    """A header no mail client needs (here X-Private-Note) is deleted by the gate: the message
-    is delivered, the header is not in the stored copy."""
+    """A header no mail client needs (here X-Private-Note, and a Received header the client
+    made up: Postfix never shows the gate its own) is deleted by the gate: the message is
+    delivered, neither header is in the stored copy."""
     subject = f"Befund {uuid.uuid4().hex[:12]}"
     note = f"note-{uuid.uuid4().hex}"
     msg = samples.smime_message(samples.enveloped_der(), subject=subject,
-                                extra_headers=[("X-Private-Note", note), ("X-Mailer", "probe")])
+                                extra_headers=[("X-Private-Note", note), ("X-Mailer", "probe"),
+                                               ("Received", f"from {note} by client")])
     t = lab["p1"].probe([lab["p2"].mailbox], message=msg)
     code, text = _reply(t, "data")
     store = lab["store"]
@@ -401,7 +404,8 @@ def test_headers_outside_the_allowed_list_never_reach_the_store(lab, evidence):
 
     files = wait_for(stored, 90, 2)
     content = store.check_output(f"cat {shlex.quote(files[0])}") if files else ""
-    evidence(f"DATA {code} {text}; stored copies: {len(files)}; X-Private-Note in it: "
+    evidence(f"DATA {code} {text}; stored copies: {len(files)}; X-Private-Note or client "
+             f"Received in it: "
              f"{note in content}; X-Mailer kept: {'X-Mailer: probe' in content}")
     assert code == 250 and len(files) == 1
     assert note not in content and "X-Mailer: probe" in content

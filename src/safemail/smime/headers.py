@@ -12,23 +12,32 @@ about the headers live here, as pure functions the milter calls at end-of-messag
 * :func:`find_identifier` — does a kept header value, or a MIME parameter of Content-Type and
   Content-Disposition (``name=``, ``filename=``), match a patient-identifier pattern? The
   Subject policy of the gate (refuse / flag / off) applies to whatever this finds.
-  Not examined: the relay's own Received header (Postfix adds it before the milter sees the
-  message; its queue id can look like an insurance number) and Date (a fixed syntax).
+  Every kept value is examined whole, however long (a header is at most Postfix's
+  header_size_limit; the section at most 256 KiB, see classify.MAX_HEADER_BYTES).
 * :func:`check_from` — is the header From the authenticated participant's own mailbox?
   ``reject_sender_login_mismatch`` binds only the envelope sender to the login; without this
   a participant could show another practice's address to the recipient. Sender, when present,
-  must be the login too.
+  must be the login too. The raw value is parsed as RFC 5322 says (encoded words decode only
+  inside a display name, so they cannot hide an address), and a display name may not carry
+  an address of its own.
+
+Received: Postfix never shows the milter its own Received header (milter8.c skips the first
+header, and smfi_chgheader indexes skip it too), so every Received header the gate sees came
+from the client: all are deleted. Postfix's own stays in the stored copy.
 
 Standard library only (this runs on the relay under Debian's python3).
 """
 
 from __future__ import annotations
 
+import email.header
+import email.policy
 import email.utils
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from safemail.smime.classify import SubjectPattern, check_subject, decode_subject
+from safemail.smime.classify import SubjectPattern
 
 __all__ = [
     "CODE_FROM_NOT_LOGIN",
@@ -45,12 +54,11 @@ __all__ = [
 CODE_FROM_NOT_LOGIN = "from_not_login"
 
 #: Headers that pass the relay (case-insensitive). What the mail clients of the practices send
-#: (Thunderbird, Outlook, Apple Mail, the project's participant client), plus Postfix's own
-#: Received. Everything else is deleted by the gate. A site sets its own list in group_vars
+#: (Thunderbird, Outlook, Apple Mail, the project's participant client). Everything else is
+#: deleted by the gate (Received too: see the module text). A site sets its own list in group_vars
 #: (mailrelay_allowed_headers); From, To, Date, Message-ID, MIME-Version, Content-Type and
 #: Content-Transfer-Encoding are always kept (without them the message is not one).
 DEFAULT_ALLOWED_HEADERS: tuple[str, ...] = (
-    "Received",
     "From",
     "Sender",
     "Reply-To",
@@ -88,8 +96,6 @@ REQUIRED_HEADERS = frozenset(
     }
 )
 
-# Not examined for identifiers: Postfix's own Received (the first one) and Date.
-_NOT_EXAMINED = frozenset({"date"})
 # Headers whose MIME parameters (RFC 2045/2183/2231) carry file names.
 _PARAMETER_HEADERS = frozenset({"content-type", "content-disposition"})
 
@@ -111,14 +117,13 @@ def plan_removals(
     headers: Sequence[tuple[str, str]], allowed: frozenset[str]
 ) -> list[tuple[str, int]]:
     """(name, index) of every header to delete, index 1-based per name as the milter protocol
-    counts (smfi_chgheader). Received headers after the first are removed too: the first is
-    the relay's own, a mail client adds none, so any further one came from the sender."""
+    counts (smfi_chgheader)."""
     seen: dict[str, int] = {}
     removals: list[tuple[str, int]] = []
     for name, _ in headers:
         key = name.lower()
         seen[key] = seen.get(key, 0) + 1
-        if key not in allowed or (key == "received" and seen[key] > 1):
+        if key not in allowed:
             removals.append((name, seen[key]))
     return removals
 
@@ -152,22 +157,36 @@ def find_identifier(
     patterns: Sequence[SubjectPattern],
 ) -> IdentifierHit | None:
     """The first kept header value or MIME parameter that matches a pattern, or None."""
-    received = 0
     for name, value in headers:
         key = name.lower()
-        if key == "received":
-            received += 1
-            continue  # the first is the relay's own; plan_removals deletes the others
-        if key not in allowed or key in _NOT_EXAMINED:
-            continue
-        hit = check_subject(value, patterns)
-        if hit.matched:
-            return IdentifierHit(name, "value", hit.pattern or "")
+        if key not in allowed:
+            continue  # deleted by the gate
+        found = _first_match(value, patterns)
+        if found:
+            return IdentifierHit(name, "value", found)
         if key in _PARAMETER_HEADERS:
-            for param, text in mime_parameters(decode_subject(value)):
-                hit = check_subject(text, patterns)
-                if hit.matched:
-                    return IdentifierHit(name, f"parameter {param}", hit.pattern or "")
+            for param, text in mime_parameters(_whole_text(value)):
+                found = _first_match(text, patterns)
+                if found:
+                    return IdentifierHit(name, f"parameter {param}", found)
+    return None
+
+
+def _whole_text(value: str) -> str:
+    """RFC 2047 decoded and unfolded, not cut (classify.decode_subject cuts at 4096)."""
+    try:
+        text = str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:  # noqa: BLE001 - malformed encoded words: the raw text is examined too
+        text = value
+    return re.sub(r"\s+", " ", text)
+
+
+def _first_match(value: str, patterns: Sequence[SubjectPattern]) -> str | None:
+    """Name of the first pattern found in the decoded or the raw value, whole."""
+    for pattern in patterns:
+        for text in (_whole_text(value), value):
+            if pattern.regex.search(text):
+                return pattern.name
     return None
 
 
@@ -179,9 +198,33 @@ class FromCheck:
     detail: str = ""
 
 
-def _addresses(values: Sequence[str]) -> list[str]:
-    pairs = email.utils.getaddresses([decode_subject(v) for v in values])
-    return [addr.strip().lower() for _, addr in pairs if addr.strip()]
+def _addresses(value: str) -> list[tuple[str, str]] | None:
+    """(display name, lower-cased address) of a raw address header, parsed by RFC 5322 (the
+    email package's default policy); None if it cannot be read without defects."""
+    try:
+        raw = value.replace("\r\n", "\n")
+        msg = email.message_from_string(f"To: {raw}\n\n", policy=email.policy.default)
+        field = msg["To"]
+        if field is None or field.defects:
+            return None
+        return [(a.display_name, a.addr_spec.strip().lower()) for a in field.addresses]
+    except Exception:  # noqa: BLE001 - hostile input: not readable
+        return None
+
+
+def _one_own_address(value: str, own: str, what: str) -> str:
+    """Empty if `value` names exactly `own` with a plain display name, else the reason."""
+    parsed = _addresses(value)
+    if parsed is None:
+        return f"the {what} header cannot be read as an address"
+    if len(parsed) != 1:
+        return f"the {what} header must name exactly one address, your mailbox"
+    display, addr = parsed[0]
+    if addr != own:
+        return f"{what} <{addr[:100]}> is not your mailbox <{own[:100]}>; send as yourself"
+    if any(ch in display for ch in "@<>"):
+        return f"the {what} display name must not show an address; use your name only"
+    return ""
 
 
 def check_from(headers: Sequence[tuple[str, str]], login: str | None) -> FromCheck:
@@ -194,14 +237,11 @@ def check_from(headers: Sequence[tuple[str, str]], login: str | None) -> FromChe
     froms = [v for n, v in headers if n.lower() == "from"]
     if len(froms) != 1:
         return FromCheck(False, f"the message has {len(froms)} From headers; send exactly one")
-    addrs = _addresses(froms)
-    if len(addrs) != 1:
-        return FromCheck(False, "the From header must name exactly one address, your mailbox")
-    if addrs[0] != own:
-        return FromCheck(
-            False, f"From <{addrs[0][:100]}> is not your mailbox <{own[:100]}>; send as yourself"
-        )
-    senders = [v for n, v in headers if n.lower() == "sender"]
-    if senders and _addresses(senders) != [own]:
-        return FromCheck(False, f"the Sender header is not your mailbox <{own[:100]}>")
+    problem = _one_own_address(froms[0], own, "From")
+    if problem:
+        return FromCheck(False, problem)
+    for value in (v for n, v in headers if n.lower() == "sender"):
+        problem = _one_own_address(value, own, "Sender")
+        if problem:
+            return FromCheck(False, problem)
     return FromCheck(True)
