@@ -322,14 +322,26 @@ def test_gate_refuses(lab, evidence, sample):
     assert "5.7.1" in text and (expected in text or _FIRST_LAYER in text), text
 
 
+def _encoded_word(text: str) -> str:
+    """RFC 2047 Q-encoding of `text` (every byte escaped), as a mail client could send it."""
+    return "=?utf-8?q?" + "".join(f"={b:02X}" for b in text.encode()) + "?="
+
+
 @pytest.mark.req("MAIL-03")
-def test_from_of_another_practice_is_refused(lab, evidence):
+@pytest.mark.parametrize("form", ["plain", "hidden_by_encoded_words"])
+def test_from_of_another_practice_is_refused(lab, evidence, form):
     """Logged in as practice1, the header From shows practice2's mailbox: refused, although
-    the envelope sender is practice1's own (reject_sender_login_mismatch passes it)."""
+    the envelope sender is practice1's own (reject_sender_login_mismatch passes it). The
+    second form wraps practice2's address in encoded words that decode to a quote and to
+    practice1's address, which a parser that decodes first would take for the login."""
+    own, other = lab["p1"].mailbox, lab["p2"].mailbox
+    opening = _encoded_word('Praxis Zwei "')
+    closing = _encoded_word('" <' + own + '>')
+    header_from = other if form == "plain" else f"{opening} <{other}> {closing}"
     msg = samples.accepted_samples()[0].message
-    t = lab["p1"].probe([lab["p2"].mailbox], message=msg, header_from=lab["p2"].mailbox)
+    t = lab["p1"].probe([other], message=msg, header_from=header_from)
     code, text = _reply(t, "data")
-    evidence(f"From {lab['p2'].mailbox} sent by {lab['p1'].mailbox}: {code} {text}")
+    evidence(f"From {header_from!r} sent by {own}: {code} {text}")
     assert code == 550 and "[from_not_login]" in text, t
 
 

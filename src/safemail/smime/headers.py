@@ -159,8 +159,8 @@ def find_identifier(
     """The first kept header value or MIME parameter that matches a pattern, or None."""
     for name, value in headers:
         key = name.lower()
-        if key not in allowed:
-            continue  # deleted by the gate
+        if key not in allowed:  # deleted by the gate, so not examined
+            continue
         found = _first_match(value, patterns)
         if found:
             return IdentifierHit(name, "value", found)
