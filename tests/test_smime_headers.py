@@ -22,13 +22,19 @@ PATTERNS = compile_subject_patterns()
 LOGIN = "praxis1@safenet.test"  # the From of samples.mime_message
 
 
+def _split(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """(name, value) of each header line (the samples fold none) and the body."""
+    head, body = raw.split(b"\r\n\r\n", 1)
+    fields = [line.split(":", 1) for line in head.decode().split("\r\n")]
+    return [(name, value.lstrip()) for name, value in fields], body
+
+
 def gate_decide(raw: bytes, login: str | None = LOGIN, **config: object) -> milter.Decision:
     gate = MessageGate(GateConfig(**config))  # type: ignore[arg-type]
     gate.set_login(login)
-    head, body = raw.split(b"\r\n\r\n", 1)
-    for line in head.decode().split("\r\n"):
-        name, value = line.split(":", 1)
-        gate.add_header(name, value.lstrip())
+    fields, body = _split(raw)
+    for name, value in fields:
+        gate.add_header(name, value)
     gate.end_of_headers()
     gate.add_body(body)
     return gate.decide()
@@ -232,10 +238,9 @@ def test_glue_deletes_headers_highest_index_first() -> None:
     conn = _connection(GateConfig())
     conn.envfrom("<a>")
     raw = envelope(extra_headers=[("X-A", "1"), ("X-A", "2"), ("X-B", "3")])
-    head, body = raw.split(b"\r\n\r\n", 1)
-    for line in head.decode().split("\r\n"):
-        name, value = line.split(":", 1)
-        conn.header(name, value.lstrip())
+    fields, body = _split(raw)
+    for name, value in fields:
+        conn.header(name, value)
     conn.eoh()
     conn.body(body)
     assert conn.eom() == "continue"
