@@ -196,6 +196,12 @@ def pytest_collection_modifyitems(
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+    # Disruptive tests last (stable order otherwise). They hold the stage alone, so wherever
+    # they run the other workers wait; at the end there is nothing left for them to wait with,
+    # and xdist's load scheduler hands the last items out one by one as workers free up. In
+    # the middle of the run each one also made a worker idle while it waited for the shared
+    # holders to drain.
+    items.sort(key=lambda i: i.get_closest_marker("disruptive") is not None)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -413,18 +413,26 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
     with exclusive():
         boot_before = {g: h.check_output("cat /proc/sys/kernel/random/boot_id")
                        for g, h in hosts.items()}
+        began = time.monotonic()
         for h in hosts.values():
             h.check_output("systemd-run --on-active=2 systemctl reboot")
         time.sleep(15)
+        polls: dict[str, list[tuple[float, float, str]]] = {g: [] for g in groups}
 
         def back(group: str) -> bool:
+            start = time.monotonic()
             try:
                 res = hosts[group].run("cat /proc/sys/kernel/random/boot_id; "
                                        "systemctl is-system-running --wait")
             except RuntimeError:  # ssh exit 255: the VM is down while it reboots, keep polling
+                polls[group].append((round(start - began, 1),
+                                     round(time.monotonic() - start, 1), "ssh failed"))
                 return False
             lines = res.stdout.split()
-            return bool(lines) and lines[0] != boot_before[group]
+            new = bool(lines) and lines[0] != boot_before[group]
+            polls[group].append((round(start - began, 1), round(time.monotonic() - start, 1),
+                                 "new boot" if new else "old boot"))
+            return new
 
         up = {g: False for g in groups}
 
@@ -434,6 +442,8 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
             return all(up.values())
 
         up_all = wait_for(all_back, 420, 3)
+        boots = {g: hosts[g].run("systemd-analyze time | head -n 1").stdout.strip()
+                 for g in groups if up[g]}
         assert up_all, f"did not come back from the reboot: {[g for g in groups if not up[g]]}"
         times: dict[str, dict] = {}
         sources: dict[str, dict] = {}
@@ -458,6 +468,8 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
                               for p in PATHS[group]}
     problems = [f"{group}: the volume is not mounted after the reboot:\n{status}"
                 for group, status in unmounted.items()]
+    evidence(f"reboot timeline, seconds from the reboot command (poll start, poll took, "
+             f"answer): {polls}; boot: {boots}")
     for group in times:
         evidence(f"{group} after reboot: units (state, activated at µs): {times[group]}; "
                  f"mounts: {sources[group]}")
