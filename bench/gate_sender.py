@@ -2,13 +2,17 @@
 Python, /opt/safemail/venv/bin/python), so emulated networking never enters the figures.
 
 Sends synthetic S/MIME enveloped messages (safemail.smime.samples, the same catalogue the gate's
-tests use) to two loopback listeners that differ only in the milter: ``with`` (the gate) and
-``without`` (``smtpd_milters=``). Rounds alternate the order of the two; each round is one SMTP
-session per listener with ``count`` messages, timed from the first MAIL FROM to the last DATA
-reply. Every message must get 250, or the run stops (a refusal would make the rate
-meaningless). Prints one JSON object on stdout.
+tests use) to loopback listeners that differ only in the milter (``arms``: the gate, the same
+milter doing no classification, no milter). Each round is one SMTP session per arm with
+``count`` messages, timed from the first MAIL FROM to the last DATA reply; the order of the arms
+alternates (A B C, then C B A), so drift and position favour none. Around every batch it reads
+the CPU time systemd accounts to each unit in ``units`` (Postfix, the gate, the null gate), so
+CPU seconds per message come from the same batches as the rates. Every message must get 250, or
+the run stops (a refusal would make the rate meaningless). Prints one JSON object on stdout.
 
-Usage: python - SENDER RECIPIENT WITH_PORT WITHOUT_PORT ROUNDS SIZE:COUNT [SIZE:COUNT ...]
+Usage: python - CONFIG_JSON
+  CONFIG_JSON: {"sender", "recipient", "arms": {arm: port}, "rounds",
+                "plan": [[size, count], ...], "units": {name: systemd unit}}
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import smtplib
+import subprocess
 import sys
 import time
 
@@ -34,22 +39,35 @@ def _batch(port: int, sender: str, recipient: str, message: bytes, count: int) -
         return time.perf_counter() - start
 
 
+def _cpu_ns(units: dict[str, str]) -> dict[str, int]:
+    """CPU nanoseconds systemd has accounted to each unit (cgroup, all its processes)."""
+    out = subprocess.run(["systemctl", "show", "-p", "CPUUsageNSec", "--value", *units.values()],
+                         capture_output=True, text=True, check=True).stdout.split()
+    values = {}
+    for name, text in zip(units, out, strict=True):
+        if not text.isdigit():
+            raise SystemExit(f"no CPU accounting for {units[name]}: {text!r}")
+        values[name] = int(text)
+    return values
+
+
 def main(argv: list[str]) -> int:
-    sender, recipient = argv[0], argv[1]
-    ports = {"with_gate": int(argv[2]), "without_gate": int(argv[3])}
-    rounds = int(argv[4])
-    plan = [tuple(int(x) for x in item.split(":")) for item in argv[5:]]
+    config = json.loads(argv[0])
+    sender, recipient, arms = config["sender"], config["recipient"], config["arms"]
+    units = config["units"]
     results = []
-    for size, count in plan:
+    for size, count in config["plan"]:
         message = samples.smime_message(
             samples.enveloped_der(content_size=size * 3 // 4), subject="Benchmark"
         )
-        seconds: dict[str, list[float]] = {arm: [] for arm in ports}
-        for port in ports.values():  # warm-up: connections, lookups, the gate's start
+        seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+        cpu: dict[str, list[dict[str, int]]] = {arm: [] for arm in arms}
+        for port in arms.values():  # warm-up: connections, lookups, the milters' threads
             _batch(port, sender, recipient, message, 1)
-        for r in range(rounds):
-            order = list(ports.items()) if r % 2 == 0 else list(reversed(ports.items()))
+        for r in range(config["rounds"]):
+            order = list(arms.items()) if r % 2 == 0 else list(reversed(arms.items()))
             for arm, port in order:
+                before = _cpu_ns(units)
                 try:
                     seconds[arm].append(_batch(port, sender, recipient, message, count))
                 except smtplib.SMTPException as exc:
@@ -57,9 +75,15 @@ def main(argv: list[str]) -> int:
                         f"{arm} (port {port}) did not take a {len(message)} byte message: "
                         f"{exc}"
                     ) from exc
-        results.append({"message_bytes": len(message), "count": count, "seconds": seconds})
+                after = _cpu_ns(units)
+                cpu[arm].append({u: after[u] - before[u] for u in units})
+            print(f"{len(message)} bytes: round {r + 1}/{config['rounds']}", file=sys.stderr,
+                  flush=True)
+        results.append({"message_bytes": len(message), "count": count, "seconds": seconds,
+                        "cpu_ns": cpu})
     print(json.dumps({"python": platform.python_version(), "cpus": os.cpu_count(),
-                      "machine": platform.machine(), "results": results}))
+                      "machine": platform.machine(), "load": os.getloadavg(),
+                      "results": results}))
     return 0
 
 

@@ -50,9 +50,18 @@ def feed(gate: MessageGate, raw: bytes, chunk: int = 65536) -> None:
         gate.add_body(body[start : start + chunk])
 
 
+def submission_gate(config: GateConfig) -> MessageGate:
+    """A gate for a participant's message on the submission service."""
+    gate = MessageGate(config)
+    gate.set_login("praxis1@safenet.test")
+    gate.set_origin(milter.ORIGIN_SUBMISSION)
+    return gate
+
+
 def decide(raw: bytes, **config: object) -> milter.Decision:
     gate = MessageGate(GateConfig(**config))  # type: ignore[arg-type]
     gate.set_login("praxis1@safenet.test")  # submission: the samples' From is the login
+    gate.set_origin(milter.ORIGIN_SUBMISSION)
     feed(gate, raw)
     return gate.decide()
 
@@ -83,15 +92,14 @@ def test_refused_mail_gets_550_with_reason(sample: samples.Sample) -> None:
 
 @pytest.mark.req("MAIL-03")
 def test_small_chunks_give_the_same_answer() -> None:
-    gate = MessageGate(GateConfig())
+    gate = submission_gate(GateConfig())
     feed(gate, ENCRYPTED, chunk=7)
     assert gate.decide().action is Action.ACCEPT
 
 
 @pytest.mark.req("MAIL-03")
 def test_oversized_mail_is_rejected_without_buffering_it_all() -> None:
-    gate = MessageGate(GateConfig(max_size=2000))
-    gate.set_login("praxis1@safenet.test")
+    gate = submission_gate(GateConfig(max_size=2000))
     big = samples.smime_message(samples.enveloped_der(content_size=8000))
     feed(gate, big, chunk=500)
     decision = gate.decide()
@@ -104,7 +112,7 @@ def test_gate_holds_no_copy_of_the_body() -> None:
     import tracemalloc
 
     big = samples.smime_message(samples.enveloped_der(content_size=4_000_000))
-    gate = MessageGate(GateConfig())
+    gate = submission_gate(GateConfig())
     fields, body = split_headers(big)
     tracemalloc.start()
     try:
@@ -122,12 +130,12 @@ def test_gate_holds_no_copy_of_the_body() -> None:
 
 
 def test_gate_is_reusable_after_reset() -> None:
-    gate = MessageGate(GateConfig())
-    gate.set_login("praxis1@safenet.test")
+    gate = submission_gate(GateConfig())
     feed(gate, PLAIN)
     assert gate.decide().action is Action.REJECT
     gate.reset()
     gate.set_login("praxis1@safenet.test")
+    gate.set_origin(milter.ORIGIN_SUBMISSION)
     feed(gate, ENCRYPTED)
     assert gate.decide().action is Action.ACCEPT
 
@@ -278,7 +286,8 @@ class FakeBase:
         self.replies: list[tuple[str, ...]] = []
         self.added: list[tuple[str, str]] = []
         # A participant's session: submission always has a SASL login (the samples' From).
-        self.macros = {"i": "4ABC123", "{auth_authen}": "praxis1@safenet.test"}
+        self.macros = {"i": "4ABC123", "{auth_authen}": "praxis1@safenet.test",
+                       "{daemon_name}": milter.ORIGIN_SUBMISSION}
 
     def getsymval(self, name: str) -> str | None:
         return self.macros.get(name)
@@ -331,7 +340,9 @@ def test_glue_rejects_plaintext_with_550(caplog: pytest.LogCaptureFixture) -> No
             "523 Encryption Needed: message is not S/MIME encrypted (found text/plain) [plaintext]",
         )
     ]
-    assert "queue_id=4ABC123 verdict=plaintext action=reject" in caplog.text
+    assert "queue_id=4ABC123 origin=safemail-submission verdict=plaintext action=reject" in (
+        caplog.text
+    )
 
 
 @pytest.mark.req("MAIL-04")

@@ -29,9 +29,12 @@ def _split(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     return [(name, value.lstrip()) for name, value in fields], body
 
 
-def gate_decide(raw: bytes, login: str | None = LOGIN, **config: object) -> milter.Decision:
+def gate_decide(raw: bytes, login: str | None = LOGIN, origin: str | None = None,
+                **config: object) -> milter.Decision:
+    """The gate's decision; origin defaults to submission with a login, local without."""
     gate = MessageGate(GateConfig(**config))  # type: ignore[arg-type]
     gate.set_login(login)
+    gate.set_origin(origin or (milter.ORIGIN_SUBMISSION if login else milter.ORIGIN_LOCAL))
     fields, body = _split(raw)
     for name, value in fields:
         gate.add_header(name, value)
@@ -192,7 +195,8 @@ class _FakeMilter:
             self.changed: list[tuple[str, int, object]] = []
 
         def getsymval(self, name: str) -> str | None:
-            return {"{auth_authen}": LOGIN, "i": "Q1"}.get(name)
+            return {"{auth_authen}": LOGIN, "i": "Q1",
+                    "{daemon_name}": milter.ORIGIN_SUBMISSION}.get(name)
 
         def setreply(self, *reply: str) -> None:
             self.replies.append(reply)
@@ -213,24 +217,31 @@ def _connection(config: GateConfig):
 
 
 @pytest.mark.req("MAIL-03")
-def test_more_messages_than_slots_get_a_temporary_failure_at_mail_from() -> None:
+def test_more_messages_than_slots_get_a_temporary_failure_at_their_first_header() -> None:
     config = GateConfig(max_in_flight=2)
     cls = milter._milter_class(types.SimpleNamespace(**vars(_FakeMilter)), config)
     conns = []
-    for _ in range(3):
+    for _ in range(4):
         conn = cls.__new__(cls)
         _FakeMilter.Base.__init__(conn)
         cls.__init__(conn)
         conns.append(conn)
-    assert conns[0].envfrom("<a>") == "continue"
-    assert conns[1].envfrom("<b>") == "continue"
-    assert conns[2].envfrom("<c>") == "tempfail"
+    # MAIL FROM alone takes no slot: a client without a login never gets past RCPT, so it
+    # cannot fill the slots by opening sessions.
+    assert all(c.envfrom("<x>") == "continue" for c in conns)
+    assert conns[0].header("Subject", "a") == "continue"
+    assert conns[0].header("To", "b") == "continue"  # one slot per message, not per header
+    assert conns[1].header("Subject", "b") == "continue"
+    assert conns[2].header("Subject", "c") == "tempfail"
     assert conns[2].replies[-1][:2] == ("451", "4.3.2")
+    assert conns[3].eoh() == "tempfail"  # a message without headers takes its slot at eoh
     conns[0].abort()  # a slot comes back when a message ends, however it ends
     assert conns[2].envfrom("<c>") == "continue"
+    assert conns[2].header("Subject", "c") == "continue"
     conns[1].close()
     conns[2].eom()
     assert conns[0].envfrom("<a>") == "continue"
+    assert conns[0].header("Subject", "a") == "continue"
 
 
 @pytest.mark.req("MAIL-04")
@@ -248,12 +259,44 @@ def test_glue_deletes_headers_highest_index_first() -> None:
 
 
 @pytest.mark.req("MAIL-03")
-def test_refused_mail_without_a_login_is_discarded_not_bounced() -> None:
-    """Local submission on the relay (no SASL login): a refusal would become a bounce that
-    carries the plaintext to the envelope sender without passing the gate; it is discarded."""
+def test_refused_local_mail_is_discarded_not_bounced() -> None:
+    """Local submission on the relay (origin safemail-local): a refusal would become a bounce
+    that carries the plaintext to the envelope sender without passing the gate; it is
+    discarded."""
     plain = samples.mime_message(b"Befund im Klartext\r\n", content_type="text/plain")
     decision = gate_decide(plain, login=None)
     assert decision.action is Action.DISCARD and decision.code == "plaintext"
     assert decision.reply is None
-    assert gate_decide(plain).action is Action.REJECT  # with a login: 550 to the client
+    assert gate_decide(plain).action is Action.REJECT  # submission: 550 to the client
     assert gate_decide(envelope(), login=None).action is Action.ACCEPT
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("origin", [None, "", "relay1.safenet.test", "submission"])
+def test_mail_of_unknown_origin_is_deferred_never_discarded(origin: str | None) -> None:
+    """Postfix names the origin positively ({daemon_name}); without it (a changed
+    milter_macro_daemon_name or macro list) mail is deferred, loudly, whatever it is."""
+    plain = samples.mime_message(b"Befund im Klartext\r\n", content_type="text/plain")
+    for raw, login in ((plain, None), (plain, LOGIN), (envelope(), LOGIN)):
+        gate = MessageGate(GateConfig())
+        gate.set_login(login)
+        gate.set_origin(origin)
+        fields, body = _split(raw)
+        for name, value in fields:
+            gate.add_header(name, value)
+        gate.end_of_headers()
+        gate.add_body(body)
+        decision = gate.decide()
+        assert decision.action is Action.TEMPFAIL and decision.code == "unknown_origin"
+        assert decision.reply is not None and decision.reply[0] == "451"
+        assert decision.reply[2].endswith("[unknown_origin]")
+
+
+@pytest.mark.req("MAIL-03")
+def test_submission_without_a_login_is_deferred() -> None:
+    """Submission requires SASL before RCPT; a message without a login there means the
+    restrictions changed: deferred, not judged against no login and not discarded."""
+    plain = samples.mime_message(b"Befund im Klartext\r\n", content_type="text/plain")
+    for raw in (plain, envelope()):
+        decision = gate_decide(raw, login=None, origin=milter.ORIGIN_SUBMISSION)
+        assert decision.action is Action.TEMPFAIL and decision.code == "no_login"

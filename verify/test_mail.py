@@ -376,7 +376,7 @@ def test_local_sendmail_on_the_relay_passes_the_gate(lab, evidence):
     evidence(f"local sendmail of a plaintext message: {line or 'nothing logged'}; gate: "
              f"{verdict or 'no verdict'}; bounces: {bounced}; copies on the store: {stored}")
     assert qid and "milter-discard" in line
-    assert "verdict=plaintext action=discard" in verdict
+    assert "origin=safemail-local verdict=plaintext action=discard" in verdict
     assert bounced == "0" and stored == []
 
 

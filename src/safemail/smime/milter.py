@@ -12,7 +12,15 @@ a kept header value or MIME parameter that looks like it carries a patient ident
 refused or flagged with an ``X-SafeMail-Subject-Warning`` header, as configured. Any internal
 failure gives a temporary failure (fail closed; Postfix's ``milter_default_action = tempfail``
 covers a dead milter). At most ``max_in_flight`` messages are held at once; a further one gets
-a temporary failure at MAIL FROM, so memory stays bounded.
+a temporary failure at its first header, so memory stays bounded. The slot is taken only once
+the message's content starts: by then Postfix has passed the recipients, which on submission
+needs a SASL login, so a client without one cannot hold slots by sending MAIL FROM alone.
+
+Where a message comes from is told positively, by Postfix's ``{daemon_name}`` macro
+(``milter_macro_daemon_name``): ``safemail-submission`` on the submission service,
+``safemail-local`` for mail put in on the relay itself (sendmail). Anything else, or a
+submission without a SASL login, is a temporary failure: a configuration mistake defers mail
+loudly instead of letting a refused message be discarded without a word.
 
 The per-message decision lives in :class:`MessageGate`, a plain class the tests drive directly.
 The pymilter glue (Debian ``python3-milter``) is imported only inside :func:`run`, so this
@@ -75,6 +83,10 @@ SUBJECT_POLICIES = ("refuse", "flag", "off")
 CODE_SUBJECT = "subject_patient_data"
 CODE_TEMPFAIL = "internal_error"
 CODE_BUSY = "busy"
+CODE_UNKNOWN_ORIGIN = "unknown_origin"
+CODE_NO_LOGIN = "no_login"
+ORIGIN_SUBMISSION = "safemail-submission"
+ORIGIN_LOCAL = "safemail-local"
 DEFAULT_MAX_IN_FLIGHT = 16
 
 _REJECT_REPLY = ("550", "5.7.1")
@@ -90,12 +102,12 @@ class Action(enum.Enum):
     ACCEPT = "accept"
     REJECT = "reject"
     TEMPFAIL = "tempfail"
-    # A refused message without a SASL login: mail put in on the relay itself (sendmail).
+    # A refused message put in on the relay itself (sendmail; origin safemail-local).
     # Rejecting it would make Postfix bounce it, and the bounce, a new message Postfix makes
     # itself, carries the refused plaintext to the envelope sender's mailbox without passing
     # the gate (measured on the lab: `sendmail -f <a participant>` put the text in that
     # participant's mailbox). So it is discarded: logged by Postfix and the gate, never
-    # delivered, never bounced. Submission always has a login (SASL is required on 587).
+    # delivered, never bounced. Submission gets a 550 (the client holds the message).
     DISCARD = "discard"
 
 
@@ -173,10 +185,20 @@ class MessageGate:
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
         self._login: str | None = None
+        self._origin: str | None = None
 
     def set_login(self, login: str | None) -> None:
         """The SASL login of the session (Postfix's {auth_authen} macro), None if none."""
         self._login = login or None
+
+    @property
+    def origin(self) -> str | None:
+        return self._origin
+
+    def set_origin(self, daemon_name: str | None) -> None:
+        """Where the message was put in (Postfix's {daemon_name} macro): ORIGIN_SUBMISSION,
+        ORIGIN_LOCAL, or anything else (refused with a temporary failure)."""
+        self._origin = daemon_name or None
 
     def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """One header field as the MTA passes it (name without colon, unfolded value)."""
@@ -202,8 +224,16 @@ class MessageGate:
     def decide(self) -> Decision:
         """Classify the collected message; never raises (an internal error gives TEMPFAIL)."""
         try:
+            if self._origin not in (ORIGIN_SUBMISSION, ORIGIN_LOCAL):
+                # Postfix did not say where the mail comes from (milter_macro_daemon_name
+                # or milter_mail_macros changed): defer it, never guess.
+                return _tempfail(CODE_UNKNOWN_ORIGIN)
+            if self._origin == ORIGIN_SUBMISSION and self._login is None:
+                # Submission requires SASL before RCPT: a message without a login means the
+                # restrictions were changed. Defer it rather than judge From against nothing.
+                return _tempfail(CODE_NO_LOGIN)
             decision = self._decide()
-            if decision.action is Action.REJECT and self._login is None:
+            if decision.action is Action.REJECT and self._origin == ORIGIN_LOCAL:
                 return Decision(Action.DISCARD, decision.code)
             return decision
         except Exception as exc:  # noqa: BLE001 - fail closed: the MTA defers, the sender retries
@@ -245,6 +275,10 @@ class MessageGate:
                     remove_headers=removals,
                 )
         return Decision(Action.ACCEPT, verdict.code, remove_headers=removals)
+
+
+def _tempfail(code: str) -> Decision:
+    return Decision(Action.TEMPFAIL, code, (*_TEMPFAIL_REPLY, _reply_text(_TEMPFAIL_TEXT, code)))
 
 
 def _reject(code: str, text: str) -> Decision:
@@ -320,20 +354,32 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
         def envfrom(self, mailfrom: str, *params: str) -> int:
             self.gate.reset()
             self._give_back()
+            self.gate.set_login(self.getsymval("{auth_authen}"))
+            self.gate.set_origin(self.getsymval("{daemon_name}"))
+            return milter_mod.CONTINUE
+
+        def _hold(self) -> bool:
+            """Take a slot when the message's content starts (first header, or the end of
+            headers of a message without any); False, with the busy reply set, if none."""
+            if self.slot:
+                return True
             if not in_flight.take():
                 LOG.warning("verdict=%s action=tempfail (%d in flight)", CODE_BUSY,
                             config.max_in_flight)
                 self.setreply(*_BUSY_REPLY, _BUSY_TEXT)
-                return milter_mod.TEMPFAIL
+                return False
             self.slot = True
-            self.gate.set_login(self.getsymval("{auth_authen}"))
-            return milter_mod.CONTINUE
+            return True
 
         def header(self, name: str, value: str | bytes) -> int:
+            if not self._hold():
+                return milter_mod.TEMPFAIL
             self.gate.add_header(name, value)
             return milter_mod.CONTINUE
 
         def eoh(self) -> int:
+            if not self._hold():
+                return milter_mod.TEMPFAIL
             self.gate.end_of_headers()
             return milter_mod.CONTINUE
 
@@ -353,8 +399,9 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
                     for name, value in decision.add_headers:
                         self.addheader(name, value)
                 LOG.info(
-                    "queue_id=%s verdict=%s action=%s removed_headers=%d",
+                    "queue_id=%s origin=%s verdict=%s action=%s removed_headers=%d",
                     queue_id,
+                    self.gate.origin or "-",
                     decision.code,
                     decision.action.value,
                     len(decision.remove_headers) if decision.action is Action.ACCEPT else 0,
