@@ -87,11 +87,12 @@ LISTENERS = ("# bench_smime_gate.py: temporary loopback listeners, removed when 
 # A crashed earlier run left a backup or the null gate: clean up before anything else.
 _RESTORE = (f"systemctl stop {NULL_UNIT} 2>/dev/null; systemctl reset-failed {NULL_UNIT} "
             f"2>/dev/null; rm -f {NULL_SOCKET} {NULL_SCRIPT}; "
+
             f"if [ -f {BACKUP} ]; then mv -f {BACKUP} {MASTER} && postfix check && "
             "postfix reload; fi")
 _ADD = (f"{_RESTORE}; set -e; install -m 0644 /dev/stdin {NULL_SCRIPT}; "
         f"systemd-run --quiet --unit={NULL_UNIT} -p User=safemail-gate -p Group=safemail-gate "
-        f"-p UMask=0117 -p CPUAccounting=yes {RUNTIME_PYTHON} {NULL_SCRIPT} unix:{NULL_SOCKET}; "
+        f"-p UMask=0117 {RUNTIME_PYTHON} {NULL_SCRIPT} unix:{NULL_SOCKET}; "
         f"cp -p {MASTER} {BACKUP}; "
         f"printf '%s' {shlex.quote(LISTENERS)} >> {MASTER}; postfix check; postfix reload; "
         f"for i in $(seq 30); do ss -ltn | grep -q '127.0.0.1:{ARMS['without_gate']} ' "

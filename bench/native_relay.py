@@ -82,8 +82,8 @@ def _relay_layer() -> tuple[Path, Path]:
 
 
 def _wheelhouse() -> Path:
-    houses = sorted((p for p in IMAGES.glob("wheels-*") if any(p.rglob("*.whl"))),
-                    key=lambda p: p.stat().st_mtime)
+    houses = sorted((p / "wheels" for p in IMAGES.glob("wheels-*")
+                     if any((p / "wheels").glob("*.whl"))), key=lambda p: p.stat().st_mtime)
     if not houses:
         raise SystemExit(f"no wheelhouse in {IMAGES}: run `safemail lab up` once first")
     return houses[-1]
@@ -125,11 +125,8 @@ class NativeRelay:
         (self.work / "nspawn.pid").write_text(str(proc.pid))
         deadline = time.monotonic() + 60
         while self.leader is None and time.monotonic() < deadline:
-            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
-                                      capture_output=True, text=True).stdout.split()
-            if children:
-                self.leader = int(children[0])
-            else:
+            self.leader = _container_init(proc.pid)
+            if self.leader is None:
                 time.sleep(0.5)
         if self.leader is None:
             raise SystemExit(f"the native relay did not start: see {self.work / 'console.log'}")
@@ -189,6 +186,27 @@ class NativeRelay:
         if self.work.exists() and not self.root.is_mount():
             shutil.rmtree(self.work)
         self.pid = self.leader = None
+
+
+def _container_init(nspawn_pid: int) -> int | None:
+    """The machine's init: the descendant of systemd-nspawn that is PID 1 in its own PID
+    namespace (NSpid ends in 1), running systemd."""
+    todo, seen = [nspawn_pid], set()
+    while todo:
+        pid = todo.pop()
+        seen.add(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        nspid = next((line.split()[1:] for line in status.splitlines()
+                      if line.startswith("NSpid:")), [])
+        if pid != nspawn_pid and len(nspid) > 1 and nspid[-1] == "1" \
+                and Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+            return pid
+        todo += [int(c) for c in children if int(c) not in seen]
+    return None
 
 
 def _is_our_nspawn(pid: int) -> bool:
