@@ -11,6 +11,7 @@ import base64
 import binascii
 import random
 import subprocess
+import time
 import tracemalloc
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from safemail.smime import classify as classify_module
 from safemail.smime import samples
 from safemail.smime.classify import MAX_HEADER_BYTES, Verdict, classify
 from safemail.smime.stream import MAX_CMS_METADATA, StreamClassifier, _Base64Decoder
@@ -655,13 +657,13 @@ def test_metadata_beyond_the_bound_is_refused(form: str, small_bound: int) -> No
 
 
 def test_content_type_beyond_the_bound_is_refused(small_bound: int) -> None:
-    """An object identifier beyond the bound (classify reads it as some unknown type)."""
+    """An object identifier beyond the bound: longer than MAX_OID_BYTES as well, so both refuse
+    it unread, as a CMS structure that cannot be loaded."""
     oid = b"\x06" + samples._der_length(small_bound + 1) + b"\x01" * (small_bound + 1)
     raw = samples.smime_message(_definite(0x30, oid))
-    assert classify(raw).code == "not_enveloped"
-    verdict = stream_raw(raw, [65536])
+    verdict = check_raw(raw, [65536])
     assert (verdict.accepted, verdict.code) == (False, "malformed_cms")
-    assert "exceeds 4 KiB" in verdict.reason
+    assert "not a complete CMS structure" in verdict.reason
 
 
 @pytest.mark.parametrize("body", [b"", b"\r", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n", b"0"])
@@ -796,3 +798,67 @@ def test_openssl_output(tmp_path: Path, recipient_cert: Path, cipher: str, strea
     fields, body = split_fields(raw)  # type: ignore[misc]
     for size in (1000, 65536):
         assert check_fields(fields, body, [size]).accepted
+
+
+# --- object identifiers too long to decode ---------------------------------------------------
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _long_arc(content_bytes: int) -> str:
+    """A dotted OID whose encoding has about ``content_bytes`` bytes (one huge last arc)."""
+    return "1.2." + str(1 << (7 * (content_bytes - 2)))
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("where", ["key_transport", "cipher", "key_wrap"])
+def test_long_inner_oid_is_refused_unread_and_streams_the_same(where: str) -> None:
+    """asn1crypto decodes an arc in time quadratic in its length (about 180 s of CPU for a
+    1 MiB one): an OID longer than MAX_OID_BYTES is refused without being decoded."""
+    oid = _long_arc(600)  # decodable (str() refuses ints over 4300 digits), far over 64
+    kwargs = {"key_transport": {"key_transport_oid": oid},
+              "cipher": {"cipher_oid": oid},
+              "key_wrap": {"recipients": ("kari",), "key_wrap_oid": oid}}[where]
+    try:
+        der = samples.enveloped_der(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the sample builder may refuse; build by hand
+        pytest.skip(f"sample builder: {exc}")
+    assert classify_module.find_long_oid(der) == "inner"
+    raw = samples.smime_message(der)
+    started = time.process_time()
+    whole = classify(raw)
+    assert time.process_time() - started < 1.0
+    assert whole.code == "malformed_cms"
+    assert whole.reason.endswith("(the CMS enveloped-data structure is corrupt)")
+    for sizes in ((7,), (4096,), (1 << 20,)):
+        same(stream_raw(raw, sizes), whole)
+
+
+@pytest.mark.req("MAIL-03")
+def test_long_content_type_oid_is_refused_unread_and_streams_the_same() -> None:
+    oid_body = b"\x2a" + b"\x81" * 200_000 + b"\x01"  # 1.2.<a 1.4 million bit arc>
+    der = _tlv(0x30, _tlv(0x06, oid_body) + _tlv(0xA0, samples.enveloped_der()))
+    assert classify_module.find_long_oid(der) == "content_type"
+    raw = samples.smime_message(der)
+    started = time.process_time()
+    whole = classify(raw)
+    assert time.process_time() - started < 2.0
+    assert whole.code == "malformed_cms"
+    assert whole.reason.endswith("(the body is not a complete CMS structure)")
+    for sizes in ((7,), (65536,)):
+        same(stream_raw(raw, sizes), whole)
+
+
+@pytest.mark.parametrize("limit", [8, 9, 64])
+def test_find_long_oid_reads_headers_only_and_counts_content_bytes(limit: int) -> None:
+    der = samples.enveloped_der()  # its longest OIDs have 9 content bytes
+    found = classify_module.find_long_oid(der, limit)
+    assert found == ("content_type" if limit < 9 else None)  # enveloped-data: 9 bytes too
+    assert classify_module.find_long_oid(b"\x30\x80\x06\x01\x2a\x00\x00") is None
+    assert classify_module.find_long_oid(b"\x30\x05\x06\x83\xff") is None  # cut short: no answer

@@ -81,6 +81,11 @@ DEFAULT_MAX_SIZE = 50 * 1024 * 1024
 #: (:mod:`safemail.smime.stream`) hold the header section in bounded memory and still decide
 #: exactly as :func:`classify` does.
 MAX_HEADER_BYTES = 256 * 1024
+# The longest OBJECT IDENTIFIER (content octets) the gate lets asn1crypto decode. Real ones are
+# a few to about 20 bytes; asn1crypto turns each arc into a Python int one 7-bit group at a time,
+# which is quadratic in the arc's length (measured: about 180 s of CPU for a 1 MiB arc, inside
+# the 1 MiB of structure the streaming gate keeps), so a longer one is refused unread.
+MAX_OID_BYTES = 64
 
 #: Top-level media types that may carry an S/MIME enveloped message (RFC 8551 §3.2 and the
 #: older x- form still sent by some clients). The smime-type parameter is not trusted: the
@@ -299,6 +304,62 @@ def _refuse_media_type(ctype: str) -> Verdict:
     return _refuse(CODE_NOT_SMIME, f"found {ctype[:80]}, expected application/pkcs7-mime")
 
 
+def find_long_oid(der: bytes, limit: int = MAX_OID_BYTES) -> str | None:
+    """Where ``der`` holds an OBJECT IDENTIFIER longer than ``limit`` content bytes:
+    "content_type" (the first value inside the outer SEQUENCE), "inner" (anywhere else in its
+    constructed values), or None. Reads tag and length headers only, never an OID's value;
+    an encoding it cannot follow ends the search (asn1crypto then judges it as before)."""
+    pos, size = 0, len(der)
+    ends: list[int | None] = []  # enclosing constructed values; None: indefinite length
+    first_child = True  # the next header at depth 1 is the content type's
+    while pos < size:
+        while ends and ends[-1] is not None and pos >= ends[-1]:
+            ends.pop()
+        ident = der[pos]
+        pos += 1
+        if ident & 0x1F == 0x1F:  # a tag number in further bytes
+            while pos < size and der[pos] & 0x80:
+                pos += 1
+            pos += 1
+        if pos >= size:
+            return None
+        first = der[pos]
+        pos += 1
+        length: int | None
+        if first == 0x80:
+            length = None
+        elif first < 0x80:
+            length = first
+        else:
+            count = first & 0x7F
+            if count > 8 or pos + count > size:
+                return None
+            length = int.from_bytes(der[pos : pos + count], "big")
+            pos += count
+        depth = len(ends)
+        if ident == 0 and length == 0:  # end of an indefinite-length value
+            if not ends or ends[-1] is not None:
+                return None
+            ends.pop()
+            continue
+        if depth == 1:
+            where, first_child = ("content_type" if first_child else "inner"), False
+        else:
+            where = "inner"
+        if ident & 0x20:  # constructed: read its children
+            if length is None:
+                ends.append(None)
+            else:
+                ends.append(pos + length)
+            continue
+        if length is None:
+            return None  # a primitive value cannot have an indefinite length
+        if ident == 0x06 and length > limit:
+            return where
+        pos += length
+    return None
+
+
 def _refuse_content_type(content_type: object) -> Verdict:
     """The refusal for a CMS content type that is not enveloped."""
     code, detail = _NOT_ENCRYPTED_CMS.get(
@@ -313,6 +374,9 @@ def _classify_cms(
 ) -> Verdict:
     """Judge the CMS structure ``der``. ``ciphertext`` (length, first bytes) gives the real
     encrypted content when ``der`` carries only a stand-in for it (the streaming classifier)."""
+    long_oid = find_long_oid(der)
+    if long_oid == "content_type":  # as if asn1crypto failed reading the content type
+        return _refuse(CODE_MALFORMED_CMS, "the body is not a complete CMS structure")
     try:
         info = cms.ContentInfo.load(der, strict=True)
         content_type = info["content_type"].native
@@ -321,6 +385,8 @@ def _classify_cms(
 
     if content_type not in ENVELOPED_CONTENT_TYPES:
         return _refuse_content_type(content_type)
+    if long_oid is not None:  # as if the full parse failed on it, without spending the CPU
+        return _refuse(CODE_MALFORMED_CMS, "the CMS enveloped-data structure is corrupt")
 
     try:
         # Force a full parse of every nested value so that corrupt inner structures are

@@ -57,6 +57,7 @@ from safemail.smime.classify import (
     DEFAULT_MAX_SIZE,
     ENVELOPED_CONTENT_TYPES,
     MAX_HEADER_BYTES,
+    MAX_OID_BYTES,
     Verdict,
     _classify_cms,
     _header_verdict,
@@ -763,6 +764,8 @@ class _DerWalker:
             raise _Frame(True)  # the content type is missing or no OBJECT IDENTIFIER
         length = self._left_in(first)
         oid = None
+        if length > MAX_OID_BYTES:
+            raise _Frame(True)  # classify refuses it unread too (find_long_oid)
         if length > self._cap:
             self.over_cap = True
             yield from self._skip(length, None)
