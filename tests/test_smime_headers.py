@@ -64,6 +64,9 @@ def test_from_equal_to_the_login_passes_ignoring_case() -> None:
         ([("From", "praxis1@safenet.test"), ("From", "praxis2@safenet.test")], "2 From"),
         ([], "0 From"),
         ([("From", "praxis1@safenet.test"), ("Sender", "praxis2@safenet.test")], "Sender"),
+        ([("From", "praxis1@safenet.test"), ("Reply-To", "praxis2@safenet.test")], "Reply-To"),
+        ([("From", "praxis1@safenet.test"),
+          ("Reply-To", "praxis1@safenet.test, praxis2@safenet.test")], "exactly one address"),
         # An encoded word cannot hide another address.
         ([("From", "=?utf-8?q?x?= <praxis2@safenet.test>")], "is not your mailbox"),
         # Encoded words that decode to quotes or parentheses stay inside the display name:
@@ -79,6 +82,12 @@ def test_from_equal_to_the_login_passes_ignoring_case() -> None:
 def test_from_that_is_not_the_login_is_refused(fields, words) -> None:
     result = check_from(fields, LOGIN)
     assert not result.ok and words in result.detail
+
+
+@pytest.mark.req("MAIL-03")
+def test_reply_to_the_own_mailbox_passes() -> None:
+    assert check_from([("From", "praxis1@safenet.test"),
+                       ("Reply-To", "Praxis Eins <praxis1@safenet.test>")], LOGIN).ok
 
 
 @pytest.mark.req("MAIL-03")

@@ -229,8 +229,8 @@ def _one_own_address(value: str, own: str, what: str) -> str:
 
 def check_from(headers: Sequence[tuple[str, str]], login: str | None) -> FromCheck:
     """With a SASL login, exactly one From header with exactly one address, equal (ignoring
-    case) to the login; a Sender header, if any, the same. Without a login (local submission
-    on the relay, no participant) there is nothing to compare: ``ok``."""
+    case) to the login; a Sender or Reply-To header, if any, the same. Without a login (local
+    submission on the relay, no participant) there is nothing to compare: ``ok``."""
     if not login:
         return FromCheck(True)
     own = login.strip().lower()
@@ -240,8 +240,11 @@ def check_from(headers: Sequence[tuple[str, str]], login: str | None) -> FromChe
     problem = _one_own_address(froms[0], own, "From")
     if problem:
         return FromCheck(False, problem)
-    for value in (v for n, v in headers if n.lower() == "sender"):
-        problem = _one_own_address(value, own, "Sender")
-        if problem:
-            return FromCheck(False, problem)
+    # Sender and Reply-To: a reply to a message from practice 1 must go to practice 1, not to
+    # a mailbox it names for another practice (replies carry the patient's case).
+    for field in ("Sender", "Reply-To"):
+        for value in (v for n, v in headers if n.lower() == field.lower()):
+            problem = _one_own_address(value, own, field)
+            if problem:
+                return FromCheck(False, problem)
     return FromCheck(True)
