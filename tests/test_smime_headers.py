@@ -226,7 +226,7 @@ def _connection(config: GateConfig):
 
 
 @pytest.mark.req("MAIL-03")
-def test_more_messages_than_slots_get_a_temporary_failure_at_their_first_header() -> None:
+def test_more_messages_than_slots_get_a_temporary_failure_at_data() -> None:
     config = GateConfig(max_in_flight=2)
     cls = milter._milter_class(types.SimpleNamespace(**vars(_FakeMilter)), config)
     conns = []
@@ -235,22 +235,22 @@ def test_more_messages_than_slots_get_a_temporary_failure_at_their_first_header(
         _FakeMilter.Base.__init__(conn)
         cls.__init__(conn)
         conns.append(conn)
-    # MAIL FROM alone takes no slot: a client without a login never gets past RCPT, so it
-    # cannot fill the slots by opening sessions.
+    # MAIL FROM alone takes no slot: a client without a login never gets past RCPT to DATA,
+    # so it cannot fill the slots by opening sessions.
     assert all(c.envfrom("<x>") == "continue" for c in conns)
-    assert conns[0].header("Subject", "a") == "continue"
-    assert conns[0].header("To", "b") == "continue"  # one slot per message, not per header
-    assert conns[1].header("Subject", "b") == "continue"
-    assert conns[2].header("Subject", "c") == "tempfail"
+    assert conns[0].data() == "continue"
+    assert conns[0].header("Subject", "a") == "continue"  # one slot per message
+    assert conns[1].data() == "continue"
+    assert conns[2].data() == "tempfail"
     assert conns[2].replies[-1][:2] == ("451", "4.3.2")
-    assert conns[3].eoh() == "tempfail"  # a message without headers takes its slot at eoh
+    assert conns[3].eom() == "tempfail"  # no DATA callback: the slot is taken at the end
     conns[0].abort()  # a slot comes back when a message ends, however it ends
     assert conns[2].envfrom("<c>") == "continue"
-    assert conns[2].header("Subject", "c") == "continue"
+    assert conns[2].data() == "continue"
     conns[1].close()
     conns[2].eom()
     assert conns[0].envfrom("<a>") == "continue"
-    assert conns[0].header("Subject", "a") == "continue"
+    assert conns[0].data() == "continue"
 
 
 @pytest.mark.req("MAIL-04")
@@ -309,3 +309,26 @@ def test_submission_without_a_login_is_deferred() -> None:
     for raw in (plain, envelope()):
         decision = gate_decide(raw, login=None, origin=milter.ORIGIN_SUBMISSION)
         assert decision.action is Action.TEMPFAIL and decision.code == "no_login"
+
+
+@pytest.mark.req("MAIL-03")
+def test_glue_asks_no_reply_for_content_and_no_callbacks_it_does_not_use() -> None:
+    """pymilter's decorators are applied where the protocol allows: no answer awaited for
+    headers, end of headers and body chunks; connect, HELO, RCPT and unknown commands not sent.
+    DATA and end of message keep their answers (busy, the verdict)."""
+
+    def mark(kind):
+        def decorate(func):
+            func.marked = kind
+            return func
+        return decorate
+
+    fake = types.SimpleNamespace(**vars(_FakeMilter), noreply=mark("noreply"),
+                                 nocallback=mark("nocallback"))
+    cls = milter._milter_class(fake, GateConfig())
+    marks = {name: getattr(getattr(cls, name), "marked", None)
+             for name in ("connect", "hello", "envrcpt", "unknown", "header", "eoh", "body",
+                          "envfrom", "data", "eom")}
+    assert marks == {"connect": "nocallback", "hello": "nocallback", "envrcpt": "nocallback",
+                     "unknown": "nocallback", "header": "noreply", "eoh": "noreply",
+                     "body": "noreply", "envfrom": None, "data": None, "eom": None}

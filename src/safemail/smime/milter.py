@@ -12,9 +12,11 @@ a kept header value or MIME parameter that looks like it carries a patient ident
 refused or flagged with an ``X-SafeMail-Subject-Warning`` header, as configured. Any internal
 failure gives a temporary failure (fail closed; Postfix's ``milter_default_action = tempfail``
 covers a dead milter). At most ``max_in_flight`` messages are held at once; a further one gets
-a temporary failure at its first header, so memory stays bounded. The slot is taken only once
-the message's content starts: by then Postfix has passed the recipients, which on submission
-needs a SASL login, so a client without one cannot hold slots by sending MAIL FROM alone.
+a temporary failure at DATA, so memory stays bounded. The slot is taken only at DATA: by then
+Postfix has passed the recipients, which on submission needs a SASL login, so a client without
+one cannot hold slots by sending MAIL FROM alone. Headers and body chunks are answered without
+a round trip (pymilter's ``noreply``); connect, HELO and RCPT are not sent to the gate at all
+(``nocallback``).
 
 Where a message comes from is told positively, by Postfix's ``{daemon_name}`` macro
 (``milter_macro_daemon_name``): ``safemail-submission`` on the submission service,
@@ -340,6 +342,11 @@ def _load_json(text: str, path: Path) -> Any:
 def _milter_class(milter_mod: Any, config: GateConfig) -> type:
     """The pymilter class for ``config``; one instance per SMTP connection."""
     in_flight = InFlight(config.max_in_flight)
+    # pymilter's decorators: @noreply tells the MTA not to wait for an answer to a callback
+    # (header, end of headers, body chunks: one round trip fewer each), @nocallback not to send
+    # it at all (connect, HELO, RCPT: the gate does not look at them).
+    noreply = getattr(milter_mod, "noreply", lambda func: func)
+    nocallback = getattr(milter_mod, "nocallback", lambda func: func)
 
     class SafeMailGate(milter_mod.Base):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -359,8 +366,7 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
             return milter_mod.CONTINUE
 
         def _hold(self) -> bool:
-            """Take a slot when the message's content starts (first header, or the end of
-            headers of a message without any); False, with the busy reply set, if none."""
+            """Take a slot for this message; False, with the busy reply set, if none."""
             if self.slot:
                 return True
             if not in_flight.take():
@@ -371,18 +377,38 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
             self.slot = True
             return True
 
+        @nocallback
+        def connect(self, *args: object) -> int:
+            return milter_mod.CONTINUE
+
+        @nocallback
+        def hello(self, *args: object) -> int:
+            return milter_mod.CONTINUE
+
+        @nocallback
+        def envrcpt(self, *args: object) -> int:
+            return milter_mod.CONTINUE
+
+        @nocallback
+        def unknown(self, *args: object) -> int:
+            return milter_mod.CONTINUE
+
+        def data(self) -> int:
+            """DATA: the recipients have passed Postfix's restrictions (on submission: only
+            after a SASL login), so a client without one never takes a slot."""
+            return milter_mod.CONTINUE if self._hold() else milter_mod.TEMPFAIL
+
+        @noreply
         def header(self, name: str, value: str | bytes) -> int:
-            if not self._hold():
-                return milter_mod.TEMPFAIL
             self.gate.add_header(name, value)
             return milter_mod.CONTINUE
 
+        @noreply
         def eoh(self) -> int:
-            if not self._hold():
-                return milter_mod.TEMPFAIL
             self.gate.end_of_headers()
             return milter_mod.CONTINUE
 
+        @noreply
         def body(self, chunk: bytes) -> int:
             self.gate.add_body(chunk)
             return milter_mod.CONTINUE
@@ -391,6 +417,9 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
             queue_id = "-"
             try:
                 queue_id = str(self.getsymval("i") or "-")
+                if not self._hold():  # no DATA callback came (an MTA without it): take it now
+                    self.gate.reset()
+                    return milter_mod.TEMPFAIL
                 decision = self.gate.decide()
                 if decision.action is Action.ACCEPT:
                     # Highest index first, so the indexes still to delete stay valid.
