@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import shlex
 import time
 import uuid
@@ -346,6 +347,48 @@ def test_from_of_another_practice_is_refused(lab, evidence, form):
 
 
 @pytest.mark.req("MAIL-03")
+def test_reply_to_another_practice_is_refused(lab, evidence):
+    """From is practice1's own, but Reply-To names practice2: the answer, with the patient's
+    case in it, would go to another practice. Refused like a foreign From."""
+    own, other = lab["p1"].mailbox, lab["p2"].mailbox
+    msg = samples.smime_message(samples.enveloped_der(), extra_headers=[("Reply-To", other)])
+    t = lab["p1"].probe([other], message=msg, header_from=own)
+    code, text = _reply(t, "data")
+    evidence(f"From {own}, Reply-To {other}, sent by {own}: {code} {text}")
+    assert code == 550 and "[from_not_login]" in text and "Reply-To" in text, t
+
+
+_CONNECT = r"""
+import json, socket, sys
+out = {}
+for port in (25, 465, 587):
+    try:
+        socket.create_connection((sys.argv[1], port), 5).close(); out[port] = "open"
+    except socket.timeout:
+        out[port] = "filtered"
+    except OSError as exc:
+        out[port] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.req("MAIL-03")
+def test_service_hosts_cannot_put_mail_into_the_relay(lab, evidence):
+    """The ways into the relay's queue are submission (participants, with a login, through the
+    gate), local sendmail on the relay (next test) and Postfix's own notices (docs/mail.md).
+    A service host has none: Postfix listens for SMTP on submission only, and the store (the
+    service host closest to the relay) cannot reach an SMTP port of the relay at all."""
+    relay, store = lab["relay"], lab["store"]
+    inet = sorted(line.split()[0] for line in relay.check_output("postconf -M").splitlines()
+                  if line.split()[1:2] == ["inet"])
+    address = relay.ansible.get_variables()["safemail_address"]
+    reached = json.loads(store.check_output(f"python3 -c {shlex.quote(_CONNECT)} {address}"))
+    evidence(f"relay's Postfix inet services: {inet}; from the store to {address}: {reached}")
+    assert inet == ["submission"], inet
+    assert "open" not in reached.values(), reached
+
+
+@pytest.mark.req("MAIL-03")
 def test_local_sendmail_on_the_relay_passes_the_gate(lab, evidence):
     """Mail put in on the relay itself (sendmail, pickup, cleanup) meets the same gate: a
     plaintext message with a participant as envelope sender is discarded (the gate logs its
@@ -400,7 +443,8 @@ def test_patient_identifier_in_another_header_is_refused(lab, evidence, header):
 def test_headers_outside_the_allowed_list_never_reach_the_store(lab, evidence):
     """A header no mail client needs (here X-Private-Note, and a Received header the client
     made up: Postfix never shows the gate its own) is deleted by the gate: the message is
-    delivered, neither header is in the stored copy."""
+    delivered, neither header is in the stored copy. Postfix's own Received (it quotes the
+    client's HELO) is dropped by header_checks: only the store's LMTP one is left."""
     subject = f"Befund {uuid.uuid4().hex[:12]}"
     note = f"note-{uuid.uuid4().hex}"
     msg = samples.smime_message(samples.enveloped_der(), subject=subject,
@@ -416,11 +460,18 @@ def test_headers_outside_the_allowed_list_never_reach_the_store(lab, evidence):
 
     files = wait_for(stored, 90, 2)
     content = store.check_output(f"cat {shlex.quote(files[0])}") if files else ""
+    head = content.split("\n\n", 1)[0]
+    received = [block for block in re.split(r"\n(?=\S)", head) if block.startswith("Received:")]
+    # The store's own LMTP Received stays; none from the relay's Postfix (it quotes the
+    # client's HELO, free text nobody examines).
+    from_relay = [r for r in received if "(Postfix)" in r or "ESMTP" in r]
     evidence(f"DATA {code} {text}; stored copies: {len(files)}; X-Private-Note or client "
              f"Received in it: "
-             f"{note in content}; X-Mailer kept: {'X-Mailer: probe' in content}")
+             f"{note in content}; X-Mailer kept: {'X-Mailer: probe' in content}; Received "
+             f"headers: {received}")
     assert code == 250 and len(files) == 1
     assert note not in content and "X-Mailer: probe" in content
+    assert received and from_relay == [], f"the relay's own Received reached the store: {head}"
 
 
 @pytest.mark.req("MAIL-03")
