@@ -19,7 +19,7 @@ help:
 	@echo "make molecule-stage - molecule test -s stage: lab up, site.yml, idempotence, --check, verify, lab down"
 	@echo "make molecule-role SCENARIO=auth - one role scenario on the running lab (docs/molecule.md)"
 	@echo "make mutate - the mutation run on the running, converged lab (docs/mutations.md)"
-	@echo "make bench-gate - S/MIME gate in Postfix: messages/s with vs without (lab up)"
+	@echo "make bench-gate - S/MIME gate in Postfix: with/null/without, VM and native relay (lab up)"
 	@echo "make bench-stage - stage rerun and verify against their floors (lab up, converged)"
 
 setup:

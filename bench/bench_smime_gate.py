@@ -120,11 +120,14 @@ def _ssh_argv(hv: dict) -> list[str]:
     return [*argv, f"{hv.get('ansible_user', 'root')}@{hv.get('ansible_host')}"]
 
 
-def _remote(ssh: list[str], command: str, stdin: bytes | None = None) -> str:
-    proc = subprocess.run([*ssh, command], input=stdin, capture_output=True, check=False)
+def _remote(ssh: list[str], command: str, stdin: bytes | None = None,
+            progress: bool = False) -> str:
+    """stdout of `command` on the relay; with `progress` its stderr goes to ours as it comes."""
+    proc = subprocess.run([*ssh, command], input=stdin, stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"on the relay: {command[:80]}... failed ({proc.returncode}): "
-                         f"{(proc.stdout + proc.stderr).decode(errors='replace')[-1500:]}")
+                         f"{(proc.stdout + (proc.stderr or b'')).decode(errors='replace')[-1500:]}")
     return proc.stdout.decode()
 
 
@@ -190,7 +193,7 @@ def _run_on(name: str, remote, sender: str, recipient: str, rounds: int) -> dict
         started = dt.datetime.now(dt.UTC)
         load_before = remote("cat /proc/loadavg").split()[:3]
         raw = json.loads(remote(shlex.join([RUNTIME_PYTHON, "-", json.dumps(config)]),
-                                stdin=SENDER.read_bytes()))
+                                stdin=SENDER.read_bytes(), progress=True))
         elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
     finally:
         remote(_RESTORE)
@@ -241,7 +244,8 @@ def main() -> int:
         if relay == "vm":
             participants = hv["safemail_participants"]
             runs.append(_run_on(
-                host, lambda command, stdin=None: _remote(ssh, command, stdin),
+                host, lambda command, stdin=None, progress=False: _remote(
+                    ssh, command, stdin, progress),
                 participants[0]["mailbox"], participants[-1]["mailbox"], args.rounds))
             runs[-1]["lab_machine"] = hv.get("lab_machine")
         else:

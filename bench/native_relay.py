@@ -156,17 +156,20 @@ class NativeRelay:
                  "sleep 0.5; done; test -S /run/safemail-gate/milter.sock; "
                  "systemctl restart postfix@-.service; postfix check", timeout=120)
 
-    def run(self, command: str, stdin: bytes | None = None, timeout: float = 3600) -> str:
-        """Run `command` with /bin/sh inside the machine (all its namespaces); stdout."""
+    def run(self, command: str, stdin: bytes | None = None, timeout: float = 3600,
+            progress: bool = False) -> str:
+        """Run `command` with /bin/sh inside the machine (all its namespaces); stdout. With
+        `progress` its stderr goes to ours as it comes."""
         assert self.leader is not None
         proc = subprocess.run(
             ["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "-C", "--",
              "/bin/sh", "-c", command],
-            input=stdin, capture_output=True, timeout=timeout, check=False)
+            input=stdin, stdout=subprocess.PIPE,
+            stderr=None if progress else subprocess.PIPE, timeout=timeout, check=False)
         if proc.returncode != 0:
+            said = (proc.stdout + (proc.stderr or b"")).decode(errors="replace")
             raise SystemExit(f"in the native relay: {command[:80]}... failed "
-                             f"({proc.returncode}): "
-                             f"{(proc.stdout + proc.stderr).decode(errors='replace')[-1500:]}")
+                             f"({proc.returncode}): {said[-1500:]}")
         return proc.stdout.decode()
 
     def stop(self) -> None:
