@@ -130,6 +130,7 @@ class NativeRelay:
                 time.sleep(0.5)
         if self.leader is None:
             raise SystemExit(f"the native relay did not start: see {self.work / 'console.log'}")
+        (self.work / "init.pid").write_text(str(self.leader))
         self.run("for i in $(seq 60); do systemctl is-system-running --wait >/dev/null 2>&1 "
                  "&& exit 0; s=$(systemctl is-system-running); [ \"$s\" = degraded ] && exit 0; "
                  "sleep 1; done; exit 1", timeout=120)
@@ -173,9 +174,16 @@ class NativeRelay:
         return proc.stdout.decode()
 
     def stop(self) -> None:
-        """Power the machine off (kill it after 30 s), unmount, remove the work directory."""
-        pidfile = self.work / "nspawn.pid"
+        """Power the machine off (kill it after 30 s), unmount, remove the work directory.
+
+        The machine's init is killed as well if it outlives systemd-nspawn: once seen, an
+        init left behind (nspawn killed before it) kept the machine running, with a syslog
+        daemon spinning on a whole core, for an hour after its work directory was gone."""
+        pidfile, initfile = self.work / "nspawn.pid", self.work / "init.pid"
         pid = self.pid or (int(pidfile.read_text()) if pidfile.exists() else None)
+        init = self.leader or (int(initfile.read_text()) if initfile.exists() else None)
+        if init is None and pid is not None and _is_our_nspawn(pid):
+            init = _container_init(pid)  # started, but stopped before start() found it
         if pid is not None and _is_our_nspawn(pid):
             os.kill(pid, signal.SIGTERM)  # nspawn asks the machine's init to power off
             deadline = time.monotonic() + 30
@@ -184,6 +192,14 @@ class NativeRelay:
             if _is_our_nspawn(pid):
                 os.kill(pid, signal.SIGKILL)
                 time.sleep(1)
+        if init is not None and _is_our_init(init):
+            os.kill(init, signal.SIGKILL)  # PID 1 of its namespace: everything in it ends
+            deadline = time.monotonic() + 10
+            while _is_our_init(init) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _is_our_init(init):
+                raise SystemExit(f"the native relay's init (PID {init}) does not end; kill it by "
+                             f"its PID, then remove {self.work}")
         if self.root.is_mount():
             subprocess.run(["umount", str(self.root)], check=False)
         if self.work.exists() and not self.root.is_mount():
@@ -210,6 +226,18 @@ def _container_init(nspawn_pid: int) -> int | None:
             return pid
         todo += [int(c) for c in children if int(c) not in seen]
     return None
+
+
+def _is_our_init(pid: int) -> bool:
+    """PID is alive, PID 1 of its own namespace, and its root is this machine's overlay."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        mounts = Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        return False
+    nspid = next((line.split()[1:] for line in status.splitlines()
+                  if line.startswith("NSpid:")), [])
+    return len(nspid) > 1 and nspid[-1] == "1" and "smbench-overlay" in mounts.split("\n", 1)[0]
 
 
 def _is_our_nspawn(pid: int) -> bool:
