@@ -29,12 +29,17 @@ def _split(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     return [(name, value.lstrip()) for name, value in fields], body
 
 
-def gate_decide(raw: bytes, login: str | None = LOGIN, origin: str | None = None,
+_BY_LOGIN = object()  # gate_decide's default origin: submission with a login, local without
+
+
+def gate_decide(raw: bytes, login: str | None = LOGIN, origin: object = _BY_LOGIN,
                 **config: object) -> milter.Decision:
-    """The gate's decision; origin defaults to submission with a login, local without."""
+    """The gate's decision for ``raw`` as Postfix would hand it over."""
     gate = MessageGate(GateConfig(**config))  # type: ignore[arg-type]
     gate.set_login(login)
-    gate.set_origin(origin or (milter.ORIGIN_SUBMISSION if login else milter.ORIGIN_LOCAL))
+    if origin is _BY_LOGIN:
+        origin = milter.ORIGIN_SUBMISSION if login else milter.ORIGIN_LOCAL
+    gate.set_origin(origin)  # type: ignore[arg-type]
     fields, body = _split(raw)
     for name, value in fields:
         gate.add_header(name, value)
@@ -287,15 +292,7 @@ def test_mail_of_unknown_origin_is_deferred_never_discarded(origin: str | None) 
     milter_macro_daemon_name or macro list) mail is deferred, loudly, whatever it is."""
     plain = samples.mime_message(b"Befund im Klartext\r\n", content_type="text/plain")
     for raw, login in ((plain, None), (plain, LOGIN), (envelope(), LOGIN)):
-        gate = MessageGate(GateConfig())
-        gate.set_login(login)
-        gate.set_origin(origin)
-        fields, body = _split(raw)
-        for name, value in fields:
-            gate.add_header(name, value)
-        gate.end_of_headers()
-        gate.add_body(body)
-        decision = gate.decide()
+        decision = gate_decide(raw, login=login, origin=origin)
         assert decision.action is Action.TEMPFAIL and decision.code == "unknown_origin"
         assert decision.reply is not None and decision.reply[0] == "451"
         assert decision.reply[2].endswith("[unknown_origin]")

@@ -802,14 +802,6 @@ def test_openssl_output(tmp_path: Path, recipient_cert: Path, cipher: str, strea
 # --- object identifiers too long to decode ---------------------------------------------------
 
 
-def _tlv(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes([tag, n]) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + body
-
-
 def _long_arc(content_bytes: int) -> str:
     """A dotted OID whose encoding has about ``content_bytes`` bytes (one huge last arc)."""
     return "1.2." + str(1 << (7 * (content_bytes - 2)))
@@ -865,7 +857,7 @@ def test_long_content_type_oid_is_refused_unread_and_streams_the_same(
     decoded_oids: list[int],
 ) -> None:
     oid_body = b"\x2a" + b"\x81" * 200_000 + b"\x01"  # 1.2.<a 1.4 million bit arc>
-    der = _tlv(0x30, _tlv(0x06, oid_body) + _tlv(0xA0, samples.enveloped_der()))
+    der = _definite(0x30, _definite(0x06, oid_body) + _definite(0xA0, samples.enveloped_der()))
     assert classify_module.find_long_oid(der) == "content_type"
     decoded_oids.clear()
     decoded_oids.append(0)  # nothing at all may be decoded here: keep max() defined
