@@ -16,14 +16,15 @@ about the headers live here, as pure functions the milter calls at end-of-messag
   header_size_limit; the section at most 256 KiB, see classify.MAX_HEADER_BYTES).
 * :func:`check_from` — is the header From the authenticated participant's own mailbox?
   ``reject_sender_login_mismatch`` binds only the envelope sender to the login; without this
-  a participant could show another practice's address to the recipient. Sender, when present,
-  must be the login too. The raw value is parsed as RFC 5322 says (encoded words decode only
-  inside a display name, so they cannot hide an address), and a display name may not carry
-  an address of its own.
+  a participant could show another practice's address to the recipient. Sender and Reply-To,
+  when present, must be the login too. The raw value is parsed as RFC 5322 says (encoded
+  words decode only inside a display name, so they cannot hide an address), and a display
+  name may not carry an address of its own.
 
 Received: Postfix never shows the milter its own Received header (milter8.c skips the first
 header, and smfi_chgheader indexes skip it too), so every Received header the gate sees came
-from the client: all are deleted. Postfix's own stays in the stored copy.
+from the client: all are deleted. Postfix's own (it quotes the client's HELO) is dropped by the
+mailrelay role's header_checks.
 
 Standard library only (this runs on the relay under Debian's python3).
 """
