@@ -5,6 +5,8 @@ from __future__ import annotations
 import types
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from safemail.smime import headers, milter, samples
 from safemail.smime.classify import compile_subject_patterns
@@ -311,7 +313,8 @@ def test_submission_without_a_login_is_deferred() -> None:
 @pytest.mark.req("MAIL-03")
 def test_glue_asks_no_reply_for_content_and_no_callbacks_it_does_not_use() -> None:
     """pymilter's decorators are applied where the protocol allows: no answer awaited for
-    headers, end of headers and body chunks; connect, HELO, RCPT and unknown commands not sent.
+    MAIL FROM, headers, end of headers and body chunks; connect, HELO, RCPT and unknown
+    commands not sent.
     DATA and end of message keep their answers (busy, the verdict)."""
 
     def mark(kind):
@@ -328,4 +331,66 @@ def test_glue_asks_no_reply_for_content_and_no_callbacks_it_does_not_use() -> No
                           "envfrom", "data", "eom")}
     assert marks == {"connect": "nocallback", "hello": "nocallback", "envrcpt": "nocallback",
                      "unknown": "nocallback", "header": "noreply", "eoh": "noreply",
-                     "body": "noreply", "envfrom": None, "data": None, "eom": None}
+                     "body": "noreply", "envfrom": "noreply", "data": None, "eom": None}
+
+
+# --- the fast paths read a value as the slow paths do ---------------------------------------
+
+_HEADERISH = st.lists(
+    st.sampled_from(list("aZ09 .@<>\"'()=?_+-,;:\\\t\r\n") + ["ä", "\udcff", "=?", "=?utf-8?q?"]),
+    max_size=40,
+).map("".join)
+
+
+def _slow_whole_text(value: str) -> str:
+    import email.header
+    import re
+
+    try:
+        text = str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:  # noqa: BLE001 - as _whole_text
+        text = value
+    return re.sub(r"\s+", " ", text)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_HEADERISH)
+@example("Befund f\udcffr Patient")  # pymilter's surrogateescape for a raw 8-bit octet
+@example("plain\r\n folded")
+def test_whole_text_fast_path_equals_the_email_package(value: str) -> None:
+    assert headers._whole_text(value) == _slow_whole_text(value)
+
+
+_ADDRESSISH = st.one_of(
+    _HEADERISH,
+    st.builds(
+        lambda name, local, domain, brackets: (
+            f"{name} <{local}@{domain}>" if brackets else f"{name}{local}@{domain}"
+        ),
+        st.text(alphabet="aZ09 .", max_size=12),
+        st.text(alphabet="aZ09._+-", min_size=1, max_size=12),
+        st.text(alphabet="aZ09.-", min_size=1, max_size=12),
+        st.booleans(),
+    ),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_ADDRESSISH)
+@example("praxis1@safenet.test")
+@example("Praxis Eins <praxis1@safenet.test>")
+@example("<praxis1@safenet.test>")
+@example("Praxis praxis1@safenet.test")
+@example("Praxis  Eins   <praxis1@safenet.test>")
+@example("praxis<praxis1@safenet.test>")
+@example("a..b@safenet.test")
+@example(".a@safenet.test")
+def test_simple_address_fast_path_equals_the_rfc5322_parser(value: str) -> None:
+    if headers._simple_address(value) is None:
+        return  # the fast path does not take it: the parser decides
+    assert headers._addresses(value) == headers._parsed_addresses(value)
+
+
+def test_simple_address_fast_path_is_taken_for_ordinary_from_values() -> None:
+    for value in ("praxis1@safenet.test", "Praxis Eins <praxis1@safenet.test>"):
+        assert headers._simple_address(value) is not None

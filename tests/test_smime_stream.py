@@ -872,3 +872,67 @@ def test_find_long_oid_reads_headers_only_and_counts_content_bytes(limit: int) -
     assert found == ("content_type" if limit < 9 else None)  # enveloped-data: 9 bytes too
     assert classify_module.find_long_oid(b"\x30\x80\x06\x01\x2a\x00\x00") is None
     assert classify_module.find_long_oid(b"\x30\x05\x06\x83\xff") is None  # cut short: no answer
+
+
+# --- the counted stretch of a base64 body -----------------------------------------------------
+# Past the first TEXT_SAMPLE_BYTES of the encrypted content the base64 characters are checked
+# and counted, not decoded (_Base64Body.feed). A wrong character there must be refused as
+# b64decode(validate=True) refuses it, wherever it sits and however the body is cut.
+
+_BIG = samples.smime_message(samples.enveloped_der(content_size=200_000))
+_BIG_HEAD, _BIG_BODY = _BIG.split(b"\r\n\r\n", 1)
+_BAD_CHARACTERS = [b"!", b"*", b"\x00", b"=", b"-", b"_", b"\xff", b".", b"A=", b"==="]
+
+
+def _counted_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = _Base64Decoder.count
+
+    def spy(self: _Base64Decoder, chars: bytes | memoryview) -> bool:
+        calls.append(len(chars))
+        return original(self, chars)
+
+    monkeypatch.setattr(_Base64Decoder, "count", spy)
+    return calls
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("sizes", [[1_000_000], [65536], [4096, 70001], [76], [1000, 3, 7]])
+def test_counted_stretch_is_taken_for_a_large_envelope(
+    sizes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _counted_calls(monkeypatch)
+    assert check_raw(_BIG, sizes).accepted
+    if min(sizes) >= 4096:
+        assert sum(calls) > 0.9 * len(_BIG_BODY), calls  # nearly all counted, not decoded
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("bad", _BAD_CHARACTERS, ids=[b.hex() for b in _BAD_CHARACTERS])
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("sizes", [[1_000_000], [65536], [4096, 70001], [1000, 3, 7]])
+def test_bad_character_in_the_counted_stretch(
+    bad: bytes, where: float, sizes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _counted_calls(monkeypatch)
+    pos = int(len(_BIG_BODY) * where)
+    if _BIG_BODY[pos : pos + 1] in b"\r\n":
+        pos -= 2
+    body = _BIG_BODY[:pos] + bad + _BIG_BODY[pos + len(bad) :]
+    verdict = check_raw(_BIG_HEAD + b"\r\n\r\n" + body, sizes)
+    assert not verdict.accepted
+    if where < 0.9 and max(sizes) >= 4096 and bad not in (b"=", b"A=", b"==="):
+        assert calls, "the counted stretch was not used"
+
+
+@PROPERTY
+@given(
+    st.integers(min_value=0, max_value=len(_BIG_BODY) - 1),
+    st.sampled_from(_BAD_CHARACTERS + [b"A", b"/", b"+", b" ", b"\r\n", b""]),
+    st.lists(st.sampled_from([1, 76, 4096, 65536, 70001, 1_000_000]), min_size=1, max_size=3),
+)
+def test_any_change_of_a_large_body_as_the_whole_classifier(
+    pos: int, new: bytes, sizes: list[int]
+) -> None:
+    body = _BIG_BODY[:pos] + new + _BIG_BODY[pos + 1 :]
+    check_raw(_BIG_HEAD + b"\r\n\r\n" + body, sizes)

@@ -343,8 +343,9 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
     """The pymilter class for ``config``; one instance per SMTP connection."""
     in_flight = InFlight(config.max_in_flight)
     # pymilter's decorators: @noreply tells the MTA not to wait for an answer to a callback
-    # (header, end of headers, body chunks: one round trip fewer each), @nocallback not to send
-    # it at all (connect, HELO, RCPT: the gate does not look at them).
+    # (MAIL FROM, header, end of headers, body chunks: one round trip fewer each), @nocallback
+    # not to send it at all (connect, HELO, RCPT: the gate does not look at them). DATA and
+    # end-of-message need their answer (the in-flight slot; the verdict).
     noreply = getattr(milter_mod, "noreply", lambda func: func)
     nocallback = getattr(milter_mod, "nocallback", lambda func: func)
 
@@ -358,6 +359,7 @@ def _milter_class(milter_mod: Any, config: GateConfig) -> type:
                 self.slot = False
                 in_flight.give()
 
+        @noreply
         def envfrom(self, mailfrom: str, *params: str) -> int:
             self.gate.reset()
             self._give_back()

@@ -81,6 +81,9 @@ _PIECE = 64 * 1024
 # bytes.strip() whitespace: classify refuses a message that is nothing else as empty.
 _NOT_BLANK = re.compile(rb"[^ \t\n\r\x0b\x0c]")
 _BASE64_WHITESPACE = b" \t\r\n"
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# Fewest base64 characters worth counting instead of decoding (below this, decoding is as cheap).
+_MIN_COUNTED = 4096
 _PAD = 0x3D  # "="
 # asn1crypto.parser._MAX_DEPTH: deeper nesting of indefinite-length values is refused.
 _MAX_DEPTH = 10
@@ -323,6 +326,28 @@ class _Base64Decoder:
         self._carry = bytes(view[whole:])
         return out
 
+    def missing(self) -> int:
+        """Characters still missing from a group begun in an earlier piece (0: none)."""
+        if self.failed or self._tail is not None or not self._carry:
+            return 0
+        return 4 - len(self._carry)
+
+    def countable(self) -> bool:
+        """Can complete groups be passed over (counted) now? Only between groups, before any
+        "=" and while valid: then a run of groups without "=" is valid exactly when all its
+        characters are in the alphabet (a2b_base64's strict mode refuses nothing else there)."""
+        return not (self.failed or self._carry or self._tail is not None)
+
+    def count(self, chars: bytes | memoryview) -> bool:
+        """Pass over ``chars`` (complete groups, no "=", :meth:`countable` true) without
+        decoding them; False, and ``failed``, if one is not a base64 character."""
+        self.seen = True
+        if bytes(chars).translate(None, _BASE64_ALPHABET):
+            self.failed = True
+            return False
+        self._groups = True
+        return True
+
     def _decode(self, data: bytes | memoryview) -> bytes:
         if self.failed:
             return b""
@@ -362,7 +387,41 @@ class _Base64Body:
 
     def feed(self, piece: bytes) -> None:
         decoder = self._decoder
-        for out in decoder.feed(piece.translate(None, _BASE64_WHITESPACE)):
+        compact = piece.translate(None, _BASE64_WHITESPACE)
+        while len(compact) >= _MIN_COUNTED and self._walker is not None:
+            if self._walker.counting() < _MIN_COUNTED:
+                # Not (yet) inside the counted part of the encrypted content: decode a step,
+                # then look again, so a piece that reaches into the content is counted there.
+                self._decode(compact[:_MIN_COUNTED])
+                compact = compact[_MIN_COUNTED:]
+                continue
+            # Inside the encrypted content, past its kept first bytes, the walk only counts:
+            # check and count the characters of whole groups instead of decoding them. A
+            # group left incomplete by the piece before is completed (decoded) first.
+            need = decoder.missing()
+            if need:
+                self._decode(compact[:need])
+                compact = compact[need:]
+            walker = self._walker
+            if walker is None or not decoder.countable():
+                break
+            # Whole groups of the content only: a valid "=" sits in the group that decodes to
+            # the content's last one or two bytes, never in these; an "=" here is refused by
+            # count() as the decoder refuses it (nothing but "=" may follow one).
+            groups = min(walker.counting() // 3, len(compact) // 4)
+            if not groups:
+                break
+            view = memoryview(compact)
+            if not decoder.count(view[: groups * 4]):
+                self._walker = None
+                return
+            walker.count(groups * 3)
+            compact = bytes(view[groups * 4 :])
+        self._decode(compact)
+
+    def _decode(self, compact: bytes) -> None:
+        decoder = self._decoder
+        for out in decoder.feed(compact):
             if self._walker is not None and out:
                 self._walker.feed(out)
         if decoder.failed:
@@ -544,6 +603,28 @@ class _DerWalker:
                 self._left -= take
                 if not self._left:
                     self._resume(None)
+
+    def counting(self) -> int:
+        """How many of the next bytes the walk will only count (encrypted content after the
+        kept sample); :meth:`count` takes them without the bytes themselves."""
+        request = self._req
+        if (
+            self._gen is None
+            or request[0] != _SKIP
+            or request[2] is not _CONTENT
+            or len(self.sample) < TEXT_SAMPLE_BYTES
+        ):
+            return 0
+        return self._left
+
+    def count(self, n: int) -> None:
+        """What :meth:`feed` does with ``n`` bytes (at most :meth:`counting`) it only counts."""
+        assert 0 < n <= self.counting()
+        self.size += n
+        self.content_length += n
+        self._left -= n
+        if not self._left:
+            self._resume(None)
 
     def _resume(self, value: object) -> None:
         assert self._gen is not None
