@@ -424,9 +424,13 @@ def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
             try:
                 res = hosts[group].run("cat /proc/sys/kernel/random/boot_id; "
                                        "systemctl is-system-running --wait")
-            except RuntimeError:  # ssh exit 255: the VM is down while it reboots, keep polling
+            except RuntimeError as exc:  # ssh exit 255: the VM is down while it reboots
+                # testinfra raises with the command result: keep ssh's own words (refused,
+                # timed out, the control master's error) as evidence of where the wait went.
+                result = exc.args[0] if exc.args else None
+                said = " ".join(str(getattr(result, "stderr", "") or exc).split())[-100:]
                 polls[group].append((round(start - began, 1),
-                                     round(time.monotonic() - start, 1), "ssh failed"))
+                                     round(time.monotonic() - start, 1), f"ssh failed: {said}"))
                 return False
             lines = res.stdout.split()
             new = bool(lines) and lines[0] != boot_before[group]
