@@ -1,0 +1,212 @@
+"""What every role receives from an inventory through a playbook, and whether its spec accepts it.
+
+For each play of a playbook, each host the play matches and each role the play applies, this
+module asks Ansible's own variable manager for the variables the role's first task sees
+(inventory group_vars and host_vars, the group_vars beside the playbook, play and role vars,
+role defaults), templates every option of the role's ``meta/argument_specs.yml`` entry point
+``main`` one by one, and validates them with Ansible's ``ArgumentSpecValidator`` (what the
+role's own argument validation task runs at the start of a converge). Nothing connects to a
+host: no facts, no SSH.
+
+Two uses:
+
+- ``check``: every host of an inventory, every role: a missing required option, a value of the
+  wrong type or one that cannot be templated is a :class:`Problem` naming host, role and option
+  (tests/test_inventory_specs.py runs it for the test and the production inventory);
+- ``render``: the templated values, to compare an inventory before and after a refactoring
+  (``python -m safemail.rolevars render ...``: two runs, then ``diff``).
+
+Ansible keeps global state (config, plugin loaders, CLI arguments), so callers run this
+module in a subprocess with ``ANSIBLE_CONFIG`` set to the project's ansible.cfg
+(:func:`run`); the JSON it prints is the interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safemail.errors import SafeMailError
+
+# Values of these options are replaced by a marker in `render` output unless asked for.
+SECRET_WORDS = ("password", "passphrase", "secret")
+ENTRY_POINT = "main"
+# Not inventory data: Ansible's own names in a host's variables.
+SKIPPED = ("omit", "vars", "environment")
+
+
+@dataclass(frozen=True)
+class Problem:
+    host: str
+    role: str
+    option: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"host {self.host}, role {self.role}, option {self.option}: {self.message}"
+
+
+def _is_secret(name: str) -> bool:
+    return any(w in name for w in SECRET_WORDS)
+
+
+def _plain(value: Any) -> Any:
+    """Templated Ansible values as plain JSON data (tagged str/dict/list subclasses dropped)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)
+
+
+def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Path]],
+             show_secrets: bool) -> dict[str, Any]:
+    """Run inside a process of its own (Ansible's global state): see :func:`run`."""
+    from ansible import context
+    from ansible.inventory.manager import InventoryManager
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+    from ansible.module_utils.common.collections import ImmutableDict
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.parsing.vault import VaultSecret
+    from ansible.playbook import Playbook
+    from ansible.plugins.loader import init_plugin_loader
+    from ansible.template import Templar
+    from ansible.vars.hostvars import HostVars
+    from ansible.vars.manager import VariableManager
+
+    init_plugin_loader()
+    context.CLIARGS = ImmutableDict(tags=(), skip_tags=(), check=False, diff=False,
+                                    inventory=[str(inventory)], subset=None)
+    loader = DataLoader()
+    loader.set_vault_secrets([(vid, VaultSecret(path.read_bytes().strip()))
+                              for vid, path in vault_ids])
+    inv = InventoryManager(loader=loader, sources=[str(inventory)])
+    variables = VariableManager(loader=loader, inventory=inv)
+    # What the task queue manager sets for a run: `hostvars` for templates that read other hosts.
+    variables._hostvars = HostVars(inventory=inv, variable_manager=variables, loader=loader)
+    book = Playbook.load(str(playbook), variable_manager=variables, loader=loader)
+
+    rendered: dict[str, dict[str, dict[str, Any]]] = {}
+    problems: list[dict[str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for play in book.get_plays():
+        play_vars = variables.get_vars(play=play)
+        pattern = Templar(loader=loader, variables=play_vars).template(play.hosts)
+        hosts = inv.get_hosts(pattern)
+        for role in play.get_roles():
+            spec = (role._get_role_argspecs() or {}).get(ENTRY_POINT, {}).get("options", {})
+            blocks = role.compile(play=play)
+            tasks = [t for b in blocks for t in b.block if hasattr(t, "action")]
+            if not tasks:
+                continue
+            for host in hosts:
+                key = (play.get_name(), host.name, role.get_name())
+                if key in seen:
+                    continue
+                seen.add(key)
+                task_vars = variables.get_vars(play=play, host=host, task=tasks[0])
+                templar = Templar(loader=loader, variables=task_vars)
+                args: dict[str, Any] = {}
+                out = rendered.setdefault(host.name, {}).setdefault(
+                    f"{play.get_name()} | {role.get_name()}", {})
+                for name in sorted(spec):
+                    if name not in task_vars:
+                        continue
+                    try:
+                        args[name] = templar.template(task_vars[name])
+                    except Exception as exc:  # noqa: BLE001 - any templating error is reported
+                        problems.append(vars(Problem(host.name, role.get_name(), name,
+                                                     f"cannot be templated: {exc}")))
+                        out[name] = "<error>"
+                        continue
+                    out[name] = (_plain(args[name]) if show_secrets or not _is_secret(name)
+                                 else "<secret>")
+                result = ArgumentSpecValidator(spec).validate(
+                    args, validate_role_argument_spec=True)
+                for err in result.errors:
+                    names = list(getattr(err, "names", None) or []) or ["?"]
+                    for name in names:
+                        problems.append(vars(Problem(host.name, role.get_name(), str(name),
+                                                     str(err))))
+    # Every other variable of every host (outside any play: inventory, the playbook's group_vars).
+    host_level: dict[str, dict[str, Any]] = {}
+    for host in inv.get_hosts("all"):
+        all_vars = variables.get_vars(host=host)
+        magic = set(variables._get_magic_variables(None, host, None, True))
+        templar = Templar(loader=loader, variables=all_vars)
+        out = host_level.setdefault(host.name, {})
+        for name in sorted(all_vars):
+            if name in magic or name in SKIPPED or name.startswith("ansible_"):
+                continue
+            try:
+                value = _plain(templar.template(all_vars[name]))
+            except Exception as exc:  # noqa: BLE001 - shown, not judged: no role reads it here
+                value = f"<error: {exc}>"
+            out[name] = value if show_secrets or not _is_secret(name) else "<secret>"
+    return {"roles": rendered, "hostvars": host_level, "problems": problems}
+
+
+def run(repo: Path, inventory: Path, playbook: Path | None = None,
+        vault_ids: Sequence[tuple[str, Path]] = (), show_secrets: bool = False,
+        timeout: int = 600) -> dict[str, Any]:
+    """Render/check in a subprocess with the project's ansible.cfg; the decoded JSON."""
+    playbook = playbook or repo / "playbooks" / "site.yml"
+    cmd = [sys.executable, "-m", "safemail.rolevars", "--inventory", str(inventory),
+           "--playbook", str(playbook)]
+    for vid, path in vault_ids:
+        cmd += ["--vault-id", f"{vid}@{path}"]
+    if show_secrets:
+        cmd.append("--show-secrets")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(repo / "ansible.cfg")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode not in (0, 1):
+        raise SafeMailError(f"rendering {inventory} failed: {proc.stderr.strip()[-3000:]}",
+                            hint="check the inventory and the vault password")
+    return json.loads(proc.stdout)
+
+
+def _parse_vault_id(text: str) -> tuple[str, Path]:
+    vid, sep, path = text.partition("@")
+    if not sep or not vid or not path:
+        raise argparse.ArgumentTypeError("give ID@PASSWORD_FILE")
+    return vid, Path(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m safemail.rolevars",
+        description="Render what each role of a playbook receives on every host of an "
+                    "inventory and check it against the roles' meta/argument_specs.yml. Prints "
+                    "JSON {roles: {host: {'play | role': {option: value}}}, problems: [...]}; "
+                    "exit 1 when a problem was found.")
+    parser.add_argument("--inventory", required=True, type=Path)
+    parser.add_argument("--playbook", required=True, type=Path)
+    parser.add_argument("--vault-id", action="append", default=[], type=_parse_vault_id,
+                        help="ID@PASSWORD_FILE (repeatable)")
+    parser.add_argument("--show-secrets", action="store_true",
+                        help="print values of password/passphrase/secret options too")
+    args = parser.parse_args(argv)
+    data = _collect(args.inventory, args.playbook, args.vault_id, args.show_secrets)
+    json.dump(data, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+    return 1 if data["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
