@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ SECRET_WORDS = ("password", "passphrase", "secret")
 ENTRY_POINT = "main"
 # Not inventory data: Ansible's own names in a host's variables.
 SKIPPED = ("omit", "vars", "environment")
+# The option an ArgumentSpecValidator message is about ("argument 'x' is of type ...").
+_ARGUMENT = re.compile(r"argument '([^']+)'")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
                               for vid, path in vault_ids])
     inv = InventoryManager(loader=loader, sources=[str(inventory)])
     variables = VariableManager(loader=loader, inventory=inv)
+    # As ansible-playbook: group_vars/host_vars beside the playbook are read.
+    variables.safe_basedir = True
     # What the task queue manager sets for a run: `hostvars` for templates that read other hosts.
     variables._hostvars = HostVars(inventory=inv, variable_manager=variables, loader=loader)
     book = Playbook.load(str(playbook), variable_manager=variables, loader=loader)
@@ -103,6 +108,8 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
     problems: list[dict[str, str]] = []
     seen: set[tuple[str, str, str]] = set()
     for play in book.get_plays():
+        # As the playbook executor: an imported playbook's plays read the vars beside it.
+        loader.set_basedir(play._included_path or book._basedir)
         play_vars = variables.get_vars(play=play)
         pattern = Templar(loader=loader, variables=play_vars).template(play.hosts)
         hosts = inv.get_hosts(pattern)
@@ -120,6 +127,7 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
                 task_vars = variables.get_vars(play=play, host=host, task=tasks[0])
                 templar = Templar(loader=loader, variables=task_vars)
                 args: dict[str, Any] = {}
+                failed: set[str] = set()
                 out = rendered.setdefault(host.name, {}).setdefault(
                     f"{play.get_name()} | {role.get_name()}", {})
                 for name in sorted(spec):
@@ -131,18 +139,25 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
                         problems.append(vars(Problem(host.name, role.get_name(), name,
                                                      f"cannot be templated: {exc}")))
                         out[name] = "<error>"
+                        failed.add(name)
                         continue
                     out[name] = (_plain(args[name]) if show_secrets or not _is_secret(name)
                                  else "<secret>")
+                for name, body in sorted(spec.items()):
+                    if body.get("required") and args.get(name) is None and name not in failed:
+                        problems.append(vars(Problem(host.name, role.get_name(), name,
+                                                     "required, but not set")))
                 result = ArgumentSpecValidator(spec).validate(
                     args, validate_role_argument_spec=True)
                 for err in result.errors:
-                    names = list(getattr(err, "names", None) or []) or ["?"]
-                    for name in names:
-                        problems.append(vars(Problem(host.name, role.get_name(), str(name),
-                                                     str(err))))
+                    if type(err).__name__ == "RequiredError":
+                        continue  # reported above, one problem per option
+                    named = _ARGUMENT.search(str(err))
+                    problems.append(vars(Problem(host.name, role.get_name(),
+                                                 named.group(1) if named else "?", str(err))))
     # Every other variable of every host (outside any play: inventory, the playbook's group_vars).
     host_level: dict[str, dict[str, Any]] = {}
+    loader.set_basedir(book._basedir)
     for host in inv.get_hosts("all"):
         all_vars = variables.get_vars(host=host)
         magic = set(variables._get_magic_variables(None, host, None, True))

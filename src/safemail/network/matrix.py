@@ -3,8 +3,9 @@
 Where it comes from (the same for the firewall, the verify suite and the network plan):
 
 - ``inventories/<stage>/group_vars/all/network.yml``: the segments (name -> network), named
-  endpoints that are not inventory hosts (the admin controller, the package mirror), the
-  site's own flows (admin SSH, packages, time) in ``safemail_site_flows``, and
+  endpoints that are not inventory hosts (the admin controller, the package mirror) and the
+  site's own flows (admin SSH, packages, time) in ``safemail_site_flows`` (site data);
+- ``playbooks/group_vars/all.yml`` (the role wiring, the same for every site):
   ``safemail_flow_roles``, the roles whose exported flows the matrix combines;
 - ``roles/<role>/defaults/main.yml``: each role's ``<role>_firewall_flows``, the flows its
   service needs.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from safemail.errors import SafeMailError
 
 PROTOCOLS = ("tcp", "udp")
 NETWORK_FILE = Path("group_vars") / "all" / "network.yml"
+# The role wiring beside the playbooks (relative to the checkout): holds FLOW_ROLES_VAR.
+WIRING_FILE = Path("playbooks") / "group_vars" / "all.yml"
 # Variables of network.yml.
 SEGMENTS_VAR = "safemail_network_segments"
 ENDPOINTS_VAR = "safemail_network_endpoints"
@@ -218,6 +221,20 @@ def read_network(inventory_dir: Path) -> NetworkSpec:
     return parse_network(data, str(path))
 
 
+def read_flow_roles(repo: Path) -> tuple[str, ...]:
+    """The roles whose exported flows the matrix combines, from the role wiring."""
+    path = repo / WIRING_FILE
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MatrixError(f"cannot read {path}: {exc}",
+                          hint=f"the role wiring defines {FLOW_ROLES_VAR} there") from exc
+    roles = data.get(FLOW_ROLES_VAR)
+    if not isinstance(roles, list) or not roles:
+        raise MatrixError(f"{path}: {FLOW_ROLES_VAR} must be a non-empty list of roles")
+    return tuple(str(r) for r in roles)
+
+
 def role_exports(roles_dir: Path, roles: Iterable[str]) -> list[dict[str, Any]]:
     """Every listed role's ``<role>_firewall_flows`` from its defaults, tagged with the role."""
     out: list[dict[str, Any]] = []
@@ -225,7 +242,7 @@ def role_exports(roles_dir: Path, roles: Iterable[str]) -> list[dict[str, Any]]:
         path = roles_dir / role / "defaults" / "main.yml"
         if not path.is_file():
             raise MatrixError(f"flow role {role}: {path} does not exist",
-                              hint=f"fix {FLOW_ROLES_VAR} in the inventory's network.yml")
+                              hint=f"fix {FLOW_ROLES_VAR} in {WIRING_FILE}")
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         var = f"{role}_firewall_flows"
         if var not in data:
@@ -269,6 +286,11 @@ def combine(raw: Iterable[Mapping[str, Any]]) -> tuple[Flow, ...]:
 def raw_flows(repo: Path, stage: str) -> tuple[NetworkSpec, list[dict[str, Any]]]:
     inventory = repo / "inventories" / stage
     spec = read_network(inventory)
+    if spec.flow_roles:
+        raise MatrixError(f"inventories/{stage}/{NETWORK_FILE} sets {FLOW_ROLES_VAR}",
+                          hint=f"it is role wiring, the same for every site: keep it in "
+                               f"{WIRING_FILE} only")
+    spec = replace(spec, flow_roles=read_flow_roles(repo))
     raw = [{**f, "_origin": f"inventories/{stage} {SITE_FLOWS_VAR}"} for f in spec.site_flows]
     raw += role_exports(repo / "roles", spec.flow_roles)
     return spec, raw
