@@ -55,7 +55,7 @@ class Directory:
 def directory(host) -> Directory:
     hv = host.ansible.get_variables()
     # The inventory is read untemplated here: derive the base DN from the domain as the
-    # inventory (group_vars/all/ldap.yml) does.
+    # role wiring (playbooks/group_vars/all.yml) does.
     base = "dc=" + ",dc=".join(hv["safemail_mail_domain"].split("."))
     uri = hv["safemail_ldap_uri"]
     assert urlsplit(uri).scheme == "ldap", uri
