@@ -342,3 +342,15 @@ def test_playbook_syntax_against_production(rendered, playbook):
     proc = _run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", str(copy.path),
                  *copy.vault_args, f"playbooks/{playbook}"], env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_reading_production_without_the_vault_password_says_how_to_give_it(monkeypatch):
+    from safemail.errors import SafeMailError
+    from safemail.gate.inventory import read_inventory
+
+    for name in ("ANSIBLE_VAULT_IDENTITY_LIST", "ANSIBLE_VAULT_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
+    with pytest.raises(SafeMailError) as info:
+        read_inventory(REPO / "inventories" / "production")
+    assert "ANSIBLE_VAULT_IDENTITY_LIST=production@" in (info.value.hint or "")

@@ -3,7 +3,8 @@ SafeNet, and front systems expose only their service ports.
 
 Every probe is a real TCP connection attempt, derived from the flow matrix
 (safemail.network.matrix: inventories/<stage>/group_vars/all/network.yml, the flow roles of
-playbooks/group_vars/all.yml and their exported flows), the same data the firewall role renders the rulesets from. Outcomes:
+playbooks/group_vars/all.yml and their exported flows), the same data the firewall role
+renders the rulesets from. Outcomes:
 
 - ``open``: the connection was made;
 - ``refused``: a RST came back - the packet filters let the SYN through and nothing listens;

@@ -103,6 +103,15 @@ def parse_inventory_list(data: Mapping[str, Any]) -> list[Host]:
     return hosts
 
 
+def failure_hint(inventory: Path, stderr: str) -> str:
+    """What to do when ansible-inventory fails: a vault it cannot open, else the syntax."""
+    if "vault" in stderr.lower():
+        return (f"give Ansible the vault password of {inventory.name}, e.g. export "
+                f"ANSIBLE_VAULT_IDENTITY_LIST={inventory.name}@$PWD/scripts/vault-pass-client "
+                "(docs/production.md, \"The vault\")")
+    return "check the inventory files for syntax errors"
+
+
 def read_inventory(inventory: Path) -> list[Host]:
     """Run ``ansible-inventory -i <inventory> --list`` and return its hosts."""
     if not inventory.exists():
@@ -118,7 +127,7 @@ def read_inventory(inventory: Path) -> list[Host]:
     if proc.returncode != 0:
         raise InventoryError(
             f"ansible-inventory failed for {inventory}: {proc.stderr.strip()[-2000:]}",
-            "check the inventory files for syntax errors",
+            failure_hint(inventory, proc.stderr),
         )
     try:
         data = json.loads(proc.stdout)
