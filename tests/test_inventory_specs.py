@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safemail import rolevars
+from safemail import rolevars, vault
 from safemail.gate.inventory import parse_inventory_list
 from safemail.lab import plan as lab_plan
 from safemail.network import matrix
@@ -344,13 +344,57 @@ def test_playbook_syntax_against_production(rendered, playbook):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_reading_production_without_the_vault_password_says_how_to_give_it(monkeypatch):
+def test_reading_production_without_the_vault_password_says_how_to_give_it(tmp_path,
+                                                                           monkeypatch):
     from safemail.errors import SafeMailError
     from safemail.gate.inventory import read_inventory
 
-    for name in ("ANSIBLE_VAULT_IDENTITY_LIST", "ANSIBLE_VAULT_PASSWORD_FILE"):
+    for name in vault.SOURCE_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
+    monkeypatch.setenv("SAFEMAIL_VAULT_PASSWORD_FILE", str(tmp_path / "no-such-file"))
     with pytest.raises(SafeMailError) as info:
         read_inventory(REPO / "inventories" / "production")
-    assert "ANSIBLE_VAULT_IDENTITY_LIST=production@" in (info.value.hint or "")
+    assert "no password file for vault id 'production'" in info.value.message
+    assert "SAFEMAIL_VAULT_PASSWORD_FILE" in (info.value.hint or "")
+
+
+def test_safemail_reads_production_through_the_vault_client(tmp_path, monkeypatch):
+    """What `safemail docs`, `patch status` and `promote` do: the client opens the vault."""
+    from safemail.gate.inventory import read_inventory
+
+    for name in vault.SOURCE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    password = tmp_path / "vault-production.pass"
+    password.write_text(_example_password() + "\n")
+    password.chmod(0o600)
+    monkeypatch.setenv("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
+    monkeypatch.setenv("SAFEMAIL_VAULT_PASSWORD_FILE", str(password))
+    hosts = read_inventory(REPO / "inventories" / "production")
+    assert len(hosts) == 6
+    assert {g for h in hosts for g in h.groups} >= set(EXPECTED_ROLES) - {"participants"}
+
+
+def test_vault_arguments_only_for_an_encrypted_inventory(tmp_path):
+    production, test = REPO / "inventories/production", REPO / "inventories/test"
+    assert vault.vault_id(production) == "production"
+    assert vault.vault_args(REPO, production, env={}) == [
+        "--vault-id", f"production@{REPO / 'scripts/vault-pass-client'}"]
+    assert vault.vault_args(REPO, test, env={}) == []
+    chosen = {"ANSIBLE_VAULT_IDENTITY_LIST": "production@prompt"}
+    assert vault.vault_args(REPO, production, env=chosen) == []
+    secret = (tmp_path / "inventories/x/group_vars/all")
+    secret.mkdir(parents=True)
+    (secret / "vault.yml").write_text("$ANSIBLE_VAULT;1.1;AES256\n0011\n")
+    assert vault.vault_id(tmp_path / "inventories/x") == "x"
+
+
+def test_the_patch_run_names_the_vault_client(monkeypatch):
+    from safemail.ops import apply
+
+    for name in vault.SOURCE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    cmd = apply.playbook_command("ansible-playbook", REPO, "production", ["auth1"], "alice")
+    assert cmd[3:5] == ["--vault-id", f"production@{REPO / 'scripts/vault-pass-client'}"]
+    assert "--vault-id" not in apply.playbook_command("ansible-playbook", REPO, "test",
+                                                      ["auth1"], "alice")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safemail import vault
 from safemail.errors import SafeMailError, UsageError
 from safemail.gate import hashing, promote
 from safemail.gate.catalogue import load_catalogue, relative_to
@@ -386,7 +387,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     }
     promote.append_release_log(log, **common, extra={"tested_on": promote.TESTED_STAGE})
     print(f"release recorded in {log} (operator {operator})")
-    cmd = [_ansible_playbook(), "-i", str(inventory), str(playbook)]
+    cmd = [_ansible_playbook(), "-i", str(inventory), *vault.vault_args(repo, inventory),
+           str(playbook)]
     print("running: " + " ".join(cmd), flush=True)
     try:
         rc = subprocess.run(cmd, cwd=repo, check=False).returncode

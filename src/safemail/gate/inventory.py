@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemail import vault
 from safemail.errors import SafeMailError
 
 # Host variables the documentation shows, by the first name that is set.
@@ -106,9 +107,11 @@ def parse_inventory_list(data: Mapping[str, Any]) -> list[Host]:
 def failure_hint(inventory: Path, stderr: str) -> str:
     """What to do when ansible-inventory fails: a vault it cannot open, else the syntax."""
     if "vault" in stderr.lower():
-        return (f"give Ansible the vault password of {inventory.name}, e.g. export "
-                f"ANSIBLE_VAULT_IDENTITY_LIST={inventory.name}@$PWD/scripts/vault-pass-client "
-                "(docs/production.md, \"The vault\")")
+        return (f"give Ansible the vault password of {inventory.name}: put it into "
+                f"~/.config/safemail/vault-{inventory.name}.pass (mode 0600) or name the file in "
+                "SAFEMAIL_VAULT_PASSWORD_FILE, or export ANSIBLE_VAULT_IDENTITY_LIST="
+                f"{inventory.name}@$PWD/scripts/vault-pass-client (docs/production.md, "
+                "\"The vault\")")
     return "check the inventory files for syntax errors"
 
 
@@ -119,7 +122,10 @@ def read_inventory(inventory: Path) -> list[Host]:
             f"inventory {inventory} does not exist",
             "for the test stage run `safemail lab up` first",
         )
-    cmd = [ansible_inventory_command(), "-i", str(inventory), "--list"]
+    # The checkout holding this inventory (inventories/<stage>), for the vault client.
+    repo = inventory.resolve().parent.parent
+    cmd = [ansible_inventory_command(), "-i", str(inventory),
+           *vault.vault_args(repo, inventory), "--list"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from safemail import vault
 from safemail.errors import SafeMailError
 from safemail.gate.promote import Decision
 from safemail.ops.status import HostResult
@@ -44,7 +45,8 @@ def playbook_command(ansible_playbook: str, repo: Path, stage: str, hosts: Seque
         raise SafeMailError(f"unknown stage {stage!r}", f"use one of {', '.join(STAGES)}")
     if not hosts:
         raise SafeMailError("no hosts to patch")
-    return [ansible_playbook, "-i", str(repo / "inventories" / stage),
+    inventory = repo / "inventories" / stage
+    return [ansible_playbook, "-i", str(inventory), *vault.vault_args(repo, inventory),
             str(repo / "playbooks" / "patch.yml"), "--limit", ",".join(hosts),
             "-e", f"patch_operator={operator}"]
 
