@@ -149,7 +149,8 @@ def _problems(data: dict) -> list[str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_role_gets_what_its_argument_spec_asks_for(rendered, stage):
     _, data = rendered[stage]
-    assert _problems(data) == []
+    problems = _problems(data)
+    assert not problems, "\n".join(problems)
 
 
 # Which roles site.yml applies per group: the check above covered them (a play that matched

@@ -19,6 +19,14 @@ Two uses:
 Ansible keeps global state (config, plugin loaders, CLI arguments), so callers run this
 module in a subprocess with ``ANSIBLE_CONFIG`` set to the project's ansible.cfg
 (:func:`run`); the JSON it prints is the interface.
+
+Limits: roles a play lists (and their meta dependencies) are checked; a role a task pulls in
+with ``include_role`` (service_tls from mailrelay and mailstore) is not, nor a task's own
+``vars``. Facts are absent, so a default that reads a fact cannot be templated (none of the
+required options does). It uses a few of ansible-core's internal names (2.19, pinned in
+pyproject.toml): ``Role._get_role_argspecs``, ``Play._included_path``,
+``VariableManager._hostvars``; an ansible-core upgrade must keep tests/test_inventory_specs.py
+green.
 """
 
 from __future__ import annotations
