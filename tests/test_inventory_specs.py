@@ -257,6 +257,16 @@ def test_inventories_hold_no_role_wiring(stage):
         assert not both, f"{path} sets role wiring {sorted(both)} (playbooks/group_vars/)"
 
 
+def test_commands_without_a_playbook_see_the_wiring(rendered):
+    """ansible.cfg's playbook_dir: ansible-inventory (testinfra in verify/ reads variables
+    through it, e.g. ca_hosts_function) sees playbooks/group_vars as ansible-playbook does."""
+    copy, _ = rendered["test"]
+    hostvars = {h.name: h.vars for h in copy.hosts()}
+    assert {hostvars[h]["ca_hosts_function"] for h in ("ca-ra", "ca-signer", "ca-dist")} == {
+        "ra", "signer", "dist"}
+    assert hostvars["relay1"]["mailrelay_store_host"] == "{{ groups['store'] | first }}"
+
+
 # --- production: addresses, firewall, vault ---------------------------------------------------
 
 
