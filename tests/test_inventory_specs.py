@@ -309,6 +309,36 @@ def test_production_port_groups_follow_the_network_plan(rendered):
         assert "gateway" in segments[host.segment], f"{host.name}: no gateway on its segment"
 
 
+def test_vmware_provisioning_renders_for_every_production_host(rendered):
+    """What can be checked of playbooks/vmware-provision.yml without a vCenter: the arguments
+    every task would get, per host (nothing runs, no pyvmomi needed)."""
+    copy, _ = rendered["production"]
+    data = rolevars.run(REPO, copy.path, REPO / "playbooks/vmware-provision.yml",
+                        vault_ids=copy.vault_ids, task_args=True)
+    assert _problems(data) == []
+    vsphere = yaml.safe_load((copy.path / "group_vars/all/vsphere.yml").read_text())
+    segments = vsphere["safemail_vsphere_segments"]
+    hosts = copy.hosts()
+    assert sorted(data["tasks"]) == sorted(h.name for h in hosts)
+    for host in hosts:
+        tasks = data["tasks"][host.name]
+        groups = [v for k, v in tasks.items() if "port group" in k]
+        assert len(groups) == 1
+        assert {(g["portgroup_name"], g["vlan_id"]) for g in groups[0]} == {
+            (seg["portgroup"], seg["vlan"]) for seg in segments.values()}
+        (vm,) = [v for k, v in tasks.items() if "Create or update the VM" in k]
+        assert vm["name"] == host.name and vm["template"] == vsphere["safemail_vsphere_template"]
+        assert {"key": "disk.EnableUUID", "value": "TRUE"} in vm["advanced_settings"]
+        data_disk = bool({"relay", "store"} & set(host.groups))
+        assert len(vm["disk"]) == (2 if data_disk else 1), host.name
+        if data_disk:
+            assert vm["disk"][1]["unit_number"] == 1
+            assert host.vars.get("encrypted_storage_device", "").startswith("/dev/disk/by-id/")
+        nics = [(n["name"], n["ip"]) for n in vm["networks"]]
+        assert nics == [(segments["mgmt"]["portgroup"], host.address),
+                        (segments[host.segment]["portgroup"], host.vars["safemail_address"])]
+
+
 def test_no_inventory_uses_the_machines_uplink_range():
     for path in (REPO / "inventories").rglob("*.yml"):
         assert "192.0.2." not in path.read_text(), path

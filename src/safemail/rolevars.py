@@ -83,8 +83,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _play_tasks(blocks: Sequence[Any]) -> list[Any]:
+    """The tasks of a play's own blocks (not its roles'), nested blocks flattened."""
+    out = []
+    for block in blocks:
+        for item in block.block:
+            out += _play_tasks([item]) if hasattr(item, "block") else [item]
+    return out
+
+
 def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Path]],
-             show_secrets: bool) -> dict[str, Any]:
+             show_secrets: bool, task_args: bool = False) -> dict[str, Any]:
     """Run inside a process of its own (Ansible's global state): see :func:`run`."""
     from ansible import context
     from ansible.inventory.manager import InventoryManager
@@ -113,6 +122,7 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
     book = Playbook.load(str(playbook), variable_manager=variables, loader=loader)
 
     rendered: dict[str, dict[str, dict[str, Any]]] = {}
+    tasks_out: dict[str, dict[str, Any]] = {}
     problems: list[dict[str, str]] = []
     seen: set[tuple[str, str, str]] = set()
     for play in book.get_plays():
@@ -121,6 +131,26 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
         play_vars = variables.get_vars(play=play)
         pattern = Templar(loader=loader, variables=play_vars).template(play.hosts)
         hosts = inv.get_hosts(pattern)
+        if task_args:
+            for task in _play_tasks(play.pre_tasks + play.tasks + play.post_tasks):
+                for host in hosts:
+                    where = f"{play.get_name()} | {task.get_name()}"
+                    task_vars = variables.get_vars(play=play, host=host, task=task)
+                    templar = Templar(loader=loader, variables=task_vars)
+                    try:
+                        items = templar.template(task.loop) if task.loop else [None]
+                        values = []
+                        for item in items:
+                            templar = Templar(loader=loader, variables={**task_vars,
+                                                                        "item": item})
+                            values.append(_plain(templar.template(task.args)))
+                    except Exception as exc:  # noqa: BLE001 - any templating error is reported
+                        problems.append(vars(Problem(host.name, f"play {play.get_name()}",
+                                                     f"task {task.get_name()}",
+                                                     f"cannot be templated: {exc}")))
+                        continue
+                    tasks_out.setdefault(host.name, {})[where] = (
+                        values if task.loop else values[0])
         for role in play.get_roles():
             spec = (role._get_role_argspecs() or {}).get(ENTRY_POINT, {}).get("options", {})
             blocks = role.compile(play=play)
@@ -179,12 +209,15 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
             except Exception as exc:  # noqa: BLE001 - shown, not judged: no role reads it here
                 value = f"<error: {exc}>"
             out[name] = value if show_secrets or not _is_secret(name) else "<secret>"
-    return {"roles": rendered, "hostvars": host_level, "problems": problems}
+    data = {"roles": rendered, "hostvars": host_level, "problems": problems}
+    if task_args:
+        data["tasks"] = tasks_out
+    return data
 
 
 def run(repo: Path, inventory: Path, playbook: Path | None = None,
         vault_ids: Sequence[tuple[str, Path]] = (), show_secrets: bool = False,
-        timeout: int = 600) -> dict[str, Any]:
+        task_args: bool = False, timeout: int = 600) -> dict[str, Any]:
     """Render/check in a subprocess with the project's ansible.cfg; the decoded JSON."""
     playbook = playbook or repo / "playbooks" / "site.yml"
     cmd = [sys.executable, "-m", "safemail.rolevars", "--inventory", str(inventory),
@@ -193,6 +226,8 @@ def run(repo: Path, inventory: Path, playbook: Path | None = None,
         cmd += ["--vault-id", f"{vid}@{path}"]
     if show_secrets:
         cmd.append("--show-secrets")
+    if task_args:
+        cmd.append("--task-args")
     env = {**os.environ, "ANSIBLE_CONFIG": str(repo / "ansible.cfg")}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
@@ -224,8 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ID@PASSWORD_FILE (repeatable)")
     parser.add_argument("--show-secrets", action="store_true",
                         help="print values of password/passphrase/secret options too")
+    parser.add_argument("--task-args", action="store_true",
+                        help="also template the arguments of every task the plays list "
+                        "themselves, per host and loop item (for playbooks whose tasks need no "
+                        "registered results, such as vmware-provision.yml)")
     args = parser.parse_args(argv)
-    data = _collect(args.inventory, args.playbook, args.vault_id, args.show_secrets)
+    data = _collect(args.inventory, args.playbook, args.vault_id, args.show_secrets,
+                    args.task_args)
     json.dump(data, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 1 if data["problems"] else 0
