@@ -21,8 +21,8 @@ How it works:
   with a stand-in group, so the answer is that of ``base64.b64decode(validate=True)`` on the
   whole body. Inside the encrypted content, once its first bytes are kept, whole groups are
   not decoded at all: their characters are checked against the alphabet and counted (strict
-  decoding refuses nothing else there). A ``binary`` body is used as it comes, holding back its last two bytes until the
-  end (the final line break is not part of the DER).
+  decoding refuses nothing else there). A ``binary`` body is used as it comes, holding back
+  its last two bytes until the end (the final line break is not part of the DER).
 * The DER is walked incrementally, as asn1crypto would parse it (tag and length headers,
   indefinite lengths, the nesting limit of ``asn1crypto.parser``, no trailing data).
   Everything up to the encrypted content (ContentInfo, the envelope's version, originator
