@@ -100,7 +100,7 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
     from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
     from ansible.module_utils.common.collections import ImmutableDict
     from ansible.parsing.dataloader import DataLoader
-    from ansible.parsing.vault import VaultSecret
+    from ansible.parsing.vault import get_file_vault_secret
     from ansible.playbook import Playbook
     from ansible.plugins.loader import init_plugin_loader
     from ansible.template import Templar
@@ -111,8 +111,14 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
     context.CLIARGS = ImmutableDict(tags=(), skip_tags=(), check=False, diff=False,
                                     inventory=[str(inventory)], subset=None)
     loader = DataLoader()
-    loader.set_vault_secrets([(vid, VaultSecret(path.read_bytes().strip()))
-                              for vid, path in vault_ids])
+    secrets = []
+    for vid, path in vault_ids:
+        # As ansible's --vault-id: a file holds the password, an executable prints it (a
+        # `-client` script, such as scripts/vault-pass-client, is asked for its id).
+        secret = get_file_vault_secret(filename=str(path), vault_id=vid, loader=loader)
+        secret.load()
+        secrets.append((vid, secret))
+    loader.set_vault_secrets(secrets)
     inv = InventoryManager(loader=loader, sources=[str(inventory)])
     variables = VariableManager(loader=loader, inventory=inv)
     # As ansible-playbook: group_vars/host_vars beside the playbook are read.
@@ -256,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inventory", required=True, type=Path)
     parser.add_argument("--playbook", required=True, type=Path)
     parser.add_argument("--vault-id", action="append", default=[], type=_parse_vault_id,
-                        help="ID@PASSWORD_FILE (repeatable)")
+                        help="ID@PASSWORD_FILE_OR_CLIENT, as ansible's --vault-id (repeatable)")
     parser.add_argument("--show-secrets", action="store_true",
                         help="print values of password/passphrase/secret options too")
     parser.add_argument("--task-args", action="store_true",
