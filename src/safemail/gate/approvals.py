@@ -142,6 +142,7 @@ class Signer:
     key_fingerprint: str
     role: str
     signature: str = field(repr=False, default="")
+    label: str = ""
 
 
 @dataclass
@@ -170,8 +171,8 @@ def _assign(
     for role in roles:
         allowed = set(policy.roles[role].principals)
         opts: list[Signer | None] = [
-            Signer(p, fp, role, armored)
-            for _label, fp, principals, armored in candidates
+            Signer(p, fp, role, armored, label)
+            for label, fp, principals, armored in candidates
             for p in principals
             if p in allowed
         ]
@@ -238,8 +239,8 @@ def check(
     filled = {s.role for s in result.signers}
     missing = [r for r in roles if r not in filled]
     if missing:
-        used = {s.signature for s in result.signers}
-        spare = [c for c in candidates if c[3] not in used]
+        used = {s.label for s in result.signers}
+        spare = [c for c in candidates if c[0] not in used]
         detail = ""
         if spare:
             detail = (
