@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,6 @@ import pytest
 
 from safemail.cli import main
 from safemail.gate import hashing, promote
-from safemail.gate.catalogue import load_catalogue
-from safemail.gate.report import RunMetadata, TestResult, build_report, utc_iso, write_report
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
@@ -179,7 +175,8 @@ def test_waiver_expired_since_the_report_refused(project: gatekit.Project) -> No
     repo = project.root
     why = "Second relay comes with the new cluster."
     granted, expires = dt.date(2026, 11, 1), dt.date(2026, 11, 28)
-    sigs = [gatekit.sign_waiver(project, who, "AV-02", why, granted, expires) for who in (ALICE, BOB)]
+    sigs = [gatekit.sign_waiver(project, who, "AV-02", why, granted, expires)
+            for who in (ALICE, BOB)]
     entry = {"id": "AV-02", "justification": why, "granted": granted.isoformat(),
              "expires": expires.isoformat(), "signatures": sigs}
     _write(repo, "verify/waivers.yml", json.dumps([entry]))
