@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from safemail.errors import SafeMailError
 from safemail.gate.verify_run import VerifyOptions, pytest_command, run_verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +139,9 @@ def test_contradictory_markers_stop_the_run(checkout: Path) -> None:
 def test_pytest_command_carries_the_profile(tmp_path: Path) -> None:
     cmd = pytest_command(VerifyOptions(stage="production"), tmp_path / "j.xml", tmp_path / "r",
                          skipped=tmp_path / "s.jsonl")
+    assert VerifyOptions(stage="test", profile="production").profile == "production"
+    with pytest.raises(SafeMailError, match="runs on the test stage only"):
+        VerifyOptions(stage="production", profile="full")
     assert "--safemail-profile=production" in cmd
     assert f"--safemail-profile-skipped={tmp_path / 's.jsonl'}" in cmd
     assert "--safemail-profile=full" in pytest_command(VerifyOptions(), tmp_path / "j", tmp_path)

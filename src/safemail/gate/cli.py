@@ -62,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where to write the report (default: reports/<stage>/<UTC timestamp>, "
         "with reports/<stage>/latest pointing at it)",
     )
+    p.add_argument(
+        "--profile",
+        choices=("full", "production"),
+        default=None,
+        help="full: every test (test stage only); production: only read-only tests that need "
+        "no lab host, the report never releases (default: full on test, production elsewhere)",
+    )
     p.add_argument("--workers", type=_workers, default=4, help="parallel pytest workers")
     p.add_argument("-k", dest="keyword", help="pytest -k expression (makes the run partial)")
     p.add_argument("-m", dest="markexpr", help="pytest -m expression (makes the run partial)")
@@ -282,6 +289,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(mutation_flags)} only go with --mutate")
     opts = VerifyOptions(
         stage=args.stage,
+        profile=args.profile,
         workers=args.workers,
         keyword=args.keyword,
         markexpr=args.markexpr,

@@ -30,6 +30,7 @@ from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
 from safemail.gate.inventory import InventoryError, read_inventory
 from safemail.gate.report import (
     CREATED_BY_VERIFY,
+    PROFILES,
     RunMetadata,
     build_report,
     host_keys_of,
@@ -53,11 +54,21 @@ class VerifyOptions:
     requirements: tuple[str, ...] = ()
     catalogue: Path | None = None
     waivers: Path | None = None
+    # full: every test (test stage only); production: read-only tests needing no lab host.
+    # Default: full on the test stage, production anywhere else.
+    profile: str | None = None
 
-    @property
-    def profile(self) -> str:
-        """The test stage runs everything; any other stage only the read-only profile."""
-        return "full" if self.stage == "test" else "production"
+    def __post_init__(self) -> None:
+        if self.profile is None:
+            object.__setattr__(self, "profile", "full" if self.stage == "test" else "production")
+        if self.profile not in PROFILES:
+            raise SafeMailError(f"unknown verify profile {self.profile!r}")
+        if self.profile == "full" and self.stage != "test":
+            raise SafeMailError(
+                f"the full suite reboots hosts, locks volumes, stops the S/MIME gate and needs "
+                f"the lab participants: it runs on the test stage only, not on {self.stage}",
+                f"run `safemail verify --stage {self.stage}` (the read-only production profile)",
+            )
 
 
 @dataclass(frozen=True)
@@ -269,7 +280,7 @@ def run_verify(
     if report_dir.parent.name == opts.stage and report_dir.parent.parent.name == "reports":
         update_latest(report_dir)
     _print_summary(report, json_path, html_path, out)
-    if opts.profile == "full" and not sealed:
+    if report["complete"] and opts.profile == "full" and not sealed:
         print("  not sealed: this report cannot be used to promote", file=out, flush=True)
     return VerifyResult(report_dir, report, digest, 0 if report["verdict"] == "pass" else 1)
 
@@ -286,8 +297,8 @@ def policy_for_waivers(repo: Path, waiver_file: Path) -> approvals.Policy | None
 
 def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> bool:
     """Seal a full-profile report with the stage's SSH key; False if it cannot be sealed."""
-    if opts.profile != "full":
-        return False
+    if opts.profile != "full" or opts.keyword or opts.markexpr or opts.requirements:
+        return False  # a partial run or the production profile can never release anyway
     identity = stage.read_stage(repo, opts.stage)
     key = identity.run_key_private
     if key is None or not key.is_file():
