@@ -203,7 +203,12 @@ def test_partial_report_refused(repo: Path) -> None:
     assert "partial run" in decision.reasons[0]
 
 
-def test_release_log_lines(tmp_path: Path) -> None:
+def test_release_log_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUDO_USER", "karlins")
+    assert promote.default_operator() == "karlins"
+    monkeypatch.delenv("SUDO_USER")
+    monkeypatch.setenv("USER", "admin1")
+    assert promote.default_operator() == "admin1"
     log = tmp_path / "logs" / "releases.jsonl"
     for n in range(2):
         promote.append_release_log(

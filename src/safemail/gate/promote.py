@@ -12,6 +12,7 @@ all that from git, the file system, the stage inventory and ssh-keygen.
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 import os
 import subprocess
@@ -353,6 +354,18 @@ def _waiver_problem(
             f"covers: {', '.join(unbacked)}"
         )
     return None
+
+
+def default_operator() -> str:
+    """Who runs a command (patch runs, billing): the sudo caller if any, else the login user.
+
+    Not used for releases: a release's operator is the releasing approver, from the signature.
+    """
+    for var in ("SUDO_USER", "USER", "LOGNAME"):
+        value = os.environ.get(var)
+        if value:
+            return value
+    return getpass.getuser()
 
 
 def tag_release(
