@@ -217,6 +217,24 @@ def test_one_person_holding_both_roles_fills_one(tmp_path: Path) -> None:
     assert promote.evaluate(project.root, path, now=NOW).allowed
 
 
+def test_one_person_with_two_keys_fills_one_role(tmp_path: Path) -> None:
+    """Alice holds both roles (a deputy arrangement) and has two keys: still one person."""
+    project = gatekit.make_project(
+        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]})
+    second, second_pub = gatekit.keygen(project.keys, "alice-second")
+    signers = project.root / "release" / "allowed_signers"
+    signers.write_text(signers.read_text()
+                       + f'{ALICE} namespaces="safemail-release" {second_pub}\n')
+    gatekit.git(project.root, "commit", "-qam", "alice's second key")
+    project.approvers["alice-second"] = second
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE)
+    gatekit.approve(project, path, "alice-second")
+    _only(_reasons(project, path), "one person, one key, one role")
+    gatekit.approve(project, path, BOB)
+    assert promote.evaluate(project.root, path, now=NOW).allowed
+
+
 def test_one_key_under_two_names_fills_one_role(project: gatekit.Project) -> None:
     """Another copy of a key: bob's principal listed with alice's key as well."""
     signers = project.root / "release" / "allowed_signers"

@@ -200,6 +200,7 @@ def check(
     """Which roles the signatures (label -> armored text) fill for ``message``; every problem."""
     result = Approval()
     candidates: list[tuple[str, str, tuple[str, ...], str]] = []
+    role_principals = sorted({p for r in roles for p in policy.roles[r].principals})
     for label, armored in sorted(signatures.items()):
         try:
             info = signing.signature_info(armored)
@@ -211,28 +212,16 @@ def check(
                 f"signature {label}: made for namespace {info.namespace!r}, not {namespace!r}"
             )
             continue
-        principals = signing.find_principals(policy.allowed_signers, armored)
-        if not principals:
-            result.problems.append(
-                f"signature {label}: key {info.key_fingerprint} is not in {ALLOWED_SIGNERS} "
-                "(unknown signer)"
-            )
-            continue
+        # Every role holder whose allowed_signers line(s) validate this signature of this text
+        # (a key listed under two names validates for both: the assignment below counts it
+        # once). ssh-keygen -Y find-principals would name only the first matching line.
         valid = tuple(
-            p for p in principals
+            p for p in role_principals
             if signing.verify(policy.allowed_signers, p, namespace, armored, message)
         )
         if not valid:
-            result.problems.append(
-                f"signature {label} by {', '.join(principals)} does not match the text to "
-                "approve (signed something else, or the report changed since)"
-            )
-            continue
-        if not any(p in policy.roles[r].principals for r in roles for p in valid):
-            result.problems.append(
-                f"signature {label}: {', '.join(valid)} holds none of the roles "
-                f"{', '.join(roles)} in {APPROVERS}"
-            )
+            why = _why_not(policy, armored, namespace, message, info, roles)
+            result.problems.append(f"signature {label}: {why}")
             continue
         candidates.append((label, info.key_fingerprint, valid, armored))
     result.signers = _assign(candidates, roles, policy)
@@ -250,6 +239,26 @@ def check(
         titles = ", ".join(f"{policy.roles[r].title} ({r})" for r in missing)
         result.problems.append(f"no valid signature for the role(s) {titles}{detail}")
     return result
+
+
+def _why_not(
+    policy: Policy,
+    armored: str,
+    namespace: str,
+    message: bytes,
+    info: signing.SignatureInfo,
+    roles: Sequence[str],
+) -> str:
+    """Why a signature fills no role: unknown key, a signer without a role, or another text."""
+    principals = signing.find_principals(policy.allowed_signers, armored)
+    if not principals:
+        return f"key {info.key_fingerprint} is not in {ALLOWED_SIGNERS} (unknown signer)"
+    if any(signing.verify(policy.allowed_signers, p, namespace, armored, message)
+           for p in principals):
+        return (f"{', '.join(principals)} holds none of the roles {', '.join(roles)} in "
+                f"{APPROVERS}")
+    return (f"by {', '.join(principals)}: does not match the text to approve (signed "
+            "something else, or the report changed since)")
 
 
 def read_signature_dir(directory: Path) -> dict[str, str]:
