@@ -386,11 +386,13 @@ def test_waiver_request_prints_the_text_and_refuses_bad_input(
     monkeypatch.chdir(project.root)
     base = ["approval", "request", "--waiver", "AV-02", "--justification",
             "The second relay arrives with the new cluster in Q1.", "--granted", "2026-11-20"]
-    assert main([*base, "--expires", "2027-01-19"]) == 0
+    assert main([*base, "--expires", "2027-01-19", "--out", "w.txt"]) == 0
     out = capsys.readouterr().out
-    assert approvals.waiver_message(
+    expected = approvals.waiver_message(
         "AV-02", "The second relay arrives with the new cluster in Q1.",
-        dt.date(2026, 11, 20), dt.date(2027, 1, 19)).decode() in out
+        dt.date(2026, 11, 20), dt.date(2027, 1, 19))
+    assert expected.decode() in out
+    assert (project.root / "w.txt").read_bytes() == expected
     assert "-n safemail-waiver" in out
     assert main([*base, "--expires", "2027-06-01"]) == 2
     assert "allowed: 0 to 90 days" in capsys.readouterr().err

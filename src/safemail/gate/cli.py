@@ -210,6 +210,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--granted", type=_date, help="request --waiver: first day it holds (default: today)"
     )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="request: also write the text to sign here (release default: "
+        "<report dir>/approvals/request.txt; --waiver: reports/waiver-requests/ID.txt)",
+    )
     p.set_defaults(func=cmd_approval)
 
     p = sub.add_parser(
@@ -438,8 +444,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if not decision.allowed:
         return 3
     if args.dry_run:
-        print(f"operator (from the {promote.TAG_PREFIX.split('/')[0]} signature): "
-              f"{decision.operator}")
+        print(f"operator (the releasing approver, from the signature): {decision.operator}")
         print("dry run: nothing recorded, nothing deployed")
         return 0
     for needed in (inventory, playbook):
@@ -507,6 +512,8 @@ def cmd_approval(args: argparse.Namespace) -> int:
     roles = ", ".join(f"{policy.roles[r].title} ({r})" for r in policy.release_roles)
     if args.waiver:
         return _waiver_request(args, repo, policy)
+    if args.action == "status" and args.out is not None:
+        raise UsageError("--out only goes with `approval request`")
     for flag in ("justification", "expires", "granted"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} only goes with --waiver")
@@ -526,14 +533,14 @@ def cmd_approval(args: argparse.Namespace) -> int:
             print(f"missing: {problem}")
         return 0 if result.complete else 3
     sig_dir.mkdir(parents=True, exist_ok=True)
-    request = sig_dir / "request.txt"
+    request = _rel(repo, args.out) if args.out else sig_dir / "request.txt"
     request.write_bytes(message)
     print(f"Text to sign ({request}):\n")
     print(message.decode(), end="")
     print(
-        f"\nRead {report_path.with_name('report.html')} first. Each of {roles} signs this\n"
-        "text with their own SSH key (release/allowed_signers) and drops the signature in\n"
-        "the approvals directory, one file per person:\n\n"
+        f"\nRead {report_path.with_name('report.html')} first.\n"
+        f"Each of {roles}\nsigns this text with their own SSH key (release/allowed_signers) "
+        "and drops the\nsignature in the approvals directory, one file per person:\n\n"
         f"  ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n {approvals.RELEASE_NAMESPACE} \\\n"
         f"    < {request} > {sig_dir}/$USER.sig\n\n"
         "Check with `safemail approval status`; a changed report needs new signatures."
@@ -563,12 +570,16 @@ def _waiver_request(args: argparse.Namespace, repo: Path, policy: approvals.Poli
     justification = " ".join(args.justification.split())
     message = approvals.waiver_message(req_id, justification, granted, args.expires)
     roles = ", ".join(f"{policy.roles[r].title} ({r})" for r in policy.waiver_roles)
-    print("Text to sign (save it as waiver-request.txt, byte for byte):\n")
+    # reports/ is ignored by git: the request file does not make the tree dirty.
+    request = _rel(repo, args.out or Path("reports") / "waiver-requests" / f"{req_id}.txt")
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.write_bytes(message)
+    print(f"Text to sign ({request}):\n")
     print(message.decode(), end="")
     print(
-        f"\nEach of {roles} signs it with their own key:\n\n"
+        f"\nEach of {roles}\nsigns it with their own key:\n\n"
         f"  ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n {approvals.WAIVER_NAMESPACE} \\\n"
-        "    < waiver-request.txt > $USER.sig\n\n"
+        f"    < {request} > $USER.sig\n\n"
         f"and the entry in {DEFAULT_WAIVERS} is:\n\n"
         f"- id: {req_id}\n"
         f"  justification: {json.dumps(justification, ensure_ascii=False)}\n"
