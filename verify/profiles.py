@@ -142,10 +142,17 @@ def _record_host_keys(request: pytest.FixtureRequest) -> None:
     name = host.backend.get_pytest_id().split("://", 1)[-1]
     if name in seen:
         return
+    if "_stage_lock" in request.fixturenames:
+        # Read the keys inside conftest's stage lock, never while a disruptive test on another
+        # worker has the stage (a rebooting host would only make this read fail).
+        request.getfixturevalue("_stage_lock")
     try:
         result = host.run(HOST_KEY_COMMAND)
     except Exception:  # noqa: BLE001 - an unreachable host fails its own test, not this one
+        return  # tried again by the next test on this host
+    found = fingerprints(result.stdout) if result.rc == 0 else []
+    if not found:
         return
-    seen[name] = fingerprints(result.stdout if result.rc == 0 else "")
-    for fp in seen[name]:
+    seen[name] = found
+    for fp in found:
         request.node.user_properties.append(("host_key", f"{name} {fp}"))

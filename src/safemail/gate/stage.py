@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safemail.errors import SafeMailError
 from safemail.gate import hashing, signing
-from safemail.gate.inventory import Host, InventoryError, read_inventory
+from safemail.gate.inventory import Host, read_inventory
 
 SEAL_NAMESPACE = "safemail-verify-run"
 SEAL_SUFFIX = ".sig"
@@ -118,9 +119,7 @@ def read_stage(repo: Path, name: str) -> StageIdentity:
     try:
         inv_hash = hashing.inventory_hash(repo, name)
         hosts = read_inventory(inventory)
-    except InventoryError as exc:
-        return StageIdentity(name, "", (), (), problems=(f"cannot read the stage: {exc.message}",))
-    except hashing.SafeMailError as exc:
+    except SafeMailError as exc:  # InventoryError, or no inventory directory
         return StageIdentity(name, "", (), (), problems=(f"cannot read the stage: {exc.message}",))
     return identity_from_hosts(name, inv_hash, hosts)
 
