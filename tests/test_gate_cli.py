@@ -148,9 +148,15 @@ def test_verify_end_to_end(
     assert after["run"]["created_by"] == "safemail report"  # re-rendered: cannot release
     assert after["run"]["junit_sha256"] == before["run"]["junit_sha256"]
     assert "PASS" in capsys.readouterr().out
-    # Into a fresh directory: refused, it would have to stamp the checkout's revision.
+    # Into a fresh directory: the run's metadata still comes from beside the JUnit XML.
     fresh = checkout / "reports" / "rebuilt"
-    assert main(["report", str(result.report_dir / "junit.xml"), "--out", str(fresh)]) == 2
+    assert main(["report", str(result.report_dir / "junit.xml"), "--out", str(fresh)]) == 0
+    assert load_report(fresh / "report.json")["revision"] == before["revision"]
+    # A JUnit XML without its run's report: refused, it would stamp the checkout's revision.
+    lone = checkout / "reports" / "lone"
+    lone.mkdir()
+    shutil.copy(result.report_dir / "junit.xml", lone / "junit.xml")
+    assert main(["report", str(lone / "junit.xml")]) == 2
     assert "never stamps JUnit XML" in capsys.readouterr().err
 
     # A failing requirement makes the exit code non-zero; --requirements marks the run partial.

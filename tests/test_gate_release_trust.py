@@ -77,6 +77,9 @@ def test_forged_junit_through_safemail_report_is_refused(
     # 2. Slipped into a real (sealed, approved) run's directory instead of its own JUnit.
     run = _report(project, failing=("MAIL-03",)).parent
     shutil.copy(forged / "junit.xml", run / "junit.xml")
+    assert main(["report", str(run / "junit.xml")]) == 2  # a sealed report is not overwritten
+    assert "would destroy the evidence" in capsys.readouterr().err
+    (run / "report.json.sig").unlink()
     assert main(["report", str(run / "junit.xml")]) == 0  # re-rendered: now it "passes"
     capsys.readouterr()
     assert json.loads((run / "report.json").read_text())["verdict"] == "pass"
@@ -183,11 +186,15 @@ def test_re_rendering_keeps_the_run_revision(
     gatekit.write(project.root, "docs/readme.md", "changed\n")
     gatekit.git(project.root, "commit", "-qam", "docs")
     monkeypatch.chdir(project.root)
-    assert main(["report", str(path.parent / "junit.xml")]) == 0
-    data = json.loads(path.read_text())
+    other = project.root / "reports" / "rerendered"
+    assert main(["report", str(path.parent / "junit.xml"), "--out", str(other)]) == 0
+    data = json.loads((other / "report.json").read_text())
     assert data["revision"]["commit"] == tested
     assert data["run"]["created_by"] == "safemail report"
-    assert not (path.parent / "report.json.sig").exists()
+    assert not (other / "report.json.sig").exists()
+    assert promote.evaluate(project.root, path, now=NOW).reasons  # the original: other revision
+    reasons = _reasons(project, other / "report.json")
+    assert any("made by `safemail report`" in r for r in reasons), reasons
 
 
 # ------------------------------------------------------------------ approvals
@@ -353,6 +360,16 @@ def test_unsigned_waiver_is_refused(project: gatekit.Project) -> None:
     entry["expires"] = "2027-01-10"  # changed after signing
     with pytest.raises(WaiverError, match="does not match the text to approve"):
         _load(project, [entry])
+
+
+def test_gate_refuses_while_the_waiver_file_is_invalid(project: gatekit.Project) -> None:
+    path = project.root / "verify" / "waivers.yml"
+    path.write_text(yaml.safe_dump([_waiver(project, days=120)]))  # over-long
+    gatekit.git(project.root, "add", "-A")
+    gatekit.git(project.root, "commit", "-qm", "an over-long waiver")
+    reasons = _reasons(project, _report(project))
+    assert len(reasons) == 1 and reasons[0].startswith("waivers: waiver file is invalid"), reasons
+    assert "lasts 120 days" in reasons[0]
 
 
 def test_free_text_approver_field_is_refused(project: gatekit.Project) -> None:

@@ -118,9 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Re-render the report of a verify run from its JUnit XML (e.g. after a change to\n"
             "the report layout). The run's metadata (revision, hashes, hosts, host keys,\n"
-            "times) comes from the run's report.json in the output directory, which must\n"
-            "exist: a report is never stamped with the current checkout's revision. The\n"
-            "result says 'created by safemail report' and cannot release."
+            "times) comes from the run's report.json (in --out, else beside the JUnit XML),\n"
+            "which must exist: a report is never stamped with the current checkout's\n"
+            "revision. A sealed report is never overwritten: use --out DIR. The result says\n"
+            "'re-rendered by safemail report' and cannot release."
         ),
         formatter_class=fmt,
     )
@@ -371,12 +372,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         never_waivable=catalogue.never_waivable,
         policy=policy_for_waivers(repo, waiver_file),
     )
-    meta = _existing_metadata(out / "report.json")
+    run_dir = args.junit[0].parent
+    meta = _existing_metadata(out / "report.json") or _existing_metadata(run_dir / "report.json")
     if meta is None:
         raise UsageError(
-            f"no report.json of a verify run in {out}: `safemail report` only re-renders a "
-            "run's report, it never stamps JUnit XML with the checkout's revision",
-            "run `safemail verify --stage test`, or pass --out DIR of the run to re-render",
+            f"no report.json of a verify run in {out} or {run_dir}: `safemail report` only "
+            "re-renders a run's report, it never stamps JUnit XML with the checkout's revision",
+            "run `safemail verify --stage test`",
+        )
+    if stage.seal_path(out / "report.json").exists():
+        raise UsageError(
+            f"{out / 'report.json'} is the sealed report of a verify run: re-rendering it in "
+            "place would destroy the evidence (and any approvals of it)",
+            "re-render into another directory: safemail report JUNIT --out DIR",
         )
     results = parse_junit(args.junit, known_hosts=meta.hosts)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in args.junit)).hexdigest()
@@ -384,9 +392,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("note: this JUnit XML is not the run's own (digest differs from the report's)")
     report = build_report(results, catalogue, waivers, meta)
     json_path, html_path, _digest = write_report(report, out)
-    stale_seal = stage.seal_path(json_path)
-    if stale_seal.exists():
-        stale_seal.unlink()
     print(f"{report['verdict'].upper()}: {html_path}")
     print("re-rendered by safemail report: this report cannot be used to promote")
     if report["failing_requirements"]:
