@@ -376,7 +376,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     meta = _existing_metadata(out / "report.json") or _existing_metadata(run_dir / "report.json")
     if meta is None:
         raise UsageError(
-            f"no report.json of a verify run in {out} or {run_dir}: `safemail report` only "
+            f"no report.json of a verify run in {' or '.join(sorted({str(out), str(run_dir)}))}: "
+            "`safemail report` only "
             "re-renders a run's report, it never stamps JUnit XML with the checkout's revision",
             "run `safemail verify --stage test`",
         )
