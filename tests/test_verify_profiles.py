@@ -145,3 +145,9 @@ def test_pytest_command_carries_the_profile(tmp_path: Path) -> None:
     assert "--safemail-profile=production" in cmd
     assert f"--safemail-profile-skipped={tmp_path / 's.jsonl'}" in cmd
     assert "--safemail-profile=full" in pytest_command(VerifyOptions(), tmp_path / "j", tmp_path)
+    assert VerifyOptions().ansible_env() == {}
+    assert VerifyOptions(stage="production", vault_ids=("prod@/etc/v", "x@prompt"),
+                         vault_password_file="/etc/vault-pass").ansible_env() == {
+        "ANSIBLE_VAULT_IDENTITY_LIST": "prod@/etc/v,x@prompt",
+        "ANSIBLE_VAULT_PASSWORD_FILE": "/etc/vault-pass",
+    }

@@ -70,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "no lab host, the report never releases (default: full on test, production elsewhere)",
     )
     p.add_argument("--workers", type=_workers, default=4, help="parallel pytest workers")
+    p.add_argument(
+        "--vault-id", action="append", default=[], metavar="ID",
+        help="Ansible vault id for the inventory's secrets (repeatable)",
+    )
+    p.add_argument(
+        "--vault-password-file", metavar="FILE", help="Ansible vault password file"
+    )
     p.add_argument("-k", dest="keyword", help="pytest -k expression (makes the run partial)")
     p.add_argument("-m", dest="markexpr", help="pytest -m expression (makes the run partial)")
     p.add_argument(
@@ -297,6 +304,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     opts = VerifyOptions(
         stage=args.stage,
         profile=args.profile,
+        vault_ids=tuple(args.vault_id),
+        vault_password_file=args.vault_password_file,
         workers=args.workers,
         keyword=args.keyword,
         markexpr=args.markexpr,

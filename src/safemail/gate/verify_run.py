@@ -57,6 +57,18 @@ class VerifyOptions:
     # full: every test (test stage only); production: read-only tests needing no lab host.
     # Default: full on the test stage, production anywhere else.
     profile: str | None = None
+    # Vault secrets for the inventory (production's are vaulted), passed to Ansible as its
+    # own environment settings: testinfra's ansible backend reads the inventory through it.
+    vault_ids: tuple[str, ...] = ()
+    vault_password_file: str | None = None
+
+    def ansible_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.vault_ids:
+            env["ANSIBLE_VAULT_IDENTITY_LIST"] = ",".join(self.vault_ids)
+        if self.vault_password_file:
+            env["ANSIBLE_VAULT_PASSWORD_FILE"] = self.vault_password_file
+        return env
 
     def __post_init__(self) -> None:
         if self.profile is None:
@@ -135,10 +147,16 @@ def pytest_command(
     return cmd
 
 
-def stream(cmd: Sequence[str], cwd: Path, log: Path, out: IO[str] | None = None) -> int:
+def stream(
+    cmd: Sequence[str],
+    cwd: Path,
+    log: Path,
+    out: IO[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> int:
     """Run cmd, copying its output to ``out`` (default stdout) and to ``log`` as it comes."""
     out = out or sys.stdout
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     # testinfra's ansible backend calls ansible-inventory: prefer the one beside this Python.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PY_COLORS", "1" if out.isatty() else "0")
@@ -257,7 +275,7 @@ def run_verify(
         flush=True,
     )
     print("safemail verify: " + " ".join(cmd[1:]), file=out, flush=True)
-    exit_code = stream(cmd, repo, report_dir / "verify.log", out)
+    exit_code = stream(cmd, repo, report_dir / "verify.log", out, opts.ansible_env())
     finished = dt.datetime.now(dt.UTC)
 
     inventory_hosts = _inventory_hosts(repo, opts.stage)
