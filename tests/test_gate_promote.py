@@ -302,6 +302,19 @@ def test_cli_promote_dry_run_and_release(
     monkeypatch.setenv("FAKE_RC", "2")
     assert main(["promote", "--to", "production"]) == 1
     assert "ansible-playbook failed with exit code 2" in capsys.readouterr().err
+    # Each release has its own tag, even two within one second.
+    tags = _git(repo, "tag", "--list", "release/production/*").split()
+    assert len(tags) == 2 and len(set(tags)) == 2, tags
+
+
+def test_release_tags_are_unique_within_a_second(repo: Path) -> None:
+    report = _make_report(repo)
+    decision = promote.evaluate(repo, report, now=NOW)
+    data = json.loads(report.read_text())
+    names = [promote.tag_release(repo, decision, data, NOW) for _ in range(3)]
+    assert names == ["release/production/20261128T120000Z",
+                     "release/production/20261128T120000Z-2",
+                     "release/production/20261128T120000Z-3"]
 
 
 def test_cli_promote_preview_runs_check_and_diff_before_approvals(

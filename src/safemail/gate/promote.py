@@ -356,6 +356,14 @@ def _waiver_problem(
     return None
 
 
+def _tag_exists(repo: Path, name: str) -> bool:
+    probe = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "-q", "--verify", f"refs/tags/{name}"],
+        capture_output=True, check=False,
+    )
+    return probe.returncode == 0
+
+
 def default_operator() -> str:
     """Who runs a command (patch runs, billing): the sudo caller if any, else the login user.
 
@@ -381,6 +389,10 @@ def tag_release(
         raise SafeMailError("refusing to tag a release the gate did not allow")
     stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"{TAG_PREFIX}{stamp}"
+    n = 1
+    while _tag_exists(repo, name):  # a second release within the same second
+        n += 1
+        name = f"{TAG_PREFIX}{stamp}-{n}"
     lines = [
         f"SafeMail release to production {stamp}",
         "",
