@@ -108,8 +108,9 @@ def test_waiver_parsed_and_expiry_inclusive(tmp_path: Path) -> None:
                 {
                     "id": "AV-02",
                     "justification": "Second relay arrives with the new cluster in Q1.",
-                    "approver": "Head of IT",
+                    "granted": "2026-11-01",
                     "expires": "2026-12-31",
+                    "signatures": ["checked by check_signatures, not by the parser"],
                 }
             ]
         ),
@@ -125,8 +126,9 @@ def _w(**over: object) -> dict[str, object]:
     base: dict[str, object] = {
         "id": "AV-02",
         "justification": "A long enough written justification.",
-        "approver": "Head of IT",
+        "granted": dt.date(2026, 11, 1),
         "expires": dt.date(2027, 1, 1),
+        "signatures": ["-----BEGIN SSH SIGNATURE-----"],
     }
     base.update(over)
     return base
@@ -138,7 +140,7 @@ def _w(**over: object) -> dict[str, object]:
         ({"id": "AV-02"}, "expected a YAML list"),
         (["AV-02"], "must be a mapping"),
         ([_w(expires="next year")], "is not a date"),
-        ([_w(approver="")], "missing field(s): approver"),
+        ([_w(signatures=[])], "missing field(s): signatures"),
         ([_w(justification="tbd")], "justification too short"),
         ([_w(id="AV-99")], "not in the requirement catalogue"),
         ([_w(), _w()], "a second waiver"),

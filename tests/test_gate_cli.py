@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from safemail.cli import build_parser, main
+from safemail.gate import promote
 from safemail.gate.report import load_report
 from safemail.gate.verify_run import VerifyOptions, pytest_command, run_verify
 
@@ -52,6 +53,7 @@ def checkout(tmp_path: Path) -> Path:
     _git(root, "config", "user.name", "CI")
     shutil.copy(REPO / "verify" / "conftest.py", root / "verify" / "conftest.py")
     shutil.copy(REPO / "verify" / "waits.py", root / "verify" / "waits.py")  # conftest imports it
+    shutil.copy(REPO / "verify" / "profiles.py", root / "verify" / "profiles.py")
     real = yaml.safe_load((REPO / "verify" / "requirements.yml").read_text(encoding="utf-8"))
     subset = [e for e in real["requirements"] if e["id"] in ("SYS-01", "SYS-03")]
     (root / "verify" / "requirements.yml").write_text(
@@ -123,7 +125,10 @@ def test_verify_end_to_end(
         assert (result.report_dir / name).is_file(), name
     report = load_report(latest / "report.json")
     assert report["verdict"] == "pass" and report["complete"] is True
-    assert report["hosts"] == ["relay"]
+    assert report["hosts"] == ["relay"]  # the hosts the run reached
+    assert report["run"]["profile"] == "full"
+    assert report["run"]["junit_sha256"] == promote.file_digest(result.report_dir / "junit.xml")
+    assert "not sealed" in log  # the tiny project has no stage key
     assert report["revision"]["dirty"] is False
     evidence = report["requirements"][0]["tests"][0]["evidence"]
     assert evidence == ["ansible://relay: listening-only-on-25"]
@@ -139,11 +144,20 @@ def test_verify_end_to_end(
     assert (result.report_dir / "report.html").is_file()
     for key in ("revision", "content_hash", "hosts", "started", "finished", "requirements"):
         assert before[key] == after[key], key
-    # Into a fresh directory: metadata from the current checkout instead.
+    assert before["run"]["created_by"] == "safemail verify"
+    assert after["run"]["created_by"] == "safemail report"  # re-rendered: cannot release
+    assert after["run"]["junit_sha256"] == before["run"]["junit_sha256"]
+    assert "PASS" in capsys.readouterr().out
+    # Into a fresh directory: the run's metadata still comes from beside the JUnit XML.
     fresh = checkout / "reports" / "rebuilt"
     assert main(["report", str(result.report_dir / "junit.xml"), "--out", str(fresh)]) == 0
-    assert load_report(fresh / "report.json")["verdict"] == "pass"
-    assert "PASS" in capsys.readouterr().out
+    assert load_report(fresh / "report.json")["revision"] == before["revision"]
+    # A JUnit XML without its run's report: refused, it would stamp the checkout's revision.
+    lone = checkout / "reports" / "lone"
+    lone.mkdir()
+    shutil.copy(result.report_dir / "junit.xml", lone / "junit.xml")
+    assert main(["report", str(lone / "junit.xml")]) == 2
+    assert "never stamps JUnit XML" in capsys.readouterr().err
 
     # A failing requirement makes the exit code non-zero; --requirements marks the run partial.
     test_file = checkout / "verify" / "test_local.py"
@@ -169,7 +183,7 @@ def test_verify_without_inventory_is_a_clear_error(
     assert main(["verify", "--requirements", "NOPE-01"]) != 0
 
 
-@pytest.mark.parametrize("command", ["verify", "report", "promote", "docs"])
+@pytest.mark.parametrize("command", ["verify", "report", "promote", "docs", "approval"])
 def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([command, "--help"])

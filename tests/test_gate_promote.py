@@ -5,56 +5,31 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
+import gatekit
 import pytest
 
 from safemail.cli import main
 from safemail.gate import hashing, promote
-from safemail.gate.catalogue import load_catalogue
-from safemail.gate.report import RunMetadata, TestResult, build_report, utc_iso, write_report
 
-REPO = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
-def _write(repo: Path, rel: str, text: str) -> None:
-    path = repo / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+_git = gatekit.git
+_write = gatekit.write
+ALICE, BOB = "alice@example.invalid", "bob@example.invalid"
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "checkout"
-    root.mkdir()
-    _git(root, "init", "-q", "-b", "main")
-    _git(root, "config", "user.email", "ci@example.invalid")
-    _git(root, "config", "user.name", "CI")
-    _write(root, ".gitignore", "/reports/\n/inventories/test/zz_lab_generated.yml\n")
-    _write(root, "ansible.cfg", "[defaults]\nroles_path = roles\n")
-    _write(root, "requirements.yml", "collections: []\n")
-    _write(root, "roles/mailrelay/tasks/main.yml", "- name: Install postfix\n")
-    _write(root, "roles/common/tasks/main.yml", "- name: Baseline\n")
-    _write(root, "playbooks/site.yml", "- hosts: all\n")
-    _write(root, "inventories/test/hosts.yml", "all:\n  children:\n    relay: {}\n")
-    _write(root, "inventories/production/hosts.yml", "all: {}\n")
-    _write(root, "docs/readme.md", "docs are not deployed\n")
-    (root / "verify").mkdir()
-    shutil.copy(REPO / "verify" / "requirements.yml", root / "verify" / "requirements.yml")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "initial")
-    _write(root, "inventories/test/zz_lab_generated.yml", "relay: {ansible_host: 198.18.0.2}\n")
-    return root
+def project(tmp_path: Path) -> gatekit.Project:
+    return gatekit.make_project(tmp_path)
+
+
+@pytest.fixture
+def repo(project: gatekit.Project) -> Path:
+    return project.root
 
 
 def _make_report(
@@ -63,32 +38,24 @@ def _make_report(
     failing: tuple[str, ...] = (),
     finished: dt.datetime = NOW - dt.timedelta(hours=1),
     selection: dict[str, Any] | None = None,
+    approved: bool = True,
 ) -> Path:
-    catalogue = load_catalogue(repo / "verify" / "requirements.yml")
-    results = [
-        TestResult(
-            f"verify.t::test_{r.id}", "failed" if r.id in failing else "passed", req_ids=[r.id]
-        )
-        for r in catalogue
-    ]
-    content = hashing.content_hash(repo, "test")
-    meta = RunMetadata(
-        stage="test",
-        revision=hashing.git_revision(repo),
-        dirty=hashing.git_dirty(repo),
-        content_hash=content.digest,
-        content_files=content.files,
-        inventory_hash=hashing.inventory_hash(repo, "test"),
-        hosts=["relay"],
-        started=utc_iso(finished - dt.timedelta(minutes=5)),
-        finished=utc_iso(finished),
-    )
-    if selection:
-        meta.selection = selection
-    report = build_report(results, catalogue, [], meta, generated=finished)
-    out = repo / "reports" / "test" / "run"
-    json_path, _html, _digest = write_report(report, out)
-    return json_path
+    """A sealed report as `safemail verify` writes it, signed by both approvers."""
+    project = _PROJECTS[repo]
+    path = gatekit.make_report(project, finished=finished, failing=failing, selection=selection)
+    if approved:
+        gatekit.approve(project, path, ALICE, BOB)
+    return path
+
+
+_PROJECTS: dict[Path, gatekit.Project] = {}
+
+
+@pytest.fixture(autouse=True)
+def _register(request: pytest.FixtureRequest) -> None:
+    if "project" in request.fixturenames:
+        project = request.getfixturevalue("project")
+        _PROJECTS[project.root] = project
 
 
 def _decide(repo: Path, report: Path, **kw: Any) -> promote.Decision:
@@ -202,37 +169,30 @@ def test_stale_report_refused(repo: Path) -> None:
     assert _decide(repo, report, max_age_hours=48).allowed
 
 
-def test_waiver_expired_since_the_report_refused(repo: Path) -> None:
+def test_waiver_expired_since_the_report_refused(project: gatekit.Project) -> None:
     from safemail.gate.waivers import Waiver
 
-    catalogue = load_catalogue(repo / "verify" / "requirements.yml")
-    waiver = Waiver(
-        "AV-02", "Second relay comes with the new cluster.", "Head of IT", dt.date(2026, 11, 28)
-    )
-    results = [
-        TestResult(f"t::{r.id}", "passed", req_ids=[r.id]) for r in catalogue if r.id != "AV-02"
-    ]
-    path = _make_report(repo)
-    data = json.loads(path.read_text())
-    content = hashing.content_hash(repo, "test")
-    meta = RunMetadata(
-        stage="test",
-        revision=hashing.git_revision(repo),
-        dirty=False,
-        content_hash=content.digest,
-        content_files=content.files,
-        inventory_hash=data["inventory_hash"],
-        hosts=["relay"],
-        started=data["started"],
-        finished=data["finished"],
-    )
-    report = build_report(results, catalogue, [waiver], meta, today=dt.date(2026, 11, 28))
-    assert report["verdict"] == "pass"
-    write_report(report, path.parent)
+    repo = project.root
+    why = "Second relay comes with the new cluster."
+    granted, expires = dt.date(2026, 11, 1), dt.date(2026, 11, 28)
+    sigs = [gatekit.sign_waiver(project, who, "AV-02", why, granted, expires)
+            for who in (ALICE, BOB)]
+    entry = {"id": "AV-02", "justification": why, "granted": granted.isoformat(),
+             "expires": expires.isoformat(), "signatures": sigs}
+    _write(repo, "verify/waivers.yml", json.dumps([entry]))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "waive AV-02")
+    waiver = Waiver("AV-02", why, "alice, bob", expires, granted)
+    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), waivers=[waiver],
+                               skip=("AV-02",), today=dt.date(2026, 11, 28))
+    assert json.loads(path.read_text())["verdict"] == "pass"
+    gatekit.approve(project, path, ALICE, BOB)
     assert _decide(repo, path).allowed  # still 2026-11-28
     decision = _decide(repo, path, now=NOW + dt.timedelta(hours=13))  # 2026-11-29 01:00
     assert decision.reasons == [
-        "the report relies on waivers that have expired since: AV-02 (expired 2026-11-28)"
+        "the report relies on waivers that have expired since: AV-02 (expired 2026-11-28)",
+        "waivers: the report waives requirements that no signed, active waiver of this checkout "
+        "covers: AV-02",
     ]
 
 
@@ -303,25 +263,72 @@ def test_cli_promote_dry_run_and_release(
     latest = repo / "reports" / "test" / "latest"
     latest.symlink_to(report.parent.name)
     assert main(["promote", "--to", "production", "--dry-run"]) == 0
-    assert "dry run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dry run" in out and "operator" in out and ALICE in out
     assert not fake_ansible.exists()
     assert not (repo / "reports" / "releases.jsonl").exists()
+    assert _git(repo, "tag", "--list") == ""
 
-    assert main(["promote", "--to", "production", "--operator", "u.karlins"]) == 0
+    with pytest.raises(SystemExit):  # the operator comes from the signature, not from a flag
+        main(["promote", "--to", "production", "--operator", "u.karlins"])
+    capsys.readouterr()
+    assert main(["promote", "--to", "production", "--limit", "relay1",
+                 "--vault-password-file", "/dev/null"]) == 0
     assert fake_ansible.read_text().split() == [
         "-i",
         str(repo / "inventories" / "production"),
         str(repo / "playbooks" / "site.yml"),
+        "--limit", "relay1", "--vault-password-file", "/dev/null",
     ]
     entries = [
         json.loads(x) for x in (repo / "reports" / "releases.jsonl").read_text().splitlines()
     ]
     assert [e["event"] for e in entries] == ["release", "deploy-finished"]
-    assert entries[0]["who"] == "u.karlins"
+    assert entries[0]["who"] == ALICE
     assert entries[0]["revision"] == hashing.git_revision(repo)
     assert entries[0]["report_sha256"] == promote.file_digest(report)
     assert entries[1]["exit_code"] == 0
+    # The durable record: an annotated tag on the released revision.
+    tag = entries[0]["tag"]
+    assert tag.startswith("release/production/")
+    assert _git(repo, "rev-list", "-n1", tag).strip() == hashing.git_revision(repo)
+    body = _git(repo, "tag", "-l", "--format=%(contents)", tag)
+    for needle in (f"revision: {hashing.git_revision(repo)}",
+                   f"report-sha256: {promote.file_digest(report)}",
+                   f"approved-by: head-of-it: {ALICE}", f"approved-by: it-security: {BOB}",
+                   f"operator: {ALICE}", "BEGIN SSH SIGNATURE"):
+        assert needle in body, needle
 
     monkeypatch.setenv("FAKE_RC", "2")
     assert main(["promote", "--to", "production"]) == 1
     assert "ansible-playbook failed with exit code 2" in capsys.readouterr().err
+    # Each release has its own tag, even two within one second.
+    tags = _git(repo, "tag", "--list", "release/production/*").split()
+    assert len(tags) == 2 and len(set(tags)) == 2, tags
+
+
+def test_release_tags_are_unique_within_a_second(repo: Path) -> None:
+    report = _make_report(repo)
+    decision = promote.evaluate(repo, report, now=NOW)
+    data = json.loads(report.read_text())
+    names = [promote.tag_release(repo, decision, data, NOW) for _ in range(3)]
+    assert names == ["release/production/20261128T120000Z",
+                     "release/production/20261128T120000Z-2",
+                     "release/production/20261128T120000Z-3"]
+
+
+def test_cli_promote_preview_runs_check_and_diff_before_approvals(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, fake_ansible: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
+    _make_report(repo, finished=dt.datetime.now(dt.UTC), approved=False)
+    (repo / "reports" / "test" / "latest").symlink_to("run")
+    assert main(["promote", "--to", "production", "--preview", "--vault-id", "prod@prompt"]) == 0
+    out = capsys.readouterr().out
+    assert "promotion refused" in out and "approval" in out  # shown, not blocking the preview
+    assert fake_ansible.read_text().split()[-4:] == ["--vault-id", "prod@prompt", "--check",
+                                                     "--diff"]
+    assert not (repo / "reports" / "releases.jsonl").exists()
+    assert _git(repo, "tag", "--list") == ""

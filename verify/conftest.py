@@ -37,6 +37,7 @@ from waits import controller_lock
 from safemail.gate.catalogue import Catalogue, load_catalogue
 
 CATALOGUE_PATH = Path(__file__).with_name("requirements.yml")
+pytest_plugins = ("profiles",)  # read_only/lab_participants markers, production profile, host keys
 
 _catalogue_key = pytest.StashKey[Catalogue]()
 _problems_key = pytest.StashKey[list[str]]()

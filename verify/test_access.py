@@ -34,6 +34,7 @@ def _admin(host) -> tuple[str, Path]:
 
 
 @pytest.mark.req("SYS-03")
+@pytest.mark.read_only
 def test_named_admin_logs_in_by_key_and_may_sudo(host, evidence):
     user, key = _admin(host)
     proc = _ssh(host, user, key, command="sudo -n id -un")
@@ -44,6 +45,7 @@ def test_named_admin_logs_in_by_key_and_may_sudo(host, evidence):
 
 
 @pytest.mark.req("SYS-03")
+@pytest.mark.read_only
 def test_unknown_key_is_refused(host, evidence, tmp_path):
     user, _ = _admin(host)
     stranger = tmp_path / "stranger"
@@ -57,6 +59,7 @@ def test_unknown_key_is_refused(host, evidence, tmp_path):
 
 
 @pytest.mark.req("SYS-03")
+@pytest.mark.read_only
 def test_server_offers_no_password_login(host, evidence):
     user, _ = _admin(host)
     proc = _ssh(host, user, None, "-o", "PubkeyAuthentication=no",
@@ -68,6 +71,7 @@ def test_server_offers_no_password_login(host, evidence):
 
 
 @pytest.mark.req("SYS-03")
+@pytest.mark.read_only
 def test_effective_sshd_settings_are_key_only(host, evidence):
     settings = dict(
         line.split(" ", 1) for line in host.check_output("sshd -T").splitlines() if " " in line

@@ -28,6 +28,8 @@ from waits import wait_for
 from safemail.smime import samples
 
 testinfra_hosts = ["ansible://relay"]
+# The fixtures send mail from the lab's participant hosts (verify/profiles.py).
+pytestmark = pytest.mark.lab_participants
 
 TOOL = "/usr/local/sbin/safemail-accounting"
 CONFIG = "/etc/safemail/accounting.yml"
@@ -132,6 +134,7 @@ def test_mails_between_participants_are_counted_and_mails_to_oneself_are_not(acc
 
 
 @pytest.mark.req("ACC-01")
+@pytest.mark.read_only
 def test_collection_timer_runs_and_succeeds(acc, evidence):
     relay = acc["relay"]
     timer = relay.service("safemail-accounting-collect.timer")
@@ -285,6 +288,7 @@ def test_billing_deletes_participant_numbers_and_keeps_specialty_groups(acc, bil
 
 
 @pytest.mark.req("ACC-03")
+@pytest.mark.read_only
 def test_deletion_schedule_is_deployed(acc, evidence):
     relay = acc["relay"]
     timer = relay.service("safemail-accounting-purge.timer")

@@ -152,6 +152,7 @@ def _throwaway(lab, tag: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ CA-01
 @pytest.mark.req("CA-01")
+@pytest.mark.read_only
 def test_each_ca_host_runs_only_its_own_function(lab, evidence, ca_host):
     host = lab(ca_host)
     fn = _function(host)
@@ -167,6 +168,7 @@ def test_each_ca_host_runs_only_its_own_function(lab, evidence, ca_host):
 
 
 @pytest.mark.req("CA-01")
+@pytest.mark.read_only
 def test_three_functions_on_three_hosts(lab, evidence):
     names = {fn: lab.group(f"ca_{fn}") for fn in ("ra", "signer", "dist")}
     hostnames = {fn: lab(n[0]).check_output("hostname") for fn, n in names.items()}
@@ -176,6 +178,7 @@ def test_three_functions_on_three_hosts(lab, evidence):
 
 
 @pytest.mark.req("CA-01")
+@pytest.mark.read_only
 def test_signer_listens_only_on_ssh(lab, evidence):
     signer = lab(lab.group("ca_signer")[0])
     dist = lab(lab.group("ca_dist")[0])
@@ -550,6 +553,7 @@ def test_revoked_certificate_leaves_the_directory(lab, evidence):
 
 # ------------------------------------------------------------------ CA-05
 @pytest.mark.req("CA-05")
+@pytest.mark.read_only
 def test_journal_verifies(lab, evidence, ca_host):
     host = lab(ca_host)
     out = host.run(f"safemail ca journal verify {STATE}/journal.jsonl --key {STATE}/journal.key")
@@ -583,6 +587,7 @@ def test_altered_journal_copy_fails(lab, evidence, ca_host):
 
 # ------------------------------------------------------------------ CA-06
 @pytest.mark.req("CA-06")
+@pytest.mark.read_only
 def test_ca_key_only_readable_by_the_ca_user(lab, evidence):
     signer = lab(lab.group("ca_signer")[0])
     key = signer.file(f"{STATE}/private/ca.key")

@@ -96,6 +96,7 @@ def attr_names(result) -> set[str]:
 # -- MAIL-05: TLS or nothing ---------------------------------------------------------------
 
 @pytest.mark.req("MAIL-05")
+@pytest.mark.read_only
 def test_bind_with_starttls_and_service_ca_works(host, directory, evidence):
     dn, pw = directory.service("relay")
     r = ldap(host, directory, "ldapwhoami", bind=(dn, pw))
@@ -105,6 +106,7 @@ def test_bind_with_starttls_and_service_ca_works(host, directory, evidence):
 
 
 @pytest.mark.req("MAIL-05")
+@pytest.mark.read_only
 def test_bind_without_tls_is_refused(host, directory, evidence):
     dn, pw = directory.service("relay")
     r = ldap(host, directory, "ldapwhoami", bind=(dn, pw), starttls=False)
@@ -114,6 +116,7 @@ def test_bind_without_tls_is_refused(host, directory, evidence):
 
 
 @pytest.mark.req("MAIL-05")
+@pytest.mark.read_only
 def test_search_without_tls_is_refused(host, directory, evidence):
     r = ldap(host, directory, "ldapsearch", "-LLL", "-b", directory.base, "(objectClass=*)",
              starttls=False)
@@ -123,6 +126,7 @@ def test_search_without_tls_is_refused(host, directory, evidence):
 
 
 @pytest.mark.req("MAIL-05")
+@pytest.mark.read_only
 def test_server_not_trusted_without_the_service_ca(host, directory, evidence):
     dn, pw = directory.service("relay")
     r = ldap(host, directory, "ldapwhoami", bind=(dn, pw), ca=FOREIGN_CA)
@@ -135,6 +139,7 @@ def test_server_not_trusted_without_the_service_ca(host, directory, evidence):
 # -- MAIL-01: the directory's access control -----------------------------------------------
 
 @pytest.mark.req("MAIL-01")
+@pytest.mark.read_only
 def test_anonymous_search_returns_nothing(host, directory, evidence):
     r = ldap(host, directory, "ldapsearch", "-LLL", "-b", directory.base, "(objectClass=*)")
     evidence(f"anonymous ldapsearch -ZZ of {directory.base}: {shown(r)}")
@@ -145,6 +150,7 @@ def test_anonymous_search_returns_nothing(host, directory, evidence):
 
 @pytest.mark.req("MAIL-01")
 @pytest.mark.parametrize("service", ["relay", "store", "ca-dist"])
+@pytest.mark.read_only
 def test_service_finds_a_participant_by_mailbox(host, directory, service, evidence):
     dn, pw = directory.service(service)
     _, _, p = directory.participant(0)
@@ -158,6 +164,7 @@ def test_service_finds_a_participant_by_mailbox(host, directory, service, eviden
 
 
 @pytest.mark.req("MAIL-01")
+@pytest.mark.read_only
 def test_relay_reads_the_participant_data_it_needs(host, directory, evidence):
     dn, pw = directory.service("relay")
     p_dn, _, p = directory.participant(0)
@@ -171,6 +178,7 @@ def test_relay_reads_the_participant_data_it_needs(host, directory, evidence):
 
 
 @pytest.mark.req("MAIL-01")
+@pytest.mark.read_only
 def test_participant_reads_others_address_and_name(host, directory, evidence):
     me, pw, _ = directory.participant(0)
     other_dn, _, other = directory.participant(1)
@@ -182,6 +190,7 @@ def test_participant_reads_others_address_and_name(host, directory, evidence):
 
 
 @pytest.mark.req("MAIL-01")
+@pytest.mark.read_only
 def test_participant_cannot_read_others_password_or_data(host, directory, evidence):
     me, pw, _ = directory.participant(0)
     other_dn, _, _ = directory.participant(1)
@@ -197,6 +206,7 @@ def test_participant_cannot_read_others_password_or_data(host, directory, eviden
 
 @pytest.mark.req("MAIL-01")
 @pytest.mark.parametrize("service", ["relay", "store", "ca-dist"])
+@pytest.mark.read_only
 def test_services_cannot_read_passwords(host, directory, service, evidence):
     dn, pw = directory.service(service)
     # Its positive twin is test_service_finds_a_participant_by_mailbox: the same account
@@ -210,6 +220,7 @@ def test_services_cannot_read_passwords(host, directory, service, evidence):
 
 
 @pytest.mark.req("MAIL-01")
+@pytest.mark.read_only
 def test_cadist_sees_no_practice_data(host, directory, evidence):
     dn, pw = directory.service("ca-dist")
     p_dn, _, _ = directory.participant(0)

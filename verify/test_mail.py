@@ -26,6 +26,8 @@ from waits import wait_for
 from safemail.smime import samples
 
 testinfra_hosts = ["ansible://relay"]
+# The fixtures send mail from the lab's participant hosts (verify/profiles.py).
+pytestmark = pytest.mark.lab_participants
 
 PDIR = "/var/lib/safemail-participant"
 CAFILE = "/etc/safemail/tls/ca.crt"

@@ -246,6 +246,7 @@ def _net01_targets(topo: matrix.Topology, source: str) -> list[str]:
 
 
 @pytest.mark.req("NET-01")
+@pytest.mark.lab_participants
 def test_connections_succeed_exactly_where_the_matrix_allows(net, net_source, request,
                                                             evidence):
     topo, flows, _ = net
@@ -279,6 +280,7 @@ def _chains(listing: str) -> dict[str, str]:
 
 
 @pytest.mark.req("NET-01")
+@pytest.mark.read_only
 def test_loaded_ruleset_drops_by_default_and_opens_only_matrix_ports(net, svc_name, request,
                                                                       evidence):
     """Inside view beside the probes: the loaded table drops by default on all three hooks,
@@ -325,6 +327,7 @@ def _sink_records(since: float, peer: str) -> list[dict]:
 
 
 @pytest.mark.req("NET-02")
+@pytest.mark.lab_participants
 def test_control_probe_sink_is_reachable_from_an_unfirewalled_host(net, request, evidence):
     """The sink answers by route (practice1 has no firewall): NET-02's failures mean the
     firewall, not a missing route."""
@@ -337,6 +340,7 @@ def test_control_probe_sink_is_reachable_from_an_unfirewalled_host(net, request,
 
 
 @pytest.mark.req("NET-02")
+@pytest.mark.lab_participants
 def test_no_service_host_reaches_the_internet(net, svc_name, request, evidence):
     topo, flows, hostvars = net
     inventory = _inventory_option(request.config)
@@ -381,6 +385,7 @@ def test_ntp_to_the_internal_time_server_works(net, svc_name, request, evidence)
 
 
 @pytest.mark.req("NET-02")
+@pytest.mark.lab_participants
 def test_nothing_on_a_service_host_is_reachable_from_the_internet(net, request, evidence):
     topo, flows, _ = net
     service = _names(topo, SERVICE_GROUP)
@@ -414,6 +419,7 @@ def _listeners(host) -> set[tuple[str, int]]:
 
 
 @pytest.mark.req("SYS-01")
+@pytest.mark.read_only
 def test_front_host_listens_only_on_its_service_ports(net, front_host, request, evidence):
     topo, flows, _ = net
     host = _host(front_host, _inventory_option(request.config))
@@ -428,6 +434,7 @@ def test_front_host_listens_only_on_its_service_ports(net, front_host, request, 
 
 
 @pytest.mark.req("SYS-01")
+@pytest.mark.read_only
 def test_matrix_opens_no_back_or_core_host_to_safenet(net, evidence):
     topo, flows, _ = net
     bad = []
@@ -442,6 +449,7 @@ def test_matrix_opens_no_back_or_core_host_to_safenet(net, evidence):
 
 
 @pytest.mark.req("SYS-01")
+@pytest.mark.lab_participants
 def test_back_and_core_hosts_are_unreachable_from_safenet(net, participant, request, evidence):
     topo, flows, _ = net
     closed = [n for n in _names(topo, SERVICE_GROUP) if topo.nodes[n].segment in CLOSED_SEGMENTS]
@@ -462,6 +470,7 @@ def test_back_and_core_hosts_are_unreachable_from_safenet(net, participant, requ
 
 
 @pytest.mark.req("SYS-01")
+@pytest.mark.read_only
 def test_functions_run_on_separate_hosts(net, evidence):
     topo, _, _ = net
     holders = {g: _names(topo, g) for g in FUNCTION_GROUPS}

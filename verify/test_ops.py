@@ -161,6 +161,7 @@ def _pending(status: dict | None, package: str) -> dict | None:
 
 
 @pytest.mark.req("SYS-04")
+@pytest.mark.read_only
 def test_patch_watch_timer_is_scheduled(svc, evidence):
     timer = svc.service("safemail-patch-check.timer")
     props = svc.check_output("systemctl show safemail-patch-check.timer "
@@ -172,6 +173,7 @@ def test_patch_watch_timer_is_scheduled(svc, evidence):
 
 
 @pytest.mark.req("SYS-04")
+@pytest.mark.read_only
 def test_nothing_installs_updates_by_itself(svc, evidence):
     uu = svc.package("unattended-upgrades")
     periodic = svc.check_output("apt-config dump APT::Periodic::Unattended-Upgrade")
@@ -295,6 +297,7 @@ def test_kernel_audit_or_documented_equivalent_records_config_changes(svc, evide
 
 
 @pytest.mark.req("SYS-02")
+@pytest.mark.read_only
 def test_ansible_run_marker_in_the_admin_log(svc, evidence):
     line = _wait_for(svc, r"safemail-ansible: ansible run: who=\S+ revision=\S+ play=\S+",
                      timeout=1)
@@ -303,6 +306,7 @@ def test_ansible_run_marker_in_the_admin_log(svc, evidence):
 
 
 @pytest.mark.req("SYS-02")
+@pytest.mark.read_only
 def test_admin_log_readable_only_by_the_named_group(svc, evidence):
     hv = svc.ansible.get_variables()
     group = hv.get("admin_log_group", "safemail-audit")
@@ -328,6 +332,7 @@ def test_admin_log_readable_only_by_the_named_group(svc, evidence):
 
 
 @pytest.mark.req("SYS-02")
+@pytest.mark.read_only
 def test_admin_log_holds_no_mail_data(svc, evidence):
     hv = svc.ansible.get_variables()
     text = _admin_log(svc)

@@ -58,6 +58,10 @@ SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 _current: list[pytest.Item] = []
 
 
+# The stage fixture sends mail from a lab participant host (verify/profiles.py).
+pytestmark = pytest.mark.lab_participants
+
+
 @pytest.fixture(autouse=True)
 def _current_item(request) -> Iterator[None]:
     _current.append(request.node)

@@ -12,6 +12,7 @@ File shape::
         source: ["2.6", "3.4(4)"]         # audit report sections
         legal_basis: ["§ 5 Abs. 1 LDSG"]  # as cited by the report
         statement: what must hold and how it is proven (plain English)
+        waivable: false                   # optional (default true): no waiver may cover it
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ BASELINE_IDS: tuple[str, ...] = (
     "AV-02",
 )
 
+# Requirements that no waiver may ever cover, whatever the catalogue file says (issue 16):
+# the S/MIME-only gate, the network closure, encrypted storage and the CA's key protection.
+NEVER_WAIVABLE: tuple[str, ...] = ("MAIL-03", "NET-01", "NET-02", "STORE-01", "CA-02", "CA-06")
+
 _FIELDS = ("id", "title", "source", "legal_basis", "statement")
+_OPTIONAL = ("waivable",)
 
 
 class CatalogueError(SafeMailError):
@@ -59,6 +65,7 @@ class Requirement:
     source: tuple[str, ...]
     legal_basis: tuple[str, ...]
     statement: str
+    waivable: bool = True
 
     @property
     def area(self) -> str:
@@ -92,6 +99,12 @@ class Catalogue:
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(r.id for r in self.requirements)
+
+    @property
+    def never_waivable(self) -> tuple[str, ...]:
+        """Ids no waiver may cover: marked ``waivable: false``, plus :data:`NEVER_WAIVABLE`."""
+        marked = {r.id for r in self.requirements if not r.waivable}
+        return tuple(sorted(marked | set(NEVER_WAIVABLE)))
 
     def get(self, req_id: str) -> Requirement | None:
         for req in self.requirements:
@@ -145,7 +158,7 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
         missing = [f for f in _FIELDS if entry.get(f) in (None, "", [])]
         if missing:
             problems.append(f"{where}: missing field(s): {', '.join(missing)}")
-        unknown = sorted(set(map(str, entry)) - set(_FIELDS))
+        unknown = sorted(set(map(str, entry)) - set(_FIELDS) - set(_OPTIONAL))
         if unknown:
             problems.append(f"{where}: unknown field(s): {', '.join(unknown)}")
         if not isinstance(req_id, str) or not ID_PATTERN.match(req_id):
@@ -155,6 +168,10 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
             problems.append(f"{where}: duplicate id")
             continue
         seen.add(req_id)
+        waivable = entry.get("waivable", True)
+        if not isinstance(waivable, bool):
+            problems.append(f"{where}: 'waivable' must be true or false")
+            waivable = False
         for field in ("title", "statement"):
             value = entry.get(field)
             if value is not None and not isinstance(value, str):
@@ -166,6 +183,7 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
                 source=_str_list(entry.get("source"), where, "source", problems),
                 legal_basis=_str_list(entry.get("legal_basis"), where, "legal_basis", problems),
                 statement=" ".join(str(entry.get("statement") or "").split()),
+                waivable=waivable,
             )
         )
     if problems:

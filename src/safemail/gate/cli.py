@@ -1,9 +1,12 @@
 """Subcommands for verification reports, the promotion gate and generated documentation.
 
-safemail verify  --stage test              run the verify suite, write a report directory
+safemail verify  --stage test              run the verify suite, write a sealed report directory
+safemail verify  --stage production        the read-only production profile (never releases)
 safemail verify  --mutate                  apply known-bad changes, expect verify to fail
-safemail report  JUNIT [JUNIT ...]         rebuild report.json/html from JUnit XML
-safemail promote --to production           check the gate, record the release, deploy
+safemail report  JUNIT [JUNIT ...]         re-render a run's report.json/html (cannot release)
+safemail approval request [--waiver ID]    print exactly what an approver signs, and how
+safemail approval status                   which approver roles the signatures fill
+safemail promote --to production           check the gate, tag the release, deploy
 safemail docs                              write docs/generated/ from inventory and roles
 safemail docs network                      write docs/network.md and .svg from the flow matrix
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import subprocess
 import sys
@@ -19,17 +23,17 @@ from pathlib import Path
 
 from safemail import vault
 from safemail.errors import SafeMailError, UsageError
-from safemail.gate import hashing, promote
+from safemail.gate import approvals, hashing, promote, stage
 from safemail.gate.catalogue import load_catalogue, relative_to
 from safemail.gate.report import (
+    CREATED_BY_REPORT,
     RunMetadata,
     build_report,
-    parse_iso,
+    load_report,
     parse_junit,
-    utc_iso,
     write_report,
 )
-from safemail.gate.verify_run import VerifyOptions, run_verify
+from safemail.gate.verify_run import VerifyOptions, policy_for_waivers, run_verify
 from safemail.gate.waivers import DEFAULT_WAIVERS, load_waivers
 
 STAGES = ("test", "production")
@@ -44,7 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Run the testinfra suite (verify/) against every host of the stage's inventory, in\n"
             "parallel, and write junit.xml, verify.log, report.json and report.html into the\n"
-            "report directory. Exit code 0 only if every requirement passes (or is waived)."
+            "report directory. Exit code 0 only if every requirement passes (or is waived).\n\n"
+            "--stage test runs every test and seals the report with the stage's SSH key\n"
+            "(report.json.sig): only such a report can release. --stage production runs the\n"
+            "production profile: only tests marked read_only that need no lab host; it lists\n"
+            "the tests it left out and why, and its report can never release."
         ),
         formatter_class=fmt,
     )
@@ -55,7 +63,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where to write the report (default: reports/<stage>/<UTC timestamp>, "
         "with reports/<stage>/latest pointing at it)",
     )
+    p.add_argument(
+        "--profile",
+        choices=("full", "production"),
+        default=None,
+        help="full: every test (test stage only); production: only read-only tests that need "
+        "no lab host, the report never releases (default: full on test, production elsewhere)",
+    )
     p.add_argument("--workers", type=_workers, default=4, help="parallel pytest workers")
+    p.add_argument(
+        "--vault-id", action="append", default=[], metavar="ID",
+        help="Ansible vault id for the inventory's secrets (repeatable)",
+    )
+    p.add_argument(
+        "--vault-password-file", metavar="FILE", help="Ansible vault password file"
+    )
     p.add_argument("-k", dest="keyword", help="pytest -k expression (makes the run partial)")
     p.add_argument("-m", dest="markexpr", help="pytest -m expression (makes the run partial)")
     p.add_argument(
@@ -100,11 +122,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "report",
-        help="rebuild report.json and report.html from JUnit XML",
+        help="re-render a run's report.json and report.html from its JUnit XML",
         description=(
-            "Rebuild the report from existing JUnit XML. Run metadata (revision, hashes,\n"
-            "hosts, times) comes from report.json in the output directory if there is one,\n"
-            "else from the current checkout."
+            "Re-render the report of a verify run from its JUnit XML (e.g. after a change to\n"
+            "the report layout). The run's metadata (revision, hashes, hosts, host keys,\n"
+            "times) comes from the run's report.json (in --out, else beside the JUnit XML),\n"
+            "which must exist: a report is never stamped with the current checkout's\n"
+            "revision. A sealed report is never overwritten: use --out DIR. The result says\n"
+            "'re-rendered by safemail report' and cannot release."
         ),
         formatter_class=fmt,
     )
@@ -119,23 +144,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         "promote",
         help="release the tested revision to production through the gate",
         description=(
-            "Refuse unless the latest test-stage report passed, covers the full suite, is\n"
-            "for this very revision and content, the tree is clean and the report is recent.\n"
-            "When allowed (and not --dry-run): record the release in the release log, then\n"
-            "run ansible-playbook -i inventories/production playbooks/site.yml.\n"
-            "Exit codes: 0 released (or dry run allowed), 3 refused, other: deploy failed."
+            "Refuse unless the latest test-stage report is a sealed, passing, full run of\n"
+            "this very revision and content on the stage as it is now (hosts, host keys,\n"
+            "inventory), the tree is clean, the report is recent and the approver roles\n"
+            "signed its digest (safemail approval request). When allowed (and neither\n"
+            "--dry-run nor --preview): tag the release (release/production/<time>), record it\n"
+            "in the release log, then run ansible-playbook -i inventories/production\n"
+            "playbooks/site.yml. The operator is the releasing approver, from the signature.\n"
+            "Exit codes: 0 released (or dry run allowed), 3 refused, 1 deploy failed,\n"
+            "2 bad arguments; --preview: ansible-playbook's exit code."
         ),
         formatter_class=fmt,
     )
     p.add_argument("--to", choices=("production",), required=True, help="target stage")
-    p.add_argument("--dry-run", action="store_true", help="decide and explain, change nothing")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="decide and explain, change nothing")
+    mode.add_argument(
+        "--preview",
+        action="store_true",
+        help="show the gate's decision, then run the production playbook with --check --diff "
+        "(changes nothing, records nothing; also before the approvals are in)",
+    )
+    p.add_argument("--limit", help="passed to ansible-playbook --limit")
+    p.add_argument(
+        "--vault-id", action="append", default=[], metavar="ID", help="passed to ansible-playbook"
+    )
+    p.add_argument("--vault-password-file", metavar="FILE", help="passed to ansible-playbook")
+    p.add_argument(
+        "--ask-vault-pass", action="store_true", help="passed to ansible-playbook (prompts)"
+    )
     p.add_argument(
         "--max-age-hours",
         type=float,
         default=promote.DEFAULT_MAX_AGE_HOURS,
         help="oldest acceptable report age (default: %(default)s)",
     )
-    p.add_argument("--operator", help="who releases (default: $SUDO_USER or $USER)")
     p.add_argument(
         "--report",
         type=Path,
@@ -149,6 +192,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="JSON-lines release log (default: %(default)s)",
     )
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser(
+        "approval",
+        help="what approvers sign for a release or a waiver, and which roles are filled",
+        description=(
+            "Approvers sign with their own SSH keys (ssh-keygen -Y sign), listed in\n"
+            "release/allowed_signers; release/approvers.yml says which roles must sign.\n\n"
+            "  safemail approval request                  the release text for the latest report\n"
+            "  safemail approval request --waiver AV-02 --expires 2027-03-01 \\\n"
+            "      --justification '...'                  the text of a waiver\n"
+            "  safemail approval status                   which roles the signatures fill"
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("action", choices=("request", "status"))
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=promote.DEFAULT_REPORT,
+        help="the test-stage report to approve (default: %(default)s)",
+    )
+    p.add_argument("--waiver", metavar="ID", help="request: a waiver for this requirement id")
+    p.add_argument("--justification", help="request --waiver: why, and what replaces it")
+    p.add_argument("--expires", type=_date, help="request --waiver: last day it holds")
+    p.add_argument(
+        "--granted", type=_date, help="request --waiver: first day it holds (default: today)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="request: also write the text to sign here (release default: "
+        "<report dir>/approvals/request.txt; --waiver: reports/waiver-requests/ID.txt)",
+    )
+    p.set_defaults(func=cmd_approval)
 
     p = sub.add_parser(
         "docs",
@@ -183,6 +260,13 @@ def _workers(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 (no parallelism) or more")
     return value
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text}") from None
 
 
 def _id_list(text: str) -> tuple[str, ...]:
@@ -220,6 +304,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(mutation_flags)} only go with --mutate")
     opts = VerifyOptions(
         stage=args.stage,
+        profile=args.profile,
+        vault_ids=tuple(args.vault_id),
+        vault_password_file=args.vault_password_file,
         workers=args.workers,
         keyword=args.keyword,
         markexpr=args.markexpr,
@@ -288,15 +375,36 @@ def cmd_report(args: argparse.Namespace) -> int:
         ),
         repo,
     )
+    waiver_file = _rel(repo, args.waivers) if args.waivers else repo / DEFAULT_WAIVERS
     waivers = load_waivers(
-        _rel(repo, args.waivers) if args.waivers else repo / DEFAULT_WAIVERS,
+        waiver_file,
         known_ids=catalogue.ids,
+        never_waivable=catalogue.never_waivable,
+        policy=policy_for_waivers(repo, waiver_file),
     )
-    meta = _existing_metadata(out / "report.json") or _fresh_metadata(repo, args.stage, args.junit)
+    run_dir = args.junit[0].parent
+    meta = _existing_metadata(out / "report.json") or _existing_metadata(run_dir / "report.json")
+    if meta is None:
+        raise UsageError(
+            f"no report.json of a verify run in {' or '.join(sorted({str(out), str(run_dir)}))}: "
+            "`safemail report` only "
+            "re-renders a run's report, it never stamps JUnit XML with the checkout's revision",
+            "run `safemail verify --stage test`",
+        )
+    if stage.seal_path(out / "report.json").exists():
+        raise UsageError(
+            f"{out / 'report.json'} is the sealed report of a verify run: re-rendering it in "
+            "place would destroy the evidence (and any approvals of it)",
+            "re-render into another directory: safemail report JUNIT --out DIR",
+        )
     results = parse_junit(args.junit, known_hosts=meta.hosts)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in args.junit)).hexdigest()
+    if digest != meta.junit_sha256:
+        print("note: this JUnit XML is not the run's own (digest differs from the report's)")
     report = build_report(results, catalogue, waivers, meta)
     json_path, html_path, _digest = write_report(report, out)
     print(f"{report['verdict'].upper()}: {html_path}")
+    print("re-rendered by safemail report: this report cannot be used to promote")
     if report["failing_requirements"]:
         print("failing: " + ", ".join(report["failing_requirements"]))
     return 0 if report["verdict"] == "pass" else 1
@@ -320,6 +428,11 @@ def _existing_metadata(path: Path) -> RunMetadata | None:
             selection=old["selection"],
             pytest_exit_code=old.get("pytest_exit_code"),
             problems=[p for p in old.get("problems", []) if p.startswith("pytest")],
+            created_by=CREATED_BY_REPORT,
+            profile=old["run"]["profile"],
+            junit_sha256=old["run"]["junit_sha256"],
+            host_keys=old["run"]["host_keys"],
+            skipped_by_profile=old["run"]["skipped_by_profile"],
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SafeMailError(
@@ -328,79 +441,175 @@ def _existing_metadata(path: Path) -> RunMetadata | None:
         ) from exc
 
 
-def _fresh_metadata(repo: Path, stage: str, junit: list[Path]) -> RunMetadata:
-    import xml.etree.ElementTree as ET  # noqa: S405 - our own pytest output, times only
-
-    started = finished = dt.datetime.now(dt.UTC)
-    for path in junit:
-        try:
-            for suite in ET.parse(path).getroot().iter("testsuite"):  # noqa: S314
-                stamp = suite.get("timestamp")
-                if stamp:
-                    begin = parse_iso(stamp)
-                    started = min(started, begin)
-                    finished = begin + dt.timedelta(seconds=float(suite.get("time", "0")))
-        except (OSError, ET.ParseError, ValueError):
-            continue  # parse_junit reports unreadable files with a proper message
-    content = hashing.content_hash(repo, stage)
-    inv = repo / "inventories" / stage
-    return RunMetadata(
-        stage=stage,
-        revision=hashing.git_revision(repo),
-        dirty=hashing.git_dirty(repo),
-        content_hash=content.digest,
-        content_files=content.files,
-        inventory_hash=hashing.inventory_hash(repo, stage) if inv.is_dir() else hashing.combine({}),
-        hosts=[],
-        started=utc_iso(started),
-        finished=utc_iso(max(started, finished)),
-    )
-
-
 def cmd_promote(args: argparse.Namespace) -> int:
     repo = _repo()
     report_path = _rel(repo, args.report)
     decision = promote.evaluate(repo, report_path, max_age_hours=args.max_age_hours)
     print(decision.summary())
+    inventory = repo / "inventories" / args.to
+    playbook = repo / "playbooks" / "site.yml"
+    options = _playbook_options(args)
+    if not any(o in options for o in ("--vault-id", "--vault-password-file", "--ask-vault-pass")):
+        options += vault.vault_args(repo, inventory)  # an encrypted vault.yml: its client
+    cmd = [_ansible_playbook(), "-i", str(inventory), str(playbook), *options]
+    if args.preview:
+        for needed in (inventory, playbook):
+            if not needed.exists():
+                raise SafeMailError(f"{needed} does not exist", "nothing to preview yet")
+        cmd += ["--check", "--diff"]
+        print("preview (check mode, nothing changes, nothing is recorded): " + " ".join(cmd),
+              flush=True)
+        return _run_playbook(cmd, repo)
     if not decision.allowed:
         return 3
     if args.dry_run:
+        print(f"operator (the releasing approver, from the signature): {decision.operator}")
         print("dry run: nothing recorded, nothing deployed")
         return 0
-    inventory = repo / "inventories" / args.to
-    playbook = repo / "playbooks" / "site.yml"
     for needed in (inventory, playbook):
         if not needed.exists():
             raise SafeMailError(f"{needed} does not exist", "nothing to deploy yet")
-    operator = args.operator or promote.default_operator()
-    if not operator.strip():
-        raise UsageError("--operator must name the person releasing")
+    report = load_report(report_path)
+    now = dt.datetime.now(dt.UTC)
+    tag = promote.tag_release(repo, decision, report, now)
+    print(f"release tagged {tag} (operator {decision.operator}); publish it: "
+          f"git push origin {tag}")
     log = _rel(repo, args.release_log)
     state = promote.current_state(repo)
     common = {
-        "operator": operator,
+        "operator": decision.operator or "unknown",
         "revision": decision.revision or state.revision,
         "report_digest": decision.report_digest or "",
         "stage": args.to,
         "report_path": str(report_path),
         "content_hash": state.content_hash,
     }
-    promote.append_release_log(log, **common, extra={"tested_on": promote.TESTED_STAGE})
-    print(f"release recorded in {log} (operator {operator})")
-    cmd = [_ansible_playbook(), "-i", str(inventory), *vault.vault_args(repo, inventory),
-           str(playbook)]
+    approvers = [f"{s.role}: {s.principal} {s.key_fingerprint}" for s in decision.approvers]
+    promote.append_release_log(
+        log, **common, extra={"tested_on": promote.TESTED_STAGE, "tag": tag,
+                               "approvers": approvers}, when=now
+    )
+    print(f"release recorded in {log}")
     print("running: " + " ".join(cmd), flush=True)
-    try:
-        rc = subprocess.run(cmd, cwd=repo, check=False).returncode
-    except OSError as exc:
-        raise SafeMailError(f"cannot run ansible-playbook: {exc}") from exc
-    promote.append_release_log(log, **common, event="deploy-finished", extra={"exit_code": rc})
+    rc = _run_playbook(cmd, repo)
+    promote.append_release_log(
+        log, **common, event="deploy-finished", extra={"exit_code": rc, "tag": tag}
+    )
     if rc != 0:
         raise SafeMailError(
             f"ansible-playbook failed with exit code {rc}; the release is recorded as failed",
             "fix the cause, verify again on the test stage, then promote again",
         )
     print("deployed to production")
+    return 0
+
+
+def _playbook_options(args: argparse.Namespace) -> list[str]:
+    """Options passed through to ansible-playbook (limit and vault)."""
+    out: list[str] = []
+    if args.limit:
+        out += ["--limit", args.limit]
+    for vault_id in args.vault_id:
+        out += ["--vault-id", vault_id]
+    if args.vault_password_file:
+        out += ["--vault-password-file", args.vault_password_file]
+    if args.ask_vault_pass:
+        out.append("--ask-vault-pass")
+    return out
+
+
+def _run_playbook(cmd: list[str], repo: Path) -> int:
+    try:
+        return subprocess.run(cmd, cwd=repo, check=False).returncode
+    except OSError as exc:
+        raise SafeMailError(f"cannot run ansible-playbook: {exc}") from exc
+
+
+def cmd_approval(args: argparse.Namespace) -> int:
+    repo = _repo()
+    policy = approvals.load_policy(repo)
+    roles = ", ".join(f"{policy.roles[r].title} ({r})" for r in policy.release_roles)
+    if args.waiver:
+        return _waiver_request(args, repo, policy)
+    if args.action == "status" and args.out is not None:
+        raise UsageError("--out only goes with `approval request`")
+    for flag in ("justification", "expires", "granted"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} only goes with --waiver")
+    report_path = _rel(repo, args.report)
+    report = load_report(report_path)
+    digest = promote.file_digest(report_path)
+    message = approvals.release_message(report, digest)
+    sig_dir = report_path.parent / promote.APPROVALS_DIR
+    if args.action == "status":
+        result = approvals.check(
+            policy, approvals.read_signature_dir(sig_dir), message,
+            approvals.RELEASE_NAMESPACE, policy.release_roles,
+        )
+        for signer in result.signers:
+            print(f"signed: {signer.role}: {signer.principal} ({signer.key_fingerprint})")
+        for problem in result.problems:
+            print(f"missing: {problem}")
+        return 0 if result.complete else 3
+    sig_dir.mkdir(parents=True, exist_ok=True)
+    request = _rel(repo, args.out) if args.out else sig_dir / "request.txt"
+    request.write_bytes(message)
+    print(f"Text to sign ({request}):\n")
+    print(message.decode(), end="")
+    print(
+        f"\nRead {report_path.with_name('report.html')} first.\n"
+        f"Each of {roles}\nsigns this text with their own SSH key (release/allowed_signers) "
+        "and drops the\nsignature in the approvals directory, one file per person:\n\n"
+        f"  ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n {approvals.RELEASE_NAMESPACE} \\\n"
+        f"    < {request} > {sig_dir}/$USER.sig\n\n"
+        "Check with `safemail approval status`; a changed report needs new signatures."
+    )
+    return 0
+
+
+def _waiver_request(args: argparse.Namespace, repo: Path, policy: approvals.Policy) -> int:
+    if args.action != "request":
+        raise UsageError("--waiver goes with `approval request`")
+    missing = [f"--{f}" for f in ("justification", "expires") if getattr(args, f) is None]
+    if missing:
+        raise UsageError(f"--waiver needs {' and '.join(missing)}")
+    catalogue = load_catalogue(repo / "verify" / "requirements.yml")
+    req_id = args.waiver.strip().upper()
+    if req_id not in catalogue:
+        raise UsageError(f"{req_id} is not in the requirement catalogue")
+    if req_id in catalogue.never_waivable:
+        raise UsageError(f"{req_id} can never be waived (waivable: false in the catalogue)")
+    granted = args.granted or dt.date.today()
+    days = (args.expires - granted).days
+    if not 0 <= days <= policy.waiver_max_days:
+        raise UsageError(
+            f"the waiver would last {days} days ({granted} to {args.expires}); allowed: 0 to "
+            f"{policy.waiver_max_days} days (waiver_max_days in {approvals.APPROVERS})"
+        )
+    justification = " ".join(args.justification.split())
+    message = approvals.waiver_message(req_id, justification, granted, args.expires)
+    roles = ", ".join(f"{policy.roles[r].title} ({r})" for r in policy.waiver_roles)
+    # reports/ is ignored by git: the request file does not make the tree dirty.
+    request = _rel(repo, args.out or Path("reports") / "waiver-requests" / f"{req_id}.txt")
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.write_bytes(message)
+    print(f"Text to sign ({request}):\n")
+    print(message.decode(), end="")
+    print(
+        f"\nEach of {roles}\nsigns it with their own key:\n\n"
+        f"  ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n {approvals.WAIVER_NAMESPACE} \\\n"
+        f"    < {request} > $USER.sig\n\n"
+        f"and the entry in {DEFAULT_WAIVERS} is:\n\n"
+        f"- id: {req_id}\n"
+        f"  justification: {json.dumps(justification, ensure_ascii=False)}\n"
+        f"  granted: {granted.isoformat()}\n"
+        f"  expires: {args.expires.isoformat()}\n"
+        "  signatures:\n"
+        "    - |\n"
+        "      <contents of the first .sig file, indented>\n"
+        "    - |\n"
+        "      <contents of the second .sig file, indented>"
+    )
     return 0
 
 

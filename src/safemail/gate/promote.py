@@ -1,9 +1,12 @@
-"""The promotion gate: may this checkout go to production? And the release log.
+"""The promotion gate: may this checkout go to production? And the release record.
 
-:func:`decide` is pure: given the latest test-stage report (or None) and the current state of
-the checkout it returns a :class:`Decision` with every reason to refuse. :func:`evaluate`
-gathers that state from git and the file system. :func:`append_release_log` records a release
-as one JSON line.
+:func:`decide` is pure: given the latest test-stage report (or None), the current state of
+the checkout and the :class:`Evidence` gathered around the report (the stage as the
+controller knows it, the report's seal, its JUnit file, the approvers' signatures, the
+waivers) it returns a :class:`Decision` with every reason to refuse. :func:`evaluate` gathers
+all that from git, the file system, the stage inventory and ssh-keygen.
+:func:`tag_release` writes the durable record (an annotated git tag);
+:func:`append_release_log` the local JSON-lines log.
 """
 
 from __future__ import annotations
@@ -12,19 +15,33 @@ import datetime as dt
 import getpass
 import json
 import os
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safemail.gate import hashing
-from safemail.gate.report import ReportError, file_digest, load_report, parse_iso, utc_iso
+from safemail.errors import SafeMailError
+from safemail.gate import approvals, hashing, stage
+from safemail.gate.catalogue import load_catalogue
+from safemail.gate.report import (
+    CREATED_BY_VERIFY,
+    ReportError,
+    file_digest,
+    load_report,
+    parse_iso,
+    utc_iso,
+)
+from safemail.gate.waivers import DEFAULT_WAIVERS, load_waivers
 
 DEFAULT_REPORT = Path("reports/test/latest/report.json")
 DEFAULT_RELEASE_LOG = Path("reports/releases.jsonl")
 DEFAULT_MAX_AGE_HOURS = 24.0
 TESTED_STAGE = "test"
 MAX_NAMED_FILES = 15
+APPROVALS_DIR = "approvals"
+JUNIT_NAME = "junit.xml"
+TAG_PREFIX = "release/production/"
 
 
 @dataclass
@@ -34,11 +51,29 @@ class Decision:
     report_path: str | None = None
     report_digest: str | None = None
     revision: str | None = None
+    approvers: list[approvals.Signer] = field(default_factory=list)
+    operator: str | None = None
 
     def summary(self) -> str:
         if self.allowed:
-            return f"promotion allowed: report {self.report_path} covers revision {self.revision}"
+            who = ", ".join(f"{s.principal} ({s.role})" for s in self.approvers)
+            return (
+                f"promotion allowed: report {self.report_path} covers revision {self.revision}; "
+                f"approved by {who}"
+            )
         return "promotion refused:\n  - " + "\n  - ".join(self.reasons)
+
+
+@dataclass
+class Evidence:
+    """What the gate checked around the report, beyond the report's own content."""
+
+    stage: stage.StageIdentity
+    junit_digest: str | None = None  # sha256 of the run's junit.xml as it is now; None: missing
+    seal_problem: str | None = None
+    approval: approvals.Approval | None = None
+    approval_problem: str | None = None  # the approval policy itself is unusable
+    waiver_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,13 +97,14 @@ def decide(
     *,
     now: dt.datetime,
     max_age: dt.timedelta,
+    evidence: Evidence,
     report_problem: str | None = None,
 ) -> Decision:
     """Every reason the report does not cover the current checkout; allowed if there is none."""
     if report is None:
         reason = report_problem or "no verification report of the test stage was found"
         return Decision(False, [reason], revision=state.revision)
-    reasons: list[str] = []
+    reasons: list[str] = _run_reasons(report, evidence)
     if report.get("stage") != TESTED_STAGE:
         reasons.append(
             f"the report is from stage {report.get('stage')!r}, not from the {TESTED_STAGE} stage"
@@ -126,7 +162,88 @@ def decide(
             )
         elif age < -dt.timedelta(minutes=5):
             reasons.append(f"the report's finish time {utc_iso(finished)} lies in the future")
-    return Decision(not reasons, reasons, revision=state.revision)
+    reasons.extend(_approval_reasons(evidence))
+    decision = Decision(not reasons, reasons, revision=state.revision)
+    if evidence.approval is not None:
+        decision.approvers = list(evidence.approval.signers)
+    return decision
+
+
+def _run_reasons(report: Mapping[str, Any], ev: Evidence) -> list[str]:
+    """Is the report the evidence of a real, full run on the stage as it is now?"""
+    reasons: list[str] = []
+    run = report.get("run", {})
+    if run.get("created_by") != CREATED_BY_VERIFY:
+        reasons.append(
+            f"the report was made by `{run.get('created_by')}`, not by a `safemail verify` run: "
+            "re-rendered or hand-made reports cannot release"
+        )
+    if run.get("profile") != "full":
+        reasons.append(
+            f"the report is from the {run.get('profile')} profile (a read-only check, not a "
+            "proof): it can never release"
+        )
+    recorded = run.get("junit_sha256")
+    if not recorded:
+        reasons.append("the report records no digest of its JUnit XML")
+    elif ev.junit_digest is None:
+        reasons.append(f"the run's {JUNIT_NAME} is missing beside the report")
+    elif ev.junit_digest != recorded:
+        reasons.append(
+            f"{JUNIT_NAME} does not match the digest the report recorded "
+            "(the JUnit file was replaced or edited after the run)"
+        )
+    if ev.seal_problem:
+        reasons.append(ev.seal_problem)
+    reasons.extend(ev.stage.problems)
+    if ev.stage.inventory_hash and report.get("inventory_hash") != ev.stage.inventory_hash:
+        reasons.append(
+            f"the report's inventory hash differs from the {TESTED_STAGE} stage's now (the "
+            "stage was rebuilt, or its inventory changed, since the run)"
+        )
+    reached = set(report.get("hosts", []))
+    if ev.stage.hosts:
+        foreign = sorted(reached - set(ev.stage.hosts))
+        if foreign:
+            reasons.append(
+                f"the report names hosts that are not in the {TESTED_STAGE} stage: "
+                f"{', '.join(foreign)}"
+            )
+    missing = sorted(set(ev.stage.service_hosts) - reached)
+    if missing:
+        reasons.append(
+            f"the run did not reach these service hosts of the {TESTED_STAGE} stage: "
+            f"{', '.join(missing)}"
+        )
+    seen_keys: Mapping[str, list[str]] = run.get("host_keys", {})
+    if ev.stage.host_keys:
+        for host in sorted(reached & set(ev.stage.hosts)):
+            seen = set(seen_keys.get(host, []))
+            known = set(ev.stage.host_keys.get(host, frozenset()))
+            if not seen:
+                reasons.append(f"the run recorded no SSH host key for {host}")
+            elif not known:
+                reasons.append(f"the stage's known_hosts has no key for {host}")
+            elif not known <= seen:
+                reasons.append(
+                    f"the SSH host key of {host} differs: the run saw {', '.join(sorted(seen))}, "
+                    f"the stage's known_hosts has {', '.join(sorted(known))} (the host was "
+                    "re-created, or the report is not from this stage)"
+                )
+    return reasons
+
+
+def _approval_reasons(ev: Evidence) -> list[str]:
+    reasons: list[str] = []
+    if ev.approval_problem:
+        reasons.append(f"approvals cannot be checked: {ev.approval_problem}")
+    elif ev.approval is None:
+        reasons.append("the release approvals were not checked")
+    else:
+        reasons.extend(f"approval: {p}" for p in ev.approval.problems)
+    if ev.waiver_problem:
+        reasons.append(f"waivers: {ev.waiver_problem}")
+    return reasons
 
 
 def current_state(repo: Path, stage: str = TESTED_STAGE) -> CheckoutState:
@@ -152,6 +269,7 @@ def evaluate(
     now = now or dt.datetime.now(dt.UTC)
     state = current_state(repo, TESTED_STAGE)
     report: dict[str, Any] | None = None
+    evidence = Evidence(stage.StageIdentity(TESTED_STAGE, "", (), ()))
     problem: str | None = None
     if not report_path.exists():
         problem = (
@@ -162,26 +280,155 @@ def evaluate(
             report = load_report(report_path)
         except ReportError as exc:
             problem = exc.message
+    digest = file_digest(report_path) if report is not None else None
+    if report is not None and digest is not None:
+        evidence = gather_evidence(repo, report_path, report, digest, now.date())
     decision = decide(
         report,
         state,
         now=now,
         max_age=dt.timedelta(hours=max_age_hours),
+        evidence=evidence,
         report_problem=problem,
     )
     decision.report_path = str(report_path)
-    if report is not None:
-        decision.report_digest = file_digest(report_path)
+    decision.report_digest = digest
+    if decision.allowed:
+        decision.operator = next(
+            (s.principal for s in decision.approvers if s.role == _releasing_role(repo)), None
+        )
     return decision
 
 
+def _releasing_role(repo: Path) -> str:
+    return approvals.load_policy(repo).releasing_role
+
+
+def gather_evidence(
+    repo: Path, report_path: Path, report: Mapping[str, Any], digest: str, today: dt.date
+) -> Evidence:
+    """Read the stage, the seal, the JUnit file, the signatures and the waivers."""
+    identity = stage.read_stage(repo, TESTED_STAGE)
+    junit = report_path.parent / JUNIT_NAME
+    ev = Evidence(
+        stage=identity,
+        junit_digest=file_digest(junit) if junit.is_file() else None,
+        seal_problem=stage.seal_problem(report_path, identity),
+    )
+    try:
+        policy = approvals.load_policy(repo)
+    except SafeMailError as exc:
+        ev.approval_problem = exc.message
+        return ev
+    ev.approval = approvals.check(
+        policy,
+        approvals.read_signature_dir(report_path.parent / APPROVALS_DIR),
+        approvals.release_message(report, digest),
+        approvals.RELEASE_NAMESPACE,
+        policy.release_roles,
+    )
+    ev.waiver_problem = _waiver_problem(repo, report, policy, today)
+    return ev
+
+
+def _waiver_problem(
+    repo: Path, report: Mapping[str, Any], policy: approvals.Policy, today: dt.date
+) -> str | None:
+    """Each waived requirement of the report needs a valid, signed, active waiver now."""
+    waived = [r["id"] for r in report.get("requirements", []) if r.get("status") == "waived"]
+    try:
+        catalogue = load_catalogue(repo / "verify" / "requirements.yml")
+        valid = load_waivers(
+            repo / DEFAULT_WAIVERS,
+            known_ids=catalogue.ids,
+            never_waivable=catalogue.never_waivable,
+            policy=policy,
+        )
+    except SafeMailError as exc:
+        return exc.message
+    active = {w.id for w in valid if w.is_active(today)}
+    unbacked = [rid for rid in waived if rid not in active]
+    if unbacked:
+        return (
+            "the report waives requirements that no signed, active waiver of this checkout "
+            f"covers: {', '.join(unbacked)}"
+        )
+    return None
+
+
+def _tag_exists(repo: Path, name: str) -> bool:
+    probe = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "-q", "--verify", f"refs/tags/{name}"],
+        capture_output=True, check=False,
+    )
+    return probe.returncode == 0
+
+
 def default_operator() -> str:
-    """Who is releasing: the sudo caller if any, else the login user."""
+    """Who runs a command (patch runs, billing): the sudo caller if any, else the login user.
+
+    Not used for releases: a release's operator is the releasing approver, from the signature.
+    """
     for var in ("SUDO_USER", "USER", "LOGNAME"):
         value = os.environ.get(var)
         if value:
             return value
     return getpass.getuser()
+
+
+def tag_release(
+    repo: Path, decision: Decision, report: Mapping[str, Any], when: dt.datetime
+) -> str:
+    """Create the annotated tag ``release/production/<UTC time>`` on the released revision.
+
+    Its message names the revision, the report digest, the approvers (role, principal, key)
+    and the time, and carries the approvers' signatures, so the tag alone lets anyone check
+    the release again (docs/change-manager.md, "The release record").
+    """
+    if not decision.allowed or not decision.revision or not decision.report_digest:
+        raise SafeMailError("refusing to tag a release the gate did not allow")
+    stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    name = f"{TAG_PREFIX}{stamp}"
+    n = 1
+    while _tag_exists(repo, name):  # a second release within the same second
+        n += 1
+        name = f"{TAG_PREFIX}{stamp}-{n}"
+    lines = [
+        f"SafeMail release to production {stamp}",
+        "",
+        f"revision: {decision.revision}",
+        f"report-sha256: {decision.report_digest}",
+        f"report: {decision.report_path}",
+        f"tested-on: {report.get('stage')} ({report.get('started')} to {report.get('finished')})",
+        f"inventory-hash: {report.get('inventory_hash')}",
+        f"operator: {decision.operator}",
+        f"time: {utc_iso(when)}",
+    ]
+    lines += [f"approved-by: {s.role}: {s.principal} {s.key_fingerprint}"
+              for s in decision.approvers]
+    lines += ["", "The approvers signed (ssh-keygen -Y sign -n safemail-release):", ""]
+    lines += approvals.release_message(report, decision.report_digest).decode().splitlines()
+    for signer in decision.approvers:
+        lines += ["", f"signature of {signer.principal} ({signer.role}):",
+                  *signer.signature.strip().splitlines()]
+    message = "\n".join(lines) + "\n"
+    ident: list[str] = []
+    for key, fallback in (("user.name", "safemail promote"),
+                          ("user.email", "promote@safemail.invalid")):
+        probe = subprocess.run(["git", "-C", str(repo), "config", key], capture_output=True,
+                               text=True, check=False)
+        if not probe.stdout.strip():
+            ident += ["-c", f"{key}={fallback}"]
+    proc = subprocess.run(
+        ["git", *ident, "-C", str(repo), "tag", "-a", name, decision.revision, "-F", "-"],
+        input=message, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise SafeMailError(
+            f"cannot create the release tag {name}: {proc.stderr.strip()}",
+            "nothing was deployed; fix the cause and run promote again",
+        )
+    return name
 
 
 def append_release_log(

@@ -19,7 +19,15 @@ Per requirement, in this order of precedence:
 The overall verdict is ``pass`` only if no counted requirement fails, no test names an
 unknown requirement (or none), and the run itself had no problems (e.g. pytest aborted).
 
-report.json (schema ``safemail.verify-report/1``; see REPORT_SCHEMA for the exact shape)::
+Only ``safemail verify`` makes a report that can release. It records, under ``run``, which
+tool made the report, the verify profile (``full`` on the test stage, ``production`` for the
+read-only check of production: that one never releases), the sha256 of the JUnit XML the
+report was built from, and every host the run reached with the fingerprints of the SSH host
+keys the host presented in the run (``host_keys``; the verify plugin reads them through the
+run's own connections). ``safemail report`` re-renders a report from its JUnit XML; what it
+writes says ``created_by: safemail report`` and cannot release.
+
+report.json (schema ``safemail.verify-report/2``; see REPORT_SCHEMA for the exact shape)::
 
     schema, verdict ("pass"|"fail"), generated (ISO UTC), stage, complete (bool),
     selection {keyword, markexpr, requirements}, revision {commit, dirty},
@@ -32,7 +40,9 @@ report.json (schema ``safemail.verify-report/1``; see REPORT_SCHEMA for the exac
                    reason, waiver|null, tests [{id, outcome, duration, host, message,
                    evidence [text]}]}],
     unmapped_tests [{id, outcome, req [ids], reason}],
-    waivers [{id, justification, approver, expires, active}]
+    waivers [{id, justification, approver, expires, active}],
+    run {created_by, profile, junit_sha256|null, host_keys {host: [fingerprints]},
+         skipped_by_profile [{id, reason}]}
 """
 
 from __future__ import annotations
@@ -54,7 +64,10 @@ from safemail.errors import SafeMailError
 from safemail.gate.catalogue import Catalogue
 from safemail.gate.waivers import Waiver
 
-SCHEMA_ID = "safemail.verify-report/1"
+SCHEMA_ID = "safemail.verify-report/2"
+CREATED_BY_VERIFY = "safemail verify"
+CREATED_BY_REPORT = "safemail report"
+PROFILES = ("full", "production")
 MAX_TEXT = 4000  # characters of a failure message kept per test
 
 STATUSES = ("fail", "untested", "waived", "pass", "not-selected")
@@ -81,6 +94,7 @@ class TestResult:
     req_ids: list[str] = field(default_factory=list)
     req_errors: list[str] = field(default_factory=list)
     host: str | None = None
+    host_keys: list[tuple[str, str]] = field(default_factory=list)  # (host, fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,7 +178,20 @@ def _parse_case(case: ET.Element, known_hosts: Sequence[str]) -> TestResult:
             result.req_errors.append(value)
         elif key == "evidence":
             result.evidence.append(value)
+        elif key == "host_key":
+            host, _, fingerprint = value.partition(" ")
+            if host and fingerprint:
+                result.host_keys.append((host, fingerprint.strip()))
     return result
+
+
+def host_keys_of(results: Sequence[TestResult]) -> dict[str, list[str]]:
+    """Host -> sorted fingerprints recorded by the verify plugin's ``host_key`` properties."""
+    keys: dict[str, set[str]] = {}
+    for res in results:
+        for host, fingerprint in res.host_keys:
+            keys.setdefault(host, set()).add(fingerprint)
+    return {h: sorted(f) for h, f in sorted(keys.items())}
 
 
 # --------------------------------------------------------------------------- building
@@ -186,6 +213,13 @@ class RunMetadata:
     )
     pytest_exit_code: int | None = None
     problems: list[str] = field(default_factory=list)
+    # Evidence of a real run (see the module docstring). The defaults describe a report that
+    # cannot release: only safemail verify sets created_by to CREATED_BY_VERIFY.
+    created_by: str = CREATED_BY_REPORT
+    profile: str = "full"
+    junit_sha256: str | None = None
+    host_keys: dict[str, list[str]] = field(default_factory=dict)
+    skipped_by_profile: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -319,6 +353,13 @@ def build_report(
         "requirements": rows,
         "unmapped_tests": unmapped,
         "waivers": [w.to_dict(today) for w in waivers],
+        "run": {
+            "created_by": meta.created_by,
+            "profile": meta.profile,
+            "junit_sha256": meta.junit_sha256,
+            "host_keys": {h: sorted(f) for h, f in sorted(meta.host_keys.items())},
+            "skipped_by_profile": list(meta.skipped_by_profile),
+        },
     }
 
 
@@ -411,6 +452,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "requirements",
         "unmapped_tests",
         "waivers",
+        "run",
     ],
     "properties": {
         "schema": {"enum": [SCHEMA_ID]},
@@ -483,6 +525,27 @@ REPORT_SCHEMA: dict[str, Any] = {
             },
         },
         "waivers": {"type": "array", "items": _WAIVER},
+        "run": {
+            "type": "object",
+            "required": ["created_by", "profile", "junit_sha256", "host_keys",
+                         "skipped_by_profile"],
+            "additionalProperties": False,
+            "properties": {
+                "created_by": {"enum": [CREATED_BY_VERIFY, CREATED_BY_REPORT]},
+                "profile": {"enum": list(PROFILES)},
+                "junit_sha256": {"type": ["string", "null"], "pattern": r"^[0-9a-f]{64}$"},
+                "host_keys": {"type": "object", "additionalProperties": _STR_LIST},
+                "skipped_by_profile": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "reason"],
+                        "additionalProperties": False,
+                        "properties": {"id": _STR, "reason": _STR},
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -609,7 +672,11 @@ ul.tests { margin: 0; padding-left: 1rem; }
   {%- if r.revision.dirty %} (uncommitted changes){% endif %}
   <div>{{ r.summary.pass }} pass · {{ r.summary.fail }} fail · {{ r.summary.untested }}
   untested · {{ r.summary.waived }} waived of {{ r.summary.requirements }} requirements;
-  {{ r.summary.tests }} tests{% if not r.complete %} · PARTIAL RUN, not releasable{% endif %}</div>
+  {{ r.summary.tests }} tests{% if not r.complete %} · PARTIAL RUN, not releasable{% endif %}
+  {%- if r.run.profile != "full" %} · {{ r.run.profile | upper }} PROFILE: a check, never a
+  release{% endif %}
+  {%- if r.run.created_by != "safemail verify" %} · re-rendered by {{ r.run.created_by }}: not
+  releasable{% endif %}</div>
   {%- if r.failing_requirements %}
   <div>Failing: {{ r.failing_requirements | join(", ") }}</div>
   {%- endif %}
@@ -623,6 +690,11 @@ ul.tests { margin: 0; padding-left: 1rem; }
  <span class="small">({{ r.content_files | length }} files)</span></td></tr>
 <tr><th>Inventory hash</th><td><code>{{ r.inventory_hash }}</code></td></tr>
 <tr><th>Hosts</th><td>{{ r.hosts | join(", ") or "none recorded" }}</td></tr>
+<tr><th>Host keys seen</th><td>{% for h, fps in r.run.host_keys.items() %}{{ h }}:
+ {% for f in fps %}<code>{{ f }}</code> {% endfor %}<br>
+ {%- else %}none recorded{% endfor %}</td></tr>
+<tr><th>Made by</th><td>{{ r.run.created_by }}, profile {{ r.run.profile }}; JUnit sha256
+ <code>{{ r.run.junit_sha256 or "none" }}</code></td></tr>
 <tr><th>Run</th><td>{{ r.started }} → {{ r.finished }}
  {%- if r.pytest_exit_code is not none %} (pytest exit code {{ r.pytest_exit_code }}){% endif %}
  </td></tr>
@@ -648,6 +720,12 @@ fail until the test or the catalogue is fixed.</p>
 <td><span class="badge o-{{ t.outcome }}">{{ t.outcome }}</span></td>
 <td>{{ t.req | join(", ") or "none" }}</td><td>{{ t.reason }}</td></tr>
 {% endfor %}</table>
+{%- endif %}
+{%- if r.run.skipped_by_profile %}
+<h2>Not run in the {{ r.run.profile }} profile ({{ r.run.skipped_by_profile | length }})</h2>
+<table><tr><th>Test</th><th>Why not</th></tr>
+{% for t in r.run.skipped_by_profile %}<tr><td><code>{{ t.id }}</code></td><td>{{ t.reason }}</td>
+</tr>{% endfor %}</table>
 {%- endif %}
 <h2>Requirements</h2>
 <table>

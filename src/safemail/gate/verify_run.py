@@ -2,11 +2,18 @@
 
 The report directory holds junit.xml, verify.log (pytest's output, also streamed to the
 terminal), report.json and report.html. ``reports/<stage>/latest`` points at the newest one.
+
+The test stage runs the ``full`` profile; its report records the evidence of the run (JUnit
+digest, hosts reached with the host keys seen, inventory hash) and is sealed with the stage's
+SSH key (``report.json.sig``, :mod:`safemail.gate.stage`). Production runs the ``production``
+profile (read-only tests only, verify/profiles.py): a check that never releases, unsealed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -15,14 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 from safemail.errors import SafeMailError
-from safemail.gate import hashing
+from safemail.gate import approvals, hashing, stage
 from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
 from safemail.gate.inventory import InventoryError, read_inventory
 from safemail.gate.report import (
+    CREATED_BY_VERIFY,
+    PROFILES,
     RunMetadata,
     build_report,
-    host_of,
+    host_keys_of,
     parse_junit,
     utc_iso,
     write_report,
@@ -43,6 +54,33 @@ class VerifyOptions:
     requirements: tuple[str, ...] = ()
     catalogue: Path | None = None
     waivers: Path | None = None
+    # full: every test (test stage only); production: read-only tests needing no lab host.
+    # Default: full on the test stage, production anywhere else.
+    profile: str | None = None
+    # Vault secrets for the inventory (production's are vaulted), passed to Ansible as its
+    # own environment settings: testinfra's ansible backend reads the inventory through it.
+    vault_ids: tuple[str, ...] = ()
+    vault_password_file: str | None = None
+
+    def ansible_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.vault_ids:
+            env["ANSIBLE_VAULT_IDENTITY_LIST"] = ",".join(self.vault_ids)
+        if self.vault_password_file:
+            env["ANSIBLE_VAULT_PASSWORD_FILE"] = self.vault_password_file
+        return env
+
+    def __post_init__(self) -> None:
+        if self.profile is None:
+            object.__setattr__(self, "profile", "full" if self.stage == "test" else "production")
+        if self.profile not in PROFILES:
+            raise SafeMailError(f"unknown verify profile {self.profile!r}")
+        if self.profile == "full" and self.stage != "test":
+            raise SafeMailError(
+                f"the full suite reboots hosts, locks volumes, stops the S/MIME gate and needs "
+                f"the lab participants: it runs on the test stage only, not on {self.stage}",
+                f"run `safemail verify --stage {self.stage}` (the read-only production profile)",
+            )
 
 
 @dataclass(frozen=True)
@@ -75,7 +113,11 @@ def update_latest(report_dir: Path) -> Path:
 
 
 def pytest_command(
-    opts: VerifyOptions, junit: Path, catalogue_path: Path, python: str | None = None
+    opts: VerifyOptions,
+    junit: Path,
+    catalogue_path: Path,
+    python: str | None = None,
+    skipped: Path | None = None,
 ) -> list[str]:
     cmd = [
         python or sys.executable,
@@ -92,7 +134,10 @@ def pytest_command(
         "-o",
         "junit_family=xunit1",
         f"--req-catalogue={catalogue_path}",
+        f"--safemail-profile={opts.profile}",
     ]
+    if skipped is not None:
+        cmd += [f"--safemail-profile-skipped={skipped}"]
     if opts.keyword:
         cmd += ["-k", opts.keyword]
     if opts.markexpr:
@@ -102,10 +147,16 @@ def pytest_command(
     return cmd
 
 
-def stream(cmd: Sequence[str], cwd: Path, log: Path, out: IO[str] | None = None) -> int:
+def stream(
+    cmd: Sequence[str],
+    cwd: Path,
+    log: Path,
+    out: IO[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> int:
     """Run cmd, copying its output to ``out`` (default stdout) and to ``log`` as it comes."""
     out = out or sys.stdout
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     # testinfra's ansible backend calls ansible-inventory: prefer the one beside this Python.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PY_COLORS", "1" if out.isatty() else "0")
@@ -129,12 +180,24 @@ def stream(cmd: Sequence[str], cwd: Path, log: Path, out: IO[str] | None = None)
         return proc.wait()
 
 
-def _hosts(repo: Path, stage: str, junit_hosts: Sequence[str]) -> list[str]:
+def _inventory_hosts(repo: Path, stage_name: str) -> list[str]:
     try:
-        return [h.name for h in read_inventory(repo / "inventories" / stage)]
+        return [h.name for h in read_inventory(repo / "inventories" / stage_name)]
     except InventoryError as exc:
-        print(f"safemail verify: hosts taken from test ids ({exc.message})", file=sys.stderr)
-        return sorted(set(junit_hosts))
+        print(f"safemail verify: cannot read the inventory ({exc.message})", file=sys.stderr)
+        return []
+
+
+def _read_skipped(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out.append({"id": str(entry["id"]), "reason": str(entry["reason"])})
+    path.unlink()
+    return out
 
 
 def collect_metadata(
@@ -193,33 +256,79 @@ def run_verify(
             f"unknown requirement id(s): {', '.join(unknown)}",
             f"ids are listed in {catalogue_path}",
         )
-    waivers = load_waivers(opts.waivers or repo / DEFAULT_WAIVERS, known_ids=catalogue.ids)
+    waivers = load_waivers(
+        opts.waivers or repo / DEFAULT_WAIVERS,
+        known_ids=catalogue.ids,
+        never_waivable=catalogue.never_waivable,
+        policy=policy_for_waivers(repo, opts.waivers or repo / DEFAULT_WAIVERS),
+    )
 
     started = dt.datetime.now(dt.UTC)
     report_dir = (report_dir or timestamp_dir(repo / "reports", opts.stage, started)).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
     junit = report_dir / "junit.xml"
-    cmd = pytest_command(opts, junit, catalogue_path)
-    print(f"safemail verify: stage {opts.stage}, report in {report_dir}", file=out, flush=True)
+    skipped_file = report_dir / "profile-skipped.jsonl"
+    cmd = pytest_command(opts, junit, catalogue_path, skipped=skipped_file)
+    print(
+        f"safemail verify: stage {opts.stage}, profile {opts.profile}, report in {report_dir}",
+        file=out,
+        flush=True,
+    )
     print("safemail verify: " + " ".join(cmd[1:]), file=out, flush=True)
-    exit_code = stream(cmd, repo, report_dir / "verify.log", out)
+    exit_code = stream(cmd, repo, report_dir / "verify.log", out, opts.ansible_env())
     finished = dt.datetime.now(dt.UTC)
 
+    inventory_hosts = _inventory_hosts(repo, opts.stage)
+    results = parse_junit([junit], known_hosts=inventory_hosts) if junit.exists() else []
+    host_keys = host_keys_of(results)
+    # The hosts the run reached: those a test ran against, and those whose keys it read.
+    reached = sorted({t.host for t in results if t.host} | set(host_keys))
+    meta = collect_metadata(repo, opts, started, finished, reached, exit_code)
+    meta.created_by = CREATED_BY_VERIFY
+    meta.profile = opts.profile
+    meta.host_keys = host_keys
+    meta.skipped_by_profile = _read_skipped(skipped_file)
     if junit.exists():
-        results = parse_junit([junit])
+        meta.junit_sha256 = hashlib.sha256(junit.read_bytes()).hexdigest()
     else:
-        results = []
-    hosts = _hosts(repo, opts.stage, [h for t in results if (h := host_of(t.id))])
-    results = parse_junit([junit], known_hosts=hosts) if junit.exists() else []
-    meta = collect_metadata(repo, opts, started, finished, hosts, exit_code)
-    if not junit.exists():
         meta.problems.append("pytest wrote no JUnit XML")
     report = build_report(results, catalogue, waivers, meta, generated=finished)
     json_path, html_path, digest = write_report(report, report_dir)
+    sealed = _seal(repo, opts, json_path, out)
     if report_dir.parent.name == opts.stage and report_dir.parent.parent.name == "reports":
         update_latest(report_dir)
     _print_summary(report, json_path, html_path, out)
+    if report["complete"] and opts.profile == "full" and not sealed:
+        print("  not sealed: this report cannot be used to promote", file=out, flush=True)
     return VerifyResult(report_dir, report, digest, 0 if report["verdict"] == "pass" else 1)
+
+
+def policy_for_waivers(repo: Path, waiver_file: Path) -> approvals.Policy | None:
+    """The approval policy, needed (and required to exist) only when there are waivers."""
+    try:
+        if not yaml.safe_load(waiver_file.read_text(encoding="utf-8")):
+            return None
+    except (OSError, yaml.YAMLError):
+        return None  # no file, or load_waivers reports it with its own message
+    return approvals.load_policy(repo)
+
+
+def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> bool:
+    """Seal a full-profile report with the stage's SSH key; False if it cannot be sealed."""
+    if opts.profile != "full" or opts.keyword or opts.markexpr or opts.requirements:
+        return False  # a partial run or the production profile can never release anyway
+    identity = stage.read_stage(repo, opts.stage)
+    key = identity.run_key_private
+    if key is None or not key.is_file():
+        print(f"safemail verify: no readable stage SSH key ({key}) to seal the report",
+              file=out)
+        return False
+    try:
+        stage.seal(json_path, key)
+    except SafeMailError as exc:
+        print(f"safemail verify: cannot seal the report: {exc.message}", file=out)
+        return False
+    return True
 
 
 def _print_summary(report: dict[str, Any], json_path: Path, html_path: Path, out: IO[str]) -> None:

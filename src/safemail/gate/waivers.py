@@ -1,47 +1,71 @@
-"""Waivers (verify/waivers.yml): a written, approved, expiring exception for one requirement.
+"""Waivers (verify/waivers.yml): a signed, bounded, expiring exception for one requirement.
 
 File shape: a YAML list (an empty list when there are none)::
 
     - id: AV-02
       justification: why the requirement cannot hold yet, and what replaces it meanwhile
-      approver: name of the person who approved (head of IT with the security team)
-      expires: 2026-12-31        # the waiver holds through this day, not after
+      granted: 2026-12-06        # first day it holds
+      expires: 2027-03-01        # last day it holds; at most waiver_max_days after granted
+      signatures:                # ssh-keygen -Y sign -n safemail-waiver, one per waiver role
+        - |
+          -----BEGIN SSH SIGNATURE-----
+          ...
 
-An active waiver turns a failing requirement into "waived" in the report. An expired waiver
-waives nothing: the requirement counts as failing again, and the report says so.
+``safemail approval request --waiver AV-02 --justification ... --expires ...`` prints the
+exact text to sign. Who signed is read from the signatures (release/allowed_signers), never
+from a field. An active waiver turns a failing requirement into "waived" in the report. An
+expired one waives nothing. Requirements the catalogue marks ``waivable: false`` (and the
+baseline of :data:`safemail.gate.catalogue.NEVER_WAIVABLE`) cannot be waived at all.
+
+:func:`parse_waivers` checks the shape (pure); :func:`check_signatures` checks lifetime and
+signatures against the approval policy (runs ssh-keygen). :func:`load_waivers` does both when
+given a policy.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from safemail.errors import SafeMailError
 
+if TYPE_CHECKING:
+    from safemail.gate.approvals import Policy
+
 DEFAULT_WAIVERS = Path("verify/waivers.yml")
 
-_FIELDS = ("id", "justification", "approver", "expires")
+_REQUIRED = ("id", "justification", "granted", "expires", "signatures")
 MIN_JUSTIFICATION = 20  # characters: "n/a" or "tbd" is not a written justification
 
 
 class WaiverError(SafeMailError):
-    """The waiver file is malformed."""
+    """The waiver file is malformed, a waiver is not allowed, or not signed as required."""
 
 
 @dataclass(frozen=True)
 class Waiver:
     id: str
     justification: str
-    approver: str
+    approver: str  # who signed, filled in by check_signatures (display only)
     expires: dt.date
+    granted: dt.date | None = None
+    signatures: tuple[str, ...] = field(default=(), repr=False)
 
     def is_active(self, today: dt.date) -> bool:
+        if self.granted is not None and today < self.granted:
+            return False
         return today <= self.expires
+
+    def message(self) -> bytes:
+        from safemail.gate.approvals import waiver_message
+
+        return waiver_message(self.id, self.justification, self.granted or self.expires,
+                              self.expires)
 
     def to_dict(self, today: dt.date | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -69,7 +93,10 @@ def _as_date(value: Any) -> dt.date | None:
 
 
 def parse_waivers(
-    data: Any, origin: str = "<memory>", known_ids: Iterable[str] | None = None
+    data: Any,
+    origin: str = "<memory>",
+    known_ids: Iterable[str] | None = None,
+    never_waivable: Iterable[str] = (),
 ) -> list[Waiver]:
     """Validate parsed YAML; raise WaiverError listing every problem."""
     if data is None:
@@ -80,23 +107,28 @@ def parse_waivers(
             "write `[]` when there are no waivers; see the header of verify/waivers.yml",
         )
     known = set(known_ids) if known_ids is not None else None
+    forbidden = set(never_waivable)
     problems: list[str] = []
     waivers: list[Waiver] = []
     seen: set[str] = set()
     for index, entry in enumerate(data, start=1):
         where = f"{origin}: waiver {index}"
         if not isinstance(entry, dict):
-            problems.append(f"{where}: must be a mapping with {', '.join(_FIELDS)}")
+            problems.append(f"{where}: must be a mapping with {', '.join(_REQUIRED)}")
             continue
         req_id = entry.get("id")
         if isinstance(req_id, str):
             where = f"{where} ({req_id})"
-        missing = [f for f in _FIELDS if entry.get(f) in (None, "")]
+        missing = [f for f in _REQUIRED if entry.get(f) in (None, "", [])]
         if missing:
-            problems.append(f"{where}: missing field(s): {', '.join(missing)}")
-        unknown = sorted(set(map(str, entry)) - set(_FIELDS))
+            what = ", ".join(missing)
+            if "signatures" in missing:
+                what += " (an unsigned waiver waives nothing: `safemail approval request --waiver`)"
+            problems.append(f"{where}: missing field(s): {what}")
+        unknown = sorted(set(map(str, entry)) - set(_REQUIRED))
         if unknown:
-            problems.append(f"{where}: unknown field(s): {', '.join(unknown)}")
+            extra = " (who approved is read from the signatures)" if "approver" in unknown else ""
+            problems.append(f"{where}: unknown field(s): {', '.join(unknown)}{extra}")
         if missing:
             continue
         if not isinstance(req_id, str):
@@ -104,6 +136,10 @@ def parse_waivers(
             continue
         if known is not None and req_id not in known:
             problems.append(f"{where}: id {req_id} is not in the requirement catalogue")
+        if req_id in forbidden:
+            problems.append(
+                f"{where}: {req_id} can never be waived (the catalogue marks it waivable: false)"
+            )
         if req_id in seen:
             problems.append(f"{where}: a second waiver for {req_id}; keep one")
         seen.add(req_id)
@@ -113,32 +149,74 @@ def parse_waivers(
                 f"{where}: justification too short ({len(justification)} characters); "
                 f"write at least {MIN_JUSTIFICATION}"
             )
+        granted = _as_date(entry["granted"])
         expires = _as_date(entry["expires"])
-        if expires is None:
-            problems.append(
-                f"{where}: expires {entry['expires']!r} is not a date (write YYYY-MM-DD)"
-            )
+        for name, value in (("granted", granted), ("expires", expires)):
+            if value is None:
+                problems.append(
+                    f"{where}: {name} {entry[name]!r} is not a date (write YYYY-MM-DD)"
+                )
+        sigs = entry["signatures"]
+        if not isinstance(sigs, list) or not all(isinstance(s, str) for s in sigs):
+            problems.append(f"{where}: signatures must be a list of armored SSH signatures")
             continue
+        if granted is None or expires is None:
+            continue
+        if expires < granted:
+            problems.append(f"{where}: expires {expires} lies before granted {granted}")
         waivers.append(
-            Waiver(
-                id=req_id,
-                justification=justification,
-                approver=" ".join(str(entry["approver"]).split()),
-                expires=expires,
-            )
+            Waiver(req_id, justification, "unverified", expires, granted, tuple(sigs))
         )
     if problems:
         raise WaiverError(
             f"waiver file is invalid ({len(problems)} problem(s)):\n  " + "\n  ".join(problems),
-            f"fix {origin}: each waiver needs {', '.join(_FIELDS)}",
+            f"fix {origin}: each waiver needs {', '.join(_REQUIRED)}",
         )
     return waivers
 
 
+def check_signatures(waivers: Sequence[Waiver], policy: Policy, origin: str) -> list[Waiver]:
+    """Check every waiver's lifetime and signatures; return them with ``approver`` filled in.
+
+    Raise WaiverError naming every waiver that is too long or not signed by the waiver roles.
+    """
+    from safemail.gate import approvals
+
+    problems: list[str] = []
+    out: list[Waiver] = []
+    for w in waivers:
+        where = f"{origin}: waiver {w.id}"
+        assert w.granted is not None  # parse_waivers requires it
+        days = (w.expires - w.granted).days
+        if days > policy.waiver_max_days:
+            problems.append(
+                f"{where}: lasts {days} days ({w.granted} to {w.expires}); "
+                f"the most allowed is {policy.waiver_max_days} (waiver_max_days)"
+            )
+        labels = {f"{w.id}#{n}": s for n, s in enumerate(w.signatures, start=1)}
+        result = approvals.check(
+            policy, labels, w.message(), approvals.WAIVER_NAMESPACE, policy.waiver_roles
+        )
+        problems.extend(f"{where}: {p}" for p in result.problems)
+        out.append(replace(w, approver=result.describe() or "nobody"))
+    if problems:
+        raise WaiverError(
+            f"waiver file is invalid ({len(problems)} problem(s)):\n  " + "\n  ".join(problems),
+            "each waiver needs a signature of every waiver role over the text that "
+            "`safemail approval request --waiver ID ...` prints",
+        )
+    return out
+
+
 def load_waivers(
-    path: Path | str = DEFAULT_WAIVERS, known_ids: Iterable[str] | None = None
+    path: Path | str = DEFAULT_WAIVERS,
+    known_ids: Iterable[str] | None = None,
+    *,
+    never_waivable: Iterable[str] = (),
+    policy: Policy | None = None,
 ) -> list[Waiver]:
-    """Read the waiver file. A missing file means no waivers."""
+    """Read the waiver file (a missing file means no waivers); with a policy, check the
+    signatures and lifetimes too."""
     path = Path(path)
     if not path.exists():
         return []
@@ -148,7 +226,12 @@ def load_waivers(
         raise WaiverError(f"{path} is not valid YAML: {exc}", "fix the file's syntax") from exc
     except OSError as exc:
         raise WaiverError(f"cannot read waiver file {path}: {exc}") from exc
-    return parse_waivers(data, origin=str(path), known_ids=known_ids)
+    waivers = parse_waivers(
+        data, origin=str(path), known_ids=known_ids, never_waivable=never_waivable
+    )
+    if policy is not None and waivers:
+        waivers = check_signatures(waivers, policy, str(path))
+    return waivers
 
 
 def by_id(waivers: Sequence[Waiver]) -> dict[str, Waiver]:

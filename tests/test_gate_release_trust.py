@@ -1,0 +1,417 @@
+"""Issue 16: every way around the release gate that the issue names, each refused with a reason.
+
+A report must be the sealed evidence of a real run on the stage as it is now; a release needs
+the signatures of the approver roles with distinct people and keys; waivers are bounded and
+signed. Keys are throwaway ed25519 keys made in tmp directories (tests/gatekit.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import gatekit
+import pytest
+import yaml
+
+from safemail.cli import main
+from safemail.gate import approvals, promote, signing
+from safemail.gate.catalogue import NEVER_WAIVABLE, load_catalogue
+from safemail.gate.waivers import WaiverError, load_waivers
+
+NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+ALICE, BOB, CAROL = "alice@example.invalid", "bob@example.invalid", "carol@example.invalid"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> gatekit.Project:
+    return gatekit.make_project(tmp_path)
+
+
+def _report(project: gatekit.Project, *, approve: bool = True, **kw) -> Path:
+    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), **kw)
+    if approve:
+        gatekit.approve(project, path, ALICE, BOB)
+    return path
+
+
+def _reasons(project: gatekit.Project, report: Path) -> list[str]:
+    decision = promote.evaluate(project.root, report, now=NOW)
+    assert not decision.allowed
+    return decision.reasons
+
+
+def _only(reasons: list[str], needle: str) -> None:
+    assert len(reasons) == 1 and needle in reasons[0], reasons
+
+
+def test_the_honest_release_is_allowed_and_the_operator_comes_from_the_signature(
+    project: gatekit.Project,
+) -> None:
+    decision = promote.evaluate(project.root, _report(project), now=NOW)
+    assert decision.allowed, decision.reasons
+    assert decision.operator == ALICE
+    assert {(s.role, s.principal) for s in decision.approvers} == {
+        ("head-of-it", ALICE), ("it-security", BOB)}
+
+
+# ------------------------------------------------------------------ the report is a real run
+
+
+def test_forged_junit_through_safemail_report_is_refused(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's walk: a hand-written JUnit with one passing test per requirement."""
+    monkeypatch.chdir(project.root)
+    monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
+    ids = load_catalogue(project.root / "verify" / "requirements.yml").ids
+    forged = project.root / "reports" / "test" / "forged"
+    forged.mkdir(parents=True)
+    (forged / "junit.xml").write_text(gatekit.junit_text(list(ids), {}))
+    # 1. No run behind it: `safemail report` does not stamp it with the checkout's revision.
+    assert main(["report", str(forged / "junit.xml")]) == 2
+    assert "never stamps JUnit XML with the checkout's revision" in capsys.readouterr().err
+    assert not (forged / "report.json").exists()
+    # 2. Slipped into a real (sealed, approved) run's directory instead of its own JUnit.
+    run = _report(project, failing=("MAIL-03",)).parent
+    shutil.copy(forged / "junit.xml", run / "junit.xml")
+    assert main(["report", str(run / "junit.xml")]) == 2  # a sealed report is not overwritten
+    assert "would destroy the evidence" in capsys.readouterr().err
+    (run / "report.json.sig").unlink()
+    assert main(["report", str(run / "junit.xml")]) == 0  # re-rendered: now it "passes"
+    capsys.readouterr()
+    assert json.loads((run / "report.json").read_text())["verdict"] == "pass"
+    (project.root / "reports" / "test" / "latest").symlink_to("run")
+    assert main(["promote", "--to", "production", "--dry-run"]) == 3
+    out = capsys.readouterr().out
+    for needle in ("made by `safemail report`", "junit.xml does not match",
+                   "not sealed", "does not match the text to approve"):
+        assert needle in out, (needle, out)
+
+
+def test_report_edited_after_the_run_is_refused(project: gatekit.Project) -> None:
+    path = _report(project, failing=("MAIL-03",), approve=False)
+    data = json.loads(path.read_text())
+    for row in data["requirements"]:  # flip the failing row to pass, consistently
+        if row["id"] == "MAIL-03":
+            row.update(status="pass", counts_as_failure=False, reason="1 test(s) passed")
+            row["tests"][0]["outcome"] = "passed"
+    data.update(verdict="pass", failing_requirements=[])
+    path.write_text(json.dumps(data))
+    gatekit.approve(project, path, ALICE, BOB)  # even approved as it now is
+    _only(_reasons(project, path), "report.json was changed after `safemail verify` wrote it")
+
+
+def test_report_resealed_with_another_key_is_refused(project: gatekit.Project) -> None:
+    path = _report(project, approve=False)
+    other, _pub = gatekit.keygen(project.keys, "not-the-stage")
+    from safemail.gate import stage
+
+    stage.seal(path, other)
+    gatekit.approve(project, path, ALICE, BOB)
+    _only(_reasons(project, path), "sealed with another key than the stage's")
+
+
+def test_unsealed_report_is_refused(project: gatekit.Project) -> None:
+    _only(_reasons(project, _report(project, seal=False)), "the report is not sealed")
+
+
+def test_junit_replaced_or_missing_is_refused(project: gatekit.Project) -> None:
+    path = _report(project)
+    junit = path.parent / "junit.xml"
+    junit.write_text(junit.read_text().replace('time="0.1"', 'time="0.2"', 1))
+    _only(_reasons(project, path), "junit.xml does not match the digest the report recorded")
+    junit.unlink()
+    _only(_reasons(project, path), "junit.xml is missing beside the report")
+
+
+def test_foreign_host_is_refused(project: gatekit.Project) -> None:
+    hosts = {h: [project.fingerprint(h)] for h in project.host_keys}
+    hosts["evil1"] = ["SHA256:" + "A" * 43]
+    _only(_reasons(project, _report(project, hosts=hosts)),
+          "hosts that are not in the test stage: evil1")
+
+
+def test_missing_service_host_is_refused(project: gatekit.Project) -> None:
+    hosts = {h: [project.fingerprint(h)] for h in ("relay1", "practice1")}
+    _only(_reasons(project, _report(project, hosts=hosts)),
+          "did not reach these service hosts of the test stage: store1")
+
+
+def test_empty_host_list_is_refused(project: gatekit.Project) -> None:
+    reasons = _reasons(project, _report(project, hosts={}))
+    assert any("did not reach these service hosts of the test stage: relay1, store1" in r
+               for r in reasons), reasons
+
+
+def test_changed_host_key_is_refused(project: gatekit.Project) -> None:
+    path = _report(project)
+    project.recreate_host("relay1")
+    _only(_reasons(project, path), "the SSH host key of relay1 differs")
+
+
+def test_host_without_recorded_key_is_refused(project: gatekit.Project) -> None:
+    hosts = {h: [project.fingerprint(h)] for h in project.host_keys}
+    hosts["store1"] = []
+    _only(_reasons(project, _report(project, hosts=hosts)),
+          "the run recorded no SSH host key for store1")
+
+
+def test_inventory_changed_since_the_run_is_refused(project: gatekit.Project) -> None:
+    path = _report(project)
+    generated = project.root / "inventories" / "test" / "zz_lab_generated.yml"
+    generated.write_text(generated.read_text() + "# rebuilt\n")
+    _only(_reasons(project, path), "inventory hash differs")
+
+
+def test_production_profile_report_never_releases(project: gatekit.Project) -> None:
+    _only(_reasons(project, _report(project, profile="production")),
+          "production profile (a read-only check, not a proof): it can never release")
+
+
+def test_report_from_another_revision_is_refused(project: gatekit.Project) -> None:
+    path = _report(project)
+    gatekit.write(project.root, "docs/readme.md", "changed\n")
+    gatekit.git(project.root, "commit", "-qam", "docs")
+    _only(_reasons(project, path), "the report is for revision")
+
+
+def test_re_rendering_keeps_the_run_revision(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _report(project)
+    tested = json.loads(path.read_text())["revision"]["commit"]
+    gatekit.write(project.root, "docs/readme.md", "changed\n")
+    gatekit.git(project.root, "commit", "-qam", "docs")
+    monkeypatch.chdir(project.root)
+    other = project.root / "reports" / "rerendered"
+    assert main(["report", str(path.parent / "junit.xml"), "--out", str(other)]) == 0
+    data = json.loads((other / "report.json").read_text())
+    assert data["revision"]["commit"] == tested
+    assert data["run"]["created_by"] == "safemail report"
+    assert not (other / "report.json.sig").exists()
+    assert promote.evaluate(project.root, path, now=NOW).reasons  # the original: other revision
+    reasons = _reasons(project, other / "report.json")
+    assert any("made by `safemail report`" in r for r in reasons), reasons
+
+
+# ------------------------------------------------------------------ approvals
+
+
+def test_one_signature_only_is_refused(project: gatekit.Project) -> None:
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE)
+    _only(_reasons(project, path), "no valid signature for the role(s) it security (it-security)")
+
+
+def test_same_person_twice_is_refused(project: gatekit.Project) -> None:
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE)
+    sig = (path.parent / "approvals" / "alice.sig").read_text()
+    (path.parent / "approvals" / "alice-again.sig").write_text(sig)
+    _only(_reasons(project, path), "no valid signature for the role(s) it security")
+
+
+def test_one_person_holding_both_roles_fills_one(tmp_path: Path) -> None:
+    project = gatekit.make_project(
+        tmp_path, roles={"head-of-it": [ALICE], "it-security": [ALICE, BOB]})
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE)
+    _only(_reasons(project, path), "no valid signature for the role(s)")
+    gatekit.approve(project, path, BOB)
+    assert promote.evaluate(project.root, path, now=NOW).allowed
+
+
+def test_one_person_with_two_keys_fills_one_role(tmp_path: Path) -> None:
+    """Alice holds both roles (a deputy arrangement) and has two keys: still one person."""
+    project = gatekit.make_project(
+        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]})
+    second, second_pub = gatekit.keygen(project.keys, "alice-second")
+    signers = project.root / "release" / "allowed_signers"
+    signers.write_text(signers.read_text()
+                       + f'{ALICE} namespaces="safemail-release" {second_pub}\n')
+    gatekit.git(project.root, "commit", "-qam", "alice's second key")
+    project.approvers["alice-second"] = second
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE)
+    gatekit.approve(project, path, "alice-second")
+    _only(_reasons(project, path), "one person, one key, one role")
+    gatekit.approve(project, path, BOB)
+    assert promote.evaluate(project.root, path, now=NOW).allowed
+
+
+def test_one_key_under_two_names_fills_one_role(project: gatekit.Project) -> None:
+    """Another copy of a key: bob's principal listed with alice's key as well."""
+    signers = project.root / "release" / "allowed_signers"
+    alice_pub = (project.keys / "alice.pub").read_text().strip()
+    signers.write_text(signers.read_text()
+                       + f'{BOB} namespaces="safemail-release" {alice_pub}\n')
+    gatekit.git(project.root, "commit", "-qam", "bob's second key")
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE)
+    gatekit.approve(project, path, BOB, key_of=ALICE)  # "bob" signs with alice's key
+    _only(_reasons(project, path), "one person, one key, one role")
+
+
+def test_unknown_signer_is_refused(project: gatekit.Project) -> None:
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, ALICE, CAROL)  # carol has a key but no role
+    reasons = _reasons(project, path)
+    assert any("carol@example.invalid holds none of the roles" in r for r in reasons), reasons
+    stranger, _pub = gatekit.keygen(project.keys, "stranger")
+    project.approvers["stranger"] = stranger
+    gatekit.approve(project, path, "stranger")
+    reasons = _reasons(project, path)
+    assert any("is not in release/allowed_signers (unknown signer)" in r for r in reasons)
+
+
+def test_signature_of_another_text_or_namespace_is_refused(project: gatekit.Project) -> None:
+    old = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=2),
+                              out=project.root / "reports" / "test" / "old")
+    gatekit.approve(project, old, ALICE, BOB)  # approvals of an earlier run
+    path = _report(project, approve=False)
+    shutil.copytree(old.parent / "approvals", path.parent / "approvals")
+    reasons = _reasons(project, path)
+    assert sum("does not match the text to approve" in r for r in reasons) == 2, reasons
+    shutil.rmtree(path.parent / "approvals")
+    message = approvals.release_message(json.loads(path.read_text()),
+                                        promote.file_digest(path))
+    (path.parent / "approvals").mkdir()
+    for who in (ALICE, BOB):
+        (path.parent / "approvals" / f"{who}.sig").write_text(
+            signing.sign(project.approvers[who], approvals.WAIVER_NAMESPACE, message))
+    reasons = _reasons(project, path)
+    assert sum("made for namespace 'safemail-waiver'" in r for r in reasons) == 2, reasons
+
+
+def test_missing_approval_policy_is_refused(project: gatekit.Project) -> None:
+    path = _report(project)
+    (project.root / "release" / "approvers.yml").unlink()
+    reasons = _reasons(project, path)
+    assert any(r.startswith("approvals cannot be checked: approval policy") for r in reasons)
+
+
+def test_approval_request_and_status(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(project.root)
+    path = _report(project, approve=False)
+    args = ["approval", "request", "--report", str(path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    request = path.parent / "approvals" / "request.txt"
+    assert request.read_bytes() == approvals.release_message(
+        json.loads(path.read_text()), promote.file_digest(path))
+    assert f"report-sha256: {promote.file_digest(path)}" in out
+    assert "ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n safemail-release" in out
+    assert main(["approval", "status", "--report", str(path)]) == 3
+    gatekit.approve(project, path, ALICE, BOB)
+    assert main(["approval", "status", "--report", str(path)]) == 0
+    assert "signed: it-security: bob@example.invalid" in capsys.readouterr().out
+    assert main(["approval", "request", "--expires", "2027-01-01"]) == 2
+
+
+# ------------------------------------------------------------------ waivers
+
+
+def _waiver(project: gatekit.Project, req_id: str = "AV-02", days: int = 60,
+            signers: tuple[str, ...] = (ALICE, BOB)) -> dict:
+    why = "The second relay arrives with the new cluster in Q1."
+    granted = dt.date(2026, 11, 20)
+    expires = granted + dt.timedelta(days=days)
+    return {"id": req_id, "justification": why, "granted": granted.isoformat(),
+            "expires": expires.isoformat(),
+            "signatures": [gatekit.sign_waiver(project, s, req_id, why, granted, expires)
+                           for s in signers]}
+
+
+def _load(project: gatekit.Project, entries: list[dict]):
+    path = project.root / "verify" / "waivers.yml"
+    path.write_text(yaml.safe_dump(entries))
+    catalogue = load_catalogue(project.root / "verify" / "requirements.yml")
+    return load_waivers(path, catalogue.ids, never_waivable=catalogue.never_waivable,
+                        policy=approvals.load_policy(project.root))
+
+
+def test_signed_bounded_waiver_is_accepted_with_approvers_from_the_signatures(
+    project: gatekit.Project,
+) -> None:
+    [waiver] = _load(project, [_waiver(project)])
+    assert ALICE in waiver.approver and BOB in waiver.approver
+    assert waiver.is_active(dt.date(2026, 12, 1)) and not waiver.is_active(dt.date(2026, 11, 19))
+
+
+def test_over_long_waiver_is_refused(project: gatekit.Project) -> None:
+    with pytest.raises(WaiverError, match="lasts 120 days .* the most allowed is 90"):
+        _load(project, [_waiver(project, days=120)])
+
+
+def test_unsigned_waiver_is_refused(project: gatekit.Project) -> None:
+    entry = _waiver(project)
+    entry["signatures"] = []
+    with pytest.raises(WaiverError, match="missing field.*signatures.*unsigned waiver"):
+        _load(project, [entry])
+    entry = _waiver(project, signers=(ALICE,))
+    with pytest.raises(WaiverError, match="no valid signature for the role"):
+        _load(project, [entry])
+    entry = _waiver(project)
+    entry["expires"] = "2027-01-10"  # changed after signing
+    with pytest.raises(WaiverError, match="does not match the text to approve"):
+        _load(project, [entry])
+
+
+def test_gate_refuses_while_the_waiver_file_is_invalid(project: gatekit.Project) -> None:
+    path = project.root / "verify" / "waivers.yml"
+    path.write_text(yaml.safe_dump([_waiver(project, days=120)]))  # over-long
+    gatekit.git(project.root, "add", "-A")
+    gatekit.git(project.root, "commit", "-qm", "an over-long waiver")
+    reasons = _reasons(project, _report(project))
+    assert len(reasons) == 1 and reasons[0].startswith("waivers: waiver file is invalid"), reasons
+    assert "lasts 120 days" in reasons[0]
+
+
+def test_free_text_approver_field_is_refused(project: gatekit.Project) -> None:
+    entry = _waiver(project)
+    entry["approver"] = "Head of IT"
+    with pytest.raises(WaiverError, match="unknown field.*approver.*read from the signatures"):
+        _load(project, [entry])
+
+
+@pytest.mark.parametrize("req_id", NEVER_WAIVABLE)
+def test_never_waivable_ids_are_refused(project: gatekit.Project, req_id: str) -> None:
+    with pytest.raises(WaiverError, match=f"{req_id} can never be waived"):
+        _load(project, [_waiver(project, req_id=req_id)])
+
+
+def test_catalogue_marks_the_never_waivable_ids(tmp_path: Path) -> None:
+    catalogue = load_catalogue(gatekit.REPO / "verify" / "requirements.yml")
+    marked = {r.id for r in catalogue if not r.waivable}
+    assert set(NEVER_WAIVABLE) <= marked
+    # A catalogue that stops marking one does not make it waivable.
+    data = yaml.safe_load((gatekit.REPO / "verify" / "requirements.yml").read_text())
+    for entry in data["requirements"]:
+        entry.pop("waivable", None)
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(data))
+    assert set(NEVER_WAIVABLE) <= set(load_catalogue(tmp_path / "r.yml").never_waivable)
+
+
+def test_waiver_request_prints_the_text_and_refuses_bad_input(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(project.root)
+    base = ["approval", "request", "--waiver", "AV-02", "--justification",
+            "The second relay arrives with the new cluster in Q1.", "--granted", "2026-11-20"]
+    assert main([*base, "--expires", "2027-01-19", "--out", "w.txt"]) == 0
+    out = capsys.readouterr().out
+    expected = approvals.waiver_message(
+        "AV-02", "The second relay arrives with the new cluster in Q1.",
+        dt.date(2026, 11, 20), dt.date(2027, 1, 19))
+    assert expected.decode() in out
+    assert (project.root / "w.txt").read_bytes() == expected
+    assert "-n safemail-waiver" in out
+    assert main([*base, "--expires", "2027-06-01"]) == 2
+    assert "allowed: 0 to 90 days" in capsys.readouterr().err
+    assert main([*base[:3], "MAIL-03", *base[4:], "--expires", "2027-01-01"]) == 2
+    assert "can never be waived" in capsys.readouterr().err
