@@ -936,3 +936,16 @@ def test_any_change_of_a_large_body_as_the_whole_classifier(
 ) -> None:
     body = _BIG_BODY[:pos] + new + _BIG_BODY[pos + 1 :]
     check_raw(_BIG_HEAD + b"\r\n\r\n" + body, sizes)
+
+
+@pytest.mark.req("MAIL-03")
+@pytest.mark.parametrize("cut", [13478, 20_001, 100_000, 150_002])
+@pytest.mark.parametrize("sizes", [[70001], [65536], [1_000_000]])
+def test_der_cut_short_inside_the_counted_content(cut: int, sizes: list[int]) -> None:
+    """The envelope's DER ends inside the encrypted content: the content still claims its
+    full length, so the body's final padding falls inside the counted stretch. Its verdict
+    is the decoder's and the whole classifier's (found by test_mutated_messages)."""
+    der = samples.enveloped_der(content_size=200_000)[:cut]
+    for padding in range(3):  # lengths that end in "==", "=" and no padding
+        raw = samples.smime_message(der[: len(der) - padding])
+        assert not check_raw(raw, sizes).accepted

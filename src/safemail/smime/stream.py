@@ -407,10 +407,14 @@ class _Base64Body:
             walker = self._walker
             if walker is None or not decoder.countable():
                 break
-            # Whole groups of the content only: a valid "=" sits in the group that decodes to
-            # the content's last one or two bytes, never in these; an "=" here is refused by
-            # count() as the decoder refuses it (nothing but "=" may follow one).
+            # Whole groups before any "=": the padding at the end of the body is the decoder's
+            # to judge. (It can fall inside the content's declared length: a DER cut short
+            # still claims its full length, and must get the decoder's verdict, not
+            # count()'s refusal of "=" as a bad character.)
             groups = min(walker.counting() // 3, len(compact) // 4)
+            pad = compact.find(b"=", 0, groups * 4)
+            if pad >= 0:
+                groups = pad // 4
             if not groups:
                 break
             view = memoryview(compact)
