@@ -85,11 +85,12 @@ def checkout(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("workers", [0, 2])  # xdist: only its workers collect
 def test_production_profile_runs_only_read_only_tests_and_says_why_not(
-    checkout: Path,
+    checkout: Path, workers: int
 ) -> None:
     out = io.StringIO()
-    result = run_verify(checkout, VerifyOptions(stage="production", workers=0), out=out)
+    result = run_verify(checkout, VerifyOptions(stage="production", workers=workers), out=out)
     log = out.getvalue()
     report = result.report
     assert report["run"]["profile"] == "production"

@@ -106,7 +106,10 @@ def pytest_collection_modifyitems(
         items[:] = keep
     config.stash[_skipped_key] = skipped
     path = config.getoption("--safemail-profile-skipped")
-    if path and not hasattr(config, "workerinput"):  # the controller writes it once
+    # Under xdist only the workers collect (the controller never runs this hook), each the
+    # same items: the first worker writes the list; without xdist the one process does.
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if path and worker in (None, "gw0"):
         Path(path).write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
 
 
@@ -119,7 +122,12 @@ def pytest_terminal_summary(
     del exitstatus
     if config.getoption("--safemail-profile") != "production":
         return
-    skipped = config.stash.get(_skipped_key, [])
+    skipped = config.stash.get(_skipped_key, None)
+    path = config.getoption("--safemail-profile-skipped")
+    if skipped is None and path and Path(path).is_file():  # the xdist controller: from gw0
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        skipped = [json.loads(line) for line in lines if line.strip()]
+    skipped = skipped or []
     terminalreporter.section(
         f"SafeMail production profile: {len(skipped)} test(s) not run", sep="=", bold=True
     )
