@@ -427,3 +427,23 @@ def test_controller_bill_command_and_its_refusals(tmp_path: Path, capsys) -> Non
     with pytest.raises(SystemExit) as exc:
         main_cli.main(["accounting", "bill", "--quarter", "2026Q3"])  # no --stage
     assert exc.value.code == 2 and "--stage" in capsys.readouterr().err
+
+
+def test_bill_command_opens_an_encrypted_vault_with_the_client(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Production's vault.yml is ciphertext: the bill run gets the vault client's --vault-id
+    as promote and patch do (without it ansible-playbook stops at the inventory)."""
+    from safemail.accounting import control
+
+    for name in ("ANSIBLE_VAULT_IDENTITY_LIST", "ANSIBLE_VAULT_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    vault_file = tmp_path / "inventories" / "production" / "group_vars" / "all" / "vault.yml"
+    vault_file.parent.mkdir(parents=True)
+    vault_file.write_text("$ANSIBLE_VAULT;1.2;AES256;production\n6162\n")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "vault-pass-client").write_text("#!/bin/sh\n")
+    cmd = control.bill_command("ansible-playbook", tmp_path, "production", "2026q3", "ops")
+    assert cmd[cmd.index("--vault-id") + 1] == (
+        f"production@{tmp_path / 'scripts' / 'vault-pass-client'}")
+    plain = control.bill_command("ansible-playbook", tmp_path, "test", "2026q3", "ops")
+    assert "--vault-id" not in plain

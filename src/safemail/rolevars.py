@@ -13,8 +13,9 @@ Two uses:
 - ``check``: every host of an inventory, every role: a missing required option, a value of the
   wrong type or one that cannot be templated is a :class:`Problem` naming host, role and option
   (tests/test_inventory_specs.py runs it for the test and the production inventory);
-- ``render``: the templated values, to compare an inventory before and after a refactoring
-  (``python -m safemail.rolevars render ...``: two runs, then ``diff``).
+- the JSON it prints holds the templated values, to compare an inventory before and after a
+  refactoring (``python -m safemail.rolevars --inventory ... --playbook ...``: two runs, then
+  ``diff``).
 
 Ansible keeps global state (config, plugin loaders, CLI arguments), so callers run this
 module in a subprocess with ``ANSIBLE_CONFIG`` set to the project's ansible.cfg

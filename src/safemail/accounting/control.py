@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from safemail import vault
 from safemail.accounting.ledger import normalise_quarter
 from safemail.errors import SafeMailError, UsageError
 from safemail.gate import promote
@@ -24,7 +25,8 @@ def bill_command(ansible_playbook: str, repo: Path, stage: str, quarter: str, op
         raise UsageError(f"unknown stage {stage!r}", f"use one of {', '.join(apply.STAGES)}")
     if not operator.strip():
         raise UsageError("--operator must name the person who bills")
-    cmd = [ansible_playbook, "-i", str(repo / "inventories" / stage),
+    inventory = repo / "inventories" / stage
+    cmd = [ansible_playbook, "-i", str(inventory), *vault.vault_args(repo, inventory),
            str(repo / "playbooks" / "accounting-bill.yml"),
            "-e", f"accounting_quarter={normalise_quarter(quarter)}",
            "-e", f"accounting_operator={operator.strip()}"]
