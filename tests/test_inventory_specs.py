@@ -439,3 +439,30 @@ def test_the_patch_run_names_the_vault_client(monkeypatch):
     assert cmd[3:5] == ["--vault-id", f"production@{REPO / 'scripts/vault-pass-client'}"]
     assert "--vault-id" not in apply.playbook_command("ansible-playbook", REPO, "test",
                                                       ["auth1"], "alice")
+
+
+def test_a_string_where_a_list_belongs_fails_naming_the_option(tmp_path):
+    """Ansible's own check turns "a b" into ["a b"] and says nothing; the NTP template would
+    then join the characters of one server name. The spec check refuses it."""
+    copy = Copy("production", tmp_path)
+    text = (copy.path / "group_vars/all/common.yml").read_text()
+    servers = re.search(r"common_ntp_servers:\n((?: +- .*\n)+)", text)
+    assert servers, text
+    (copy.path / "group_vars/all/common.yml").write_text(
+        text.replace(servers.group(0), 'common_ntp_servers: "10.77.4.5 10.77.4.6"\n'))
+    problems = _problems(copy.render())
+    assert any(p.startswith("host auth1.safenet.example, role common, option "
+                            "common_ntp_servers: is a string, not a list") for p in problems), \
+        problems
+
+
+def test_an_empty_required_string_fails_naming_the_option(tmp_path):
+    copy = Copy("production", tmp_path)
+    text = (copy.path / "group_vars/all/common.yml").read_text()
+    url = re.search(r"common_apt_mirror_url: .*\n", text)
+    assert url, text
+    (copy.path / "group_vars/all/common.yml").write_text(
+        text.replace(url.group(0), 'common_apt_mirror_url: ""\n'))
+    problems = _problems(copy.render())
+    assert ("host auth1.safenet.example, role common, option common_apt_mirror_url: required, "
+            "but empty" in problems), problems

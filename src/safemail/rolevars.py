@@ -192,6 +192,22 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
                     if body.get("required") and args.get(name) is None and name not in failed:
                         problems.append(vars(Problem(host.name, role.get_name(), name,
                                                      "required, but not set")))
+                for name, body in sorted(spec.items()):
+                    value = args.get(name)
+                    if name in failed or value is None:
+                        continue
+                    # Ansible's validator turns a string into a one-item list (and a string of
+                    # commas into several) without complaint; a template's `join` over such a
+                    # value then writes it character by character. A list or dict option must
+                    # be one in the inventory.
+                    if body.get("type") in ("list", "dict") and isinstance(value, str):
+                        problems.append(vars(Problem(
+                            host.name, role.get_name(), name,
+                            f"is a string, not a {body['type']}: write it as a YAML "
+                            f"{'list' if body['type'] == 'list' else 'mapping'}")))
+                    elif body.get("required") and isinstance(value, str) and not value.strip():
+                        problems.append(vars(Problem(host.name, role.get_name(), name,
+                                                     "required, but empty")))
                 result = ArgumentSpecValidator(spec).validate(
                     args, validate_role_argument_spec=True)
                 for err in result.errors:
