@@ -71,6 +71,7 @@ def test_hashes_cover_deployable_files_only(repo: Path) -> None:
         "roles/mailrelay/tasks/main.yml",
         "playbooks/site.yml",
         "inventories/test/hosts.yml",
+        "inventories/production/hosts.yml",  # what promote deploys to
         "verify/requirements.yml",
     }
     assert content.digest == hashing.content_hash(repo, "test").digest  # deterministic

@@ -8,8 +8,10 @@ signed. Keys are throwaway ed25519 keys made in tmp directories (tests/gatekit.p
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import gatekit
@@ -415,3 +417,165 @@ def test_waiver_request_prints_the_text_and_refuses_bad_input(
     assert "allowed: 0 to 90 days" in capsys.readouterr().err
     assert main([*base[:3], "MAIL-03", *base[4:], "--expires", "2027-01-01"]) == 2
     assert "can never be waived" in capsys.readouterr().err
+
+
+# ------------------------------------------------- issue 16 review: holes around the gate
+
+
+def _subset_catalogue(tmp_path: Path, drop: str) -> Path:
+    data = yaml.safe_load((gatekit.REPO / "verify" / "requirements.yml").read_text())
+    data["requirements"] = [r for r in data["requirements"] if r["id"] != drop]
+    path = tmp_path / "other-requirements.yml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+def test_report_judged_against_another_catalogue_is_refused(
+    project: gatekit.Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`safemail verify --catalogue OTHER.yml` without MAIL-03: the report passes what it
+    lists. Promote compares its catalogue with the checkout's verify/requirements.yml."""
+    other = _subset_catalogue(tmp_path, "MAIL-03")
+    monkeypatch.setattr(gatekit, "load_catalogue", lambda _path: load_catalogue(other))
+    path = _report(project)
+    _only(_reasons(project, path), "another requirement catalogue than the checkout's")
+
+
+def test_report_with_requirements_left_out_is_refused(project: gatekit.Project) -> None:
+    """The catalogue digest is right, but the requirement rows are not the catalogue's."""
+    path = _report(project, approve=False)
+    data = json.loads(path.read_text())
+    data["requirements"] = [r for r in data["requirements"] if r["id"] != "MAIL-03"]
+    path.write_text(json.dumps(data))
+    from safemail.gate import stage
+
+    stage.seal(path, project.stage_key)  # whoever holds the stage key (docs: Known limits)
+    gatekit.approve(project, path, ALICE, BOB)
+    _only(_reasons(project, path), "not the catalogue's (missing MAIL-03)")
+
+
+def test_verify_does_not_seal_with_another_catalogue(
+    project: gatekit.Project, tmp_path: Path
+) -> None:
+    from safemail.gate import verify_run
+
+    path = gatekit.make_report(project, finished=NOW, seal=False)
+    out = io.StringIO()
+    opts = verify_run.VerifyOptions(catalogue=_subset_catalogue(tmp_path, "MAIL-03"))
+    assert verify_run._seal(project.root, opts, path, out) is False
+    assert "not sealed: --catalogue" in out.getvalue()
+    assert not path.with_name("report.json.sig").exists()
+    default = verify_run.VerifyOptions(catalogue=project.root / "verify" / "requirements.yml")
+    assert verify_run._seal(project.root, default, path, out) is True
+
+
+@pytest.mark.parametrize("flag", ["--skip-worktree", "--assume-unchanged"])
+def test_edits_hidden_from_git_status_make_the_checkout_dirty(
+    project: gatekit.Project, flag: str
+) -> None:
+    """Mallory adds two keys of hers to the policy in the working tree only and hides the edit
+    from `git status`; the report is made and approved after it."""
+    root = project.root
+    policy = yaml.safe_load((root / "release" / "approvers.yml").read_text())
+    with (root / "release" / "allowed_signers").open("a") as handle:
+        for name, role in (("mallory", "head-of-it"), ("mallory-sec", "it-security")):
+            key, public = gatekit.keygen(project.keys, name)
+            project.approvers[f"{name}@x"] = key
+            handle.write(f'{name}@x namespaces="safemail-release" {public}\n')
+            policy["roles"][role]["principals"].append(f"{name}@x")
+    (root / "release" / "approvers.yml").write_text(yaml.safe_dump(policy))
+    gatekit.write(root, "roles/common/tasks/main.yml", "- name: not what was reviewed\n")
+    hidden = ["release/allowed_signers", "release/approvers.yml", "roles/common/tasks/main.yml"]
+    gatekit.git(root, "update-index", flag, *hidden)
+    assert gatekit.git(root, "status", "--porcelain") == ""
+    path = _report(project, approve=False)
+    gatekit.approve(project, path, "mallory@x", "mallory-sec@x")
+    decision = promote.evaluate(root, path, now=NOW)
+    assert not decision.allowed
+    text = "\n".join(decision.reasons)
+    assert "the report was made from a checkout with uncommitted changes" in text
+    for rel in hidden:
+        assert f"{rel} (hidden from git status by skip-worktree or assume-unchanged)" in text
+
+
+def test_approval_policy_is_used_only_as_committed(project: gatekit.Project) -> None:
+    signers = project.root / "release" / "allowed_signers"
+    signers.write_text(signers.read_text() + "# an edit nobody reviewed\n")
+    gatekit.git(project.root, "update-index", "--assume-unchanged", "release/allowed_signers")
+    with pytest.raises(approvals.ApprovalError, match="differs from the committed revision"):
+        approvals.load_policy(project.root)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "playbooks/group_vars/all/zz.yml",
+        "roles/common/defaults/main.yml",
+        "inventories/production/group_vars/all.yml",
+        "verify/waivers.yml",
+        "src/safemail/extra.py",
+        "conftest.py",
+    ],
+)
+def test_git_ignored_files_where_they_change_the_deployment_are_refused(
+    project: gatekit.Project, rel: str
+) -> None:
+    path = _report(project)
+    gatekit.write(project.root, rel, "[]\n")
+    with (project.root / ".git" / "info" / "exclude").open("a") as handle:
+        handle.write(f"/{rel}\n")
+    assert gatekit.git(project.root, "status", "--porcelain") == ""
+    _only(_reasons(project, path), f"uncommitted changes: {rel} (git-ignored)")
+
+
+def test_ignored_caches_are_allowed(project: gatekit.Project) -> None:
+    path = _report(project)
+    gatekit.write(project.root, ".gitignore",
+                  (project.root / ".gitignore").read_text() + "__pycache__/\n*.pyc\n")
+    gatekit.git(project.root, "commit", "-qam", "ignore caches")
+    path = _report(project)
+    gatekit.write(project.root, "verify/__pycache__/conftest.cpython-312.pyc", "x")
+    gatekit.write(project.root, "roles/common/library/mod.pyc", "x")
+    decision = promote.evaluate(project.root, path, now=NOW)
+    assert decision.allowed, decision.reasons
+
+
+def test_cert_authority_signers_are_refused(project: gatekit.Project) -> None:
+    """One key with two certificates (one per principal) from a CA the allowed_signers trusts
+    would fill both roles: cert-authority lines are not accepted."""
+    keys = project.keys
+    ca, ca_public = gatekit.keygen(keys, "ca")
+    key, _public = gatekit.keygen(keys, "alicekey")
+    for n, principal in ((1, ALICE), (2, BOB)):
+        shutil.copy(key, keys / f"a{n}")
+        shutil.copy(key.with_suffix(".pub"), keys / f"a{n}.pub")
+        subprocess.run(["ssh-keygen", "-q", "-s", str(ca), "-I", f"cert{n}", "-n", principal,
+                        str(keys / f"a{n}.pub")], check=True)
+        project.approvers[principal] = keys / f"a{n}-cert.pub"
+    (project.root / "release" / "allowed_signers").write_text(
+        f'{ALICE},{BOB} cert-authority,namespaces="safemail-release,safemail-waiver" '
+        f"{ca_public}\n")
+    gatekit.git(project.root, "commit", "-qam", "use the org SSH CA")
+    _only(_reasons(project, _report(project)),
+          "approvals cannot be checked: release/allowed_signers line 1: cert-authority lines "
+          "are not accepted")
+
+
+@pytest.mark.parametrize("value", ["1e6", "169", "inf", "nan", "-1", "0", "soon"])
+def test_max_age_hours_is_bounded(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], value: str,
+) -> None:
+    monkeypatch.chdir(project.root)
+    monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
+    path = _report(project)
+    with pytest.raises(SystemExit) as stop:
+        main(["promote", "--to", "production", "--dry-run", "--max-age-hours", value,
+              "--report", str(path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-age-hours" in err and "Traceback" not in err
+    # the largest bound is accepted (the report made "an hour before NOW" is older than that now)
+    main(["promote", "--to", "production", "--dry-run", "--max-age-hours", "168",
+          "--report", str(path)])
+    assert "promotion" in capsys.readouterr().out

@@ -152,3 +152,26 @@ def test_pytest_command_carries_the_profile(tmp_path: Path) -> None:
         "ANSIBLE_VAULT_IDENTITY_LIST": "prod@/etc/v,x@prompt",
         "ANSIBLE_VAULT_PASSWORD_FILE": "/etc/vault-pass",
     }
+
+
+@pytest.mark.parametrize("name, value", [("PYTEST_ADDOPTS", "-k test_reads"),
+                                         ("PYTEST_PLUGINS", "no_such_plugin_module")])
+def test_pytest_settings_from_the_environment_do_not_change_the_run(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """PYTEST_ADDOPTS (-k ...) or PYTEST_PLUGINS would drop tests from a "complete" run."""
+    monkeypatch.setenv(name, value)
+    result = run_verify(checkout, VerifyOptions(stage="test", workers=0), out=io.StringIO())
+    assert result.report["summary"]["tests"] == 4
+    assert result.report["run"]["profile"] == "full" and result.report["complete"]
+
+
+def test_a_conftest_at_the_checkout_root_is_not_loaded(checkout: Path) -> None:
+    """An untracked, git-ignored conftest.py at the root would rewrite the run's outcomes."""
+    (checkout / "conftest.py").write_text(
+        "def pytest_collection_modifyitems(items):\n    items[:] = items[:1]\n")
+    with (checkout / ".git" / "info" / "exclude").open("a") as handle:
+        handle.write("/conftest.py\n")
+    result = run_verify(checkout, VerifyOptions(stage="test", workers=0), out=io.StringIO())
+    assert result.report["summary"]["tests"] == 4
+    assert result.report["revision"]["dirty"] is True  # and it makes the checkout dirty

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,9 @@ def load_policy(repo: Path) -> Policy:
         raise ApprovalError(f"cannot read {path}: {exc}", hint) from exc
     if not signers.is_file():
         raise ApprovalError(f"allowed signers file {signers} does not exist", hint)
+    for rel in (APPROVERS, ALLOWED_SIGNERS):
+        _require_committed(repo, rel, hint)
+    _reject_cert_authority(signers, hint)
     if not isinstance(data, Mapping) or not isinstance(data.get("roles"), Mapping):
         raise ApprovalError(f"{path}: expected a mapping with 'roles'", hint)
     problems: list[str] = []
@@ -111,6 +116,40 @@ def load_policy(repo: Path) -> Policy:
     if problems:
         raise ApprovalError(f"{path} is invalid:\n  " + "\n  ".join(problems), hint)
     return Policy(roles, release_roles, waiver_roles, releasing, max_days, signers)
+
+
+def _require_committed(repo: Path, rel: Path, hint: str) -> None:
+    """The policy is what was reviewed: the working-tree file must equal HEAD's (an edit hidden
+    from ``git status`` by skip-worktree or assume-unchanged included)."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), "show", f"HEAD:{rel.as_posix()}"],
+            capture_output=True, check=False,
+        )
+    except FileNotFoundError:
+        raise ApprovalError("git is not installed", "install git (apt-get install git)") from None
+    if proc.returncode != 0:
+        raise ApprovalError(f"{rel} is not committed: the approval policy is read only as "
+                            "committed (reviewed like code)", hint)
+    if proc.stdout != (repo / rel).read_bytes():
+        raise ApprovalError(f"{rel} differs from the committed revision (HEAD): the approval "
+                            "policy is used only as committed; commit or restore it", hint)
+
+
+def _reject_cert_authority(signers: Path, hint: str) -> None:
+    """A ``cert-authority`` line trusts every key the CA certifies: one key with two
+    certificates would fill two roles (the signature names the certificate, not the person's
+    key). Approvers are listed by their own keys only."""
+    for number, raw in enumerate(signers.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        # principals, then options, then the key: look at everything before the key type
+        head = re.split(r"\s(?:ssh-|ecdsa-|sk-)", " " + line, maxsplit=1)[0]
+        if re.search(r"(?:^|[\s,])cert-authority(?:[\s,=]|$)", head, re.IGNORECASE):
+            raise ApprovalError(
+                f"{ALLOWED_SIGNERS} line {number}: cert-authority lines are not accepted "
+                "(list each approver's own key)", hint)
 
 
 def release_message(report: Mapping[str, Any], report_digest: str) -> bytes:

@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -175,9 +176,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-age-hours",
-        type=float,
+        type=_max_age_hours,
         default=promote.DEFAULT_MAX_AGE_HOURS,
-        help="oldest acceptable report age (default: %(default)s)",
+        help="oldest acceptable report age, more than 0 and at most "
+        f"{promote.MAX_MAX_AGE_HOURS:g} hours (default: %(default)s)",
     )
     p.add_argument(
         "--report",
@@ -283,6 +285,20 @@ def _repo() -> Path:
 
 def _rel(repo: Path, path: Path) -> Path:
     return path if path.is_absolute() else repo / path
+
+
+def _max_age_hours(text: str) -> float:
+    """--max-age-hours: a finite number of hours, > 0 and at most promote.MAX_MAX_AGE_HOURS."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours") from None
+    if not math.isfinite(hours) or not 0 < hours <= promote.MAX_MAX_AGE_HOURS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of hours above 0 and at most "
+            f"{promote.MAX_MAX_AGE_HOURS:g} (one week)"
+        )
+    return hours
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

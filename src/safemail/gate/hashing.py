@@ -1,9 +1,10 @@
 """What exactly was tested: git revision, dirty flag, content hash and inventory hash.
 
 - content hash: sha256 over the committed (git-tracked) files that decide what gets deployed
-  and how it is verified: roles/, playbooks/, inventories/<stage>/, ansible.cfg,
-  requirements.yml, verify/. Files are hashed from the working tree, sorted by path; the
-  per-file map is kept so the gate can name the files that changed.
+  and how it is verified: roles/, playbooks/, inventories/<stage>/, inventories/production/
+  (what promote deploys to), ansible.cfg, requirements.yml, verify/. Files are hashed from
+  the working tree, sorted by path; the per-file map is kept so the gate can name the files
+  that changed.
 - inventory hash: sha256 over every file under inventories/<stage>/ on disk, tracked or not
   (the lab writes its generated host addresses there). It says which machines were tested.
 
@@ -30,6 +31,24 @@ CONTENT_PATHS: tuple[str, ...] = (
 )
 
 _SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+# Where a git-ignored file (.gitignore, .git/info/exclude) would change what is deployed or how
+# it is verified: the deployable dirs, and the root files pytest reads before verify/ (a root
+# conftest.py or pytest.ini is loaded by the verify run). Ignored files there make the checkout
+# dirty, except the caches below: the list of allowed ignored patterns is kept explicit and small.
+IGNORED_CHECKED: tuple[str, ...] = (
+    "roles",
+    "playbooks",
+    "verify",
+    "src",
+    "inventories/production",
+    "conftest.py",
+    "pytest.ini",
+    ".pytest.ini",
+    "tox.ini",
+    "setup.cfg",
+)
+ALLOWED_IGNORED = "__pycache__/, *.pyc, .pytest_cache/, src/*.egg-info/ (the editable install's)"
 
 
 class GitError(SafeMailError):
@@ -68,10 +87,17 @@ def git_revision(repo: Path) -> str:
     return _git(repo, "rev-parse", "HEAD").strip()
 
 
-def git_dirty_files(repo: Path) -> list[str]:
-    """Paths with uncommitted changes, including untracked files that git does not ignore."""
-    out = _git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=all")
-    paths: list[str] = []
+def _allowed_ignored(path: str) -> bool:
+    """The caches that may lie ignored in the checked paths (see ALLOWED_IGNORED)."""
+    parts = path.rstrip("/").split("/")
+    if "__pycache__" in parts or ".pytest_cache" in parts or path.endswith(".pyc"):
+        return True
+    return len(parts) >= 2 and parts[0] == "src" and parts[1].endswith(".egg-info")
+
+
+def _status_paths(out: str) -> list[tuple[str, str]]:
+    """(status, path) of ``git status --porcelain=v1 -z`` output."""
+    found: list[tuple[str, str]] = []
     entries = out.split("\0")
     i = 0
     while i < len(entries):
@@ -82,7 +108,39 @@ def git_dirty_files(repo: Path) -> list[str]:
         status, path = entry[:2], entry[3:]
         if status[0] in "RC":
             i += 1  # the next field is the rename source
-        paths.append(path)
+        found.append((status, path))
+    return found
+
+
+def hidden_from_status(repo: Path) -> list[str]:
+    """Tracked files git is told not to look at: assume-unchanged (``git ls-files -v`` tag in
+    lower case) or skip-worktree (tag ``S``). Their edits never show in ``git status``."""
+    out = _git(repo, "ls-files", "-v", "-z")
+    return [
+        entry[2:]
+        for entry in out.split("\0")
+        if len(entry) > 2 and (entry[0].islower() or entry[0] == "S")
+    ]
+
+
+def ignored_files(repo: Path) -> list[str]:
+    """Git-ignored files under IGNORED_CHECKED, apart from the allowed caches."""
+    out = _git(
+        repo, "status", "--porcelain=v1", "-z", "--ignored=matching", "--untracked-files=all",
+        "--", *IGNORED_CHECKED,
+    )
+    return [p for s, p in _status_paths(out) if s == "!!" and not _allowed_ignored(p)]
+
+
+def git_dirty_files(repo: Path) -> list[str]:
+    """Paths with uncommitted changes, including untracked files that git does not ignore,
+    tracked files hidden from ``git status`` (skip-worktree, assume-unchanged) and ignored files
+    where they would change the deployment or the verify run (IGNORED_CHECKED)."""
+    out = _git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=all")
+    paths = {p for s, p in _status_paths(out) if s != "!!"}
+    paths.update(f"{p} (hidden from git status by skip-worktree or assume-unchanged)"
+                 for p in hidden_from_status(repo))
+    paths.update(f"{p} (git-ignored)" for p in ignored_files(repo))
     return sorted(paths)
 
 
@@ -91,7 +149,8 @@ def git_dirty(repo: Path) -> bool:
 
 
 def content_paths(stage: str) -> tuple[str, ...]:
-    return (*CONTENT_PATHS, f"inventories/{stage}")
+    """The deployable content: the stage's inventory and production's (what promote deploys)."""
+    return tuple(dict.fromkeys((*CONTENT_PATHS, f"inventories/{stage}", "inventories/production")))
 
 
 def _file_digest(path: Path) -> str:

@@ -37,6 +37,7 @@ from safemail.gate.waivers import DEFAULT_WAIVERS, load_waivers
 DEFAULT_REPORT = Path("reports/test/latest/report.json")
 DEFAULT_RELEASE_LOG = Path("reports/releases.jsonl")
 DEFAULT_MAX_AGE_HOURS = 24.0
+MAX_MAX_AGE_HOURS = 168.0  # --max-age-hours may not exceed one week (docs/change-manager.md)
 TESTED_STAGE = "test"
 MAX_NAMED_FILES = 15
 APPROVALS_DIR = "approvals"
@@ -74,6 +75,8 @@ class Evidence:
     approval: approvals.Approval | None = None
     approval_problem: str | None = None  # the approval policy itself is unusable
     waiver_problem: str | None = None
+    # The report's catalogue against the checkout's verify/requirements.yml (fail closed).
+    catalogue_problem: str | None = "the report's requirement catalogue was not checked"
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,8 @@ def _run_reasons(report: Mapping[str, Any], ev: Evidence) -> list[str]:
         )
     if ev.seal_problem:
         reasons.append(ev.seal_problem)
+    if ev.catalogue_problem:
+        reasons.append(ev.catalogue_problem)
     reasons.extend(ev.stage.problems)
     if ev.stage.inventory_hash and report.get("inventory_hash") != ev.stage.inventory_hash:
         reasons.append(
@@ -314,6 +319,7 @@ def gather_evidence(
         stage=identity,
         junit_digest=file_digest(junit) if junit.is_file() else None,
         seal_problem=stage.seal_problem(report_path, identity),
+        catalogue_problem=catalogue_problem(repo, report),
     )
     try:
         policy = approvals.load_policy(repo)
@@ -329,6 +335,35 @@ def gather_evidence(
     )
     ev.waiver_problem = _waiver_problem(repo, report, policy, today)
     return ev
+
+
+def catalogue_problem(repo: Path, report: Mapping[str, Any]) -> str | None:
+    """The report must be judged against the checkout's own catalogue: same file (sha256) and
+    exactly its requirement ids (a run with a smaller catalogue leaves requirements out)."""
+    path = repo / "verify" / "requirements.yml"
+    try:
+        catalogue = load_catalogue(path)
+    except SafeMailError as exc:
+        return f"the checkout's requirement catalogue cannot be read: {exc.message}"
+    recorded = report.get("catalogue") or {}
+    if not isinstance(recorded, Mapping) or recorded.get("sha256") != catalogue.sha256:
+        return (
+            "the report was judged against another requirement catalogue than the checkout's "
+            "verify/requirements.yml (sha256 differs)"
+        )
+    ids = [str(r.get("id")) for r in report.get("requirements", []) if isinstance(r, Mapping)]
+    if sorted(ids) != sorted(catalogue.ids):
+        missing = sorted(set(catalogue.ids) - set(ids))
+        extra = sorted(set(ids) - set(catalogue.ids))
+        detail = "; ".join(
+            part for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"not in the catalogue {', '.join(extra)}" if extra else "",
+                "duplicated ids" if not missing and not extra else "",
+            ) if part
+        )
+        return f"the report's requirements are not the catalogue's ({detail})"
+    return None
 
 
 def _waiver_problem(

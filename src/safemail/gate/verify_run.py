@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -124,6 +124,9 @@ def pytest_command(
         "-m",
         "pytest",
         "verify/",
+        # Only verify/'s own conftest.py: none from the checkout's root (or above), where an
+        # untracked, git-ignored one could rewrite outcomes.
+        "--confcutdir=verify",
         "--hosts=ansible://all",
         f"--ansible-inventory=inventories/{opts.stage}",
         "-n",
@@ -147,6 +150,13 @@ def pytest_command(
     return cmd
 
 
+def pytest_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The caller's environment without pytest's own settings: PYTEST_ADDOPTS (-k, -m,
+    --deselect ...) or PYTEST_PLUGINS would change what runs while the report still says
+    "complete". The run's selection comes from safemail verify's own options only."""
+    return {k: v for k, v in environ.items() if not k.upper().startswith("PYTEST_")}
+
+
 def stream(
     cmd: Sequence[str],
     cwd: Path,
@@ -156,7 +166,7 @@ def stream(
 ) -> int:
     """Run cmd, copying its output to ``out`` (default stdout) and to ``log`` as it comes."""
     out = out or sys.stdout
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+    env = dict(pytest_environment(os.environ), PYTHONUNBUFFERED="1", **(extra_env or {}))
     # testinfra's ansible backend calls ansible-inventory: prefer the one beside this Python.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PY_COLORS", "1" if out.isatty() else "0")
@@ -317,6 +327,11 @@ def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> boo
     """Seal a full-profile report with the stage's SSH key; False if it cannot be sealed."""
     if opts.profile != "full" or opts.keyword or opts.markexpr or opts.requirements:
         return False  # a partial run or the production profile can never release anyway
+    default = (repo / "verify" / "requirements.yml").resolve()
+    if opts.catalogue is not None and opts.catalogue.resolve() != default:
+        print(f"safemail verify: not sealed: --catalogue {opts.catalogue} is not the "
+              "checkout's verify/requirements.yml", file=out)
+        return False
     identity = stage.read_stage(repo, opts.stage)
     key = identity.run_key_private
     if key is None or not key.is_file():
