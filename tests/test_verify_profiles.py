@@ -154,6 +154,23 @@ def test_pytest_command_carries_the_profile(tmp_path: Path) -> None:
     }
 
 
+def test_production_verify_opens_the_encrypted_vault_with_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The production inventory's vault.yml is ciphertext: without a vault source the run's
+    Ansible cannot read it, so verify names the checkout's client as promote does."""
+    for name in ("ANSIBLE_VAULT_IDENTITY_LIST", "ANSIBLE_VAULT_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    env = VerifyOptions(stage="production").ansible_env(REPO)
+    assert env == {"ANSIBLE_VAULT_IDENTITY_LIST":
+                   f"production@{REPO / 'scripts' / 'vault-pass-client'}"}
+    assert VerifyOptions(stage="test").ansible_env(REPO) == {}  # the lab's vault is clear text
+    given = VerifyOptions(stage="production", vault_password_file="/etc/v").ansible_env(REPO)
+    assert given == {"ANSIBLE_VAULT_PASSWORD_FILE": "/etc/v"}
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", "/etc/other")
+    assert VerifyOptions(stage="production").ansible_env(REPO) == {}  # the operator's choice
+
+
 @pytest.mark.parametrize("name, value", [("PYTEST_ADDOPTS", "-k test_reads"),
                                          ("PYTEST_PLUGINS", "no_such_plugin_module")])
 def test_pytest_settings_from_the_environment_do_not_change_the_run(

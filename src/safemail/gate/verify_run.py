@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import yaml
 
+from safemail import vault
 from safemail.errors import SafeMailError
 from safemail.gate import approvals, hashing, stage
 from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
@@ -62,12 +63,20 @@ class VerifyOptions:
     vault_ids: tuple[str, ...] = ()
     vault_password_file: str | None = None
 
-    def ansible_env(self) -> dict[str, str]:
+    def ansible_env(self, repo: Path | None = None) -> dict[str, str]:
+        """The vault source for the run's Ansible (testinfra reads the inventory through it):
+        the options given, else, for an inventory whose vault.yml is ciphertext, the
+        checkout's vault client (as promote and patch add it), unless the environment
+        already names a source."""
         env: dict[str, str] = {}
         if self.vault_ids:
             env["ANSIBLE_VAULT_IDENTITY_LIST"] = ",".join(self.vault_ids)
         if self.vault_password_file:
             env["ANSIBLE_VAULT_PASSWORD_FILE"] = self.vault_password_file
+        if not env and repo is not None:
+            found = vault.vault_args(repo, repo / "inventories" / self.stage)
+            if found:
+                env["ANSIBLE_VAULT_IDENTITY_LIST"] = found[1]
         return env
 
     def __post_init__(self) -> None:
@@ -285,7 +294,7 @@ def run_verify(
         flush=True,
     )
     print("safemail verify: " + " ".join(cmd[1:]), file=out, flush=True)
-    exit_code = stream(cmd, repo, report_dir / "verify.log", out, opts.ansible_env())
+    exit_code = stream(cmd, repo, report_dir / "verify.log", out, opts.ansible_env(repo))
     finished = dt.datetime.now(dt.UTC)
 
     inventory_hosts = _inventory_hosts(repo, opts.stage)
