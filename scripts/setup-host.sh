@@ -8,6 +8,8 @@ DEB_PACKAGES=(
   debootstrap systemd-container qemu-system-x86 qemu-utils e2fsprogs
   nftables cryptsetup-bin iproute2 openssh-client apt-utils dpkg-dev
   make git python3-venv
+  # The vSphere API simulator for tests/test_vmware_provision_sim.py (tools/vsphere-sim).
+  golang-go golang-github-vmware-govmomi-dev
 )
 
 if [ "$(id -u)" -ne 0 ]; then
