@@ -445,11 +445,11 @@ def test_a_string_where_a_list_belongs_fails_naming_the_option(tmp_path):
     """Ansible's own check turns "a b" into ["a b"] and says nothing; the NTP template would
     then join the characters of one server name. The spec check refuses it."""
     copy = Copy("production", tmp_path)
-    text = (copy.path / "group_vars/all/common.yml").read_text()
-    servers = re.search(r"common_ntp_servers:\n((?: +- .*\n)+)", text)
-    assert servers, text
-    (copy.path / "group_vars/all/common.yml").write_text(
-        text.replace(servers.group(0), 'common_ntp_servers: "10.77.4.5 10.77.4.6"\n'))
+    servers = re.search(r"common_ntp_servers:\n(?: +- .*\n)+",
+                        (copy.path / "group_vars/all/common.yml").read_text())
+    assert servers
+    copy.edit("group_vars/all/common.yml", servers.group(0),
+              'common_ntp_servers: "10.77.4.5 10.77.4.6"\n')
     problems = _problems(copy.render())
     assert any(p.startswith("host auth1.safenet.example, role common, option "
                             "common_ntp_servers: is a string, not a list") for p in problems), \
@@ -458,11 +458,9 @@ def test_a_string_where_a_list_belongs_fails_naming_the_option(tmp_path):
 
 def test_an_empty_required_string_fails_naming_the_option(tmp_path):
     copy = Copy("production", tmp_path)
-    text = (copy.path / "group_vars/all/common.yml").read_text()
-    url = re.search(r"common_apt_mirror_url: .*\n", text)
-    assert url, text
-    (copy.path / "group_vars/all/common.yml").write_text(
-        text.replace(url.group(0), 'common_apt_mirror_url: ""\n'))
+    copy.edit("group_vars/all/common.yml",
+              'common_apt_mirror_url: "http://{{ safemail_network_endpoints.mirror.address }}'
+              '/debian"', 'common_apt_mirror_url: ""')
     problems = _problems(copy.render())
     assert ("host auth1.safenet.example, role common, option common_apt_mirror_url: required, "
             "but empty" in problems), problems
