@@ -14,6 +14,7 @@ from safemail.accounting import cli
 from safemail.accounting.ledger import Ledger, Participant, Policy, quarter_bounds
 from safemail.accounting.logparse import DeliveryParser, parse_timestamp
 from safemail.errors import SafeMailError, UsageError
+from safemail.project import Project
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, 0)
 PEOPLE = {
@@ -415,15 +416,17 @@ def test_controller_bill_command_and_its_refusals(tmp_path: Path, capsys) -> Non
     from safemail import cli as main_cli
     from safemail.accounting import control
 
-    cmd = control.bill_command("ansible-playbook", tmp_path, "test", "2026q3", " ops ")
-    assert cmd == ["ansible-playbook", "-i", str(tmp_path / "inventories" / "test"),
+    cmd = control.bill_command(Project(tmp_path), "test", "2026q3", " ops ", program="a-p")
+    assert cmd == ["a-p", "-i", str(tmp_path / "inventories" / "test"),
                    str(tmp_path / "playbooks" / "accounting-bill.yml"),
                    "-e", "accounting_quarter=2026Q3", "-e", "accounting_operator=ops"]
-    assert control.bill_command("a", tmp_path, "test", "2026Q3", "o", check=True)[-1] == "--check"
+    checked = control.bill_command(Project(tmp_path), "test", "2026Q3", "o", check=True,
+                                   program="a")
+    assert checked[-1] == "--check"
     with pytest.raises(UsageError, match="not a quarter"):
-        control.bill_command("a", tmp_path, "test", "Q3", "o")
+        control.bill_command(Project(tmp_path), "test", "Q3", "o", program="a")
     with pytest.raises(UsageError, match="operator"):
-        control.bill_command("a", tmp_path, "test", "2026Q3", " ")
+        control.bill_command(Project(tmp_path), "test", "2026Q3", " ", program="a")
     with pytest.raises(SystemExit) as exc:
         main_cli.main(["accounting", "bill", "--quarter", "2026Q3"])  # no --stage
     assert exc.value.code == 2 and "--stage" in capsys.readouterr().err
@@ -442,8 +445,8 @@ def test_bill_command_opens_an_encrypted_vault_with_the_client(tmp_path: Path,
     vault_file.write_text("$ANSIBLE_VAULT;1.2;AES256;production\n6162\n")
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "vault-pass-client").write_text("#!/bin/sh\n")
-    cmd = control.bill_command("ansible-playbook", tmp_path, "production", "2026q3", "ops")
+    cmd = control.bill_command(Project(tmp_path), "production", "2026q3", "ops", program="a-p")
     assert cmd[cmd.index("--vault-id") + 1] == (
         f"production@{tmp_path / 'scripts' / 'vault-pass-client'}")
-    plain = control.bill_command("ansible-playbook", tmp_path, "test", "2026q3", "ops")
+    plain = control.bill_command(Project(tmp_path), "test", "2026q3", "ops", program="a-p")
     assert "--vault-id" not in plain

@@ -48,6 +48,7 @@ def _git(repo: Path, *args: str) -> None:
 def checkout(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     (root / "verify").mkdir(parents=True)
+    (root / "ansible.cfg").write_text("[defaults]\n", encoding="utf-8")  # marks the checkout
     _git(root, "init", "-q", "-b", "main")
     _git(root, "config", "user.email", "ci@example.invalid")
     _git(root, "config", "user.name", "CI")

@@ -13,7 +13,6 @@ import pytest
 from safemail.cli import main
 from safemail.gate import mutate
 from safemail.gate.catalogue import load_catalogue
-from safemail.gate.inventory import Host
 from safemail.gate.mutate import (
     CAUGHT,
     ERROR,
@@ -25,6 +24,7 @@ from safemail.gate.mutate import (
     MutationError,
 )
 from safemail.gate.verify_run import VerifyOptions, VerifyResult
+from safemail.inventory import Host
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,9 +33,10 @@ import pytest
 import yaml
 
 from safemail import rolevars, vault
-from safemail.gate.inventory import parse_inventory_list
+from safemail.inventory import parse_inventory_list
 from safemail.lab import plan as lab_plan
 from safemail.network import matrix
+from safemail.project import Project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -388,7 +389,7 @@ def test_playbook_syntax_against_production(rendered, playbook):
 def test_reading_production_without_the_vault_password_says_how_to_give_it(tmp_path,
                                                                            monkeypatch):
     from safemail.errors import SafeMailError
-    from safemail.gate.inventory import read_inventory
+    from safemail.inventory import read_inventory
 
     for name in vault.SOURCE_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -402,7 +403,7 @@ def test_reading_production_without_the_vault_password_says_how_to_give_it(tmp_p
 
 def test_safemail_reads_production_through_the_vault_client(tmp_path, monkeypatch):
     """What `safemail docs`, `patch status` and `promote` do: the client opens the vault."""
-    from safemail.gate.inventory import read_inventory
+    from safemail.inventory import read_inventory
 
     for name in vault.SOURCE_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -435,10 +436,10 @@ def test_the_patch_run_names_the_vault_client(monkeypatch):
 
     for name in vault.SOURCE_VARS:
         monkeypatch.delenv(name, raising=False)
-    cmd = apply.playbook_command("ansible-playbook", REPO, "production", ["auth1"], "alice")
+    cmd = apply.playbook_command(Project(REPO), "production", ["auth1"], "alice", program="a-p")
     assert cmd[3:5] == ["--vault-id", f"production@{REPO / 'scripts/vault-pass-client'}"]
-    assert "--vault-id" not in apply.playbook_command("ansible-playbook", REPO, "test",
-                                                      ["auth1"], "alice")
+    assert "--vault-id" not in apply.playbook_command(Project(REPO), "test", ["auth1"], "alice",
+                                                      program="a-p")
 
 
 def test_a_string_where_a_list_belongs_fails_naming_the_option(tmp_path):

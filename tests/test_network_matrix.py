@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from safemail.docs.network import generate
 from safemail.lab import plan as lab_plan
 from safemail.network import matrix, plan
-from safemail.network.docs import generate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,11 @@ import json
 import pytest
 
 from safemail.errors import SafeMailError
-from safemail.gate.inventory import Host, parse_inventory_list
 from safemail.gate.promote import Decision
+from safemail.inventory import Host, parse_inventory_list
 from safemail.ops import apply, status
 from safemail.ops import patchcheck as pc
+from safemail.project import Project
 
 NOW = dt.datetime(2026, 11, 28, 15, 0, tzinfo=dt.UTC)
 SIM = "Inst lsb-base [11.6] (11.6+safemail1 SafeMail lab mirror:bookworm/bookworm [all])\n"
@@ -97,28 +98,31 @@ def test_production_needs_the_gate_and_a_patched_test_stage():
 
 
 def test_playbook_command(tmp_path):
-    cmd = apply.playbook_command("ansible-playbook", tmp_path, "test", ["auth1", "ca-ra"], "alice")
-    assert cmd == ["ansible-playbook", "-i", str(tmp_path / "inventories/test"),
+    cmd = apply.playbook_command(Project(tmp_path), "test", ["auth1", "ca-ra"], "alice",
+                                 program="a-p")
+    assert cmd == ["a-p", "-i", str(tmp_path / "inventories/test"),
                    str(tmp_path / "playbooks/patch.yml"), "--limit", "auth1,ca-ra",
                    "-e", "patch_operator=alice"]
     with pytest.raises(SafeMailError):
-        apply.playbook_command("ansible-playbook", tmp_path, "staging", ["a"], "alice")
+        apply.playbook_command(Project(tmp_path), "staging", ["a"], "alice", program="a-p")
     with pytest.raises(SafeMailError):
-        apply.playbook_command("ansible-playbook", tmp_path, "test", [], "alice")
+        apply.playbook_command(Project(tmp_path), "test", [], "alice", program="a-p")
 
 
 def test_cli_production_refused_without_report(monkeypatch, tmp_path, capsys):
     from safemail import cli
     from safemail.ops import cli as ops_cli
 
-    monkeypatch.setattr(ops_cli, "project_root", lambda: tmp_path)
+    (tmp_path / "ansible.cfg").touch()
+    (tmp_path / "inventories").mkdir()
+    monkeypatch.setenv("SAFEMAIL_PROJECT", str(tmp_path))
     monkeypatch.setattr(status, "inventory_hosts", lambda inv, names=None: [
         Host("auth1", ("service",), {})])
     monkeypatch.setattr(status, "collect", lambda hosts: [_ok("auth1", sim="")])
     monkeypatch.setattr(ops_cli.promote, "evaluate", lambda *a, **k: Decision(
         False, ["no verification report of the test stage was found"]))
     ran = []
-    monkeypatch.setattr(apply, "run_playbook", lambda cmd, repo: ran.append(cmd) or 0)
+    monkeypatch.setattr(ops_cli.ansible, "run", lambda cmd, repo: ran.append(cmd) or 0)
     assert cli.main(["patch", "apply", "--stage", "production"]) == 3
     assert "no verification report" in capsys.readouterr().out
     assert ran == []

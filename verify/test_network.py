@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from safemail.gate.inventory import parse_inventory_list
+from safemail.inventory import InventoryError, read_inventory
 from safemail.lab.config import PREFIX, LabPaths
 from safemail.network import matrix
 from safemail.project import project_root
@@ -109,10 +109,6 @@ NTP_REQUEST = (struct.pack("!B", 0x23) + bytes(47)).hex()
 # --- the matrix and the inventory -------------------------------------------------------------
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
 def _inventory_option(config) -> str:
     return config.getoption("ansible_inventory") or "inventories/test"
 
@@ -122,9 +118,7 @@ def _context(inventory: str):
     root = project_root()
     inv = Path(inventory)
     inv = inv if inv.is_absolute() else root / inv
-    proc = subprocess.run([_bin("ansible-inventory"), "-i", str(inv), "--list"],
-                          capture_output=True, text=True, check=True, cwd=root)
-    hosts = parse_inventory_list(json.loads(proc.stdout))
+    hosts = read_inventory(inv)
     spec, flows = matrix.load_matrix(root, inv.name)
     topo = matrix.topology(spec, hosts)
     matrix.check(flows, topo)
@@ -139,7 +133,7 @@ def _names(topo: matrix.Topology, group: str) -> list[str]:
 def _sources(config) -> list[str]:
     try:
         topo, _, _ = _context(_inventory_option(config))
-    except (subprocess.CalledProcessError, matrix.MatrixError) as exc:
+    except (InventoryError, matrix.MatrixError) as exc:
         return [f"<inventory or flow matrix unreadable: {exc}>"]
     return [*_names(topo, SERVICE_GROUP), *_names(topo, PARTICIPANT_GROUP), CONTROLLER]
 
@@ -153,7 +147,7 @@ def pytest_generate_tests(metafunc):
             try:
                 topo, _, _ = _context(_inventory_option(config))
                 values = _names(topo, group)
-            except (subprocess.CalledProcessError, matrix.MatrixError) as exc:
+            except (InventoryError, matrix.MatrixError) as exc:
                 values = [f"<inventory unreadable: {exc}>"]
             metafunc.parametrize(name, values)
     if "front_host" in metafunc.fixturenames:

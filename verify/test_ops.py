@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from safemail.gate.inventory import parse_inventory_list
+from safemail import ansible
+from safemail.inventory import parse_inventory_list
 from safemail.lab.config import LabPaths
 from safemail.lab.updates import DEFAULT_PACKAGE, publish_update
 from safemail.project import project_root
@@ -54,7 +55,8 @@ def _inventory(config) -> str:
 
 
 def _service_hosts(config) -> list[str]:
-    proc = subprocess.run([_bin("ansible-inventory"), "-i", _inventory(config), "--list"],
+    proc = subprocess.run([ansible.command("ansible-inventory"), "-i", _inventory(config),
+                           "--list"],
                           capture_output=True, text=True, check=False, cwd=project_root())
     if proc.returncode != 0:
         return ["<service: inventory unreadable>"]
@@ -130,7 +132,7 @@ def _sequence() -> dict:
     # Start the service the timer starts (the timer itself fires daily).
     # One retry: systemd in an nspawn machine now and then fails to set up the unit's cgroup
     # (status 219/CGROUP) right after the previous run.
-    trigger = _run([_bin("ansible"), SERVICE_GROUP, "-m", "ansible.builtin.shell",
+    trigger = _run([ansible.command("ansible"), SERVICE_GROUP, "-m", "ansible.builtin.shell",
                     "-a", "systemctl start safemail-patch-check.service || "
                           "{ sleep 3; systemctl start safemail-patch-check.service; }"])
     assert trigger.returncode == 0, trigger.stdout[-3000:]
@@ -366,14 +368,15 @@ def test_admin_removed_from_inventory_loses_access_after_converge(tmp_path, evid
     with_throwaway = admins + [{"name": name, "ssh_keys": [key.with_suffix(".pub").read_text()]}]
 
     def converge(common_admins: list[dict]) -> subprocess.CompletedProcess:
-        cmd = [_bin("ansible-playbook"), "playbooks/site.yml", "--limit", THROWAWAY_HOST,
+        cmd = [ansible.command("ansible-playbook"), "playbooks/site.yml", "--limit", THROWAWAY_HOST,
                "--tags", "common", "-e", json.dumps({"common_admins": common_admins})]
         proc = _run(cmd)
         # One retry: systemd/dbus in a loaded nspawn machine now and then times out.
         return proc if proc.returncode == 0 else _run(cmd)
 
     def login() -> subprocess.CompletedProcess:
-        inv = json.loads(_run([_bin("ansible-inventory"), "--host", THROWAWAY_HOST]).stdout)
+        inv = json.loads(
+            _run([ansible.command("ansible-inventory"), "--host", THROWAWAY_HOST]).stdout)
         return subprocess.run(
             ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "IdentitiesOnly=yes",
              "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",

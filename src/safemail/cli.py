@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "safemail.ca.cli",
     "safemail.participant.cli",
     "safemail.gate.cli",
+    "safemail.docs.cli",
     "safemail.ops.cli",
     "safemail.accounting.control",
 )

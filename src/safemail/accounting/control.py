@@ -9,36 +9,32 @@ quarter, the maintenance window, status) is ``safemail-accounting`` on the relay
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from safemail import vault
+from safemail import ansible
 from safemail.accounting.ledger import normalise_quarter
 from safemail.errors import SafeMailError, UsageError
 from safemail.gate import promote
-from safemail.ops import apply
-from safemail.project import project_root
+from safemail.project import STAGES, Project, check_stage
 
 
-def bill_command(ansible_playbook: str, repo: Path, stage: str, quarter: str, operator: str,
-                 check: bool = False) -> list[str]:
-    if stage not in apply.STAGES:
-        raise UsageError(f"unknown stage {stage!r}", f"use one of {', '.join(apply.STAGES)}")
+def bill_command(project: Project, stage: str, quarter: str, operator: str,
+                 check: bool = False, program: str | None = None) -> list[str]:
+    check_stage(stage)
     if not operator.strip():
         raise UsageError("--operator must name the person who bills")
-    inventory = repo / "inventories" / stage
-    cmd = [ansible_playbook, "-i", str(inventory), *vault.vault_args(repo, inventory),
-           str(repo / "playbooks" / "accounting-bill.yml"),
-           "-e", f"accounting_quarter={normalise_quarter(quarter)}",
-           "-e", f"accounting_operator={operator.strip()}"]
-    return [*cmd, "--check"] if check else cmd
+    return ansible.playbook_command(
+        project, stage, "accounting-bill.yml",
+        "-e", f"accounting_quarter={normalise_quarter(quarter)}",
+        "-e", f"accounting_operator={operator.strip()}", *(["--check"] if check else []),
+        program=program)
 
 
 def cmd_bill(args: argparse.Namespace) -> int:
-    repo = project_root()
+    project = Project.find()
+    repo = project.root
     operator = args.operator or promote.default_operator()
-    cmd = bill_command(apply.ansible_playbook_command(), repo, args.stage, args.quarter,
-                       operator, args.check)
-    rc = apply.run_playbook(cmd, repo)
+    cmd = bill_command(project, args.stage, args.quarter, operator, args.check)
+    rc = ansible.run(cmd, repo)
     if rc != 0:
         raise SafeMailError(f"billing failed (ansible-playbook exit {rc})",
                             "read the output above: a running quarter is refused")
@@ -57,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     asub.required = True
     p = asub.add_parser("bill", help="bill a closed quarter on every relay, fetch the "
                                      "statements, anonymise the records")
-    p.add_argument("--stage", choices=apply.STAGES, required=True)
+    p.add_argument("--stage", choices=STAGES, required=True)
     p.add_argument("--quarter", required=True, help="YYYYQn, a quarter that is over")
     p.add_argument("--operator", default=None,
                    help="who bills (default: the sudo/login user); recorded in the admin log")

@@ -7,8 +7,6 @@ safemail report  JUNIT [JUNIT ...]         re-render a run's report.json/html (c
 safemail approval request [--waiver ID]    print exactly what an approver signs, and how
 safemail approval status                   which approver roles the signatures fill
 safemail promote --to production           check the gate, tag the release, deploy
-safemail docs                              write docs/generated/ from inventory and roles
-safemail docs network                      write docs/network.md and .svg from the flow matrix
 """
 
 from __future__ import annotations
@@ -18,13 +16,11 @@ import datetime as dt
 import hashlib
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
-from safemail import vault
+from safemail import ansible, vault
 from safemail.errors import SafeMailError, UsageError
-from safemail.gate import approvals, hashing, promote, stage
+from safemail.gate import approvals, promote, stage
 from safemail.gate.catalogue import load_catalogue, relative_to
 from safemail.gate.report import (
     CREATED_BY_REPORT,
@@ -36,8 +32,7 @@ from safemail.gate.report import (
 )
 from safemail.gate.verify_run import VerifyOptions, policy_for_waivers, run_verify
 from safemail.gate.waivers import DEFAULT_WAIVERS, load_waivers
-
-STAGES = ("test", "production")
+from safemail.project import STAGES, Project
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -229,30 +224,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_approval)
 
-    p = sub.add_parser(
-        "docs",
-        help="generate host list and role settings documentation",
-        description=(
-            "Write hosts.md (from ansible-inventory --list), roles.md (from\n"
-            "roles/*/meta/argument_specs.yml) and index.md into the output directory."
-        ),
-        formatter_class=fmt,
-    )
-    p.add_argument(
-        "part",
-        nargs="?",
-        choices=("all", "network"),
-        default="all",
-        help="all: hosts.md, roles.md, index.md; network: the network plan (network.md and "
-        "network.svg) from the flow matrix (default: %(default)s)",
-    )
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: docs/generated; docs for network)")
-    p.add_argument("--stage", choices=STAGES, default=None,
-                   help="inventory to document (default: production; test for network, the "
-                   "stage whose inventory has hosts)")
-    p.set_defaults(func=cmd_docs)
-
 
 def _workers(text: str) -> int:
     try:
@@ -280,7 +251,7 @@ def _mutation_list(text: str) -> tuple[str, ...]:
 
 
 def _repo() -> Path:
-    return hashing.find_repo_root()
+    return Project.find().root
 
 
 def _rel(repo: Path, path: Path) -> Path:
@@ -462,12 +433,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
     report_path = _rel(repo, args.report)
     decision = promote.evaluate(repo, report_path, max_age_hours=args.max_age_hours)
     print(decision.summary())
-    inventory = repo / "inventories" / args.to
-    playbook = repo / "playbooks" / "site.yml"
+    project = Project(repo)
+    inventory = project.inventory(args.to)
+    playbook = project.playbook("site.yml")
     options = _playbook_options(args)
     if not any(o in options for o in ("--vault-id", "--vault-password-file", "--ask-vault-pass")):
         options += vault.vault_args(repo, inventory)  # an encrypted vault.yml: its client
-    cmd = [_ansible_playbook(), "-i", str(inventory), str(playbook), *options]
+    cmd = [ansible.command("ansible-playbook"), "-i", str(inventory), str(playbook), *options]
     if args.preview:
         for needed in (inventory, playbook):
             if not needed.exists():
@@ -475,7 +447,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         cmd += ["--check", "--diff"]
         print("preview (check mode, nothing changes, nothing is recorded): " + " ".join(cmd),
               flush=True)
-        return _run_playbook(cmd, repo)
+        return ansible.run(cmd, repo, echo=False)
     if not decision.allowed:
         return 3
     if args.dry_run:
@@ -507,7 +479,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     )
     print(f"release recorded in {log}")
     print("running: " + " ".join(cmd), flush=True)
-    rc = _run_playbook(cmd, repo)
+    rc = ansible.run(cmd, repo, echo=False)
     promote.append_release_log(
         log, **common, event="deploy-finished", extra={"exit_code": rc, "tag": tag}
     )
@@ -532,13 +504,6 @@ def _playbook_options(args: argparse.Namespace) -> list[str]:
     if args.ask_vault_pass:
         out.append("--ask-vault-pass")
     return out
-
-
-def _run_playbook(cmd: list[str], repo: Path) -> int:
-    try:
-        return subprocess.run(cmd, cwd=repo, check=False).returncode
-    except OSError as exc:
-        raise SafeMailError(f"cannot run ansible-playbook: {exc}") from exc
 
 
 def cmd_approval(args: argparse.Namespace) -> int:
@@ -626,40 +591,4 @@ def _waiver_request(args: argparse.Namespace, repo: Path, policy: approvals.Poli
         "    - |\n"
         "      <contents of the second .sig file, indented>"
     )
-    return 0
-
-
-def _ansible_playbook() -> str:
-    import shutil
-
-    found = shutil.which("ansible-playbook")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "ansible-playbook"
-    if beside.exists():
-        return str(beside)
-    raise SafeMailError(
-        "ansible-playbook not found", "install the project: .venv/bin/pip install -e ."
-    )
-
-
-def cmd_docs(args: argparse.Namespace) -> int:
-    from safemail import docs
-
-    repo = _repo()
-    if args.part == "network":
-        from safemail.network import docs as network_docs
-
-        out = _rel(repo, args.out or Path("docs"))
-        for path in network_docs.generate(repo, out, args.stage or "test"):
-            print(f"wrote {path}")
-        return 0
-    args.stage = args.stage or "production"
-    out = _rel(repo, args.out or Path("docs/generated"))
-    try:
-        revision: str | None = hashing.git_revision(repo)
-    except SafeMailError:
-        revision = None
-    for path in docs.generate(repo, out, stage=args.stage, revision=revision):
-        print(f"wrote {path}")
     return 0

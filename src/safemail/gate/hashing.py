@@ -14,13 +14,13 @@ Both hashes are "sha256:<hex>" strings. The per-file map holds bare hex digests.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safemail.errors import SafeMailError
+from safemail.project import Project
 
 CONTENT_PATHS: tuple[str, ...] = (
     "roles",
@@ -71,16 +71,6 @@ def _git(repo: Path, *args: str) -> str:
             "run safemail inside the SafeMail git checkout",
         )
     return proc.stdout
-
-
-def find_repo_root(start: Path | None = None) -> Path:
-    """The top of the git checkout containing ``start``.
-
-    ``start`` defaults to $SAFEMAIL_PROJECT if set, else the current directory.
-    """
-    env = os.environ.get("SAFEMAIL_PROJECT")
-    start = (start or (Path(env) if env else Path.cwd())).resolve()
-    return Path(_git(start, "rev-parse", "--show-toplevel").strip())
 
 
 def git_revision(repo: Path) -> str:
@@ -196,7 +186,7 @@ def content_hash(repo: Path, stage: str, paths: Sequence[str] | None = None) -> 
 
 def inventory_hash(repo: Path, stage: str) -> str:
     """Hash every file under inventories/<stage>/ on disk (generated files included)."""
-    root = repo / "inventories" / stage
+    root = Project(repo).inventory(stage)
     if not root.is_dir():
         raise SafeMailError(
             f"inventory {root} does not exist",

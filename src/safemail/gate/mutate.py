@@ -46,8 +46,9 @@ import yaml
 
 from safemail.errors import SafeMailError
 from safemail.gate.catalogue import Catalogue
-from safemail.gate.inventory import Host, read_inventory
 from safemail.gate.verify_run import VerifyOptions, VerifyResult, run_verify, timestamp_dir
+from safemail.inventory import Host, read_inventory
+from safemail.project import Project
 
 DEFAULT_CATALOGUE = Path("verify/mutations.yml")
 STATE_ROOT = "/run/safemail-mutate"
@@ -419,7 +420,7 @@ def run_mutations(
             "run `safemail verify --mutate --stage test`",
         )
     if hosts is None:
-        hosts = {h.name: h for h in read_inventory(repo / "inventories" / opts.stage)}
+        hosts = {h.name: h for h in read_inventory(Project(repo).inventory(opts.stage))}
     missing = sorted({m.host for m in mutations} - set(hosts))
     if missing:
         raise MutationError(

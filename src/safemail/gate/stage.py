@@ -26,7 +26,8 @@ from pathlib import Path
 
 from safemail.errors import SafeMailError
 from safemail.gate import hashing, signing
-from safemail.gate.inventory import Host, read_inventory
+from safemail.inventory import Host, read_inventory
+from safemail.project import Project
 
 SEAL_NAMESPACE = "safemail-verify-run"
 SEAL_SUFFIX = ".sig"
@@ -115,7 +116,7 @@ def known_hosts_for(text: str, hosts: Sequence[Host]) -> dict[str, set[str]]:
 
 def read_stage(repo: Path, name: str) -> StageIdentity:
     """The stage as its inventory, known_hosts and key describe it now."""
-    inventory = repo / "inventories" / name
+    inventory = Project(repo).inventory(name)
     try:
         inv_hash = hashing.inventory_hash(repo, name)
         hosts = read_inventory(inventory)

@@ -28,7 +28,6 @@ from safemail import vault
 from safemail.errors import SafeMailError
 from safemail.gate import approvals, hashing, stage
 from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
-from safemail.gate.inventory import InventoryError, read_inventory
 from safemail.gate.report import (
     CREATED_BY_VERIFY,
     PROFILES,
@@ -40,6 +39,8 @@ from safemail.gate.report import (
     write_report,
 )
 from safemail.gate.waivers import DEFAULT_WAIVERS, load_waivers
+from safemail.inventory import InventoryError, read_inventory
+from safemail.project import Project
 
 # pytest exit codes: 0 all passed, 1 some failed, 5 none collected. The others mean the run
 # itself broke (2 interrupted, 3 internal error, 4 usage error).
@@ -74,7 +75,7 @@ class VerifyOptions:
         if self.vault_password_file:
             env["ANSIBLE_VAULT_PASSWORD_FILE"] = self.vault_password_file
         if not env and repo is not None:
-            found = vault.vault_args(repo, repo / "inventories" / self.stage)
+            found = vault.vault_args(repo, Project(repo).inventory(self.stage))
             if found:
                 env["ANSIBLE_VAULT_IDENTITY_LIST"] = found[1]
         return env
@@ -201,7 +202,7 @@ def stream(
 
 def _inventory_hosts(repo: Path, stage_name: str) -> list[str]:
     try:
-        return [h.name for h in read_inventory(repo / "inventories" / stage_name)]
+        return [h.name for h in read_inventory(Project(repo).inventory(stage_name))]
     except InventoryError as exc:
         print(f"safemail verify: cannot read the inventory ({exc.message})", file=sys.stderr)
         return []
@@ -259,7 +260,7 @@ def run_verify(
 ) -> VerifyResult:
     """Run pytest on verify/ against the stage, then build and write the report."""
     out = out or sys.stdout
-    inventory = repo / "inventories" / opts.stage
+    inventory = Project(repo).inventory(opts.stage)
     if not inventory.is_dir():
         raise SafeMailError(
             f"inventory {inventory} does not exist",

@@ -47,6 +47,7 @@ from safemail.lab.plan import (
     make_plan,
     route_conflicts,
 )
+from safemail.project import Project
 
 NET_NS = f"{PREFIX}-net"
 ROUTER_NS = f"{PREFIX}-router"
@@ -69,7 +70,7 @@ class Stage:
 
     @property
     def inventory_dir(self) -> Path:
-        return self.project / "inventories" / "test"
+        return Project(self.project).inventory("test")
 
     # -- reading ---------------------------------------------------------------------------
     def plan(self, all_vms: bool = False) -> LabPlan:

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from safemail.errors import SafeMailError
+from safemail.project import Project
 
 PROTOCOLS = ("tcp", "udp")
 NETWORK_FILE = Path("group_vars") / "all" / "network.yml"
@@ -284,7 +285,7 @@ def combine(raw: Iterable[Mapping[str, Any]]) -> tuple[Flow, ...]:
 
 
 def raw_flows(repo: Path, stage: str) -> tuple[NetworkSpec, list[dict[str, Any]]]:
-    inventory = repo / "inventories" / stage
+    inventory = Project(repo).inventory(stage)
     spec = read_network(inventory)
     if spec.flow_roles:
         raise MatrixError(f"inventories/{stage}/{NETWORK_FILE} sets {FLOW_ROLES_VAR}",

@@ -8,18 +8,13 @@ first). :func:`production_refusals` is the pure part of that rule.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from safemail import vault
+from safemail import ansible
 from safemail.errors import SafeMailError
 from safemail.gate.promote import Decision
 from safemail.ops.status import HostResult
-
-STAGES = ("test", "production")
+from safemail.project import Project
 
 
 def production_refusals(decision: Decision, test_stage: Sequence[HostResult]) -> list[str]:
@@ -39,32 +34,10 @@ def production_refusals(decision: Decision, test_stage: Sequence[HostResult]) ->
     return reasons
 
 
-def playbook_command(ansible_playbook: str, repo: Path, stage: str, hosts: Sequence[str],
-                     operator: str) -> list[str]:
-    if stage not in STAGES:
-        raise SafeMailError(f"unknown stage {stage!r}", f"use one of {', '.join(STAGES)}")
+def playbook_command(project: Project, stage: str, hosts: Sequence[str], operator: str,
+                     program: str | None = None) -> list[str]:
+    """ansible-playbook for playbooks/patch.yml on `hosts` of `stage`, recording `operator`."""
     if not hosts:
         raise SafeMailError("no hosts to patch")
-    inventory = repo / "inventories" / stage
-    return [ansible_playbook, "-i", str(inventory), *vault.vault_args(repo, inventory),
-            str(repo / "playbooks" / "patch.yml"), "--limit", ",".join(hosts),
-            "-e", f"patch_operator={operator}"]
-
-
-def ansible_playbook_command() -> str:
-    found = shutil.which("ansible-playbook")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "ansible-playbook"
-    if beside.exists():
-        return str(beside)
-    raise SafeMailError("ansible-playbook not found",
-                        "install the project: .venv/bin/pip install -e '.[controller]'")
-
-
-def run_playbook(cmd: Sequence[str], repo: Path) -> int:
-    print("running: " + " ".join(cmd), flush=True)
-    try:
-        return subprocess.run(list(cmd), cwd=repo, check=False).returncode
-    except OSError as exc:
-        raise SafeMailError(f"cannot run ansible-playbook: {exc}") from exc
+    return ansible.playbook_command(project, stage, "patch.yml", "--limit", ",".join(hosts),
+                                    "-e", f"patch_operator={operator}", program=program)

@@ -7,10 +7,11 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from safemail import ansible
 from safemail.errors import SafeMailError, UsageError
 from safemail.gate import promote
 from safemail.ops import apply, status
-from safemail.project import project_root
+from safemail.project import STAGES, Project
 
 
 def _hosts_arg(text: str) -> list[str]:
@@ -21,8 +22,8 @@ def _hosts_arg(text: str) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    repo = project_root()
-    hosts = status.inventory_hosts(repo / "inventories" / args.stage, args.hosts)
+    project = Project.find()
+    hosts = status.inventory_hosts(project.inventory(args.stage), args.hosts)
     results = status.collect(hosts)
     if args.json:
         print(json.dumps(status.to_json(results), indent=2))
@@ -36,23 +37,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    repo = project_root()
+    project = Project.find()
+    repo = project.root
     operator = (args.operator or promote.default_operator()).strip()
     if not operator:
         raise UsageError("--operator must name the person applying the patches")
     if args.stage == "production":
-        report = args.report if args.report.is_absolute() else repo / args.report
+        report = project.path(args.report)
         decision = promote.evaluate(repo, report, max_age_hours=args.max_age_hours)
-        test_hosts = status.inventory_hosts(repo / "inventories" / "test")
+        test_hosts = status.inventory_hosts(project.inventory("test"))
         refusals = apply.production_refusals(decision, status.collect(test_hosts))
         if refusals:
             print("patching production refused:\n  - " + "\n  - ".join(refusals))
             return 3
         print(decision.summary())
-    hosts = status.inventory_hosts(repo / "inventories" / args.stage, args.hosts)
-    cmd = apply.playbook_command(apply.ansible_playbook_command(), repo, args.stage,
-                                 [h.name for h in hosts], operator)
-    rc = apply.run_playbook(cmd, repo)
+    hosts = status.inventory_hosts(project.inventory(args.stage), args.hosts)
+    cmd = apply.playbook_command(project, args.stage, [h.name for h in hosts], operator)
+    rc = ansible.run(cmd, repo)
     if rc != 0:
         raise SafeMailError(
             f"the patch run failed (ansible-playbook exit {rc}); hosts after the failed one "
@@ -73,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser("status", help="collect every host's patch status (exit 3 if a host "
                                        "is unreachable, 4 if a check failed or is missing)")
-    p.add_argument("--stage", choices=apply.STAGES, default="test",
+    p.add_argument("--stage", choices=STAGES, default="test",
                    help="which inventory (default: test)")
     p.add_argument("--hosts", type=_hosts_arg, default=None,
                    help="comma-separated host names (default: every service host)")
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = psub.add_parser("apply", help="apply pending updates host by host and log each run "
                                       "(production only when the promotion gate allows)")
-    p.add_argument("--stage", choices=apply.STAGES, required=True,
+    p.add_argument("--stage", choices=STAGES, required=True,
                    help="test, or production (needs a passing test-stage report of this "
                         "revision and a fully patched test stage)")
     p.add_argument("--hosts", type=_hosts_arg, default=None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safemail.errors import SafeMailError
-from safemail.gate.inventory import Host, read_inventory
+from safemail.inventory import Host, read_inventory
 from safemail.ops.patchcheck import DEFAULT_STATUS, Status, load_status
 
 SERVICE_GROUP = "service"

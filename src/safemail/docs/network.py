@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safemail.gate.inventory import Host, read_inventory
+from safemail.inventory import Host, read_inventory
 from safemail.network import matrix, plan
+from safemail.project import Project
 
 
 def generate(repo: Path, out_dir: Path, stage: str,
@@ -13,7 +14,7 @@ def generate(repo: Path, out_dir: Path, stage: str,
     """Read the stage's matrix and inventory, write the plan, return the written paths."""
     spec, flows = matrix.load_matrix(repo, stage)
     if hosts is None:
-        hosts = read_inventory(repo / "inventories" / stage)
+        hosts = read_inventory(Project(repo).inventory(stage))
     if not hosts:
         raise matrix.MatrixError(
             f"inventories/{stage} has no hosts: the plan places groups by their hosts' segments",

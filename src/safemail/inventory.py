@@ -1,20 +1,19 @@
 """Read an Ansible inventory through ``ansible-inventory --list`` (the one reader Ansible trusts).
 
-Used by the report (which hosts were tested) and by the documentation generator.
+The controller's one host list: the gate (which hosts were tested), the mutation run, patch
+status, the network plan and the documentation generator all read hosts here.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safemail import vault
+from safemail import ansible, vault
 from safemail.errors import SafeMailError
 
 # Host variables the documentation shows, by the first name that is set.
@@ -56,20 +55,6 @@ class Host:
     @property
     def address(self) -> str | None:
         return self.first(ADDRESS_VARS)
-
-
-def ansible_inventory_command() -> str:
-    """Path of ansible-inventory: on PATH, else next to this Python (the project venv)."""
-    found = shutil.which("ansible-inventory")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "ansible-inventory"
-    if beside.exists():
-        return str(beside)
-    raise InventoryError(
-        "ansible-inventory not found (Ansible is not installed in this environment)",
-        "install the project: .venv/bin/pip install -e . and run safemail from .venv/bin",
-    )
 
 
 def parse_inventory_list(data: Mapping[str, Any]) -> list[Host]:
@@ -124,8 +109,11 @@ def read_inventory(inventory: Path) -> list[Host]:
         )
     # The checkout holding this inventory (inventories/<stage>), for the vault client.
     repo = inventory.resolve().parent.parent
-    cmd = [ansible_inventory_command(), "-i", str(inventory),
-           *vault.vault_args(repo, inventory), "--list"]
+    try:
+        program = ansible.command("ansible-inventory")
+    except ansible.AnsibleNotFound as exc:
+        raise InventoryError(exc.message, exc.hint) from exc
+    cmd = [program, "-i", str(inventory), *vault.vault_args(repo, inventory), "--list"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from safemail import docs
+from safemail import ansible, inventory
+from safemail.docs import generated, roles
 from safemail.errors import SafeMailError
-from safemail.gate import inventory
 
 SPEC = """\
 argument_specs:
@@ -62,6 +62,7 @@ all:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
+    (tmp_path / "ansible.cfg").write_text("[defaults]\nroles_path = roles\n", encoding="utf-8")
     spec = tmp_path / "roles" / "mailrelay" / "meta" / "argument_specs.yml"
     spec.parent.mkdir(parents=True)
     spec.write_text(SPEC, encoding="utf-8")
@@ -73,9 +74,9 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_roles_markdown(project: Path) -> None:
-    roles = docs.read_roles(project / "roles")
-    assert [r.name for r in roles] == ["firewall", "mailrelay"]
-    text = docs.render_roles(roles, base=project)
+    found = roles.read_roles(project / "roles")
+    assert [r.name for r in found] == ["firewall", "mailrelay"]
+    text = roles.render_roles(found, base=project)
     assert "## firewall" in text and "No `meta/argument_specs.yml`" in text
     assert "Source: `roles/mailrelay/meta/argument_specs.yml`" in text
     assert "| `mailrelay_domains` | list of str | yes |  | Mail domains" in text
@@ -86,19 +87,19 @@ def test_roles_markdown(project: Path) -> None:
 
 
 def test_empty_or_missing_roles_dir(tmp_path: Path) -> None:
-    assert docs.read_roles(tmp_path / "roles") == []
+    assert roles.read_roles(tmp_path / "roles") == []
     (tmp_path / "roles").mkdir()
-    assert "No roles exist yet" in docs.render_roles(docs.read_roles(tmp_path / "roles"))
+    assert "No roles exist yet" in roles.render_roles(roles.read_roles(tmp_path / "roles"))
 
 
 def test_broken_spec_is_a_clear_error(project: Path) -> None:
     spec = project / "roles" / "mailrelay" / "meta" / "argument_specs.yml"
     spec.write_text("argument_specs: [\n", encoding="utf-8")
     with pytest.raises(SafeMailError, match="argument_specs.yml is not valid YAML"):
-        docs.read_roles(project / "roles")
+        roles.read_roles(project / "roles")
     spec.write_text("options: {}\n", encoding="utf-8")
     with pytest.raises(SafeMailError, match="top-level 'argument_specs'"):
-        docs.read_roles(project / "roles")
+        roles.read_roles(project / "roles")
 
 
 def test_inventory_groups_are_transitive() -> None:
@@ -115,11 +116,11 @@ def test_inventory_groups_are_transitive() -> None:
 
 def test_generate_with_real_ansible_inventory(project: Path) -> None:
     try:
-        inventory.ansible_inventory_command()
+        ansible.command("ansible-inventory")
     except SafeMailError:
         pytest.skip("ansible-inventory not installed")
     out = project / "docs" / "generated"
-    paths = docs.generate(project, out, stage="production", revision="abc123")
+    paths = generated.generate(project, out, stage="production", revision="abc123")
     assert sorted(p.name for p in paths) == ["hosts.md", "index.md", "roles.md"]
     hosts = (out / "hosts.md").read_text(encoding="utf-8")
     assert "| `relay` | relay | front | qemu |  | 198.18.1.10 |" in hosts
@@ -128,31 +129,31 @@ def test_generate_with_real_ansible_inventory(project: Path) -> None:
     assert "- **front**: `ca-ra`, `relay`" in hosts
     assert "revision `abc123`" in (out / "index.md").read_text(encoding="utf-8")
     first = {p.name: p.read_text(encoding="utf-8") for p in paths}
-    docs.generate(project, out, stage="production", revision="abc123")
+    generated.generate(project, out, stage="production", revision="abc123")
     assert first == {p.name: p.read_text(encoding="utf-8") for p in paths}  # deterministic
 
 
 def test_missing_ansible_is_a_clear_error(
     project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(inventory.shutil, "which", lambda name: None)
-    monkeypatch.setattr(inventory.sys, "executable", str(tmp_path / "nobin" / "python"))
+    monkeypatch.setattr(ansible.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ansible.sys, "executable", str(tmp_path / "nobin" / "python"))
     with pytest.raises(SafeMailError) as info:
-        docs.generate(project, project / "out")
+        generated.generate(project, project / "out")
     assert "ansible-inventory not found" in info.value.message
     assert info.value.hint and "pip install" in info.value.hint
 
 
 def test_missing_inventory_is_a_clear_error(project: Path) -> None:
     with pytest.raises(SafeMailError, match="inventory .*inventories/test does not exist"):
-        docs.generate(project, project / "out", stage="test")
+        generated.generate(project, project / "out", stage="test")
 
 
 def test_docs_cli(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     subprocess.run(["git", "init", "-q", str(project)], check=True)
     monkeypatch.chdir(project)
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
-    monkeypatch.setattr(docs, "read_inventory", lambda path: [])
+    monkeypatch.setattr(generated, "read_inventory", lambda path: [])
     from safemail.cli import main
 
     assert main(["docs", "--out", "gen"]) == 0
