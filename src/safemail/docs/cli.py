@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safemail.docs import generated, network
+from safemail.docs import generated, network, readmes
+from safemail.errors import UsageError
 from safemail.project import STAGES, Project
 
 
@@ -16,18 +17,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "all: write hosts.md (from ansible-inventory --list), roles.md (from\n"
             "roles/*/meta/argument_specs.yml) and index.md into the output directory.\n"
-            "network: the network plan (network.md, network.svg) from the flow matrix."
+            "network: the network plan (network.md, network.svg) from the flow matrix.\n"
+            "readmes: the settings part of every roles/<role>/README.md from the role's\n"
+            "meta/argument_specs.yml (text outside the generated part is kept)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "part",
         nargs="?",
-        choices=("all", "network"),
+        choices=("all", "network", "readmes"),
         default="all",
         help="all: hosts.md, roles.md, index.md; network: the network plan (network.md and "
-        "network.svg) from the flow matrix (default: %(default)s)",
+        "network.svg) from the flow matrix; readmes: roles/*/README.md (default: %(default)s)",
     )
+    p.add_argument("--check", action="store_true",
+                   help="readmes: write nothing, exit 1 and name every README that is stale")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: docs/generated; docs for network)")
     p.add_argument("--stage", choices=STAGES, default=None,
@@ -38,6 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_docs(args: argparse.Namespace) -> int:
     project = Project.find()
+    if args.check and args.part != "readmes":
+        raise UsageError("--check goes with `safemail docs readmes`")
+    if args.part == "readmes":
+        if args.out or args.stage:
+            raise UsageError("readmes are written into roles/: --out and --stage do not apply")
+        if args.check:
+            stale = [r.path for r in readmes.readmes(project.roles) if not r.current]
+            for path in stale:
+                print(f"stale: {path.relative_to(project.root)}")
+            return 1 if stale else 0
+        for path in readmes.write(project.roles):
+            print(f"wrote {path}")
+        return 0
     if args.part == "network":
         out = project.path(args.out or Path("docs"))
         for path in network.generate(project.root, out, args.stage or "test"):

@@ -34,6 +34,7 @@ class RoleEntry:
     entry_point: str
     short_description: str
     options: tuple[RoleOption, ...]
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def read_role(role_dir: Path) -> RoleDoc:
                 entry_point=str(entry_point),
                 short_description=cell(body.get("short_description", "")),
                 options=_options(body.get("options"), where),
+                description=cell(body.get("description", "")),
             )
         )
     return RoleDoc(role_dir.name, spec_path, tuple(entries))
@@ -133,29 +135,31 @@ def render_roles(roles: Sequence[RoleDoc], base: Path | None = None) -> str:
             except ValueError:
                 rel = role.spec_path.as_posix()
             lines += [f"Source: `{rel}`", ""]
-        for entry in role.entries:
-            title = f"### Entry point `{entry.entry_point}`"
-            lines.append(title)
-            lines.append("")
-            if entry.short_description:
-                lines += [entry.short_description, ""]
-            if not entry.options:
-                lines += ["_No options._", ""]
-                continue
-            lines.append("| Option | Type | Required | Default | Description |")
-            lines.append("|---|---|---|---|---|")
-            for opt in entry.options:
-                kind = opt.type + (f" of {opt.elements}" if opt.elements else "")
-                desc = opt.description
-                if opt.choices:
-                    desc += (
-                        (" " if desc else "")
-                        + "Choices: "
-                        + ", ".join(f"`{c}`" for c in opt.choices)
-                    )
-                lines.append(
-                    f"| `{opt.name}` | {cell(kind)} | {'yes' if opt.required else 'no'} | "
-                    f"{default(opt.default)} | {desc} |"
-                )
-            lines.append("")
+        lines += render_entries(role, level=3)
     return "\n".join(lines)
+
+
+def render_entries(role: RoleDoc, level: int) -> list[str]:
+    """Markdown lines of a role's entry points and their options (headings at ``level``)."""
+    lines: list[str] = []
+    for entry in role.entries:
+        lines += [f"{'#' * level} Entry point `{entry.entry_point}`", ""]
+        if entry.short_description:
+            lines += [entry.short_description, ""]
+        if not entry.options:
+            lines += ["_No options._", ""]
+            continue
+        lines.append("| Option | Type | Required | Default | Description |")
+        lines.append("|---|---|---|---|---|")
+        for opt in entry.options:
+            kind = opt.type + (f" of {opt.elements}" if opt.elements else "")
+            desc = opt.description
+            if opt.choices:
+                desc += (" " if desc else "") + "Choices: " + ", ".join(
+                    f"`{c}`" for c in opt.choices)
+            lines.append(
+                f"| `{opt.name}` | {cell(kind)} | {'yes' if opt.required else 'no'} | "
+                f"{default(opt.default)} | {desc} |"
+            )
+        lines.append("")
+    return lines
