@@ -40,6 +40,18 @@ def test_a_directory_is_a_checkout_only_with_ansible_cfg_and_inventories(tmp_pat
         Project.find(tmp_path)
 
 
+def test_outside_a_checkout_find_refuses_and_never_falls_back(tmp_path, monkeypatch):
+    """A git repository that is no checkout (no ansible.cfg): `safemail verify` or `promote`
+    run there must not act on the checkout this package was installed from."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "inventories" / "test").mkdir(parents=True)
+    monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SafeMailError, match="cannot find the SafeMail checkout") as info:
+        Project.find()
+    assert info.value.hint and "SAFEMAIL_PROJECT" in info.value.hint
+
+
 def test_paths_and_stages(tmp_path):
     project = Project(tmp_path)
     assert project.inventory("test") == tmp_path / "inventories" / "test"

@@ -34,8 +34,9 @@ class Project:
         """The checkout to work on.
 
         ``start`` if given (it or a parent must be a checkout), else $SAFEMAIL_PROJECT, else the
-        nearest parent of the working directory that holds ansible.cfg and inventories/, else
-        the checkout this package was installed from (editable install).
+        nearest parent of the working directory that holds ansible.cfg and inventories/.
+        Nothing else: a command run from the wrong directory refuses, it never acts on some
+        other checkout (the one this package was installed from, say).
         """
         if start is not None:
             candidates = [start.resolve(), *start.resolve().parents]
@@ -43,7 +44,7 @@ class Project:
             env = os.environ.get(ENV_VAR)
             candidates = [Path(env)] if env else []
             cwd = Path.cwd().resolve()
-            candidates += [cwd, *cwd.parents, Path(__file__).resolve().parents[2]]
+            candidates += [cwd, *cwd.parents]
         for candidate in candidates:
             if _is_checkout(candidate):
                 return cls(candidate)
