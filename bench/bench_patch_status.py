@@ -1,5 +1,5 @@
-"""Benchmark `safemail patch status` against the equivalent Ansible runs (DESIGN §7: ratios
-measured side by side, in the same run, against the same stage).
+"""Benchmark `safemail patch status` against the equivalent Ansible runs (ratios measured
+side by side, in the same run, against the same stage: docs/architecture.md#quality-bars).
 
 Times, alternating, `--repeat` times each:
   * ``patch_status`` — ``safemail patch status --json`` (pyinfra: one SSH connection per host,

@@ -1,4 +1,5 @@
-"""Micro-benchmark of the S/MIME gate's classifier (DESIGN §7: ratios measured side by side).
+"""Micro-benchmark of the S/MIME gate's classifier (ratios measured side by side;
+docs/architecture.md#quality-bars).
 
 For each message size, times in one run:
   * ``classify`` — the whole gate decision (header parse, base64, strict CMS parse);

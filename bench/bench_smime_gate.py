@@ -1,6 +1,6 @@
 """Benchmark the S/MIME gate inside Postfix: messages/s and CPU per message with the gate, with
-the same milter doing no classification, and without a milter (DESIGN §7: ratios measured
-side by side, same machine, same run).
+the same milter doing no classification, and without a milter (ratios measured side by side,
+same machine, same run: docs/architecture.md#quality-bars).
 
 On the relay (default: the first host of the inventory's ``relay`` group) it adds, for the
 length of the run only, three loopback listeners to master.cf that are the same smtpd except

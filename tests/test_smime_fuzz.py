@@ -1,4 +1,5 @@
-"""Fuzzing the S/MIME gate (DESIGN §7: bad input gets a clear answer; MAIL-03).
+"""Fuzzing the S/MIME gate (bad input gets a clear answer; MAIL-03;
+docs/architecture.md#quality-bars).
 
 Properties: :func:`classify` never raises, always returns a Verdict with a one-line reason, and
 never accepts a message unless an independent check (written here, separately from the

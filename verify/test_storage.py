@@ -41,7 +41,8 @@ DEVICE = "/dev/disk/by-id/virtio-safemail-data"
 NAME = "safemail-data"
 MAPPER = f"/dev/mapper/{NAME}"
 HELPER = "/usr/local/sbin/safemail-storage"
-# What must live on the volume, per host group (DESIGN §3, audit report 2.6).
+# What must live on the volume, per host group (audit report 2.6;
+# docs/architecture.md#hosts-roles-and-the-network).
 PATHS = {
     "relay": ["/var/spool/postfix", "/var/log/safemail"],
     "store": ["/var/mail/vmail", "/var/log/safemail"],

@@ -32,7 +32,8 @@ DEFAULT_CATALOGUE = Path("verify/requirements.yml")
 
 ID_PATTERN = re.compile(r"^[A-Z]{2,8}-[0-9]{2,3}$")
 
-# The starting set of DESIGN §5. The catalogue may grow; it must never lose one of these.
+# The starting set (docs/architecture.md#the-requirement-catalogue-tests-report-gate). The
+# catalogue may grow; it must never lose one of these.
 BASELINE_IDS: tuple[str, ...] = (
     *(f"MAIL-0{n}" for n in range(1, 6)),
     "STORE-01",
@@ -143,7 +144,8 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
     if not isinstance(entries, list) or not entries:
         raise CatalogueError(
             f"{origin}: 'requirements' must be a non-empty list",
-            "the catalogue lists every requirement of DESIGN §5; restore it from git",
+            "the catalogue keeps every id of the starting set (docs/architecture.md); restore it "
+            "from git",
         )
     seen: set[str] = set()
     reqs: list[Requirement] = []
@@ -224,5 +226,5 @@ def relative_to(catalogue: Catalogue, base: Path) -> Catalogue:
 
 
 def missing_baseline(catalogue: Catalogue) -> list[str]:
-    """Ids of DESIGN §5 that the catalogue lacks (it may extend the set, never drop from it)."""
+    """Ids of the starting set that the catalogue lacks (it may extend the set, never drop)."""
     return [i for i in BASELINE_IDS if i not in catalogue]

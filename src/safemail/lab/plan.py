@@ -47,7 +47,7 @@ FIRST_HOST_OCTET = 10
 MIRROR = ("mirror", "core", 5)
 INTERNET_SINK = ("internet", "internet", 10)
 
-# Groups every stage must have (DESIGN §3).
+# Groups every stage must have (docs/architecture.md#hosts-roles-and-the-network).
 SERVICE_GROUPS = ("relay", "store", "auth", "ca_ra", "ca_signer", "ca_dist")
 LAB_GROUPS = ("participants",)
 HYPERVISORS = ("nspawn", "qemu")
@@ -155,7 +155,8 @@ def hosts_from_inventory(inventory: Mapping[str, Any], all_vms: bool = False) ->
                if not any(g in s.groups for s in specs)]
     if missing:
         raise SafeMailError(f"the test inventory lacks the group(s) {', '.join(missing)}",
-                            hint="every group of DESIGN §3 needs at least one host")
+                            hint="every group of docs/architecture.md (\"Hosts, roles and the "
+                                 "network\") needs at least one host")
     return sorted(specs, key=lambda s: s.name)
 
 

@@ -1,4 +1,4 @@
-"""The flow matrix: every network flow SafeMail allows, in one table (DESIGN §3).
+"""The flow matrix: every network flow SafeMail allows, in one table (docs/firewall.md).
 
 Where it comes from (the same for the firewall, the verify suite and the network plan):
 
