@@ -1,19 +1,26 @@
-# Thin entry points. Everything runs as root on a Debian 12 machine (see README.md).
+# Thin entry points. The lab targets run as root on a Debian 12 machine (see README.md);
+# lint and unit need only the Python environment (.venv), no root.
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help setup demo test lint unit integration integration-full converge lab-up lab-down \
-	bench-gate bench-stage molecule-stage molecule-role mutate
+.PHONY: help setup venv lock demo test lint unit integration integration-full converge lab-up \
+	lab-down bench-gate bench-stage molecule-stage molecule-role mutate
+
+# The venv is current when its stamp for this pyproject.toml and constraints.txt exists
+# (scripts/setup-venv.sh writes it); lint and unit depend on it, not on the host setup.
+VENV_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 
 help:
 	@echo "make demo   - set up, start the lab, converge site.yml, verify (the main job)"
 	@echo "make test   - set up, lint, unit tests, lab integration test (what CI runs)"
-	@echo "make setup  - Debian packages and the Python environment only"
-	@echo "make lint   - ruff, yamllint, ansible-lint"
-	@echo "make unit   - unit tests only (no lab)"
+	@echo "make setup  - Debian packages (root) and the Python environment only"
+	@echo "make venv   - the Python environment only (.venv from constraints.txt; no root)"
+	@echo "make lock   - rewrite constraints.txt from the venv (after changing a pin)"
+	@echo "make lint   - ruff, yamllint, ansible-lint (no root; also: pre-commit install)"
+	@echo "make unit   - unit tests only (no lab, no root; JUnit: reports/junit-unit.xml)"
 	@echo "make integration-full - the lab integration test plus a second whole-site run and --check"
 	@echo "make lab-up / lab-down / converge - single steps"
 	@echo "make molecule-stage - molecule test -s stage: lab up, site.yml, idempotence, --check, verify, lab down"
@@ -25,6 +32,17 @@ help:
 setup:
 	@bash scripts/setup-host.sh
 
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP):
+	@VENV=$(VENV) bash scripts/setup-venv.sh
+
+# Keeps the header comment of constraints.txt; the rest is pip freeze of the venv.
+lock: $(VENV_STAMP)
+	@{ grep '^#' constraints.txt; $(BIN)/pip freeze --all --exclude-editable; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
+	@VENV=$(VENV) bash scripts/setup-venv.sh
+
 demo: setup
 	$(BIN)/safemail lab up
 	$(BIN)/ansible-playbook playbooks/site.yml
@@ -32,13 +50,13 @@ demo: setup
 
 test: setup lint unit integration
 
-lint: setup
-	$(BIN)/ruff check src tests verify
+lint: $(VENV_STAMP)
+	$(BIN)/ruff check src tests verify bench
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production playbooks roles
 
-unit: setup
-	$(BIN)/pytest -q -m "not lab" tests
+unit: $(VENV_STAMP)
+	$(BIN)/pytest -q -m "not lab" --junitxml=reports/junit-unit.xml tests
 
 integration: setup
 	$(BIN)/pytest -v -m lab tests/integration

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepare this machine for SafeMail IaC: Debian packages for the lab and the Python
-# environment (.venv). Safe to run again: it installs only what is missing.
+# Prepare this machine for SafeMail IaC: Debian packages for the lab (root), then the Python
+# environment (.venv, scripts/setup-venv.sh). Safe to run again: it installs only what is
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,15 +30,4 @@ else
   echo "setup: Debian packages present"
 fi
 
-PYTHON=${PYTHON:-python3}
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ]; then
-  echo "setup: creating the Python environment in .venv (about 1-2 min)"
-  rm -rf .venv
-  "$PYTHON" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[controller,dev]'
-  touch "$stamp"
-else
-  echo "setup: Python environment up to date"
-fi
+bash scripts/setup-venv.sh
