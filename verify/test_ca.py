@@ -411,6 +411,7 @@ def test_published_crl_is_signed_and_fresh(lab, evidence, participant_host):
 
 
 @pytest.mark.req("CA-04")
+@pytest.mark.stage_hosts("participants", "ca_ra", "ca_signer", "ca_dist", "auth")
 def test_revocation_end_to_end(lab, evidence):
     """Register + enrol a throw-away participant on practice host 1, check its certificate
     passes `openssl verify -crl_check`, revoke it on the signer, and see distribution's CRL
@@ -511,6 +512,7 @@ def test_directory_holds_the_participants_certificate(lab, evidence, participant
 
 
 @pytest.mark.req("CA-04")
+@pytest.mark.stage_hosts("participants", "ca_ra", "ca_signer", "ca_dist", "auth")
 def test_revoked_certificate_leaves_the_directory(lab, evidence):
     """A throw-away participant with a directory entry: enrol -> its entry carries the
     certificate; revoke -> distribution removes it from the entry."""
