@@ -145,8 +145,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         data = Path(args.csr).read_bytes()
     except OSError as exc:
         raise CaError(f"cannot read {args.csr}: {exc.strerror}") from exc
+    key_change = None
+    if args.key_change:
+        try:
+            key_change = Path(args.key_change).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CaError(f"cannot read the key-change confirmation {args.key_change}") from exc
     try:
-        req = _ra(args).submit(data, args.participant, actor=_actor(args), renewal=args.renewal)
+        req = _ra(args).submit(
+            data,
+            args.participant,
+            actor=_actor(args),
+            renewal=args.renewal,
+            key_change=key_change,
+        )
     except RefusedError as exc:
         return _refused(exc)
     print(req.id)
@@ -155,6 +167,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.owners:
+        register = Signer(_state_dir(args), _policy(args)).register()
+        rows_o = [
+            {"mailbox": m, **{k: v for k, v in e.items() if k != "public_key"}}
+            for m, e in sorted(register.items())
+        ]
+        if args.json:
+            print(json.dumps(rows_o, indent=2))
+            return 0
+        for r in rows_o:
+            extra = f" released for {r['released_for']}: {r['release_reason']}" if (
+                r["status"] == "released"
+            ) else ""
+            print(
+                f"{r['mailbox']}  {r['participant']:>12}  {r['status']:8} key "
+                f"{r['key_sha256'][:16]}  serial {r['serial']}{extra}"
+            )
+        return 0
     if args.certs:
         index = Signer(_state_dir(args), _policy(args)).index()
         now = datetime.now(UTC)
@@ -247,6 +277,50 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if not args.no_crl:
         crl = signer.generate_crl(actor=_actor(args))
         print(f"CRL {_crl_line(crl)} written; push it to distribution now")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    owner = _signer(args).release(
+        args.mailbox, reason=args.reason, actor=args.operator, participant=args.participant
+    )
+    print(
+        f"{args.mailbox} released (was participant {owner['participant']}, key "
+        f"{owner['key_sha256'][:16]}); the next enrolment of participant "
+        f"{owner['released_for']} for it is treated as new"
+    )
+    return 0
+
+
+def cmd_confirm_key_change(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from safemail.ca import keychange
+    from safemail.ca.csrcheck import load_csr
+
+    try:
+        key_data = Path(args.key).read_bytes()
+        csr_data = Path(args.csr).read_bytes()
+    except OSError as exc:
+        raise CaError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CaError(
+            f"{args.key} is not an unencrypted PEM private key",
+            "give the participant's CURRENT key (the one the valid certificate holds)",
+        ) from exc
+    csr = load_csr(csr_data)
+    doc = keychange.make(
+        key, args.participant, args.mailbox, csr.public_bytes(serialization.Encoding.DER)
+    )
+    if args.out:
+        from safemail.ca import _fs
+
+        _fs.atomic_write_bytes(Path(args.out), doc.encode() + b"\n", 0o644)
+        print(f"confirmation written to {args.out}; hand it to the RA with the new CSR")
+    else:
+        print(doc)
     return 0
 
 
@@ -367,6 +441,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="replace the participant's valid certificate (old one is superseded)",
     )
     p.add_argument(
+        "--key-change",
+        metavar="FILE",
+        help="the participant's confirmation of a new key, signed with the current key "
+        "('safemail ca confirm-key-change'); the signer refuses a new key without it",
+    )
+    p.add_argument(
         "--published-dir",
         metavar="DIR",
         help="copy of the distribution tree (default: <state-dir>/published)",
@@ -378,6 +458,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = cs.add_parser("list", help="RA: list requests; signer: list certificates (--certs)")
     p.add_argument("--state", choices=STATES, help="only requests in this state")
     p.add_argument("--certs", action="store_true", help="list the signer's certificate index")
+    p.add_argument(
+        "--owners", action="store_true", help="list the signer's register of mailbox owners"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(p)
     p.set_defaults(func=cmd_list)
@@ -415,6 +498,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_common(p)
     _add_operator(p)
     p.set_defaults(func=cmd_revoke)
+
+    p = cs.add_parser(
+        "release",
+        help="signer: release a mailbox from its owner and key (lost key, change of hands)",
+        description="Release MAILBOX in the signer's register, so that the next approved "
+        "request for it (from --participant, default the previous owner) is treated as a new "
+        "enrolment, without a confirmation from the old key. Every certificate of the mailbox "
+        "must be revoked first. Signer operator only; recorded in the journal.",
+    )
+    p.add_argument("--mailbox", required=True, help="the mailbox to release")
+    p.add_argument("--reason", required=True, help="why (one line, kept in the journal)")
+    p.add_argument(
+        "--participant",
+        metavar="NUMBER",
+        help="participant number that may enrol the mailbox next (default: the previous owner)",
+    )
+    _add_operator(p, required=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_release)
+
+    p = cs.add_parser(
+        "confirm-key-change",
+        help="participant: confirm a new CSR with the CURRENT key (for a key change)",
+        description="Sign the hash of NEW_CSR with the participant's current private key "
+        "(run on the participant's host; the key never leaves it). The RA submits the "
+        "confirmation with the CSR (--key-change); the signer checks it against the key it "
+        "has registered for the mailbox.",
+    )
+    p.add_argument("--key", required=True, metavar="FILE", help="the CURRENT private key (PEM)")
+    p.add_argument("--csr", required=True, metavar="NEW_CSR", help="the new CSR (PEM or DER)")
+    p.add_argument("--participant", required=True, metavar="NUMBER", help="participant number")
+    p.add_argument("--mailbox", required=True, help="the participant's mailbox")
+    p.add_argument("--out", metavar="FILE", help="write the confirmation here (default: stdout)")
+    p.set_defaults(func=cmd_confirm_key_change)
 
     p = cs.add_parser("crl", help="signer: generate a new CRL (or --show the current one)")
     p.add_argument("--show", action="store_true", help="show the current CRL, change nothing")
