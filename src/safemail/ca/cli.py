@@ -44,6 +44,13 @@ def _policy(args: argparse.Namespace) -> CaPolicy:
 
 
 def _journal(args: argparse.Namespace) -> Journal:
+    """The host's journal, sealed by the sealer when one is configured (the CA hosts), else
+    signed with a journal key on this host (--journal-key), else unsigned."""
+    sealer = getattr(args, "journal_sealer", None) or os.environ.get("SAFEMAIL_CA_JOURNAL_SEALER")
+    if sealer:
+        from safemail.ca.seal import SocketSealer
+
+        return Journal(_state_dir(args) / "journal.jsonl", key=SocketSealer(Path(sealer)))
     key_path = args.journal_key or os.environ.get("SAFEMAIL_CA_JOURNAL_KEY")
     key = JournalKey.load(Path(key_path)) if key_path else None
     return Journal(_state_dir(args) / "journal.jsonl", key=key)
@@ -90,7 +97,13 @@ def _add_common(p: argparse.ArgumentParser, *, policy: bool = True) -> None:
         "--journal-key",
         metavar="FILE",
         help="host journal key: hex HMAC secret or Ed25519 PEM (default: "
-        "$SAFEMAIL_CA_JOURNAL_KEY; unsigned if unset)",
+        "$SAFEMAIL_CA_JOURNAL_KEY; unsigned if unset and no sealer)",
+    )
+    p.add_argument(
+        "--journal-sealer",
+        metavar="SOCKET",
+        help="seal journal entries through the sealer's socket (default: "
+        "$SAFEMAIL_CA_JOURNAL_SEALER); takes precedence over --journal-key",
     )
 
 
@@ -385,9 +398,58 @@ def cmd_unbundle(args: argparse.Namespace) -> int:
 
 def cmd_journal_verify(args: argparse.Namespace) -> int:
     key = JournalKey.load(Path(args.key)) if args.key else None
-    result = journal_mod.verify(Path(args.path), key)
+    heads: list[journal_mod.Head] = []
+    for name in args.heads or []:
+        path = Path(name)
+        if not path.exists() and args.remember and name == args.remember:
+            continue  # the controller's store before the first collection
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise CaError(f"cannot read heads file {name}: {exc.strerror}") from exc
+        heads += journal_mod.parse_heads(text, name)
+    if args.host:
+        heads = [h for h in heads if h.host in (None, "-", args.host)]
+    result = journal_mod.check_heads(Path(args.path), heads, key)
     print(result)
+    if heads:
+        print(f"compared with {len(heads)} exported head(s); highest seq "
+              f"{max(h.seq for h in heads)}")
+    if result.ok and args.remember:
+        _remember_head(Path(args.path), Path(args.remember))
     return 0 if result.ok else EXIT_JOURNAL_BROKEN
+
+
+def _remember_head(journal_path: Path, store: Path) -> None:
+    """Append the verified journal's head to the controller's store (kept for next time)."""
+    raw = journal_path.read_bytes().splitlines()
+    if not raw:
+        return
+    last = json.loads(raw[-1])
+    head = journal_mod.Head(int(last["seq"]), str(last["hash"]), last.get("sig"),
+                            last.get("host"))
+    known = store.read_text(encoding="utf-8") if store.exists() else ""
+    if any(h.seq == head.seq and h.hash == head.hash
+           for h in journal_mod.parse_heads(known, str(store))):
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with store.open("a", encoding="utf-8") as fh:
+        fh.write(head.to_json() + "\n")
+    print(f"head seq {head.seq} added to {store}")
+
+
+def cmd_seal_keygen(args: argparse.Namespace) -> int:
+    from safemail.ca.seal import Sealer
+
+    created = Sealer(Path(args.state)).keygen(Path(args.public) if args.public else None)
+    print(f"seal key {'created' if created else 'exists'} in {args.state}")
+    return 0
+
+
+def cmd_seal_serve(args: argparse.Namespace) -> int:
+    from safemail.ca.seal import Sealer, serve
+
+    return serve(Sealer(Path(args.state)), sys.stdin.buffer, sys.stdout.buffer)
 
 
 def cmd_journal_keygen(args: argparse.Namespace) -> int:
@@ -587,14 +649,61 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = cs.add_parser("journal", help="verify a CA journal or create a journal key")
     js = p.add_subparsers(dest="journal_command", metavar="ACTION")
     js.required = True
-    v = js.add_parser("verify", help="check the hash chain (and signatures with --key)")
+    v = js.add_parser(
+        "verify",
+        help="check the hash chain (and seals with --key, exported heads with --heads)",
+    )
+    _add_verify_args(v)
+    k = js.add_parser("keygen", help="create a random HMAC journal key (mode 0600)")
+    k.add_argument("path", help="where to write the key")
+    k.set_defaults(func=cmd_journal_keygen)
+    k = js.add_parser(
+        "seal-keygen",
+        help="sealer: create the Ed25519 seal key once, write its public key",
+        description="Run as the sealer user. Never replaces an existing seal key.",
+    )
+    k.add_argument("--state", required=True, metavar="DIR", help="the sealer's state directory")
+    k.add_argument("--public", metavar="FILE", help="write the public key here (PEM)")
+    k.set_defaults(func=cmd_seal_keygen)
+    k = js.add_parser(
+        "seal-serve",
+        help="sealer: seal one entry read from stdin (socket-activated)",
+        description="Read one journal entry (JSON line) on stdin, seal it if it continues the "
+        "last sealed head, answer one JSON line. Run by safemail-ca-seal@.service.",
+    )
+    k.add_argument("--state", required=True, metavar="DIR", help="the sealer's state directory")
+    k.set_defaults(func=cmd_seal_serve)
+
+    v = cs.add_parser(
+        "verify-journal",
+        help="verify a journal against the heads exported off its host (controller)",
+        description="Same as 'journal verify': check the chain and seals, then compare the "
+        "journal with every exported head (truncated or rewritten journals fail).",
+        epilog="exit codes: 0 intact, 1 error, 4 broken, truncated or rewritten",
+    )
+    _add_verify_args(v)
+
+
+def _add_verify_args(v: argparse.ArgumentParser) -> None:
+    v.set_defaults(func=cmd_journal_verify)
     v.add_argument("path", help="journal file (journal.jsonl)")
     v.add_argument(
         "--key",
         metavar="FILE",
-        help="HMAC secret or Ed25519 public/private key to check signatures",
+        help="seal public key (journal-seal.pub), or HMAC secret / Ed25519 key to check "
+        "signatures",
     )
-    v.set_defaults(func=cmd_journal_verify)
-    k = js.add_parser("keygen", help="create a random HMAC journal key (mode 0600)")
-    k.add_argument("path", help="where to write the key")
-    k.set_defaults(func=cmd_journal_keygen)
+    v.add_argument(
+        "--heads",
+        action="append",
+        metavar="FILE",
+        help="exported heads to compare with (head.json, heads.jsonl, the controller's store, "
+        "admin-log lines of safemail-ca-seal); repeatable",
+    )
+    v.add_argument("--host", help="use only heads of this journal host (admin logs mix hosts)")
+    v.add_argument(
+        "--remember",
+        metavar="STORE",
+        help="after a successful check, add the journal's head to STORE (the controller's "
+        "heads store; give it as --heads too)",
+    )
