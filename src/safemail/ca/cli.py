@@ -449,7 +449,10 @@ def cmd_seal_keygen(args: argparse.Namespace) -> int:
 def cmd_seal_serve(args: argparse.Namespace) -> int:
     from safemail.ca.seal import Sealer, serve
 
-    return serve(Sealer(Path(args.state)), sys.stdin.buffer, sys.stdout.buffer)
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    return serve(Sealer(Path(args.state), log=log), sys.stdin.buffer, sys.stdout.buffer)
 
 
 def cmd_journal_keygen(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ import socket
 import syslog
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives import serialization
@@ -45,7 +46,7 @@ SYSLOG_IDENT = "safemail-ca-seal"
 class Sealer:
     """The sealer's side: its state directory, its key, its last head."""
 
-    def __init__(self, state_dir: Path, *, log: bool = True) -> None:
+    def __init__(self, state_dir: Path, *, log: bool | Callable[[str], None] = True) -> None:
         self.state_dir = state_dir
         self.key_path = state_dir / "seal.key"
         self.head_path = state_dir / "head.json"
@@ -136,13 +137,14 @@ class Sealer:
             _fs.atomic_write_bytes(self.head_path, line_out.encode(), 0o644)
             with self.heads_path.open("a", encoding="utf-8") as fh:
                 fh.write(line_out)
-        if self.log:
+        text = f"journal head host={host or '-'} seq={seq} hash={digest} sig={sig['value']}" + (
+            " (first seal, earlier entries adopted)" if adopted else ""
+        )
+        if callable(self.log):
+            self.log(text)  # the service: stderr -> journald as safemail-ca-seal -> admin log
+        elif self.log:
             syslog.openlog(SYSLOG_IDENT, 0, syslog.LOG_AUTHPRIV)
-            syslog.syslog(
-                syslog.LOG_NOTICE,
-                f"journal head host={host or '-'} seq={seq} hash={digest} sig={sig['value']}"
-                + (" (first seal, earlier entries adopted)" if adopted else ""),
-            )
+            syslog.syslog(syslog.LOG_NOTICE, text)
         return sig
 
 
