@@ -231,3 +231,15 @@ def test_sealer_without_its_socket_stops_the_ca_step(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.jsonl", key=SocketSealer(tmp_path / "nope.sock", timeout=1))
     with pytest.raises(CaError, match="did not answer"):
         j.record("crl", "x")
+
+
+def test_start_sealing_through_the_cli(tmp_path: Path, sock: Path, sealer: Sealer,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "ra"
+    journal.append(state / "journal.jsonl", "register", "a", host="ca-ra")  # before sealing
+    assert main(["ca", "journal", "start-sealing", "--state-dir", str(state),
+                 "--journal-sealer", str(sock), "--operator", "ansible"]) == 0
+    assert "seq 2 sealed" in capsys.readouterr()[0]
+    assert journal.verify(state / "journal.jsonl", pub(tmp_path)).ok
+    assert sealer.head()["seq"] == 2
+    assert main(["ca", "journal", "start-sealing", "--state-dir", str(tmp_path / "x")]) == 1

@@ -438,6 +438,15 @@ def _remember_head(journal_path: Path, store: Path) -> None:
     print(f"head seq {head.seq} added to {store}")
 
 
+def cmd_journal_start_sealing(args: argparse.Namespace) -> int:
+    j = _journal(args)
+    if not j.key or not hasattr(j.key, "path"):
+        raise CaError("no journal sealer configured", "give --journal-sealer SOCKET")
+    entry = j.record("journal-sealed", _actor(args), detail="entries sealed from here on")
+    print(f"journal {j.path}: seq {entry['seq']} sealed; later entries are sealed too")
+    return 0
+
+
 def cmd_seal_keygen(args: argparse.Namespace) -> int:
     from safemail.ca.seal import Sealer
 
@@ -660,6 +669,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     k = js.add_parser("keygen", help="create a random HMAC journal key (mode 0600)")
     k.add_argument("path", help="where to write the key")
     k.set_defaults(func=cmd_journal_keygen)
+    k = js.add_parser(
+        "start-sealing",
+        help="record a sealed entry now (first seal of a journal written before sealing)",
+        description="Append a 'journal-sealed' entry through the sealer, so that the journal "
+        "has a sealed head from now on (the ca_hosts role runs it once per host).",
+    )
+    _add_common(k, policy=False)
+    _add_operator(k)
+    k.set_defaults(func=cmd_journal_start_sealing)
     k = js.add_parser(
         "seal-keygen",
         help="sealer: create the Ed25519 seal key once, write its public key",
