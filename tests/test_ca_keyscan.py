@@ -83,3 +83,28 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (tmp_path / "copy").write_bytes(forms(CA_KEY)["der-traditional"])
     assert keyscan.main(base) == 1
     assert json.loads(capsys.readouterr()[0])["copies"][0]["path"] == str(tmp_path / "copy")
+
+
+def test_public_key_mode_for_hosts_that_must_not_see_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(CA_KEY.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1)).sign(CA_KEY, hashes.SHA256()))
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(cert.public_bytes(E.PEM))
+    (tmp_path / "d").mkdir()
+    base = [str(tmp_path / "d"), "--cert", str(ca), "--json"]
+    assert keyscan.main(base) == 0
+    capsys.readouterr()
+    (tmp_path / "d" / "x.der").write_bytes(forms(CA_KEY)["der-pkcs8"])
+    assert keyscan.main(base) == 1
+    assert "DER private key" in json.loads(capsys.readouterr()[0])["copies"][0]["forms"]

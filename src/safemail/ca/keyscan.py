@@ -128,12 +128,26 @@ def _walk(roots: list[str]) -> Iterator[str]:
                 yield os.path.join(dirpath, name)
 
 
-def scan(roots: list[str], key: Any, time_limit: float = 300.0) -> ScanResult:
+def scan(
+    roots: list[str],
+    key: Any = None,
+    time_limit: float = 300.0,
+    *,
+    public_der: bytes | None = None,
+) -> ScanResult:
+    """Search ``roots`` for copies of ``key``. With only ``public_der`` (a host that must not
+    see the key, e.g. not the signer) key-shaped content is compared by public key, and the
+    secret-number search is left out."""
     started = time.monotonic()
     res = ScanResult()
-    target_pub = _public_der(key)
-    found = needles(secret_bytes(key))
-    overlap = max(len(n) for n in found.values())
+    if key is not None:
+        target_pub = _public_der(key)
+        found = needles(secret_bytes(key))
+    elif public_der is not None:
+        target_pub, found = public_der, {}
+    else:
+        raise ValueError("give the key or its public key")
+    overlap = max((len(n) for n in found.values()), default=0)
     for path in _walk(roots):
         if time.monotonic() - started > time_limit:
             res.complete = False
@@ -181,13 +195,27 @@ def main(argv: list[str] | None = None) -> int:
         "2 if the scan was incomplete.",
     )
     parser.add_argument("roots", nargs="+", help="directories to search, e.g. /")
-    parser.add_argument("--key", required=True, help="the key to look for (PEM, unencrypted)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--key", help="the key to look for (PEM, unencrypted)")
+    what.add_argument(
+        "--cert",
+        help="look for the private key of this certificate (PEM; compares public keys only)",
+    )
     parser.add_argument("--allow", action="append", default=[], help="a path allowed to hold it")
     parser.add_argument("--time-limit", type=float, default=300.0, metavar="SECONDS")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    key = serialization.load_pem_private_key(Path(args.key).read_bytes(), password=None)
-    res = scan(args.roots, key, args.time_limit)
+    if args.key:
+        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), password=None)
+        res = scan(args.roots, key, args.time_limit)
+    else:
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(Path(args.cert).read_bytes())
+        pub = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        res = scan(args.roots, None, args.time_limit, public_der=pub)
     copies = [h for h in res.hits if h["path"] not in args.allow]
     if args.json:
         print(json.dumps(asdict(res) | {"copies": copies}))
