@@ -424,36 +424,55 @@ def _signer_outcome(lab, rid: str) -> tuple[dict, list[dict]]:
     return index["requests"].get(rid, {}), [e for e in entries if e.get("request") == rid]
 
 
+def _enrol_throwaway(lab, tag: str, d: str) -> tuple[str, str]:
+    """Register and enrol a throw-away participant through the real RA -> signer path, its key
+    in ``d`` on participant host 1 (practice1/practice2 keep theirs untouched)."""
+    p, ra = lab(lab.group("participants")[0]), lab(lab.group("ca_ra")[0])
+    number, mailbox = _throwaway(lab, tag)
+    p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
+    p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} --key {d}/key.pem "
+                      f"--csr {d}/csr.pem")
+    _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
+    rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
+                          "--operator verify").split()[0]
+    ra.run_expect([0], f"{CA} approve {rid} --operator verify")
+    ra.run(f"rm -f /tmp/{number}.csr")
+    _cycle(lab)
+    return number, mailbox
+
+
 @pytest.mark.req("CA-03")
 @pytest.mark.parametrize("attack", ["second-number", "attacker-renewal"])
 def test_signer_refuses_what_a_compromised_ra_approves(lab, evidence, attack):
-    """Issue 18's reproduction on the lab: a second participant number for practice1's
-    mailbox, and a 'renewal' of practice1 with an attacker's CSR. The signer refuses both
-    with its reason; practice1's published certificate still carries practice1's key."""
-    p_name = lab.group("participants")[0]
-    victim = _participant(lab, p_name)
-    rid = f"{int(time.time() * 1000) % 16**16:016x}"
-    if attack == "second-number":
-        _forge_approved(lab, rid, f"9own{rid[-8:]}", victim["mailbox"], renewal=False)
-        code = "mailbox-owned"
-    else:
-        _forge_approved(lab, rid, str(victim["number"]), victim["mailbox"], renewal=True)
-        code = "key-change-unconfirmed"
+    """Issue 18's reproduction on the lab: a second participant number for an enrolled
+    participant's mailbox, and a 'renewal' of that participant with an attacker's CSR, both
+    written by a compromised RA. The signer refuses both with its reason, and the published
+    certificate still carries the participant's own key. (The victim is a throw-away
+    participant, so that a broken signer cannot take over practice1's mailbox.)"""
+    p = lab(lab.group("participants")[0])
+    d = f"/tmp/verify-owner-{attack}"
     try:
-        _cycle(lab)
-        outcome, entries = _signer_outcome(lab, rid)
+        number, mailbox = _enrol_throwaway(lab, "own", d)
+        rid = f"{int(time.time() * 1000) % 16**16:016x}"
+        if attack == "second-number":
+            _forge_approved(lab, rid, f"9own{rid[-8:]}", mailbox, renewal=False)
+            code = "mailbox-owned"
+        else:
+            _forge_approved(lab, rid, number, mailbox, renewal=True)
+            code = "key-change-unconfirmed"
+        try:
+            _cycle(lab)
+            outcome, entries = _signer_outcome(lab, rid)
+        finally:
+            lab(lab.group("ca_ra")[0]).run(f"rm -f {STATE}/outbox/approved/{rid}.json")
+        got = _http_get(p, _dist_url(lab, f"certs/{mailbox}.pem"), f"{d}/pub.pem")
+        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout
+        own = p.run(f"openssl pkey -in {d}/key.pem -pubout").stdout
     finally:
-        lab(lab.group("ca_ra")[0]).run(f"rm -f {STATE}/outbox/approved/{rid}.json")
-    p = lab(p_name)
-    d = f"/tmp/verify-owner-{rid}"
-    p.run_test(f"rm -rf {d} && mkdir {d}")
-    got = _http_get(p, _dist_url(lab, f"certs/{victim['mailbox']}.pem"), f"{d}/pub.pem")
-    published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout
-    own = p.run(f"openssl x509 -in {PDIR}/cert.pem -noout -pubkey").stdout
-    p.run(f"rm -rf {d}")
-    evidence(f"{attack}: signer outcome for {rid}: {outcome}; journal: "
-             f"{[(e['action'], e.get('detail')) for e in entries]}; published key is "
-             f"{p_name}'s: {published == own and bool(own)}")
+        p.run(f"rm -rf {d}")
+    evidence(f"{attack} on {mailbox} ({number}): signer outcome for {rid}: {outcome}; "
+             f"journal: {[(e['action'], e.get('detail')) for e in entries]}; published key "
+             f"is the participant's own: {published == own and bool(own)}")
     assert outcome.get("refused") == code
     assert [(e["action"], e.get("detail")) for e in entries] == [("issue-refused", code)]
     assert got.rc == 0 and own and published == own
