@@ -57,8 +57,9 @@ def test_every_form_of_a_copy_is_found(tmp_path: Path, form: str) -> None:
 
 def test_rsa_key_and_public_key_only(tmp_path: Path) -> None:
     key = rsa_key(3072, 5)
-    (tmp_path / "pub.pem").write_bytes(key.public_key().public_bytes(
-        E.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # public: fine
+    (tmp_path / "pub.pem").write_bytes(
+        key.public_key().public_bytes(E.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )  # public: fine
     assert keyscan.scan([str(tmp_path)], key).hits == []
     (tmp_path / "k.der").write_bytes(key.private_bytes(E.DER, F.PKCS8, NOENC))
     [hit] = keyscan.scan([str(tmp_path)], key).hits
@@ -66,8 +67,9 @@ def test_rsa_key_and_public_key_only(tmp_path: Path) -> None:
 
 
 def test_encrypted_copy_is_listed_and_time_limit_is_incomplete(tmp_path: Path) -> None:
-    (tmp_path / "enc.pem").write_bytes(CA_KEY.private_bytes(
-        E.PEM, F.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    (tmp_path / "enc.pem").write_bytes(
+        CA_KEY.private_bytes(E.PEM, F.PKCS8, serialization.BestAvailableEncryption(b"pw"))
+    )
     res = keyscan.scan([str(tmp_path)], CA_KEY)
     assert res.hits == [] and res.encrypted == [str(tmp_path / "enc.pem")]
     assert keyscan.scan([str(tmp_path)], CA_KEY, time_limit=-1).complete is False
@@ -96,9 +98,16 @@ def test_public_key_mode_for_hosts_that_must_not_see_the_key(
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(CA_KEY.public_key()).serial_number(1).not_valid_before(now)
-            .not_valid_after(now + timedelta(days=1)).sign(CA_KEY, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(CA_KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(CA_KEY, hashes.SHA256())
+    )
     ca = tmp_path / "ca.pem"
     ca.write_bytes(cert.public_bytes(E.PEM))
     (tmp_path / "d").mkdir()

@@ -67,7 +67,8 @@ def forged(
 
 
 def issue(trio: Trio, rid: str) -> Any:
-    [out] = [o for o in trio.signer.issue_from_outbox(trio.outbox, actor="c") if o.request_id == rid]
+    outcomes = trio.signer.issue_from_outbox(trio.outbox, actor="c")
+    [out] = [o for o in outcomes if o.request_id == rid]
     return out
 
 
@@ -200,8 +201,9 @@ def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
 def test_release_for_another_participant_number(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     trio.signer.revoke(int(old, 16), "cessation-of-operation", actor="carol")
-    trio.signer.release(MAILBOX, reason="practice handed over", actor="carol",
-                        participant=OTHER_NUMBER)
+    trio.signer.release(
+        MAILBOX, reason="practice handed over", actor="carol", participant=OTHER_NUMBER
+    )
     forged(trio, "2" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 4))
     assert issue(trio, "2" * 16).serial is not None
     assert trio.signer.index()["register"][MAILBOX]["participant"] == OTHER_NUMBER
@@ -240,8 +242,10 @@ def test_cli_refusal_exit_code_release_and_owners(
     code = main(["ca", "release", "--mailbox", MAILBOX, "--reason", "x", "--operator", "o", *sd])
     assert code == 1 and "revoke first" in capsys.readouterr()[1]
     assert main(["ca", "revoke", "--mailbox", MAILBOX, "--reason", "key-compromise", *sd]) == 0
-    assert main(["ca", "release", "--mailbox", MAILBOX, "--reason", "lost", "--operator", "o",
-                 *sd]) == 0
+    assert (
+        main(["ca", "release", "--mailbox", MAILBOX, "--reason", "lost", "--operator", "o", *sd])
+        == 0
+    )
     assert "released" in capsys.readouterr()[0]
     result = journal.verify(t.signer.journal.path)
     assert result.ok
@@ -251,18 +255,54 @@ def test_cli_confirm_key_change_round_trip(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = tmp_path / "key.pem"
-    key.write_bytes(rsa_key(3072, VICTIM_KEY).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key.write_bytes(
+        rsa_key(3072, VICTIM_KEY).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     csr = tmp_path / "new.csr"
     csr.write_bytes(make_csr(rsa_key(3072, 1), san=[MAILBOX]))
     conf = tmp_path / "confirm.json"
-    assert main(["ca", "confirm-key-change", "--key", str(key), "--csr", str(csr),
-                 "--participant", NUMBER, "--mailbox", MAILBOX, "--out", str(conf)]) == 0
+    assert (
+        main(
+            [
+                "ca",
+                "confirm-key-change",
+                "--key",
+                str(key),
+                "--csr",
+                str(csr),
+                "--participant",
+                NUMBER,
+                "--mailbox",
+                MAILBOX,
+                "--out",
+                str(conf),
+            ]
+        )
+        == 0
+    )
     der = x509.load_pem_x509_csr(csr.read_bytes()).public_bytes(serialization.Encoding.DER)
     pub = rsa_key(3072, VICTIM_KEY).public_key()
     assert keychange.check(conf.read_text().strip(), pub, NUMBER, MAILBOX, der) is None
     assert keychange.check(conf.read_text().strip(), pub, OTHER_NUMBER, MAILBOX, der)
-    assert main(["ca", "confirm-key-change", "--key", str(csr), "--csr", str(csr),
-                 "--participant", NUMBER, "--mailbox", MAILBOX]) == 1
+    assert (
+        main(
+            [
+                "ca",
+                "confirm-key-change",
+                "--key",
+                str(csr),
+                "--csr",
+                str(csr),
+                "--participant",
+                NUMBER,
+                "--mailbox",
+                MAILBOX,
+            ]
+        )
+        == 1
+    )
     assert "not an unencrypted PEM private key" in capsys.readouterr()[1]

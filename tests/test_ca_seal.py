@@ -68,8 +68,9 @@ def rows(p: Path) -> list[dict]:
 
 
 def write(p: Path, entries: list[dict]) -> None:
-    p.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n"
-                         for e in entries))
+    p.write_text(
+        "".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in entries)
+    )
 
 
 def rechain(entries: list[dict], key: JournalKey | None) -> list[dict]:
@@ -95,8 +96,9 @@ def rechain_from(entries: list[dict], prev: str, key: JournalKey) -> list[dict]:
     return entries
 
 
-def test_sealed_journal_verifies_and_head_is_exported(tmp_path: Path, sock: Path,
-                                                      sealer: Sealer) -> None:
+def test_sealed_journal_verifies_and_head_is_exported(
+    tmp_path: Path, sock: Path, sealer: Sealer
+) -> None:
     p = fill(tmp_path, sock)
     result = journal.verify(p, pub(tmp_path))
     assert result.ok and result.entries == N
@@ -132,8 +134,9 @@ def test_ca_account_rewrite_is_detected_and_cannot_be_resealed(tmp_path: Path, s
         Journal(p, host="ca-signer", key=SocketSealer(sock)).record("crl", "x")
 
 
-def test_ca_account_truncation_is_detected_by_the_sealers_head(tmp_path: Path, sock: Path,
-                                                             sealer: Sealer) -> None:
+def test_ca_account_truncation_is_detected_by_the_sealers_head(
+    tmp_path: Path, sock: Path, sealer: Sealer
+) -> None:
     p = fill(tmp_path, sock)
     write(p, rows(p)[:-2])
     assert journal.verify(p, pub(tmp_path)).ok  # a cut chain is still a chain
@@ -151,8 +154,17 @@ def test_root_with_the_seal_key_is_caught_by_heads_held_off_the_host(
     sealer's own head files too. Only the controller's earlier copy of the head remains."""
     p = fill(tmp_path, sock)
     store = tmp_path / "controller" / "ca-signer.heads.jsonl"
-    verify = ["ca", "verify-journal", str(p), "--key", str(tmp_path / "seal.pub"),
-              "--heads", str(store), "--remember", str(store)]
+    verify = [
+        "ca",
+        "verify-journal",
+        str(p),
+        "--key",
+        str(tmp_path / "seal.pub"),
+        "--heads",
+        str(store),
+        "--remember",
+        str(store),
+    ]
     assert main(verify) == 0
     assert "head seq 6 added" in capsys.readouterr()[0]
     stolen = JournalKey.load(sealer.key_path)
@@ -213,18 +225,29 @@ def test_admin_log_lines_are_heads(tmp_path: Path, sock: Path, sealer: Sealer) -
     log = tmp_path / "admin.log"
     lines = ["2026-12-06T10:00:00+00:00 ca-signer sshd[1]: Accepted publickey for x"]
     for h in journal.parse_heads(sealer.heads_path.read_text()):
-        lines.append(f"2026-12-06T10:00:01+00:00 ca-signer safemail-ca-seal: journal head "
-                     f"host={h.host} seq={h.seq} hash={h.hash} sig={h.sig['value']}")
+        lines.append(
+            f"2026-12-06T10:00:01+00:00 ca-signer safemail-ca-seal: journal head "
+            f"host={h.host} seq={h.seq} hash={h.hash} sig={h.sig['value']}"
+        )
     log.write_text("\n".join(lines) + "\n")
     heads = journal.parse_heads(log.read_text(), "admin.log")
     assert [h.seq for h in heads] == [1, 2, 3]
     assert journal.check_heads(p, heads, pub(tmp_path)).ok
     write(p, rows(p)[:2])
     assert "truncated" in journal.check_heads(p, heads, pub(tmp_path)).problem
-    forged = [journal.Head(2, heads[1].hash, {"alg": "ed25519", "value": heads[0].sig["value"]},
-                           "ca-signer", "forged")]
-    assert "exported head forged: bad signature" in journal.check_heads(
-        p, forged, pub(tmp_path)).problem
+    forged = [
+        journal.Head(
+            2,
+            heads[1].hash,
+            {"alg": "ed25519", "value": heads[0].sig["value"]},
+            "ca-signer",
+            "forged",
+        )
+    ]
+    assert (
+        "exported head forged: bad signature"
+        in journal.check_heads(p, forged, pub(tmp_path)).problem
+    )
 
 
 def test_sealer_without_its_socket_stops_the_ca_step(tmp_path: Path) -> None:
@@ -233,12 +256,27 @@ def test_sealer_without_its_socket_stops_the_ca_step(tmp_path: Path) -> None:
         j.record("crl", "x")
 
 
-def test_start_sealing_through_the_cli(tmp_path: Path, sock: Path, sealer: Sealer,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_start_sealing_through_the_cli(
+    tmp_path: Path, sock: Path, sealer: Sealer, capsys: pytest.CaptureFixture[str]
+) -> None:
     state = tmp_path / "ra"
     journal.append(state / "journal.jsonl", "register", "a", host="ca-ra")  # before sealing
-    assert main(["ca", "journal", "start-sealing", "--state-dir", str(state),
-                 "--journal-sealer", str(sock), "--operator", "ansible"]) == 0
+    assert (
+        main(
+            [
+                "ca",
+                "journal",
+                "start-sealing",
+                "--state-dir",
+                str(state),
+                "--journal-sealer",
+                str(sock),
+                "--operator",
+                "ansible",
+            ]
+        )
+        == 0
+    )
     assert "seq 2 sealed" in capsys.readouterr()[0]
     assert journal.verify(state / "journal.jsonl", pub(tmp_path)).ok
     assert sealer.head()["seq"] == 2

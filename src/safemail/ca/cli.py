@@ -190,9 +190,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(json.dumps(rows_o, indent=2))
             return 0
         for r in rows_o:
-            extra = f" released for {r['released_for']}: {r['release_reason']}" if (
-                r["status"] == "released"
-            ) else ""
+            extra = (
+                f" released for {r['released_for']}: {r['release_reason']}"
+                if (r["status"] == "released")
+                else ""
+            )
             print(
                 f"{r['mailbox']}  {r['participant']:>12}  {r['status']:8} key "
                 f"{r['key_sha256'][:16]}  serial {r['serial']}{extra}"
@@ -413,8 +415,9 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     result = journal_mod.check_heads(Path(args.path), heads, key)
     print(result)
     if heads:
-        print(f"compared with {len(heads)} exported head(s); highest seq "
-              f"{max(h.seq for h in heads)}")
+        print(
+            f"compared with {len(heads)} exported head(s); highest seq {max(h.seq for h in heads)}"
+        )
     if result.ok and args.remember:
         _remember_head(Path(args.path), Path(args.remember))
     return 0 if result.ok else EXIT_JOURNAL_BROKEN
@@ -426,11 +429,12 @@ def _remember_head(journal_path: Path, store: Path) -> None:
     if not raw:
         return
     last = json.loads(raw[-1])
-    head = journal_mod.Head(int(last["seq"]), str(last["hash"]), last.get("sig"),
-                            last.get("host"))
+    head = journal_mod.Head(int(last["seq"]), str(last["hash"]), last.get("sig"), last.get("host"))
     known = store.read_text(encoding="utf-8") if store.exists() else ""
-    if any(h.seq == head.seq and h.hash == head.hash
-           for h in journal_mod.parse_heads(known, str(store))):
+    if any(
+        h.seq == head.seq and h.hash == head.hash
+        for h in journal_mod.parse_heads(known, str(store))
+    ):
         return
     store.parent.mkdir(parents=True, exist_ok=True)
     with store.open("a", encoding="utf-8") as fh:
@@ -711,8 +715,7 @@ def _add_verify_args(v: argparse.ArgumentParser) -> None:
     v.add_argument(
         "--key",
         metavar="FILE",
-        help="seal public key (journal-seal.pub), or HMAC secret / Ed25519 key to check "
-        "signatures",
+        help="seal public key (journal-seal.pub), or HMAC secret / Ed25519 key to check signatures",
     )
     v.add_argument(
         "--heads",

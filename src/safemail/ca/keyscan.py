@@ -38,8 +38,21 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 SKIP = ("/proc", "/sys", "/dev")
 # Directories searched first, so that a time limit hits the least likely places last.
-FIRST = ("/root", "/home", "/tmp", "/var/tmp", "/var/backups", "/srv", "/opt", "/mnt",
-         "/media", "/var", "/etc", "/usr/local", "/run")
+FIRST = (
+    "/root",
+    "/home",
+    "/tmp",
+    "/var/tmp",
+    "/var/backups",
+    "/srv",
+    "/opt",
+    "/mnt",
+    "/media",
+    "/var",
+    "/etc",
+    "/usr/local",
+    "/run",
+)
 MAX_FILE = 256 * 1024 * 1024
 DER_MAX = 16 * 1024
 CHUNK = 4 * 1024 * 1024
@@ -114,16 +127,21 @@ def classify(data: bytes, target_pub: bytes) -> tuple[list[str], bool]:
 
 def _walk(roots: list[str]) -> Iterator[str]:
     seen: set[str] = set()
-    ordered = [r for r in FIRST if any(r == x or r.startswith(x.rstrip("/") + "/")
-                                       for x in roots)] + roots
+    ordered = [
+        r for r in FIRST if any(r == x or r.startswith(x.rstrip("/") + "/") for x in roots)
+    ] + roots
     for root in ordered:
         for dirpath, dirnames, filenames in os.walk(root):
             if dirpath in seen or dirpath.startswith(SKIP) and dirpath not in roots:
                 dirnames[:] = []
                 continue
             seen.add(dirpath)
-            dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in seen
-                           and not os.path.join(dirpath, d).startswith(SKIP)]
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if os.path.join(dirpath, d) not in seen
+                and not os.path.join(dirpath, d).startswith(SKIP)
+            ]
             for name in filenames:
                 yield os.path.join(dirpath, name)
 
@@ -173,7 +191,7 @@ def scan(
                         forms.update(more)
                         enc = enc or more_enc
                     forms.update(f"secret {n}" for n, b in found.items() if b in buf)
-                    tail = buf[-max(overlap, 8192):]
+                    tail = buf[-max(overlap, 8192) :]
             res.files += 1
             res.bytes += st.st_size
         except OSError:
@@ -222,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for h in res.hits:
             print(f"{h['path']}: {h['forms']}{' (allowed)' if h['path'] in args.allow else ''}")
-        print(f"{res.files} files, {res.bytes} bytes in {res.seconds} s; "
-              f"{'complete' if res.complete else 'INCOMPLETE (time limit)'}", file=sys.stderr)
+        print(
+            f"{res.files} files, {res.bytes} bytes in {res.seconds} s; "
+            f"{'complete' if res.complete else 'INCOMPLETE (time limit)'}",
+            file=sys.stderr,
+        )
     if not res.complete:
         return 2
     return 1 if copies else 0

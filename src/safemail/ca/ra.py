@@ -327,9 +327,7 @@ class RegistrationAuthority:
                         mailbox=req.mailbox,
                         request=req.id,
                         detail=" ".join(
-                            w
-                            for w, on in (("renewal", renewal), ("key-change", key_change))
-                            if on
+                            w for w, on in (("renewal", renewal), ("key-change", key_change)) if on
                         )
                         or None,
                     )

@@ -27,9 +27,9 @@ import json
 import os
 import socket
 import syslog
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives import serialization
@@ -84,8 +84,7 @@ class Sealer:
         except OSError as exc:
             raise CaError(
                 f"cannot read the seal key {self.key_path}: {exc.strerror}",
-                "run 'safemail ca journal seal-keygen' as the sealer user (the ca_hosts role "
-                "does)",
+                "run 'safemail ca journal seal-keygen' as the sealer user (the ca_hosts role does)",
             ) from exc
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise CaError(f"{self.key_path} is not an Ed25519 key")

@@ -625,8 +625,7 @@ class Signer:
             if valid:
                 raise CaError(
                     f"mailbox {mailbox} still has valid certificate(s) {', '.join(valid)}",
-                    f"revoke first: safemail ca revoke --mailbox {mailbox} --reason "
-                    "key-compromise",
+                    f"revoke first: safemail ca revoke --mailbox {mailbox} --reason key-compromise",
                 )
             owner.update(
                 status="released",
