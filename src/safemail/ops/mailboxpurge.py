@@ -2,10 +2,12 @@
 
 ``playbooks/participant-remove.yml`` removes a participant from the directory (no login, no
 mail from then on) and leaves a removal marker on the store:
-``<mail root>/.safemail-removed/<mailbox>.json`` = ``{"mailbox", "removed_at",
-"delete_after"}`` (UTC, ISO 8601). The mailbox itself stays ``mailstore_removed_retention_days``
-so the participant can still ask for it; then this job (``safemail-mailbox-purge.timer``,
-daily, role ``mailstore``) deletes ``<mail root>/<domain>/<local part>`` and the marker.
+``<mail root>/.safemail-removed/<mailbox>.json`` = ``{"mailbox", "removed_at"}`` (UTC, ISO
+8601). The mailbox itself stays ``keep_days`` (``mailstore_removed_retention_days``, in
+``/etc/safemail/mailbox-purge.json`` with ``mail_root``) so the participant can still ask for
+it; then this job (``safemail-mailbox-purge.timer``, daily, role ``mailstore``) deletes
+``<mail root>/<domain>/<local part>`` and the marker. The period is read at every run, so a
+changed setting applies to mailboxes removed before.
 
 A mailbox that is a directory user again (re-added participant, ``doveadm user`` finds it) is
 never deleted: its marker is dropped and the mailbox kept. Markers and mailboxes live on the
@@ -50,7 +52,6 @@ class Marker:
     path: Path
     mailbox: str
     removed_at: dt.datetime
-    delete_after: dt.datetime
 
 
 def _time(value: object, field: str) -> dt.datetime:
@@ -84,8 +85,7 @@ def parse_marker(path: Path, text: str) -> Marker:
     if path.name != f"{mailbox}.json":
         raise MarkerError(f"file name does not match its mailbox {mailbox!r}")
     mailbox_home(Path("/"), mailbox)  # validates
-    return Marker(path, mailbox, _time(data.get("removed_at"), "removed_at"),
-                  _time(data.get("delete_after"), "delete_after"))
+    return Marker(path, mailbox, _time(data.get("removed_at"), "removed_at"))
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,11 @@ class Plan:
     unknown: tuple[Marker, ...]  # due, but the userdb did not answer: try again next run
 
 
-def plan(markers: Iterable[Marker], now: dt.datetime,
+def delete_after(marker: Marker, keep_days: int) -> dt.datetime:
+    return marker.removed_at + dt.timedelta(days=keep_days)
+
+
+def plan(markers: Iterable[Marker], now: dt.datetime, keep_days: int,
          is_user: Callable[[str], bool | None]) -> Plan:
     """Which mailboxes go now: due ones the userdb says are no users (again).
 
@@ -104,7 +108,7 @@ def plan(markers: Iterable[Marker], now: dt.datetime,
     None (no answer: keep both, try again next run)."""
     delete, readded, waiting, unknown = [], [], [], []
     for m in sorted(markers, key=lambda m: m.mailbox):
-        if now < m.delete_after:
+        if now < delete_after(m, keep_days):
             waiting.append(m)
             continue
         known = is_user(m.mailbox)
@@ -128,8 +132,8 @@ def _doveadm_user(mailbox: str) -> bool | None:
     return {0: True, 67: False}.get(done.returncode)
 
 
-def run(root: Path, now: dt.datetime, is_user: Callable[[str], bool | None],
-        log: Callable[[str], None]) -> int:
+def run(root: Path, now: dt.datetime, keep_days: int,
+        is_user: Callable[[str], bool | None], log: Callable[[str], None]) -> int:
     marker_dir = root / MARKER_DIR
     markers, problems = [], 0
     for path in sorted(marker_dir.glob("*.json")) if marker_dir.is_dir() else []:
@@ -138,7 +142,7 @@ def run(root: Path, now: dt.datetime, is_user: Callable[[str], bool | None],
         except (OSError, MarkerError) as exc:
             problems += 1
             print(f"error: marker {path.name}: {exc}", file=sys.stderr)
-    todo = plan(markers, now, is_user)
+    todo = plan(markers, now, keep_days, is_user)
     deleted = 0
     for m in todo.delete:
         home = mailbox_home(root, m.mailbox)
@@ -171,28 +175,48 @@ def _syslog(text: str) -> None:
     syslog.closelog()
 
 
+DEFAULT_CONFIG = Path("/etc/safemail/mailbox-purge.json")
+
+
+def load_config(path: Path) -> tuple[Path, int]:
+    """(mail root, keep days) from the role's settings file."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    root, keep = data.get("mail_root"), data.get("keep_days")
+    if not isinstance(root, str) or not root.startswith("/"):
+        raise ValueError("mail_root must be an absolute path")
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise ValueError("keep_days must be a whole number >= 0")
+    return Path(root), keep
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="safemail-mailbox-purge",
         description="Delete mailboxes of removed participants whose keeping period is over "
         "(markers in <mail root>/.safemail-removed/, written by participant-remove.yml).",
     )
-    parser.add_argument("--mail-root", type=Path, required=True, help="Dovecot's mail root")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"JSON with mail_root and keep_days (default {DEFAULT_CONFIG})")
+    parser.add_argument("--mail-root", type=Path, default=None,
+                        help="another mail root than the config's (a test copy)")
     parser.add_argument("--now", default=None,
                         help="act as if it were this ISO time (tests: a copy moved forward)")
     parser.add_argument("--no-syslog", action="store_true", help="print the log line instead")
     args = parser.parse_args(argv)
-    if not args.mail_root.is_dir():
-        print(f"error: {args.mail_root} is not a directory", file=sys.stderr)
+    try:
+        root, keep_days = load_config(args.config)
+        now = _time(args.now, "--now") if args.now else dt.datetime.now(dt.UTC)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("hint: the mailstore role writes /etc/safemail/mailbox-purge.json", file=sys.stderr)
+        return 2
+    root = args.mail_root or root
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
         print("hint: is the encrypted volume open and mounted?", file=sys.stderr)
         return 2
-    try:
-        now = _time(args.now, "--now") if args.now else dt.datetime.now(dt.UTC)
-    except MarkerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     log = print if args.no_syslog else _syslog
-    return run(args.mail_root, now, _doveadm_user, log)
+    return run(root, now, keep_days, _doveadm_user, log)
 
 
 if __name__ == "__main__":
