@@ -588,3 +588,39 @@ def test_distribution_point_logs_no_request(lab, evidence):
     assert marker not in journal.stdout
     host_addr = host.ansible.get_variables().get("safemail_address", "")
     assert not host_addr or f"{host_addr} - -" not in journal.stdout
+
+
+@pytest.mark.req("STORE-03")
+def test_mailbox_purge_deletes_after_the_keeping_period(lab, evidence):
+    """The deployed purge with the deployed settings, on a copy: a removed mailbox (marker
+    and Maildir) an hour before its keeping period ends stays, an hour after it is gone, as
+    `--now` moves the copy forward. The settings hold the configured period; the timer runs."""
+    store = lab.first("store")
+    configured = int(store.ansible.get_variables().get("mailstore_removed_retention_days", 90))
+    cfg = json.loads(store.check_output("cat /etc/safemail/mailbox-purge.json"))
+    tag = uuid.uuid4().hex[:10]
+    mailbox = f"verify-purge-{tag}@{lab.domain}"
+    root = f"/tmp/verify-purge-{tag}"
+    home = f"{root}/{lab.domain}/verify-purge-{tag}"
+    removed = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    marker = json.dumps({"mailbox": mailbox, "removed_at": removed.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    store.run_test(f"mkdir -p -m 0700 {home}/Maildir/new {root}/.safemail-removed && "
+                   f"echo x > {home}/Maildir/new/1 && "
+                   f"printf %s {shlex.quote(marker)} > {root}/.safemail-removed/{mailbox}.json")
+    keep = dt.timedelta(days=cfg["keep_days"])
+    purge = ("/usr/bin/python3 /usr/local/sbin/safemail-mailbox-purge --config "
+             f"/etc/safemail/mailbox-purge.json --mail-root {root} --no-syslog --now ")
+    early = store.run(purge + (removed + keep - dt.timedelta(hours=1)).isoformat())
+    kept = store.file(home).exists
+    late = store.run(purge + (removed + keep + dt.timedelta(hours=1)).isoformat())
+    gone = not store.file(home).exists and not store.file(
+        f"{root}/.safemail-removed/{mailbox}.json").exists
+    store.run(f"rm -rf {root}")
+    timer = store.service("safemail-mailbox-purge.timer")
+    evidence(f"keep_days deployed {cfg['keep_days']}, configured {configured}; 1 h early: "
+             f"rc={early.rc} {early.stdout.strip()!r} kept={kept}; 1 h late: rc={late.rc} "
+             f"{late.stdout.strip()!r} gone={gone}; timer enabled={timer.is_enabled}")
+    assert cfg["keep_days"] == configured
+    assert early.rc == 0 and kept
+    assert late.rc == 0 and gone
+    assert timer.is_enabled
