@@ -624,3 +624,25 @@ def test_mailbox_purge_deletes_after_the_keeping_period(lab, evidence):
     assert early.rc == 0 and kept
     assert late.rc == 0 and gone
     assert timer.is_enabled
+
+
+@pytest.mark.req("STORE-03")
+def test_directory_logs_no_request(lab, evidence):
+    """A search by the relay's account (StartTLS, as the relay's lookups) for a marked mailbox
+    answers, and leaves no line with the marker in slapd's journal (plain disk)."""
+    auth = lab.first("auth")
+    marker = f"verify-{uuid.uuid4().hex}"
+    bind = f"cn=relay,ou=services,{_suffix(lab)}"
+    search = auth.run(
+        f"LDAPTLS_CACERT={CAFILE} LDAPTLS_REQCERT=demand ldapsearch -x -ZZ -LLL "
+        f"-H {shlex.quote(lab.vars['safemail_ldap_uri'])} "
+        f"-D {shlex.quote(bind)} -w {shlex.quote(lab.vars['safemail_ldap_relay_password'])} "
+        f"-b {shlex.quote('ou=participants,' + _suffix(lab))} "
+        f"'(mail={marker}@{lab.domain})' mail")
+    time.sleep(2)
+    journal = auth.run("journalctl -u slapd.service --since '10 min ago' --no-pager -o cat")
+    evidence(f"search rc={search.rc}; journal rc={journal.rc}, lines with the marker: "
+             f"{[line for line in journal.stdout.splitlines() if marker in line]}")
+    assert search.rc == 0, search.stderr
+    assert journal.rc == 0
+    assert marker not in journal.stdout
