@@ -340,7 +340,8 @@ def test_participant_remove_refuses_a_participant_the_inventory_lists(lab, evide
                        f"participant_remove_number={number}", "-e",
                        "participant_remove_operator=verify", "--check", timeout=600)
     out = run.stdout + run.stderr
-    evidence(f"rc={run.returncode}; {out[out.find('still in safemail_participants') - 40:][:200]!r}")
+    found = out.find("still in safemail_participants")
+    evidence(f"rc={run.returncode}; {out[max(found - 40, 0):][:200]!r}")
     assert run.returncode != 0
     assert "still in safemail_participants" in out
 
@@ -578,7 +579,8 @@ def test_distribution_point_logs_no_request(lab, evidence):
     url = lab.dist_url(f"certs/{mailbox}.pem?{marker}")
     got = host.run(f"python3 -c {shlex.quote(_GET)} {shlex.quote(url)} /dev/null")
     time.sleep(2)
-    journal = dist.run("journalctl -u safemail-ca-http.service --since '10 min ago' --no-pager -o cat")
+    journal = dist.run("journalctl -u safemail-ca-http.service --since '10 min ago' "
+                       "--no-pager -o cat")
     setting = dist.run("systemctl show -p StandardError -p StandardOutput "
                        "safemail-ca-http.service").stdout.split()
     evidence(f"GET {url}: rc={got.rc}; journal rc={journal.rc}, lines with the marker: "

@@ -175,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--status-file", type=Path, default=DEFAULT_STATUS,
                         help=f"where the report goes (default {DEFAULT_STATUS})")
     parser.add_argument("--warn-days", type=int, default=None,
-                        help=f"days ahead to warn (default: the config's, else {DEFAULT_WARN_DAYS})")
+                        help="days ahead to warn (default: the config's, else "
+                        f"{DEFAULT_WARN_DAYS})")
     parser.add_argument("--now", default=None, help=argparse.SUPPRESS)  # tests: ISO time
     parser.add_argument("--no-syslog", action="store_true", help="do not write the log line")
     args = parser.parse_args(argv)

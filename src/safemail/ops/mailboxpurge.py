@@ -40,7 +40,8 @@ MARKER_DIR = ".safemail-removed"
 # A mailbox as the directory and Dovecot's home template (%d/%n) use it: nothing that could
 # leave the mail root.
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
-_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
 
 
 class MarkerError(ValueError):
@@ -67,7 +68,8 @@ def _time(value: object, field: str) -> dt.datetime:
 
 
 def mailbox_home(root: Path, mailbox: str) -> Path:
-    """``root/<domain>/<local part>`` (Dovecot's home, lower case), refusing anything that leaves root."""
+    """``root/<domain>/<local part>`` (Dovecot's home, lower case); refuses anything that
+    could leave the root."""
     local, sep, domain = mailbox.rpartition("@")
     if not sep or not _LOCAL.match(local) or not _DOMAIN.match(domain):
         raise MarkerError(f"not a mailbox address: {mailbox!r}")
