@@ -2,8 +2,9 @@
 side by side, in the same run, against the same stage: docs/architecture.md#quality-bars).
 
 Times, alternating, `--repeat` times each:
-  * ``patch_status`` — ``safemail patch status --json`` (pyinfra: one SSH connection per host,
-    reads /var/lib/safemail/patch-status.json on every service host);
+  * ``patch_status`` — ``safemail patch status --json`` (one ``ssh`` per host with Ansible's
+    own command line, reads /var/lib/safemail/patch-status.json on every service host; until
+    session 9 pyinfra);
   * ``ansible_setup`` — ``ansible service -m ansible.builtin.setup`` (the fact run the issue
     names as the comparison);
   * ``ansible_slurp`` — ``ansible service -m ansible.builtin.slurp`` of the same status file

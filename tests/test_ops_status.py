@@ -1,19 +1,21 @@
-"""`safemail patch status` / `apply`: host selection, SSH settings, table, exit codes, gate."""
+"""`safemail patch status` / `apply`: host selection, SSH command, table, exit codes, gate."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 
 from safemail.errors import SafeMailError
 from safemail.gate.promote import Decision
 from safemail.inventory import Host, parse_inventory_list
-from safemail.ops import apply, status
+from safemail.ops import apply, sshcmd, status
 from safemail.ops import patchcheck as pc
 from safemail.project import Project
 
+REPO = Path(__file__).resolve().parents[1]
 NOW = dt.datetime(2026, 11, 28, 15, 0, tzinfo=dt.UTC)
 SIM = "Inst lsb-base [11.6] (11.6+safemail1 SafeMail lab mirror:bookworm/bookworm [all])\n"
 
@@ -50,14 +52,39 @@ def test_select_hosts_takes_service_hosts_from_the_inventory():
         status.select_hosts(_hosts(), names=["practice1"])
 
 
-def test_ssh_settings_come_from_the_ansible_variables():
+def test_ssh_command_is_the_one_ansible_builds_with_every_setting():
+    """Key, user, known_hosts, a bastion and ansible.cfg's ControlPersist all reach ssh; the
+    old pyinfra settings kept only key, user, port, known_hosts and StrictHostKeyChecking."""
     relay = next(h for h in _hosts() if h.name == "relay1")
-    assert status.ssh_settings(relay) == {
-        "ssh_hostname": "198.18.0.16", "ssh_user": "root", "ssh_port": 22,
-        "ssh_key": "/lab/ssh/id_ed25519", "ssh_known_hosts_file": "/lab/ssh/known_hosts",
-        "ssh_strict_host_key_checking": "yes"}
-    bare = Host("x", ("service",), {})
-    assert status.ssh_settings(bare) == {"ssh_hostname": "x", "ssh_user": "root", "ssh_port": 22}
+    hv = {**relay.vars, "ansible_port": 2222,
+          "ansible_ssh_common_args": relay.vars["ansible_ssh_common_args"]
+          + " -o ProxyJump=ops@bastion.example:2200"}
+    argv = sshcmd.ssh_commands(REPO, {"relay1": hv})["relay1"]
+    opts = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    assert argv[0].endswith("ssh") and argv[-1] == "198.18.0.16"
+    for expected in ("ProxyJump=ops@bastion.example:2200", "Port=2222", 'User="root"',
+                     'IdentityFile="/lab/ssh/id_ed25519"', "StrictHostKeyChecking=yes",
+                     "UserKnownHostsFile=/lab/ssh/known_hosts", "ControlPersist=120s",
+                     "ConnectTimeout=30"):
+        assert expected in opts, (expected, argv)
+
+
+def test_a_bastion_proxy_command_is_really_used(tmp_path):
+    """collect() connects through the ProxyCommand of the inventory: the command runs (it
+    leaves a mark) and, as it fails, the host is reported unreachable, nothing else."""
+    mark = tmp_path / "proxy-was-used"
+    proxy = f"sh -c 'touch {mark}; exit 1'"
+    host = Host("relay1", ("service",), {
+        "ansible_host": "198.18.0.16",
+        "ansible_ssh_common_args": f'-o "ProxyCommand={proxy}" -o ConnectTimeout=5'})
+    [result] = status.collect([host], repo=REPO)
+    assert mark.exists()
+    assert not result.reachable and result.error.startswith("unreachable (SSH failed"), result
+
+
+def test_a_host_without_ssh_is_refused_clearly():
+    with pytest.raises(SafeMailError, match="ansible_connection is 'local'"):
+        sshcmd.ssh_commands(REPO, {"x": {"ansible_connection": "local"}})
 
 
 def test_table_and_exit_codes():

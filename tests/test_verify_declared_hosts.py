@@ -20,7 +20,8 @@ def test_declared_hosts_win_over_hosts_all(tmp_path: Path) -> None:
     verify.mkdir()
     shutil.copy(REPO / "verify" / "conftest.py", verify / "conftest.py")
     shutil.copy(REPO / "verify" / "waits.py", verify / "waits.py")  # conftest imports it
-    shutil.copy(REPO / "verify" / "profiles.py", verify / "profiles.py")  # its plugin
+    shutil.copy(REPO / "verify" / "profiles.py", verify / "profiles.py")  # its plugins
+    shutil.copy(REPO / "verify" / "stagelocks.py", verify / "stagelocks.py")
     shutil.copy(REPO / "verify" / "requirements.yml", verify / "requirements.yml")
     (verify / "test_relay_only.py").write_text(textwrap.dedent("""
         import pytest

@@ -32,12 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from waits import controller_lock
 
 from safemail.gate.catalogue import Catalogue, load_catalogue
 
 CATALOGUE_PATH = Path(__file__).with_name("requirements.yml")
-pytest_plugins = ("profiles",)  # read_only/lab_participants markers, production profile, host keys
+pytest_plugins = (
+    "profiles",  # read_only/lab_participants markers, production profile, host keys
+    "stagelocks",  # per-host locks: disruptive tests hold their hosts alone
+)
 
 _catalogue_key = pytest.StashKey[Catalogue]()
 _problems_key = pytest.StashKey[list[str]]()
@@ -66,7 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "disruptive: the test stops services, locks volumes, reboots or reconverges hosts; "
-        "it runs alone (no other verify test at the same time, across xdist workers)",
+        "it holds its hosts alone (every host without a stage_hosts marker), across xdist "
+        "workers",
     )
     # Evidence goes through record_property, which pytest flags under the xunit2 family;
     # safemail verify uses xunit1, other runs still get the properties.
@@ -197,12 +200,8 @@ def pytest_collection_modifyitems(
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
-    # Disruptive tests last (stable order otherwise). They hold the stage alone, so wherever
-    # they run the other workers wait; at the end there is nothing left for them to wait with,
-    # and xdist's load scheduler hands the last items out one by one as workers free up. In
-    # the middle of the run each one also made a worker idle while it waited for the shared
-    # holders to drain.
-    items.sort(key=lambda i: i.get_closest_marker("disruptive") is not None)
+    # Disruptive tests last, with the tests that can run beside them (verify/stagelocks.py).
+    items[:] = config.pluginmanager.get_plugin("stagelocks").order(items)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -228,20 +227,6 @@ def pytest_terminal_summary(
         terminalreporter.section("SafeMail requirement markers", sep="=", red=True, bold=True)
         for line in problems:
             terminalreporter.write_line(line)
-
-
-# Tests marked `disruptive` (lock a volume, reboot a VM, stop the S/MIME gate, reconverge a
-# host) would make tests on other xdist workers fail for reasons that are not theirs. Every
-# test holds a lock file on the controller: shared normally, exclusive when disruptive, so a
-# disruptive test waits until nothing else runs and nothing else starts until it is done.
-STAGE_LOCK = "/tmp/safemail-verify-stage.lock"
-
-
-@pytest.fixture(autouse=True)
-def _stage_lock(request: pytest.FixtureRequest):
-    exclusive = request.node.get_closest_marker("disruptive") is not None
-    with controller_lock(STAGE_LOCK, exclusive, request.node):
-        yield
 
 
 @pytest.fixture

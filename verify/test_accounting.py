@@ -100,6 +100,7 @@ def _send(acc: dict, sender: int, recipient: int, subject: str) -> str:
 
 @pytest.mark.req("ACC-01")
 @pytest.mark.disruptive
+@pytest.mark.stage_hosts("relay", also=("participants",))
 def test_mails_between_participants_are_counted_and_mails_to_oneself_are_not(acc, evidence):
     relay, (p1, p2) = acc["relay"], acc["people"]
     log = acc["config"]["log"]

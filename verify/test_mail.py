@@ -487,6 +487,7 @@ def test_synthetic_envelope_passes_the_gate(lab, evidence):
 
 @pytest.mark.req("MAIL-03")
 @pytest.mark.disruptive
+@pytest.mark.stage_hosts("relay", also=("participants",))
 def test_gate_down_means_tempfail_never_acceptance(lab, evidence, _gate_lock):
     fcntl.flock(_gate_lock, fcntl.LOCK_UN)
     fcntl.flock(_gate_lock, fcntl.LOCK_EX)  # wait until no other mail test runs

@@ -358,6 +358,7 @@ def test_admin_log_holds_no_mail_data(svc, evidence):
 
 @pytest.mark.req("SYS-03")
 @pytest.mark.disruptive
+@pytest.mark.stage_hosts(THROWAWAY_HOST)  # the reconverge runs in a subprocess: unchecked
 def test_admin_removed_from_inventory_loses_access_after_converge(tmp_path, evidence):
     paths = LabPaths.default()
     lab_pub = paths.key_file.with_suffix(".pub").read_text().strip()

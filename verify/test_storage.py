@@ -337,6 +337,7 @@ def _plain_listing(host, paths: list[str]) -> dict[str, list[str]]:
 
 @pytest.mark.req("STORE-02")
 @pytest.mark.disruptive
+@pytest.mark.stage_hosts("relay", "store", also=("participants",))
 def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
     relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
     marker = f"STORE02S-{uuid.uuid4().hex}"
@@ -373,6 +374,7 @@ def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
 
 @pytest.mark.req("STORE-02")
 @pytest.mark.disruptive
+@pytest.mark.stage_hosts("relay", "store", also=("participants",))
 def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
     relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
     marker = f"STORE02R-{uuid.uuid4().hex}"
@@ -411,6 +413,7 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
 
 @pytest.mark.req("STORE-01", "STORE-02")
 @pytest.mark.disruptive
+@pytest.mark.stage_hosts("relay", "store", also=("participants",))
 def test_reboot_reopens_the_volume_before_the_services(stage, evidence):
     """Both VMs reboot at once (the stage recovers once, not once per host); each must bring
     its volume back by the boot unlock path and start its services only after the mounts."""

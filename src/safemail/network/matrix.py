@@ -304,7 +304,7 @@ def load_matrix(repo: Path, stage: str) -> tuple[NetworkSpec, tuple[Flow, ...]]:
 
 
 def topology(spec: NetworkSpec, hosts: Iterable[Any]) -> Topology:
-    """From inventory hosts (objects with .name, .groups, .vars: safemail_gate.inventory.Host)."""
+    """From inventory hosts (objects with .name, .groups, .vars: safemail.inventory.Host)."""
     nodes = {}
     for h in hosts:
         hv = getattr(h, "vars", {}) or {}

@@ -1,17 +1,19 @@
 """`safemail patch status`: collect every host's patch status and show it as a table.
 
 Hosts come from the stage's inventory through ``ansible-inventory --list`` (the same reader
-the report uses: no second host list). The status files are read in parallel with pyinfra
-(one SSH connection per host, gevent), with the inventory's key, user and known_hosts.
+the report uses: no second host list). The status files are read in parallel, one ``ssh`` per
+host, with the command line Ansible's own ssh plugin builds for that host (ops/sshcmd.py): the
+same key, user, known_hosts, bastion and ControlPersist as a playbook run.
 The table logic is pure (:func:`rows`, :func:`render_table`) and unit-tested.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import json
-import re
 import shlex
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,13 @@ from typing import Any
 
 from safemail.errors import SafeMailError
 from safemail.inventory import Host, read_inventory
+from safemail.ops import sshcmd
 from safemail.ops.patchcheck import DEFAULT_STATUS, Status, load_status
+from safemail.project import project_root
 
 SERVICE_GROUP = "service"
+NO_STATUS = 3  # the remote command's exit code when the status file does not exist
+READ_TIMEOUT = 90  # seconds for one host, connection included (ConnectTimeout is Ansible's)
 
 
 @dataclass(frozen=True)
@@ -51,27 +57,6 @@ def select_hosts(hosts: Iterable[Host], group: str = SERVICE_GROUP,
     return [known[n] for n in names]
 
 
-def ssh_settings(host: Host) -> dict[str, Any]:
-    """pyinfra SSH connector data from the host's Ansible variables."""
-    hv = host.vars
-    data: dict[str, Any] = {
-        "ssh_hostname": hv.get("ansible_host", host.name),
-        "ssh_user": hv.get("ansible_user", "root"),
-        "ssh_port": int(hv.get("ansible_port", 22)),
-    }
-    if hv.get("ansible_ssh_private_key_file"):
-        data["ssh_key"] = str(hv["ansible_ssh_private_key_file"])
-    args = " ".join(str(hv.get(k, "")) for k in ("ansible_ssh_common_args",
-                                                  "ansible_ssh_extra_args"))
-    match = re.search(r"UserKnownHostsFile=(\S+)", args)
-    if match:
-        data["ssh_known_hosts_file"] = match.group(1)
-    match = re.search(r"StrictHostKeyChecking=(\S+)", args)
-    if match:
-        data["ssh_strict_host_key_checking"] = match.group(1)
-    return data
-
-
 def parse_status_text(host: str, text: str | None) -> HostResult:
     if text is None:
         return HostResult(host, error="no patch status yet (is the patch_monitor role applied?)")
@@ -81,38 +66,43 @@ def parse_status_text(host: str, text: str | None) -> HostResult:
         return HostResult(host, error=f"unreadable patch status: {exc}")
 
 
-def collect(hosts: Sequence[Host], status_file: Path = DEFAULT_STATUS) -> list[HostResult]:
-    """Read every host's status file in parallel with pyinfra."""
+def collect(hosts: Sequence[Host], status_file: Path = DEFAULT_STATUS,
+            repo: Path | None = None) -> list[HostResult]:
+    """Read every host's status file in parallel, over the SSH connection Ansible would make.
+
+    The ssh command lines come from Ansible's own ssh plugin (:mod:`safemail.ops.sshcmd`), so
+    a bastion, a known_hosts file or a ControlPersist in ansible.cfg or the inventory applies
+    here exactly as in a playbook run. ``BatchMode`` is added so that a host asking for a
+    password fails instead of waiting for one.
+    """
     if not hosts:
         return []
-    # pyinfra pulls in gevent; import it only when a collection really runs.
-    from pyinfra.api import Config, Inventory, State
-    from pyinfra.api.connect import connect_all, disconnect_all
-    from pyinfra.api.exceptions import PyinfraError
-    from pyinfra.api.facts import get_facts
-    from pyinfra.facts.files import FileContents
+    commands = sshcmd.ssh_commands(repo or project_root(), {h.name: h.vars for h in hosts})
+    remote = f"test -e {shlex.quote(str(status_file))} || exit {NO_STATUS}; " \
+             f"cat {shlex.quote(str(status_file))}"
 
-    inventory = Inventory(([(h.name, ssh_settings(h)) for h in hosts], {}))
-    state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=100))
-    results: dict[str, HostResult] = {}
-    try:
+    def read(host: Host) -> HostResult:
+        argv = [*commands[host.name][:-1], "-o", "BatchMode=yes", commands[host.name][-1],
+                remote]
         try:
-            connect_all(state)
-        except PyinfraError:
-            pass  # every host failed: reported below as unreachable
-        active = {h.name for h in state.activated_hosts if h not in state.failed_hosts}
-        for h in hosts:
-            if h.name not in active:
-                results[h.name] = HostResult(h.name, error="unreachable (SSH failed)")
-        if active:
-            facts = get_facts(state, FileContents, kwargs={"path": str(status_file)})
-            for pyhost, lines in facts.items():
-                text = None if lines is None else "\n".join(lines)
-                results[pyhost.name] = parse_status_text(pyhost.name, text)
-    finally:
-        disconnect_all(state)
-    return [results.get(h.name, HostResult(h.name, error="unreachable (no answer)"))
-            for h in hosts]
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                                  stdin=subprocess.DEVNULL, timeout=READ_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return HostResult(host.name, error=f"unreachable (no answer in {READ_TIMEOUT} s)")
+        except OSError as exc:
+            return HostResult(host.name, error=f"unreachable (cannot run ssh: {exc})")
+        if proc.returncode == 255:
+            why = (proc.stderr.strip().splitlines() or ["SSH failed"])[-1]
+            return HostResult(host.name, error=f"unreachable (SSH failed: {why})")
+        if proc.returncode == NO_STATUS:
+            return parse_status_text(host.name, None)
+        if proc.returncode != 0:
+            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            return HostResult(host.name, error=f"cannot read {status_file}: {why}")
+        return parse_status_text(host.name, proc.stdout)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        return list(pool.map(read, hosts))
 
 
 def _age(checked_at: str, now: dt.datetime) -> str:

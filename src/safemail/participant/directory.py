@@ -392,16 +392,17 @@ class LdapCertificateDirectory:
         self._sock = None
 
     def search(
-        self, attribute: str, value: str, attributes: Iterable[str]
+        self, attribute: str, value: str, attributes: Iterable[str], *, size_limit: int = 10
     ) -> list[dict[str, list[bytes]]]:
         """The requested attributes of every entry with ``attribute=value`` under the base.
 
         Attribute names come back lower-cased without options (``usercertificate``).
+        ``size_limit``: at most this many entries (0: the server's own limit).
         """
         self.connect()
         wanted = list(attributes)
         mid = self._request(lambda i: encode_search(
-            i, self.config.search_base, attribute, value, wanted))
+            i, self.config.search_base, attribute, value, wanted, size_limit=size_limit))
         entries: list[dict[str, list[bytes]]] = []
         try:
             while True:
