@@ -54,6 +54,7 @@ def checkout(tmp_path: Path) -> Path:
     shutil.copy(REPO / "verify" / "conftest.py", root / "verify" / "conftest.py")
     shutil.copy(REPO / "verify" / "waits.py", root / "verify" / "waits.py")  # conftest imports it
     shutil.copy(REPO / "verify" / "profiles.py", root / "verify" / "profiles.py")
+    shutil.copy(REPO / "verify" / "stagelocks.py", root / "verify" / "stagelocks.py")
     real = yaml.safe_load((REPO / "verify" / "requirements.yml").read_text(encoding="utf-8"))
     subset = [e for e in real["requirements"] if e["id"] in ("SYS-01", "SYS-03")]
     (root / "verify" / "requirements.yml").write_text(
