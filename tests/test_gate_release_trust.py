@@ -8,6 +8,7 @@ signed. Keys are throwaway ed25519 keys made in tmp directories (tests/gatekit.p
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import shutil
@@ -104,6 +105,22 @@ def test_report_edited_after_the_run_is_refused(project: gatekit.Project) -> Non
     path.write_text(json.dumps(data))
     gatekit.approve(project, path, ALICE, BOB)  # even approved as it now is
     _only(_reasons(project, path), "report.json was changed after `safemail verify` wrote it")
+
+
+def test_report_html_edited_after_sealing_is_refused(project: gatekit.Project) -> None:
+    """report.html is what the approvers read: its sha256 is inside the sealed report.json."""
+    path = _report(project, failing=("MAIL-03",))
+    html = path.parent / "report.html"
+    assert json.loads(path.read_text())["run"]["html_sha256"] == hashlib.sha256(
+        html.read_bytes()).hexdigest()
+    # The walk-around: the JSON (sealed, signed) stays, the page says PASS.
+    html.write_text(html.read_text().replace("FAIL", "PASS"))
+    reasons = _reasons(project, path)
+    assert any("report.html does not match the digest the sealed report recorded" in r
+               for r in reasons), reasons
+    html.unlink()
+    assert any("report.html is missing beside the report" in r
+               for r in _reasons(project, path)), reasons
 
 
 def test_report_resealed_with_another_key_is_refused(project: gatekit.Project) -> None:

@@ -42,6 +42,7 @@ TESTED_STAGE = "test"
 MAX_NAMED_FILES = 15
 APPROVALS_DIR = "approvals"
 JUNIT_NAME = "junit.xml"
+HTML_NAME = "report.html"
 TAG_PREFIX = "release/production/"
 
 
@@ -71,6 +72,7 @@ class Evidence:
 
     stage: stage.StageIdentity
     junit_digest: str | None = None  # sha256 of the run's junit.xml as it is now; None: missing
+    html_digest: str | None = None  # sha256 of the run's report.html as it is now; None: missing
     seal_problem: str | None = None
     approval: approvals.Approval | None = None
     approval_problem: str | None = None  # the approval policy itself is unusable
@@ -196,6 +198,19 @@ def _run_reasons(report: Mapping[str, Any], ev: Evidence) -> list[str]:
             f"{JUNIT_NAME} does not match the digest the report recorded "
             "(the JUnit file was replaced or edited after the run)"
         )
+    recorded_html = run.get("html_sha256")
+    if not recorded_html:
+        reasons.append(
+            f"the report records no digest of its {HTML_NAME} (made by an older safemail "
+            "verify): the page the approvers read is not covered by the seal; verify again"
+        )
+    elif ev.html_digest is None:
+        reasons.append(f"the run's {HTML_NAME} is missing beside the report")
+    elif ev.html_digest != recorded_html:
+        reasons.append(
+            f"{HTML_NAME} does not match the digest the sealed report recorded (the page the "
+            "approvers read was edited or replaced after the run)"
+        )
     if ev.seal_problem:
         reasons.append(ev.seal_problem)
     if ev.catalogue_problem:
@@ -315,9 +330,11 @@ def gather_evidence(
     """Read the stage, the seal, the JUnit file, the signatures and the waivers."""
     identity = stage.read_stage(repo, TESTED_STAGE)
     junit = report_path.parent / JUNIT_NAME
+    html = report_path.parent / HTML_NAME
     ev = Evidence(
         stage=identity,
         junit_digest=file_digest(junit) if junit.is_file() else None,
+        html_digest=file_digest(html) if html.is_file() else None,
         seal_problem=stage.seal_problem(report_path, identity),
         catalogue_problem=catalogue_problem(repo, report),
     )
