@@ -23,8 +23,8 @@ ALICE, BOB = "alice@example.invalid", "bob@example.invalid"
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> gatekit.Project:
-    return gatekit.make_project(tmp_path)
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> gatekit.Project:
+    return gatekit.make_project(tmp_path).use_lab(monkeypatch)
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ ALICE, BOB, CAROL = "alice@example.invalid", "bob@example.invalid", "carol@examp
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> gatekit.Project:
-    return gatekit.make_project(tmp_path)
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> gatekit.Project:
+    return gatekit.make_project(tmp_path).use_lab(monkeypatch)
 
 
 def _report(project: gatekit.Project, *, approve: bool = True, **kw) -> Path:
@@ -133,6 +133,81 @@ def test_report_resealed_with_another_key_is_refused(project: gatekit.Project) -
     _only(_reasons(project, path), "sealed with another key than the stage's")
 
 
+def _edit_generated(project: gatekit.Project, **changes: str) -> None:
+    path = project.root / "inventories" / "test" / "zz_lab_generated.yml"
+    data = yaml.safe_load(path.read_text())
+    data["all"]["vars"].update(changes)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_seal_key_swapped_in_the_inventory_is_refused(project: gatekit.Project) -> None:
+    """Who can edit the git-ignored inventory names their own key as the stage's and seals a
+    report with it: the seal is checked with the lab's own key, and the inventory may not
+    name another key."""
+    own, own_pub = gatekit.keygen(project.keys, "intruder")
+    _edit_generated(project, ansible_ssh_private_key_file=str(own), lab_ssh_public_key=own_pub)
+    path = _report(project, approve=False)
+    from safemail.gate import stage
+
+    stage.seal(path, own)
+    gatekit.approve(project, path, ALICE, BOB)
+    reasons = _reasons(project, path)
+    assert any(f"SSH key {own} is not the lab's own key" in r for r in reasons), reasons
+    assert any("sealed with another key than the stage's" in r for r in reasons), reasons
+
+
+def test_public_key_beside_the_lab_key_is_not_trusted(project: gatekit.Project) -> None:
+    """The verifying key is derived from the lab's private key (ssh-keygen -y), not read from
+    lab_ssh_public_key or the .pub file beside the key."""
+    own, own_pub = gatekit.keygen(project.keys, "intruder")
+    _edit_generated(project, lab_ssh_public_key=own_pub)
+    path = _report(project, approve=False)
+    project.stage_key.with_suffix(".pub").write_text(own_pub + "\n")
+    from safemail.gate import stage
+
+    stage.seal(path, own)
+    gatekit.approve(project, path, ALICE, BOB)
+    _only(_reasons(project, path), "sealed with another key than the stage's")
+
+
+@pytest.mark.parametrize("args,needle", [
+    ("-o UserKnownHostsFile={other} -o StrictHostKeyChecking=yes",
+     "name the known_hosts file {other}, not the lab's own"),
+    ("-o UserKnownHostsFile={lab} -o UserKnownHostsFile={other} -o StrictHostKeyChecking=yes",
+     "name the known_hosts file {other}, not the lab's own"),
+    ("-o UserKnownHostsFile={lab} -o StrictHostKeyChecking=no",
+     "must say -o StrictHostKeyChecking=yes (found no)"),
+    ("-o UserKnownHostsFile={lab}", "must say -o StrictHostKeyChecking=yes (found none)"),
+    ("-o StrictHostKeyChecking=yes", "no -o UserKnownHostsFile"),
+    ("-o UserKnownHostsFile={lab} -o StrictHostKeyChecking=yes -F {other}",
+     "other than -o options are not allowed"),
+    ("-oUserKnownHostsFile={lab} -oStrictHostKeyChecking=yes -oGlobalKnownHostsFile={other}",
+     "globalknownhostsfile={other} is not allowed"),
+])
+def test_known_hosts_redirected_by_the_inventory_is_refused(
+    project: gatekit.Project, args: str, needle: str
+) -> None:
+    """The run's host keys are only evidence if ssh checked them against the lab's own
+    known_hosts: an inventory that points the run at a copy (holding a stand-in host's key)
+    or turns the check off refuses the release, for every host."""
+    other = project.keys / "known_hosts.copy"
+    shutil.copy(project.known_hosts, other)
+    _edit_generated(project, ansible_ssh_common_args=args.format(lab=project.known_hosts,
+                                                                 other=other))
+    path = _report(project)  # the report matches the edited inventory (same hash)
+    reasons = _reasons(project, path)
+    expected = needle.format(other=other)
+    assert all(any(f"host {h}: " in r and expected in r for r in reasons)
+               for h in project.host_keys), reasons
+
+
+def test_local_connection_is_refused(project: gatekit.Project) -> None:
+    _edit_generated(project, ansible_connection="local")
+    reasons = _reasons(project, _report(project))
+    assert len(reasons) == len(project.host_keys), reasons
+    assert all("ansible_connection 'local'" in r for r in reasons), reasons
+
+
 def test_unsealed_report_is_refused(project: gatekit.Project) -> None:
     _only(_reasons(project, _report(project, seal=False)), "the report is not sealed")
 
@@ -233,9 +308,9 @@ def test_same_person_twice_is_refused(project: gatekit.Project) -> None:
     _only(_reasons(project, path), "no valid signature for the role(s) it security")
 
 
-def test_one_person_holding_both_roles_fills_one(tmp_path: Path) -> None:
+def test_one_person_holding_both_roles_fills_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = gatekit.make_project(
-        tmp_path, roles={"head-of-it": [ALICE], "it-security": [ALICE, BOB]})
+        tmp_path, roles={"head-of-it": [ALICE], "it-security": [ALICE, BOB]}).use_lab(monkeypatch)
     path = _report(project, approve=False)
     gatekit.approve(project, path, ALICE)
     _only(_reasons(project, path), "no valid signature for the role(s)")
@@ -243,10 +318,10 @@ def test_one_person_holding_both_roles_fills_one(tmp_path: Path) -> None:
     assert promote.evaluate(project.root, path, now=NOW).allowed
 
 
-def test_one_person_with_two_keys_fills_one_role(tmp_path: Path) -> None:
+def test_one_person_with_two_keys_fills_one_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Alice holds both roles (a deputy arrangement) and has two keys: still one person."""
     project = gatekit.make_project(
-        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]})
+        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]}).use_lab(monkeypatch)
     second, second_pub = gatekit.keygen(project.keys, "alice-second")
     signers = project.root / "release" / "allowed_signers"
     signers.write_text(signers.read_text()

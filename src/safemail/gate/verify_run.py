@@ -342,6 +342,11 @@ def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> boo
               "checkout's verify/requirements.yml", file=out)
         return False
     identity = stage.read_stage(repo, opts.stage)
+    if identity.problems:
+        # The run did not (provably) use the lab's own key and known_hosts: no seal.
+        print("safemail verify: not sealed: the stage is not the lab as the gate knows it:\n  "
+              + "\n  ".join(identity.problems), file=out)
+        return False
     key = identity.run_key_private
     if key is None or not key.is_file():
         print(f"safemail verify: no readable stage SSH key ({key}) to seal the report",
