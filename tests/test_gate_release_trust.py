@@ -41,7 +41,7 @@ def _report(project: gatekit.Project, *, approve: bool = True, **kw) -> Path:
 
 
 def _reasons(project: gatekit.Project, report: Path) -> list[str]:
-    decision = promote.evaluate(project.root, report, now=NOW)
+    decision = promote.evaluate(project.root, report, now=NOW, first_release=True)
     assert not decision.allowed
     return decision.reasons
 
@@ -53,7 +53,7 @@ def _only(reasons: list[str], needle: str) -> None:
 def test_the_honest_release_is_allowed_and_the_operator_comes_from_the_signature(
     project: gatekit.Project,
 ) -> None:
-    decision = promote.evaluate(project.root, _report(project), now=NOW)
+    decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True)
     assert decision.allowed, decision.reasons
     assert decision.operator == ALICE
     assert {(s.role, s.principal) for s in decision.approvers} == {
@@ -87,7 +87,7 @@ def test_forged_junit_through_safemail_report_is_refused(
     capsys.readouterr()
     assert json.loads((run / "report.json").read_text())["verdict"] == "pass"
     (project.root / "reports" / "test" / "latest").symlink_to("run")
-    assert main(["promote", "--to", "production", "--dry-run"]) == 3
+    assert main(["promote", "--to", "production", "--first-release", "--dry-run"]) == 3
     out = capsys.readouterr().out
     for needle in ("made by `safemail report`", "junit.xml does not match",
                    "not sealed", "does not match the text to approve"):
@@ -286,7 +286,7 @@ def test_re_rendering_keeps_the_run_revision(
     assert data["revision"]["commit"] == tested
     assert data["run"]["created_by"] == "safemail report"
     assert not (other / "report.json.sig").exists()
-    assert promote.evaluate(project.root, path, now=NOW).reasons  # the original: other revision
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).reasons  # the original: other revision
     reasons = _reasons(project, other / "report.json")
     assert any("made by `safemail report`" in r for r in reasons), reasons
 
@@ -315,7 +315,7 @@ def test_one_person_holding_both_roles_fills_one(tmp_path: Path, monkeypatch: py
     gatekit.approve(project, path, ALICE)
     _only(_reasons(project, path), "no valid signature for the role(s)")
     gatekit.approve(project, path, BOB)
-    assert promote.evaluate(project.root, path, now=NOW).allowed
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).allowed
 
 
 def test_one_person_with_two_keys_fills_one_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,7 +333,7 @@ def test_one_person_with_two_keys_fills_one_role(tmp_path: Path, monkeypatch: py
     gatekit.approve(project, path, "alice-second")
     _only(_reasons(project, path), "one person, one key, one role")
     gatekit.approve(project, path, BOB)
-    assert promote.evaluate(project.root, path, now=NOW).allowed
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).allowed
 
 
 def test_one_key_under_two_names_fills_one_role(project: gatekit.Project) -> None:
@@ -582,7 +582,7 @@ def test_edits_hidden_from_git_status_make_the_checkout_dirty(
     assert gatekit.git(root, "status", "--porcelain") == ""
     path = _report(project, approve=False)
     gatekit.approve(project, path, "mallory@x", "mallory-sec@x")
-    decision = promote.evaluate(root, path, now=NOW)
+    decision = promote.evaluate(root, path, now=NOW, first_release=True)
     assert not decision.allowed
     text = "\n".join(decision.reasons)
     assert "the report was made from a checkout with uncommitted changes" in text
@@ -628,7 +628,7 @@ def test_ignored_caches_are_allowed(project: gatekit.Project) -> None:
     path = _report(project)
     gatekit.write(project.root, "verify/__pycache__/conftest.cpython-312.pyc", "x")
     gatekit.write(project.root, "roles/common/library/mod.pyc", "x")
-    decision = promote.evaluate(project.root, path, now=NOW)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
     assert decision.allowed, decision.reasons
 
 
@@ -662,12 +662,124 @@ def test_max_age_hours_is_bounded(
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
     path = _report(project)
     with pytest.raises(SystemExit) as stop:
-        main(["promote", "--to", "production", "--dry-run", "--max-age-hours", value,
+        main(["promote", "--to", "production", "--first-release", "--dry-run", "--max-age-hours", value,
               "--report", str(path)])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--max-age-hours" in err and "Traceback" not in err
     # the largest bound is accepted (the report made "an hour before NOW" is older than that now)
-    main(["promote", "--to", "production", "--dry-run", "--max-age-hours", "168",
+    main(["promote", "--to", "production", "--first-release", "--dry-run", "--max-age-hours", "168",
           "--report", str(path)])
     assert "promotion" in capsys.readouterr().out
+
+
+# ------------------------------------------------ which approval policy counts (release_chain)
+
+MALLORY, MALLET = "mallory@example.invalid", "mallet@example.invalid"
+
+
+def _refused(project: gatekit.Project, report: Path) -> list[str]:
+    """The reasons of a normal (not first) release."""
+    decision = promote.evaluate(project.root, report, now=NOW)
+    assert not decision.allowed
+    return decision.reasons
+
+
+def _first_release(project: gatekit.Project) -> str:
+    path = _report(project)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
+    assert decision.allowed, decision.reasons
+    return promote.tag_release(project.root, decision, json.loads(path.read_text()), NOW)
+
+
+def _take_over_release_policy(project: gatekit.Project) -> None:
+    """One commit adds two keys of the same outsider to allowed_signers and names them as
+    both roles: the change that should need the real approvers' signatures."""
+    signers = project.root / "release" / "allowed_signers"
+    lines = []
+    for who in (MALLORY, MALLET):
+        key, public = gatekit.keygen(project.keys, who.split("@")[0])
+        project.approvers[who] = key
+        lines.append(f'{who} namespaces="safemail-release,safemail-waiver" {public}')
+    signers.write_text(signers.read_text() + "\n".join(lines) + "\n")
+    policy_file = project.root / "release" / "approvers.yml"
+    policy = yaml.safe_load(policy_file.read_text())
+    policy["roles"]["head-of-it"]["principals"] = [MALLORY]
+    policy["roles"]["it-security"]["principals"] = [MALLET]
+    policy_file.write_text(yaml.safe_dump(policy))
+    gatekit.write(project.root, "roles/common/tasks/main.yml", "- name: Baseline v2\n")
+    gatekit.git(project.root, "commit", "-qam", "new approvers (and a role change)")
+
+
+def test_first_release_needs_the_flag_and_only_once(project: gatekit.Project) -> None:
+    path = _report(project)
+    _only(_refused(project, path), "there is no release tag (release/production/*)")
+    tag = _first_release(project)
+    assert "approval-policy: first release" in gatekit.git(
+        project.root, "tag", "-l", "--format=%(contents)", tag)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
+    _only(decision.reasons, f"--first-release, but there are earlier releases (newest {tag}")
+    decision = promote.evaluate(project.root, path, now=NOW)  # the tag's policy: same people
+    assert decision.allowed and tag in decision.policy_source, decision.reasons
+
+
+def test_a_change_to_release_does_not_approve_itself(project: gatekit.Project) -> None:
+    """The walk: add your own keys to allowed_signers and approvers.yml in the change, then
+    sign its release with them. The previous release's policy counts: refused; the
+    approvers of that release can approve the change."""
+    tag = _first_release(project)
+    _take_over_release_policy(project)
+    out = project.root / "reports" / "test" / "run2"
+    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), out=out)
+    gatekit.approve(project, path, MALLORY, MALLET)
+    reasons = _refused(project, path)
+    assert any("is not in release/allowed_signers (unknown signer)" in r for r in reasons)
+    assert any("no valid signature for the role(s) head of it (head-of-it), it security"
+               in r for r in reasons), reasons
+    # Even as the first release, the new policy does not count once a release exists.
+    assert any("--first-release, but there are earlier releases" in r for r in
+               promote.evaluate(project.root, path, now=NOW, first_release=True).reasons)
+    (path.parent / "approvals" / "mallory.sig").unlink()
+    (path.parent / "approvals" / "mallet.sig").unlink()
+    gatekit.approve(project, path, ALICE, BOB)
+    decision = promote.evaluate(project.root, path, now=NOW)
+    assert decision.allowed, decision.reasons
+    assert decision.policy_source.startswith(f"release/ of {tag}")
+    # Released: from now on the new policy counts (mallory and mallet approve the next one).
+    second = promote.tag_release(project.root, decision, json.loads(path.read_text()),
+                                 NOW + dt.timedelta(seconds=1))
+    assert approvals.load_policy(project.root).roles["head-of-it"].principals == (MALLORY,)
+    assert promote.counting_policy(project.root).roles["head-of-it"].principals == (MALLORY,)
+    assert second in promote.evaluate(project.root, path, now=NOW).policy_source
+
+
+@pytest.mark.parametrize("forgery", ["copied-message", "self-signed", "lightweight"])
+def test_hand_made_release_tag_breaks_the_chain(project: gatekit.Project, forgery: str) -> None:
+    """The walk around the previous paragraph: make a newer 'release' tag by hand on the
+    change that names the new approvers, so its policy would count."""
+    tag = _first_release(project)
+    _take_over_release_policy(project)
+    head = gatekit.git(project.root, "rev-parse", "HEAD").strip()
+    fake = "release/production/99991231T000000Z"
+    message = gatekit.git(project.root, "tag", "-l", "--format=%(contents)", tag)
+    if forgery == "self-signed":
+        text = f"SafeMail release approval\nstage: test\nrevision: {head}\n" \
+               f"report-sha256: {'0' * 64}\nverdict: pass\nfinished: 2026-11-28T11:00:00Z\n"
+        sigs = [signing.sign(project.approvers[w], approvals.RELEASE_NAMESPACE, text.encode())
+                for w in (MALLORY, MALLET)]
+        message = f"fake release\n\n{text}\n" + "\n".join(sigs)
+    if forgery == "lightweight":
+        gatekit.git(project.root, "tag", fake, head)
+    else:
+        subprocess.run(["git", "-C", str(project.root), "tag", "-a", fake, head, "-F", "-"],
+                       input=message, text=True, check=True)
+    out = project.root / "reports" / "test" / "run2"
+    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), out=out)
+    gatekit.approve(project, path, MALLORY, MALLET)
+    reasons = _refused(project, path)
+    expected = {
+        "copied-message": f"release tag {fake} is on {head[:12]}, but its signed text is for",
+        "self-signed": f"release tag {fake} is not approved by the policy that counted for it",
+        "lightweight": f"release tag {fake} is not an annotated tag",
+    }[forgery]
+    assert any(expected in r for r in reasons), reasons

@@ -93,7 +93,9 @@ def _report(out: Path, *, repo: Path = ROOT, failing: tuple[str, ...] = (),
 
 
 def _promote(report: Path, log: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return _safemail("promote", "--to", "production", "--dry-run",
+    # --first-release: the throwaway clones below have no release tag (their own release/
+    # approves); the checkout's tags, if any, are deleted in the clone.
+    return _safemail("promote", "--to", "production", "--dry-run", "--first-release",
                      "--report", str(report), "--release-log", str(log), cwd=cwd)
 
 
@@ -102,6 +104,11 @@ def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     approvers (one per role) committed in release/: the real approvers' keys stay theirs."""
     clone = tmp_path / "checkout"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    tags = subprocess.run(["git", "-C", str(clone), "tag", "--list", "release/production/*"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    if tags:  # a first release of the throwaway approvers, not the site's next one
+        subprocess.run(["git", "-C", str(clone), "tag", "-d", *tags], check=True,
+                       capture_output=True)
     generated = ROOT / "inventories" / "test" / "zz_lab_generated.yml"
     shutil.copy(generated, clone / generated.relative_to(ROOT))
     keys: dict[str, Path] = {}

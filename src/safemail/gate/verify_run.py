@@ -26,7 +26,7 @@ import yaml
 
 from safemail import vault
 from safemail.errors import SafeMailError
-from safemail.gate import approvals, hashing, stage
+from safemail.gate import approvals, hashing, release_chain, stage
 from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
 from safemail.gate.inventory import InventoryError, read_inventory
 from safemail.gate.report import (
@@ -329,7 +329,7 @@ def policy_for_waivers(repo: Path, waiver_file: Path) -> approvals.Policy | None
             return None
     except (OSError, yaml.YAMLError):
         return None  # no file, or load_waivers reports it with its own message
-    return approvals.load_policy(repo)
+    return release_chain.counting_policy(repo)
 
 
 def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> bool:
