@@ -783,3 +783,50 @@ def test_hand_made_release_tag_breaks_the_chain(project: gatekit.Project, forger
         "lightweight": f"release tag {fake} is not an annotated tag",
     }[forgery]
     assert any(expected in r for r in reasons), reasons
+
+
+# ------------------------------------------------------ the production vault is the site's own
+
+
+def _vault(project: gatekit.Project, password: str) -> Path:
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    lib = VaultLib([("production", VaultSecret(password.encode()))])
+    data = lib.encrypt(b"encrypted_storage_passphrase: example\n",
+                       secret=VaultSecret(password.encode()), vault_id="production")
+    path = project.root / "inventories" / "production" / "group_vars" / "all" / "vault.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    gatekit.git(project.root, "add", "-A")
+    gatekit.git(project.root, "commit", "-qm", "production vault")
+    return path
+
+
+def test_production_vault_with_the_example_password_is_refused(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hurried operator releases with the committed example vault: its password is
+    published in docs/production.md, so its secrets are anyone's."""
+    from safemail import vault
+    from safemail.errors import SafeMailError
+    from safemail.gate.verify_run import VerifyOptions, run_verify
+
+    _vault(project, vault.EXAMPLE_PASSWORD)
+    _only(_reasons(project, _report(project)),
+          "still opens with the published example password 'safemail-example-vault'")
+    monkeypatch.delenv("ANSIBLE_VAULT_IDENTITY_LIST", raising=False)
+    with pytest.raises(SafeMailError, match="published example password"):
+        run_verify(project.root, VerifyOptions(stage="production"), out=io.StringIO())
+    _vault(project, "the site's own, long and random")
+    decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True)
+    assert decision.allowed, decision.reasons
+
+
+def test_committed_example_vault_opens_with_the_published_password() -> None:
+    """The check recognises the project's own example (so a clone that was never given its
+    own vault cannot release)."""
+    from safemail import vault
+
+    production = gatekit.REPO / "inventories" / "production"
+    assert vault.example_password_problem(production)
+    assert not vault.opens_with(production / vault.VAULT_FILE, "another password")

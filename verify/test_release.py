@@ -99,6 +99,22 @@ def _promote(report: Path, log: Path, cwd: Path = ROOT) -> subprocess.CompletedP
                      "--report", str(report), "--release-log", str(log), cwd=cwd)
 
 
+def _rekey_production_vault(clone: Path) -> None:
+    """The committed example vault opens with the published password, which the gate
+    refuses (a site makes its own): the clone's copy gets a password only this run knows."""
+    import secrets
+
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    from safemail import vault
+
+    path = clone / "inventories" / "production" / vault.VAULT_FILE
+    old = VaultLib([("production", VaultSecret(vault.EXAMPLE_PASSWORD.encode()))])
+    new = VaultSecret(secrets.token_urlsafe(24).encode())
+    path.write_bytes(VaultLib([("production", new)]).encrypt(
+        old.decrypt(path.read_bytes()), secret=new, vault_id="production"))
+
+
 def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     """A clone of this checkout's HEAD with the lab's generated inventory and two throwaway
     approvers (one per role) committed in release/: the real approvers' keys stay theirs."""
@@ -125,6 +141,7 @@ def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     for role, who in zip(roles, ("head", "security"), strict=True):
         policy["roles"][role]["principals"] = [f"{who}@verify.invalid"]
     (clone / "release" / "approvers.yml").write_text(yaml.safe_dump(policy))
+    _rekey_production_vault(clone)
     git = ["git", "-C", str(clone), "-c", "user.name=verify", "-c", "user.email=v@invalid"]
     subprocess.run([*git, "commit", "-qam", "throwaway approvers"], check=True)
     return clone, keys

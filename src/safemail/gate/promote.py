@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemail import vault
 from safemail.errors import SafeMailError
 from safemail.gate import approvals, hashing, release_chain, stage
 from safemail.gate.catalogue import load_catalogue
@@ -320,6 +321,12 @@ def evaluate(
         evidence=evidence,
         report_problem=problem,
     )
+    # The target: a production vault that opens with the published example password is the
+    # project's example, not a site's secrets.
+    vault_problem = vault.example_password_problem(repo / "inventories" / "production")
+    if vault_problem:
+        decision.reasons.append(vault_problem)
+        decision.allowed = False
     decision.report_path = str(report_path)
     decision.report_digest = digest
     decision.policy_source = evidence.policy_source

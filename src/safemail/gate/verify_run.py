@@ -267,6 +267,10 @@ def run_verify(
         )
     if not (repo / "verify").is_dir():
         raise SafeMailError(f"no verify/ directory in {repo}", "run from the SafeMail checkout")
+    if opts.stage == "production":
+        problem = vault.example_password_problem(inventory)
+        if problem:
+            raise SafeMailError(problem)
     catalogue_path = (opts.catalogue or repo / "verify" / "requirements.yml").resolve()
     catalogue: Catalogue = relative_to(load_catalogue(catalogue_path), repo)
     unknown = [r for r in opts.requirements if r not in catalogue]
