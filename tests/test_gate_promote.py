@@ -333,7 +333,8 @@ def test_cli_promote_preview_runs_check_and_diff_before_approvals(
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
     _make_report(repo, finished=dt.datetime.now(dt.UTC), approved=False)
     (repo / "reports" / "test" / "latest").symlink_to("run")
-    assert main(["promote", "--to", "production", "--first-release", "--preview", "--vault-id", "prod@prompt"]) == 0
+    assert main(["promote", "--to", "production", "--first-release", "--preview",
+                 "--vault-id", "prod@prompt"]) == 0
     out = capsys.readouterr().out
     assert "promotion refused" in out and "approval" in out  # shown, not blocking the preview
     assert fake_ansible.read_text().split()[-4:] == ["--vault-id", "prod@prompt", "--check",

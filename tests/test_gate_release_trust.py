@@ -286,7 +286,8 @@ def test_re_rendering_keeps_the_run_revision(
     assert data["revision"]["commit"] == tested
     assert data["run"]["created_by"] == "safemail report"
     assert not (other / "report.json.sig").exists()
-    assert promote.evaluate(project.root, path, now=NOW, first_release=True).reasons  # the original: other revision
+    # the original: other revision
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).reasons
     reasons = _reasons(project, other / "report.json")
     assert any("made by `safemail report`" in r for r in reasons), reasons
 
@@ -308,7 +309,9 @@ def test_same_person_twice_is_refused(project: gatekit.Project) -> None:
     _only(_reasons(project, path), "no valid signature for the role(s) it security")
 
 
-def test_one_person_holding_both_roles_fills_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_person_holding_both_roles_fills_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = gatekit.make_project(
         tmp_path, roles={"head-of-it": [ALICE], "it-security": [ALICE, BOB]}).use_lab(monkeypatch)
     path = _report(project, approve=False)
@@ -318,10 +321,13 @@ def test_one_person_holding_both_roles_fills_one(tmp_path: Path, monkeypatch: py
     assert promote.evaluate(project.root, path, now=NOW, first_release=True).allowed
 
 
-def test_one_person_with_two_keys_fills_one_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_person_with_two_keys_fills_one_role(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Alice holds both roles (a deputy arrangement) and has two keys: still one person."""
     project = gatekit.make_project(
-        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]}).use_lab(monkeypatch)
+        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]}
+    ).use_lab(monkeypatch)
     second, second_pub = gatekit.keygen(project.keys, "alice-second")
     signers = project.root / "release" / "allowed_signers"
     signers.write_text(signers.read_text()
@@ -662,8 +668,8 @@ def test_max_age_hours_is_bounded(
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
     path = _report(project)
     with pytest.raises(SystemExit) as stop:
-        main(["promote", "--to", "production", "--first-release", "--dry-run", "--max-age-hours", value,
-              "--report", str(path)])
+        main(["promote", "--to", "production", "--first-release", "--dry-run",
+              "--max-age-hours", value, "--report", str(path)])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--max-age-hours" in err and "Traceback" not in err

@@ -26,7 +26,8 @@ with ``import_role`` or ``include_role`` (service_tls from mailrelay, mailstore 
 the play's own tasks or any role's tasks, nested; the include's ``vars`` count. An
 ``include_role``/``import_role`` with ``tasks_from: X`` is checked against the entry point
 ``X`` of the role's spec (none there: nothing, as Ansible); a templated role name is not
-followed. Limits: a task's own ``vars`` outside an include are not seen. Facts are absent, so a default that reads a fact cannot be templated (none of the
+followed. Limits: a task's own ``vars`` outside an include are not seen. Facts are absent,
+so a default that reads a fact cannot be templated (none of the
 required options does). It uses a few of ansible-core's internal names (2.19, pinned in
 pyproject.toml): ``Role._get_role_argspecs``, ``Play._included_path``,
 ``VariableManager._hostvars``; an ansible-core upgrade must keep tests/test_inventory_specs.py

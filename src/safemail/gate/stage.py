@@ -69,7 +69,7 @@ def _ssh_options(host: Host) -> tuple[list[tuple[str, str]], list[str]]:
     other: list[str] = []
     it = iter(tokens)
     for token in it:
-        if token == "-o":
+        if token == "-o":  # noqa: S105 - an ssh option flag, not a password
             token = "-o" + next(it, "")
         if token.startswith("-o"):
             key, _, value = token[2:].strip().replace("=", " ", 1).partition(" ")
