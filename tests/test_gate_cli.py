@@ -114,6 +114,7 @@ def test_pytest_command_shape(tmp_path: Path) -> None:
 def test_verify_end_to_end(
     checkout: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.setenv("SAFEMAIL_LAB_DIR", str(checkout.parent / "no-lab"))
     out = io.StringIO()
     result = run_verify(checkout, VerifyOptions(stage="test", workers=2), out=out)
     log = out.getvalue()
