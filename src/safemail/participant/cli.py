@@ -286,6 +286,12 @@ def _directory(
             f"pass --directory-bind-dn uid=NUMBER,ou=participants,... (or set "
             f"${DIRECTORY_BIND_DN_ENV}); participants use --directory http://CA-DIST/ instead",
         )
+    if args.cafile is None:
+        raise UsageError(
+            "an LDAP directory needs --cafile",
+            "the directory's TLS certificate is always verified: give the service TLS CA "
+            "(on service hosts /etc/safemail/tls/ca.crt)",
+        )
     config = directory.DirectoryConfig(
         uri=args.directory,
         bind_dn=args.directory_bind_dn,
