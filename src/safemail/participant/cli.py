@@ -137,7 +137,8 @@ def _add_lookup(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--mailbox", required=True, help="the participant to look up")
     _add_directory(p)
     p.add_argument("--cafile", type=Path,
-                   help="CA certificate(s) to verify an ldap:// or https:// server (PEM)")
+                   help="CA certificate(s) to verify an ldap:// or https:// server (PEM; "
+                   "required for ldap://)")
     _add_password(p, note="LDAP only: ")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     p.set_defaults(func=cmd_lookup)
