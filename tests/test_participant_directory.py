@@ -309,7 +309,8 @@ def test_the_environment_cannot_switch_verification_off(
         "except SafeMailError as e:\n    print(e); sys.exit(3)\n"
         "print('connected'); sys.exit(0)\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC, "HOME": str(tmp_path),
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HOME": str(tmp_path),
            "LDAPTLS_REQCERT": "never", "LDAPTLS_CACERTDIR": str(trusted),
            "LDAPTLS_CACERT": str(trusted / "ca.pem")}
     before = server.binds()
@@ -320,19 +321,26 @@ def test_the_environment_cannot_switch_verification_off(
     assert _new_binds(server, before) == []
 
 
-def test_a_server_without_starttls_gets_no_password(tmp_path: Path, pki: Pki) -> None:
+def test_a_server_without_tls_gets_no_password(tmp_path: Path, pki: Pki) -> None:
+    """A slapd with no certificate: StartTLS is refused, ldaps:// finds no TLS."""
     with Slapd(tmp_path / "plain", _entries(pki)[:1], cert_pem=None, key_pem=None) as plain:
         config = _config(plain, tmp_path, pki)
         with pytest.raises(SafeMailError, match="refused StartTLS"):
             directory.LdapCertificateDirectory(config).connect()
+        config = _config(plain, tmp_path, pki, uri=plain.ldaps_uri)
+        with pytest.raises(SafeMailError, match="TLS with the directory .* failed"):
+            directory.LdapCertificateDirectory(config).connect()
         assert plain.binds() == []
 
 
-def test_unreachable_directory_is_a_clear_error(tmp_path: Path, pki: Pki) -> None:
-    config = directory.DirectoryConfig(f"ldap://127.0.0.1:{free_port()}", BIND_DN, PASSWORD,
-                                       write_pem(tmp_path / "ca.pem", pki.ca), timeout=2)
-    with pytest.raises(SafeMailError, match="cannot reach the directory"):
+@pytest.mark.parametrize("scheme", ["ldap", "ldaps"])
+def test_unreachable_directory_is_a_clear_error(tmp_path: Path, pki: Pki, scheme: str) -> None:
+    config = directory.DirectoryConfig(f"{scheme}://127.0.0.1:{free_port()}", BIND_DN,
+                                       PASSWORD, write_pem(tmp_path / "ca.pem", pki.ca),
+                                       timeout=2)
+    with pytest.raises(SafeMailError, match="cannot reach the directory") as err:
         directory.LdapCertificateDirectory(config).connect()
+    assert "reachable" in (err.value.hint or "")
 
 
 def test_accounting_resolves_mailboxes_through_the_directory(
