@@ -226,8 +226,9 @@ class LdapCertificateDirectory:
             conn.set_option(ldap.OPT_NETWORK_TIMEOUT, timeout)
             conn.set_option(ldap.OPT_TIMEOUT, timeout)
             # TLS of this connection only, replacing whatever ldap.conf, ~/.ldaprc or
-            # LDAPTLS_* put into libldap's defaults: this CA file and nothing else (no
-            # certificate directory), the certificate and host name checked, TLS 1.2 or later.
+            # LDAPTLS_* put into libldap's defaults: this CA file and nothing else, the
+            # certificate and host name checked, TLS 1.2 or later. (Debian's GnuTLS build
+            # ignores a certificate directory anyway; an OpenSSL build would add its CAs.)
             conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
             conn.set_option(ldap.OPT_X_TLS_CACERTFILE, str(cafile))
             conn.set_option(ldap.OPT_X_TLS_CACERTDIR, "")
