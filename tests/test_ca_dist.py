@@ -58,7 +58,7 @@ def test_revoked_certificate_is_withdrawn(trio: Trio) -> None:
 def test_renewal_publishes_the_new_certificate(trio: Trio) -> None:
     trio.enrol()
     trio.publish()
-    new = trio.enrol(key=rsa_key(3072, 1), renewal=True)
+    new = trio.enrol(key=rsa_key(3072, 1), renewal=True, confirm_with=rsa_key())
     assert trio.publish().published == {MAILBOX: new}
 
 

@@ -178,7 +178,7 @@ def test_signer_refuses_second_cert_unless_renewal(trio: Trio) -> None:
     trio.ra.approve(req.id, operator="bob")
     outs = {o.request_id: o for o in trio.signer.issue_from_outbox(trio.outbox, actor="c")}
     assert outs[req.id].refused == "already-certified"
-    renewed = trio.enrol(key=rsa_key(3072, 2), renewal=True)
+    renewed = trio.enrol(key=rsa_key(3072, 2), renewal=True, confirm_with=rsa_key())
     index = trio.signer.index()["certs"]
     assert index[first]["status"] == "revoked" and index[first]["reason"] == "superseded"
     assert index[renewed]["status"] == "valid"

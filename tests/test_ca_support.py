@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from safemail.ca import keychange
 from safemail.ca.dist import Distribution
 from safemail.ca.journal import Journal
 from safemail.ca.policy import CaPolicy
@@ -88,12 +89,21 @@ class Trio:
         )
 
     def enrol(
-        self, number: str = NUMBER, mailbox: str = MAILBOX, key: Any = None, renewal: bool = False
+        self,
+        number: str = NUMBER,
+        mailbox: str = MAILBOX,
+        key: Any = None,
+        renewal: bool = False,
+        confirm_with: Any = None,
     ) -> str:
-        """submit -> approve -> issue; return the serial."""
-        req = self.ra.submit(
-            make_csr(key or rsa_key(), san=[mailbox]), number, actor="alice", renewal=renewal
-        )
+        """submit -> approve -> issue; return the serial. ``confirm_with``: the current key,
+        which confirms a key change (safemail.ca.keychange)."""
+        csr = make_csr(key or rsa_key(), san=[mailbox])
+        key_change = None
+        if confirm_with is not None:
+            der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+            key_change = keychange.make(confirm_with, number, mailbox, der)
+        req = self.ra.submit(csr, number, actor="alice", renewal=renewal, key_change=key_change)
         self.ra.approve(req.id, operator="bob")
         [out] = [
             o

@@ -153,7 +153,8 @@ def test_every_flow_role_exports_valid_flows(stage):
 
 
 def test_ansible_combines_the_same_matrix_as_python():
-    """safemail_flow_matrix (Jinja, what the firewall role gets) == matrix.load_matrix."""
+    """safemail_flow_matrix (what the firewall role gets, through the safemail_role_flows
+    lookup) == matrix.load_matrix."""
     ansible = Path(sys.executable).parent / "ansible"
     if not ansible.exists():
         pytest.skip("ansible is not installed in this environment")
@@ -169,6 +170,24 @@ def test_ansible_combines_the_same_matrix_as_python():
     assert matrix.combine(data["safemail_flow_matrix"]) == python_flows
     assert [f.purposes for f in matrix.combine(data["safemail_flow_matrix"])] == [
         f.purposes for f in python_flows]
+
+
+def test_ansible_refuses_a_listed_role_without_flows_as_python_does():
+    """The lookup uses the same loader: a flow role that exports nothing fails in Ansible too,
+    naming the role (the old Jinja expression skipped it silently)."""
+    ansible = Path(sys.executable).parent / "ansible"
+    if not ansible.exists():
+        pytest.skip("ansible is not installed in this environment")
+    proc = subprocess.run(
+        [str(ansible), "-i", "inventories/test", "relay1", "-m", "ansible.builtin.debug",
+         "-a", "msg={{ query('safemail_role_flows', ['auth', 'common']) }}", "-o"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={"ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "PATH": str(ansible.parent)},
+    )
+    assert proc.returncode != 0
+    assert "role common exports no common_firewall_flows" in proc.stdout + proc.stderr
+    with pytest.raises(matrix.MatrixError, match="role common exports no"):
+        matrix.role_exports(REPO / "roles", ["auth", "common"])
 
 
 def _filter_plugin():

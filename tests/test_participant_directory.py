@@ -234,7 +234,7 @@ def test_the_server_enforces_the_size_limit(server: Slapd, tmp_path: Path, pki: 
 class _IgnoresTheLimit(directory.LdapCertificateDirectory):
     """As a directory that ignores the requested size limit: it is not sent at all."""
 
-    def _server_size_limit(self) -> int:
+    def _server_size_limit(self, limit: int) -> int:
         return 0
 
 
@@ -437,3 +437,21 @@ def test_cli_ldap_directory_without_cafile_is_a_usage_error(
                         server.uri, "--directory-bind-dn", BIND_DN])
     assert rc == 2
     assert "an LDAP directory needs --cafile" in capsys.readouterr().err
+
+
+def test_certificate_expiry_report_reads_every_participant(
+    server: Slapd, tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safemail-cert-expiry (the relay, CA-04) lists every entry under the base through the
+    same client, bounded by its own size limit."""
+    from safemail.ops import certexpiry
+
+    config = {"ldap_uri": server.uri, "base_dn": BASE, "bind_dn": BIND_DN,
+              "bind_password": PASSWORD, "cafile": str(write_pem(tmp_path / "ca.pem", pki.ca))}
+    found = certexpiry.read_directory(config)
+    assert len(found) == 2 + CROWD_SIZE
+    certs = dict(found)
+    assert len(certs[RECIPIENT]) == 3 and certs[SENDER] == []
+    monkeypatch.setattr(certexpiry, "SIZE_LIMIT", 1 + CROWD_SIZE)  # one entry too few
+    with pytest.raises(SafeMailError, match=f"more than {1 + CROWD_SIZE} entries"):
+        certexpiry.read_directory(config)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import shlex
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -26,8 +28,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA = "/usr/local/sbin/safemail-ca"
 STATE = "/var/lib/safemail-ca"
+SEAL = "/var/lib/safemail-ca-seal"
 PDIR = "/var/lib/safemail-participant"
 SEARCH_DIRS = "/etc /var /root /home /opt /srv /tmp /usr/local"
+VENV_PY = "/opt/safemail/venv/bin/python3"
+# CA-06: the whole-host key search on the signer (safemail.ca.keyscan) gives up after this.
+KEYSCAN_SECONDS = 240
 
 
 # ------------------------------------------------------------------ plumbing
@@ -392,6 +398,133 @@ def test_bad_registration_or_duplicate_request_is_refused(lab, evidence, case):
     assert out.rc == 3 and f"refused ({code})" in out.stderr
 
 
+# ------------------------------------------------------------------ CA-03: mailbox ownership
+def _forge_approved(lab, rid: str, number: str, mailbox: str, renewal: bool) -> None:
+    """What a compromised RA (root on the front host) can do: write an 'approved' request
+    with an attacker's CSR straight into the outbox the signer pulls."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    req = {
+        "id": rid, "state": "approved", "participant": number, "practice_name": "Mallory",
+        "mailbox": mailbox, "specialty": "GP", "renewal": renewal,
+        "csr_pem": _csr(key, mailbox).decode(), "csr_sha256": "0" * 64,
+        "submitted_at": "2026-12-06T00:00:00Z", "submitted_by": "mallory",
+        "decided_at": "2026-12-06T00:00:00Z", "operator": "mallory", "key_change": None,
+    }
+    ra = lab(lab.group("ca_ra")[0])
+    path = f"{STATE}/outbox/approved/{rid}.json"
+    _put(ra, path, json.dumps(req).encode())
+    ra.run_test(f"chown safemail-ca:safemail-ca {path} && chmod 0640 {path}")
+
+
+def _signer_outcome(lab, rid: str) -> tuple[dict, list[dict]]:
+    signer = lab(lab.group("ca_signer")[0])
+    index = json.loads(signer.file(f"{STATE}/index.json").content)
+    entries = [json.loads(x) for x in
+               signer.file(f"{STATE}/journal.jsonl").content_string.splitlines()]
+    return index["requests"].get(rid, {}), [e for e in entries if e.get("request") == rid]
+
+
+def _enrol_throwaway(lab, tag: str, d: str) -> tuple[str, str]:
+    """Register and enrol a throw-away participant through the real RA -> signer path, its key
+    in ``d`` on participant host 1 (practice1/practice2 keep theirs untouched)."""
+    p, ra = lab(lab.group("participants")[0]), lab(lab.group("ca_ra")[0])
+    number, mailbox = _throwaway(lab, tag)
+    p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
+    p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} --key {d}/key.pem "
+                      f"--csr {d}/csr.pem")
+    _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
+    rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
+                          "--operator verify").split()[0]
+    ra.run_expect([0], f"{CA} approve {rid} --operator verify")
+    ra.run(f"rm -f /tmp/{number}.csr")
+    _cycle(lab)
+    return number, mailbox
+
+
+@pytest.mark.req("CA-03")
+@pytest.mark.parametrize("attack", ["second-number", "attacker-renewal"])
+def test_signer_refuses_what_a_compromised_ra_approves(lab, evidence, attack):
+    """Issue 18's reproduction on the lab: a second participant number for an enrolled
+    participant's mailbox, and a 'renewal' of that participant with an attacker's CSR, both
+    written by a compromised RA. The signer refuses both with its reason, and the published
+    certificate still carries the participant's own key. (The victim is a throw-away
+    participant, so that a broken signer cannot take over practice1's mailbox.)"""
+    p = lab(lab.group("participants")[0])
+    d = f"/tmp/verify-owner-{attack}"
+    try:
+        number, mailbox = _enrol_throwaway(lab, "own", d)
+        rid = f"{int(time.time() * 1000) % 16**16:016x}"
+        if attack == "second-number":
+            _forge_approved(lab, rid, f"9own{rid[-8:]}", mailbox, renewal=False)
+            code = "mailbox-owned"
+        else:
+            _forge_approved(lab, rid, number, mailbox, renewal=True)
+            code = "key-change-unconfirmed"
+        try:
+            _cycle(lab)
+            outcome, entries = _signer_outcome(lab, rid)
+        finally:
+            lab(lab.group("ca_ra")[0]).run(f"rm -f {STATE}/outbox/approved/{rid}.json")
+        got = _http_get(p, _dist_url(lab, f"certs/{mailbox}.pem"), f"{d}/pub.pem")
+        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout
+        own = p.run(f"openssl pkey -in {d}/key.pem -pubout").stdout
+    finally:
+        p.run(f"rm -rf {d}")
+    evidence(f"{attack} on {mailbox} ({number}): signer outcome for {rid}: {outcome}; "
+             f"journal: {[(e['action'], e.get('detail')) for e in entries]}; published key "
+             f"is the participant's own: {published == own and bool(own)}")
+    assert outcome.get("refused") == code
+    assert [(e["action"], e.get("detail")) for e in entries] == [("issue-refused", code)]
+    assert got.rc == 0 and own and published == own
+
+
+@pytest.mark.req("CA-03")
+def test_key_change_needs_the_participants_confirmation(lab, evidence):
+    """Through the real RA: a throw-away participant enrols; a renewal with a new key but no
+    confirmation is refused by the signer (the RA cannot know the registered key); the same
+    with the confirmation signed by the current key on the participant host is issued."""
+    p = lab(lab.group("participants")[0])
+    ra = lab(lab.group("ca_ra")[0])
+    number, mailbox = _throwaway(lab, "key")
+    d = f"/tmp/verify-keychange-{number}"
+    p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
+
+    def submit(csr: str, *extra: str) -> str:
+        _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/{csr}").content)
+        rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
+                              f"--operator verify {' '.join(extra)}").split()[0]
+        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
+        ra.run(f"rm -f /tmp/{number}.csr /tmp/{number}.kc")
+        _cycle(lab)
+        return rid
+
+    try:
+        for n in ("1", "2", "3"):
+            p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} "
+                              f"--key {d}/key{n}.pem --csr {d}/csr{n}.pem")
+        first = _signer_outcome(lab, submit("csr1.pem"))[0]
+        unconfirmed = _signer_outcome(lab, submit("csr2.pem", "--renewal"))[0]
+        p.run_expect([0], f"safemail ca confirm-key-change --key {d}/key1.pem "
+                          f"--csr {d}/csr3.pem --participant {number} --mailbox {mailbox} "
+                          f"--out {d}/kc.json")
+        _put(ra, f"/tmp/{number}.kc", p.file(f"{d}/kc.json").content)
+        confirmed = _signer_outcome(
+            lab, submit("csr3.pem", "--renewal", f"--key-change /tmp/{number}.kc"))[0]
+        new_pub = p.check_output(f"openssl pkey -in {d}/key3.pem -pubout")
+        p.run_test(f"rm -f {d}/pub.pem")
+        _http_get(p, _dist_url(lab, f"certs/{mailbox}.pem"), f"{d}/pub.pem")
+        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout
+    finally:
+        p.run(f"rm -rf {d}")
+    evidence(f"{mailbox}: enrolment {first}; new key without confirmation {unconfirmed}; "
+             f"with confirmation {confirmed}; published key is the confirmed one: "
+             f"{published == new_pub}")
+    assert "serial" in first
+    assert unconfirmed.get("refused") == "key-change-unconfirmed"
+    assert "serial" in confirmed
+    assert published == new_pub
+
+
 # ------------------------------------------------------------------ CA-04
 @pytest.mark.req("CA-04")
 def test_published_crl_is_signed_and_fresh(lab, evidence, participant_host):
@@ -557,12 +690,14 @@ def test_revoked_certificate_leaves_the_directory(lab, evidence):
 @pytest.mark.req("CA-05")
 @pytest.mark.read_only
 def test_journal_verifies(lab, evidence, ca_host):
+    """Chain, seals (public key of the host's sealer) and the sealer's own head."""
     host = lab(ca_host)
-    out = host.run(f"safemail ca journal verify {STATE}/journal.jsonl --key {STATE}/journal.key")
+    out = host.run(f"safemail ca verify-journal {STATE}/journal.jsonl "
+                   f"--key {SEAL}/journal-seal.pub --heads {SEAL}/head.json")
     actions = {json.loads(line)["action"]
                for line in host.file(f"{STATE}/journal.jsonl").content_string.splitlines()}
     expected = {"ra": {"register"}, "signer": {"ca-init", "issue", "crl"},
-                "dist": {"publish"}}[_function(host)]
+                "dist": {"publish"}}[_function(host)] | {"journal-sealed"}
     evidence(f"{host.backend.host}: {out.stdout.strip()} actions={sorted(actions)}")
     assert out.rc == 0
     assert expected <= actions
@@ -575,16 +710,128 @@ def test_altered_journal_copy_fails(lab, evidence, ca_host):
     host.run_test(f"cp {STATE}/journal.jsonl {copy}")
     code = (
         "import json, sys; p = sys.argv[1]; lines = open(p).read().splitlines(); "
-        "e = json.loads(lines[0]); e['actor'] = e['actor'] + 'x'; "
-        "lines[0] = json.dumps(e, separators=(',', ':'), sort_keys=True); "
+        "e = json.loads(lines[-1]); e['actor'] = e['actor'] + 'x'; "
+        "lines[-1] = json.dumps(e, separators=(',', ':'), sort_keys=True); "
         "open(p, 'w').write('\\n'.join(lines) + '\\n')"
     )
     host.run_test(f"python3 -c {shlex.quote(code)} {copy}")
-    out = host.run(f"safemail ca journal verify {copy} --key {STATE}/journal.key")
+    out = host.run(f"safemail ca verify-journal {copy} --key {SEAL}/journal-seal.pub")
     host.run(f"rm -f {copy}")
     evidence(f"{host.backend.host}: altered copy -> rc={out.rc} {out.stdout.strip()!r}")
     assert out.rc == 4
     assert "seq" in out.stdout
+
+
+@pytest.mark.req("CA-05")
+@pytest.mark.read_only
+def test_seal_key_is_not_readable_by_the_ca_account(lab, evidence, ca_host):
+    """The account that writes the journal cannot read the key that seals it; the sealer can
+    (positive twin), and the sealer's socket is only for the CA account."""
+    host = lab(ca_host)
+    key = host.file(f"{SEAL}/seal.key")
+    as_ca = host.run(f"runuser -u safemail-ca -- cat {SEAL}/seal.key")
+    as_sealer = host.run(f"runuser -u safemail-ca-seal -- test -r {SEAL}/seal.key")
+    sock = host.file("/run/safemail-ca-seal.sock")
+    evidence(f"{ca_host}: seal.key {oct(key.mode)} {key.user}:{key.group}; CA account reads: "
+             f"rc={as_ca.rc}; sealer reads: rc={as_sealer.rc}; socket {oct(sock.mode)} "
+             f"{sock.user}:{sock.group}")
+    assert key.user == "safemail-ca-seal" and key.mode & 0o077 == 0
+    assert as_ca.rc != 0 and not as_ca.stdout
+    assert as_sealer.rc == 0
+    assert sock.is_socket and sock.group == "safemail-ca" and sock.mode & 0o007 == 0
+
+
+def _controller_verify(journal_path, pub_path, *heads) -> subprocess.CompletedProcess:
+    """`safemail ca verify-journal` on the controller (this machine), as the operator runs it
+    from playbooks/ca-journal-check.yml."""
+    argv = [sys.executable, "-m", "safemail.cli", "ca", "verify-journal", str(journal_path),
+            "--key", str(pub_path)]
+    for h in heads:
+        argv += ["--heads", str(h)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+# Run on the host as root with the on-host material: the seal key (root can read it) and the
+# journal. Rewrites a COPY (the real journal is never touched): "rewrite" changes the actor of
+# entry 1 and re-chains and re-seals everything; "truncate" cuts the journal just before the
+# head the controller holds (argv[5]), and re-seals the rest.
+_INSIDER = """
+import json, sys
+from pathlib import Path
+from safemail.ca import journal
+from safemail.ca.journal import JournalKey
+src, dst, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+key = JournalKey.load(Path(sys.argv[4]))
+rows = [json.loads(x) for x in src.read_text().splitlines()]
+if mode == "truncate":
+    rows = rows[: int(sys.argv[5]) - 1]
+else:
+    rows[0]["actor"] = rows[0]["actor"] + "-rewritten"
+prev = journal.GENESIS
+for e in rows:
+    e.pop("sig", None)
+    e["prev_hash"] = prev
+    e["hash"] = journal.entry_hash(e)
+    e["sig"] = key.sign(e["hash"])
+    prev = e["hash"]
+dst.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\\n"
+                       for e in rows))
+"""
+
+
+@pytest.mark.req("CA-05")
+@pytest.mark.parametrize("attack", ["rewrite", "truncate"])
+def test_rewritten_or_truncated_journal_is_detected_on_the_controller(
+    lab, evidence, tmp_path, attack
+):
+    """The issue's attack on the signer: root re-seals a rewritten (or truncated) journal with
+    the seal key on the host, so the host's own check passes. The head exported before
+    (fetched to the controller, as ca-journal-check.yml keeps it) exposes it."""
+    name = lab.group("ca_signer")[0]
+    signer = lab(name)
+    # 1. the controller collects the head, then the journal (the positive twin; in this order
+    # because the cycle may append meanwhile)
+    head = signer.file(f"{SEAL}/head.json").content
+    (tmp_path / "store.jsonl").write_bytes(head)
+    (tmp_path / "journal.jsonl").write_bytes(signer.file(f"{STATE}/journal.jsonl").content)
+    (tmp_path / "seal.pub").write_bytes(signer.file(f"{SEAL}/journal-seal.pub").content)
+    head_seq = json.loads(head)["seq"]
+    good = _controller_verify(tmp_path / "journal.jsonl", tmp_path / "seal.pub",
+                              tmp_path / "store.jsonl")
+    # 2. the insider on the host, with the seal key
+    copy = f"/tmp/verify-journal-{attack}.jsonl"
+    script = "/tmp/verify-journal-insider.py"
+    _put(signer, script, _INSIDER.encode())
+    signer.run_test(f"{VENV_PY} {script} {STATE}/journal.jsonl {copy} {attack} "
+                    f"{SEAL}/seal.key {head_seq}")
+    on_host = signer.run(f"safemail ca verify-journal {copy} --key {SEAL}/journal-seal.pub")
+    (tmp_path / "forged.jsonl").write_bytes(signer.file(copy).content)
+    signer.run(f"rm -f {copy} {script}")
+    # 3. the controller checks the forged journal against the head it holds
+    bad = _controller_verify(tmp_path / "forged.jsonl", tmp_path / "seal.pub",
+                             tmp_path / "store.jsonl")
+    evidence(f"{name}: genuine journal on the controller: rc={good.returncode} "
+             f"{good.stdout.strip()!r}; {attack} re-sealed with the host's seal key: on the "
+             f"host rc={on_host.rc} {on_host.stdout.strip()!r}; on the controller "
+             f"rc={bad.returncode} {bad.stdout.strip()!r}")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert on_host.rc == 0  # the insider's forgery passes every check on the host itself
+    assert bad.returncode == 4
+    assert ("rewritten" if attack == "rewrite" else "truncated") in bad.stdout
+
+
+@pytest.mark.req("CA-05")
+@pytest.mark.read_only
+def test_journal_checks_are_scheduled(lab, evidence, ca_host):
+    host = lab(ca_host)
+    timer = host.service("safemail-ca-journal-check.timer")
+    sock = host.service("safemail-ca-seal.socket")
+    last = host.run("systemctl show -p Result --value safemail-ca-journal-check.service")
+    evidence(f"{ca_host}: check timer enabled={timer.is_enabled} running={timer.is_running}; "
+             f"seal socket running={sock.is_running}; last check result={last.stdout.strip()}")
+    assert timer.is_enabled and timer.is_running
+    assert sock.is_enabled and sock.is_running
+    assert last.stdout.strip() in ("success", "")
 
 
 # ------------------------------------------------------------------ CA-06
@@ -624,3 +871,54 @@ def test_ca_key_is_on_no_other_host(lab, evidence, service_host):
     evidence(f"CA key line found on {hits}; on the signer (control): {control}")
     assert not any(hits.values())
     assert control == [f"{STATE}/private/ca.key"]
+
+
+def _keyscan(host, args: str) -> dict:
+    out = host.run(f"timeout {KEYSCAN_SECONDS + 60} {VENV_PY} -m safemail.ca.keyscan {args} "
+                   f"--time-limit {KEYSCAN_SECONDS} --json")
+    assert out.rc in (0, 1, 2), out.stderr[-500:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.req("CA-06")
+def test_ca_key_exists_once_on_the_whole_signer(lab, evidence):
+    """The whole signer (/root, /home, /tmp, /var/backups, /srv, /opt, ... everything but
+    /proc, /sys, /dev) is searched by content: PEM and DER private keys compared by public
+    key, and the key's secret number raw, hex and base64 (inside archives and bundles too).
+    The only hit allowed is the key itself, which must be found (positive twin)."""
+    signer = lab(lab.group("ca_signer")[0])
+    key = f"{STATE}/private/ca.key"
+    res = _keyscan(signer, f"/ --key {key} --allow {key}")
+    evidence(f"signer: {res['files']} files, {res['bytes']} bytes in {res['seconds']} s, "
+             f"complete={res['complete']}; hits={res['hits']}; encrypted private keys "
+             f"(not comparable)={res['encrypted']}")
+    assert res["complete"], "the search ran out of time: absence is not proven"
+    assert [h["path"] for h in res["hits"] if h["path"] == key] == [key]
+    assert res["copies"] == []
+
+
+def _has_venv(host) -> bool:
+    return host.file(VENV_PY).exists
+
+
+@pytest.mark.req("CA-06")
+def test_ca_key_in_no_form_on_other_hosts(lab, evidence, service_host):
+    """Other hosts with the safemail runtime: search their data and configuration directories
+    for a private key whose public key is the CA's (PEM and DER forms; they never get the key
+    itself to compare). Not the whole host: the relay is a TCG VM, too slow for that."""
+    if service_host == lab.group("ca_signer")[0]:
+        pytest.skip("the signer is searched by test_ca_key_exists_once_on_the_whole_signer")
+    host = lab(service_host)
+    if not _has_venv(host):
+        pytest.skip(f"{service_host} has no safemail runtime; test_ca_key_is_on_no_other_host "
+                    "searches it for the PEM form")
+    signer = lab(lab.group("ca_signer")[0])
+    _put(host, "/tmp/verify-ca.pem", signer.file(f"{STATE}/ca.pem").content)
+    try:
+        res = _keyscan(host, f"{SEARCH_DIRS} --cert /tmp/verify-ca.pem")
+    finally:
+        host.run("rm -f /tmp/verify-ca.pem")
+    evidence(f"{service_host}: {res['files']} files in {res['seconds']} s, "
+             f"complete={res['complete']}; copies={res['copies']}")
+    assert res["complete"]
+    assert res["copies"] == []

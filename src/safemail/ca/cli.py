@@ -44,6 +44,13 @@ def _policy(args: argparse.Namespace) -> CaPolicy:
 
 
 def _journal(args: argparse.Namespace) -> Journal:
+    """The host's journal, sealed by the sealer when one is configured (the CA hosts), else
+    signed with a journal key on this host (--journal-key), else unsigned."""
+    sealer = getattr(args, "journal_sealer", None) or os.environ.get("SAFEMAIL_CA_JOURNAL_SEALER")
+    if sealer:
+        from safemail.ca.seal import SocketSealer
+
+        return Journal(_state_dir(args) / "journal.jsonl", key=SocketSealer(Path(sealer)))
     key_path = args.journal_key or os.environ.get("SAFEMAIL_CA_JOURNAL_KEY")
     key = JournalKey.load(Path(key_path)) if key_path else None
     return Journal(_state_dir(args) / "journal.jsonl", key=key)
@@ -90,7 +97,13 @@ def _add_common(p: argparse.ArgumentParser, *, policy: bool = True) -> None:
         "--journal-key",
         metavar="FILE",
         help="host journal key: hex HMAC secret or Ed25519 PEM (default: "
-        "$SAFEMAIL_CA_JOURNAL_KEY; unsigned if unset)",
+        "$SAFEMAIL_CA_JOURNAL_KEY; unsigned if unset and no sealer)",
+    )
+    p.add_argument(
+        "--journal-sealer",
+        metavar="SOCKET",
+        help="seal journal entries through the sealer's socket (default: "
+        "$SAFEMAIL_CA_JOURNAL_SEALER); takes precedence over --journal-key",
     )
 
 
@@ -145,8 +158,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         data = Path(args.csr).read_bytes()
     except OSError as exc:
         raise CaError(f"cannot read {args.csr}: {exc.strerror}") from exc
+    key_change = None
+    if args.key_change:
+        try:
+            key_change = Path(args.key_change).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CaError(f"cannot read the key-change confirmation {args.key_change}") from exc
     try:
-        req = _ra(args).submit(data, args.participant, actor=_actor(args), renewal=args.renewal)
+        req = _ra(args).submit(
+            data,
+            args.participant,
+            actor=_actor(args),
+            renewal=args.renewal,
+            key_change=key_change,
+        )
     except RefusedError as exc:
         return _refused(exc)
     print(req.id)
@@ -155,6 +180,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.owners:
+        register = Signer(_state_dir(args), _policy(args)).register()
+        rows_o = [
+            {"mailbox": m, **{k: v for k, v in e.items() if k != "public_key"}}
+            for m, e in sorted(register.items())
+        ]
+        if args.json:
+            print(json.dumps(rows_o, indent=2))
+            return 0
+        for r in rows_o:
+            extra = (
+                f" released for {r['released_for']}: {r['release_reason']}"
+                if (r["status"] == "released")
+                else ""
+            )
+            print(
+                f"{r['mailbox']}  {r['participant']:>12}  {r['status']:8} key "
+                f"{r['key_sha256'][:16]}  serial {r['serial']}{extra}"
+            )
+        return 0
     if args.certs:
         index = Signer(_state_dir(args), _policy(args)).index()
         now = datetime.now(UTC)
@@ -250,6 +295,50 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    owner = _signer(args).release(
+        args.mailbox, reason=args.reason, actor=args.operator, participant=args.participant
+    )
+    print(
+        f"{args.mailbox} released (was participant {owner['participant']}, key "
+        f"{owner['key_sha256'][:16]}); the next enrolment of participant "
+        f"{owner['released_for']} for it is treated as new"
+    )
+    return 0
+
+
+def cmd_confirm_key_change(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from safemail.ca import keychange
+    from safemail.ca.csrcheck import load_csr
+
+    try:
+        key_data = Path(args.key).read_bytes()
+        csr_data = Path(args.csr).read_bytes()
+    except OSError as exc:
+        raise CaError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CaError(
+            f"{args.key} is not an unencrypted PEM private key",
+            "give the participant's CURRENT key (the one the valid certificate holds)",
+        ) from exc
+    csr = load_csr(csr_data)
+    doc = keychange.make(
+        key, args.participant, args.mailbox, csr.public_bytes(serialization.Encoding.DER)
+    )
+    if args.out:
+        from safemail.ca import _fs
+
+        _fs.atomic_write_bytes(Path(args.out), doc.encode() + b"\n", 0o644)
+        print(f"confirmation written to {args.out}; hand it to the RA with the new CSR")
+    else:
+        print(doc)
+    return 0
+
+
 def _crl_line(crl: Any) -> str:
     from safemail.ca.dist import _crl_number
 
@@ -311,9 +400,72 @@ def cmd_unbundle(args: argparse.Namespace) -> int:
 
 def cmd_journal_verify(args: argparse.Namespace) -> int:
     key = JournalKey.load(Path(args.key)) if args.key else None
-    result = journal_mod.verify(Path(args.path), key)
+    heads: list[journal_mod.Head] = []
+    for name in args.heads or []:
+        path = Path(name)
+        if not path.exists() and args.remember and name == args.remember:
+            continue  # the controller's store before the first collection
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise CaError(f"cannot read heads file {name}: {exc.strerror}") from exc
+        heads += journal_mod.parse_heads(text, name)
+    if args.host:
+        heads = [h for h in heads if h.host in (None, "-", args.host)]
+    result = journal_mod.check_heads(Path(args.path), heads, key)
     print(result)
+    if heads:
+        print(
+            f"compared with {len(heads)} exported head(s); highest seq {max(h.seq for h in heads)}"
+        )
+    if result.ok and args.remember:
+        _remember_head(Path(args.path), Path(args.remember))
     return 0 if result.ok else EXIT_JOURNAL_BROKEN
+
+
+def _remember_head(journal_path: Path, store: Path) -> None:
+    """Append the verified journal's head to the controller's store (kept for next time)."""
+    raw = journal_path.read_bytes().splitlines()
+    if not raw:
+        return
+    last = json.loads(raw[-1])
+    head = journal_mod.Head(int(last["seq"]), str(last["hash"]), last.get("sig"), last.get("host"))
+    known = store.read_text(encoding="utf-8") if store.exists() else ""
+    if any(
+        h.seq == head.seq and h.hash == head.hash
+        for h in journal_mod.parse_heads(known, str(store))
+    ):
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with store.open("a", encoding="utf-8") as fh:
+        fh.write(head.to_json() + "\n")
+    print(f"head seq {head.seq} added to {store}")
+
+
+def cmd_journal_start_sealing(args: argparse.Namespace) -> int:
+    j = _journal(args)
+    if not j.key or not hasattr(j.key, "path"):
+        raise CaError("no journal sealer configured", "give --journal-sealer SOCKET")
+    entry = j.record("journal-sealed", _actor(args), detail="entries sealed from here on")
+    print(f"journal {j.path}: seq {entry['seq']} sealed; later entries are sealed too")
+    return 0
+
+
+def cmd_seal_keygen(args: argparse.Namespace) -> int:
+    from safemail.ca.seal import Sealer
+
+    created = Sealer(Path(args.state)).keygen(Path(args.public) if args.public else None)
+    print(f"seal key {'created' if created else 'exists'} in {args.state}")
+    return 0
+
+
+def cmd_seal_serve(args: argparse.Namespace) -> int:
+    from safemail.ca.seal import Sealer, serve
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    return serve(Sealer(Path(args.state), log=log), sys.stdin.buffer, sys.stdout.buffer)
 
 
 def cmd_journal_keygen(args: argparse.Namespace) -> int:
@@ -367,6 +519,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="replace the participant's valid certificate (old one is superseded)",
     )
     p.add_argument(
+        "--key-change",
+        metavar="FILE",
+        help="the participant's confirmation of a new key, signed with the current key "
+        "('safemail ca confirm-key-change'); the signer refuses a new key without it",
+    )
+    p.add_argument(
         "--published-dir",
         metavar="DIR",
         help="copy of the distribution tree (default: <state-dir>/published)",
@@ -378,6 +536,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = cs.add_parser("list", help="RA: list requests; signer: list certificates (--certs)")
     p.add_argument("--state", choices=STATES, help="only requests in this state")
     p.add_argument("--certs", action="store_true", help="list the signer's certificate index")
+    p.add_argument(
+        "--owners", action="store_true", help="list the signer's register of mailbox owners"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(p)
     p.set_defaults(func=cmd_list)
@@ -415,6 +576,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_common(p)
     _add_operator(p)
     p.set_defaults(func=cmd_revoke)
+
+    p = cs.add_parser(
+        "release",
+        help="signer: release a mailbox from its owner and key (lost key, change of hands)",
+        description="Release MAILBOX in the signer's register, so that the next approved "
+        "request for it (from --participant, default the previous owner) is treated as a new "
+        "enrolment, without a confirmation from the old key. Every certificate of the mailbox "
+        "must be revoked first. Signer operator only; recorded in the journal.",
+    )
+    p.add_argument("--mailbox", required=True, help="the mailbox to release")
+    p.add_argument("--reason", required=True, help="why (one line, kept in the journal)")
+    p.add_argument(
+        "--participant",
+        metavar="NUMBER",
+        help="participant number that may enrol the mailbox next (default: the previous owner)",
+    )
+    _add_operator(p, required=True)
+    _add_common(p)
+    p.set_defaults(func=cmd_release)
+
+    p = cs.add_parser(
+        "confirm-key-change",
+        help="participant: confirm a new CSR with the CURRENT key (for a key change)",
+        description="Sign the hash of NEW_CSR with the participant's current private key "
+        "(run on the participant's host; the key never leaves it). The RA submits the "
+        "confirmation with the CSR (--key-change); the signer checks it against the key it "
+        "has registered for the mailbox.",
+    )
+    p.add_argument("--key", required=True, metavar="FILE", help="the CURRENT private key (PEM)")
+    p.add_argument("--csr", required=True, metavar="NEW_CSR", help="the new CSR (PEM or DER)")
+    p.add_argument("--participant", required=True, metavar="NUMBER", help="participant number")
+    p.add_argument("--mailbox", required=True, help="the participant's mailbox")
+    p.add_argument("--out", metavar="FILE", help="write the confirmation here (default: stdout)")
+    p.set_defaults(func=cmd_confirm_key_change)
 
     p = cs.add_parser("crl", help="signer: generate a new CRL (or --show the current one)")
     p.add_argument("--show", action="store_true", help="show the current CRL, change nothing")
@@ -470,14 +665,69 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = cs.add_parser("journal", help="verify a CA journal or create a journal key")
     js = p.add_subparsers(dest="journal_command", metavar="ACTION")
     js.required = True
-    v = js.add_parser("verify", help="check the hash chain (and signatures with --key)")
+    v = js.add_parser(
+        "verify",
+        help="check the hash chain (and seals with --key, exported heads with --heads)",
+    )
+    _add_verify_args(v)
+    k = js.add_parser("keygen", help="create a random HMAC journal key (mode 0600)")
+    k.add_argument("path", help="where to write the key")
+    k.set_defaults(func=cmd_journal_keygen)
+    k = js.add_parser(
+        "start-sealing",
+        help="record a sealed entry now (first seal of a journal written before sealing)",
+        description="Append a 'journal-sealed' entry through the sealer, so that the journal "
+        "has a sealed head from now on (the ca_hosts role runs it once per host).",
+    )
+    _add_common(k, policy=False)
+    _add_operator(k)
+    k.set_defaults(func=cmd_journal_start_sealing)
+    k = js.add_parser(
+        "seal-keygen",
+        help="sealer: create the Ed25519 seal key once, write its public key",
+        description="Run as the sealer user. Never replaces an existing seal key.",
+    )
+    k.add_argument("--state", required=True, metavar="DIR", help="the sealer's state directory")
+    k.add_argument("--public", metavar="FILE", help="write the public key here (PEM)")
+    k.set_defaults(func=cmd_seal_keygen)
+    k = js.add_parser(
+        "seal-serve",
+        help="sealer: seal one entry read from stdin (socket-activated)",
+        description="Read one journal entry (JSON line) on stdin, seal it if it continues the "
+        "last sealed head, answer one JSON line. Run by safemail-ca-seal@.service.",
+    )
+    k.add_argument("--state", required=True, metavar="DIR", help="the sealer's state directory")
+    k.set_defaults(func=cmd_seal_serve)
+
+    v = cs.add_parser(
+        "verify-journal",
+        help="verify a journal against the heads exported off its host (controller)",
+        description="Same as 'journal verify': check the chain and seals, then compare the "
+        "journal with every exported head (truncated or rewritten journals fail).",
+        epilog="exit codes: 0 intact, 1 error, 4 broken, truncated or rewritten",
+    )
+    _add_verify_args(v)
+
+
+def _add_verify_args(v: argparse.ArgumentParser) -> None:
+    v.set_defaults(func=cmd_journal_verify)
     v.add_argument("path", help="journal file (journal.jsonl)")
     v.add_argument(
         "--key",
         metavar="FILE",
-        help="HMAC secret or Ed25519 public/private key to check signatures",
+        help="seal public key (journal-seal.pub), or HMAC secret / Ed25519 key to check signatures",
     )
-    v.set_defaults(func=cmd_journal_verify)
-    k = js.add_parser("keygen", help="create a random HMAC journal key (mode 0600)")
-    k.add_argument("path", help="where to write the key")
-    k.set_defaults(func=cmd_journal_keygen)
+    v.add_argument(
+        "--heads",
+        action="append",
+        metavar="FILE",
+        help="exported heads to compare with (head.json, heads.jsonl, the controller's store, "
+        "admin-log lines of safemail-ca-seal); repeatable",
+    )
+    v.add_argument("--host", help="use only heads of this journal host (admin logs mix hosts)")
+    v.add_argument(
+        "--remember",
+        metavar="STORE",
+        help="after a successful check, add the journal's head to STORE (the controller's "
+        "heads store; give it as --heads too)",
+    )

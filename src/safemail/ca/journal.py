@@ -15,8 +15,17 @@ recomputing all hashes is detected too.
 Entries carry only minimal subject fields (participant number, serial, mailbox, request id and
 a short detail); any other field, and anything that looks like key material, is refused.
 
-Limits: a chain cannot show that its *last* entries were cut off. Export the head
-(:func:`head`) off the host (e.g. to the admin log) to detect truncation.
+Sealing (issue 18): on the CA hosts the entries are sealed by a separate account
+(:mod:`safemail.ca.seal`): an Ed25519 signature made with a key the CA account cannot read,
+by a helper that signs only the continuation of the head it sealed last. Verified with the
+public key (``--key journal-seal.pub``): from the first sealed entry on, every entry must
+carry a valid seal; older entries (HMAC-signed or unsigned, from before sealing) are held by
+the chain, since the first sealed entry's ``prev_hash`` pins them.
+
+A chain cannot show that its *last* entries were cut off, and whoever holds the seal key
+(root on the host) can rewrite and re-seal everything. Both are caught by heads exported off
+the host: :func:`check_heads` compares the journal with every head (seq, hash, seal) seen
+before, e.g. collected on the controller (``safemail ca verify-journal --heads``).
 """
 
 from __future__ import annotations
@@ -109,6 +118,10 @@ class JournalKey:
         if self.ed_private is None:
             raise CaError("an Ed25519 public key can verify the journal but not sign it")
         return {"alg": "ed25519", "value": base64.b64encode(self.ed_private.sign(msg)).decode()}
+
+    def seal(self, entry: dict[str, Any]) -> dict[str, str]:
+        """Seal one entry (the journal's sealer interface; see safemail.ca.seal)."""
+        return self.sign(str(entry["hash"]))
 
     def check(self, digest_hex: str, sig: Any) -> str | None:
         """Return None if ``sig`` is a valid signature of ``digest_hex``, else what is wrong."""
@@ -203,7 +216,7 @@ def append(
     actor: str,
     *,
     host: str | None = None,
-    key: JournalKey | None = None,
+    key: Any = None,
     now: datetime | None = None,
     **subject: Any,
 ) -> dict[str, Any]:
@@ -237,7 +250,8 @@ def append(
         }
         entry["hash"] = entry_hash(entry)
         if key is not None:
-            entry["sig"] = key.sign(entry["hash"])
+            # JournalKey (a key on this host) or a sealer (safemail.ca.seal.SocketSealer)
+            entry["sig"] = key.seal(entry)
         line = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         fh.seek(0, os.SEEK_END)
         fh.write(line.encode() + b"\n")
@@ -268,7 +282,14 @@ def verify(path: Path, key: JournalKey | None = None) -> VerifyResult:
     Checks, in this order for each line: valid JSON with all fields, hash matches content
     (``hash mismatch``), sequence number continues (``seq gap``), ``prev_hash`` matches the
     previous entry (``broken link``), and, with ``key``, the signature (``bad signature``).
+
+    With an Ed25519 public key (the seal key), entries from before sealing started are held
+    by the chain alone; from the first sealed entry on every entry must be sealed, and so must
+    the last one (``not sealed``).
     """
+    seal_mode = key is not None and key.hmac_secret is None
+    sealed_seen = False
+    unsealed_tail: int | None = None
     prev = GENESIS
     count = 0
     try:
@@ -298,12 +319,109 @@ def verify(path: Path, key: JournalKey | None = None) -> VerifyResult:
                 count,
                 "broken link: prev_hash does not match the previous entry's hash",
             )
-        if key is not None:
-            problem = key.check(entry["hash"], entry.get("sig"))
+        sig = entry.get("sig")
+        is_sealed = isinstance(sig, dict) and sig.get("alg") == "ed25519"
+        if key is not None and (not seal_mode or is_sealed or sealed_seen):
+            problem = key.check(entry["hash"], sig)
             if problem:
                 return VerifyResult(False, count - 1, count, problem)
+        if seal_mode:
+            sealed_seen = sealed_seen or is_sealed
+            unsealed_tail = None if is_sealed else (unsealed_tail or count)
         prev = entry["hash"]
+    if seal_mode and count and unsealed_tail is not None:
+        return VerifyResult(
+            False,
+            unsealed_tail - 1,
+            unsealed_tail,
+            f"not sealed: entries from seq {unsealed_tail} on carry no seal signature",
+        )
     return VerifyResult(True, count, head=prev)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A journal head exported off the host: the sealed (seq, hash) at some moment."""
+
+    seq: int
+    hash: str
+    sig: dict[str, Any] | None = None
+    host: str | None = None
+    source: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"host": self.host, "seq": self.seq, "hash": self.hash, "sig": self.sig},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+
+# The line the sealer writes to syslog (the admin log) after each sealed entry.
+_HEAD_LOG_RE = re.compile(
+    r"journal head host=(?P<host>\S+) seq=(?P<seq>\d+) hash=(?P<hash>[0-9a-f]{64}) "
+    r"sig=(?P<sig>[A-Za-z0-9+/=]+)"
+)
+
+
+def parse_heads(text: str, source: str = "") -> list[Head]:
+    """Heads from a heads file: JSON lines (head.json, a heads store) or admin-log lines."""
+    heads = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        m = _HEAD_LOG_RE.search(line)
+        if m:
+            sig = {"alg": "ed25519", "value": m["sig"]}
+            heads.append(Head(int(m["seq"]), m["hash"], sig, m["host"], f"{source}:{n}"))
+            continue
+        if not line.startswith("{"):
+            continue  # other admin-log lines
+        try:
+            d = json.loads(line)
+            heads.append(
+                Head(int(d["seq"]), str(d["hash"]), d.get("sig"), d.get("host"), f"{source}:{n}")
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CaError(f"{source}:{n} is not a journal head") from exc
+    return heads
+
+
+def check_heads(path: Path, heads: list[Head], key: JournalKey | None = None) -> VerifyResult:
+    """Verify the journal, then compare it with heads exported earlier.
+
+    A head whose seq is beyond the journal's end means the journal was truncated; a head whose
+    hash differs from the journal's entry at that seq means it was rewritten. With ``key``
+    every head's seal is checked too (a forged head is a finding of its own).
+    """
+    result = verify(path, key)
+    if not result.ok:
+        return result
+    hashes = [json.loads(raw)["hash"] for raw in path.read_bytes().splitlines()]
+    for h in sorted(heads, key=lambda x: x.seq):
+        if key is not None and h.sig is not None:
+            problem = key.check(h.hash, h.sig)
+            if problem:
+                return VerifyResult(
+                    False, result.entries, h.seq, f"exported head {h.source}: {problem}"
+                )
+        if h.seq > len(hashes):
+            return VerifyResult(
+                False,
+                result.entries,
+                h.seq,
+                f"truncated: head seq {h.seq} was exported ({h.source}) but the journal ends "
+                f"at seq {len(hashes)}",
+            )
+        if h.seq >= 1 and hashes[h.seq - 1] != h.hash:
+            return VerifyResult(
+                False,
+                result.entries,
+                h.seq,
+                f"rewritten: entry seq {h.seq} differs from the head exported ({h.source})",
+            )
+    return result
 
 
 def head(path: Path) -> tuple[int, str]:
@@ -326,9 +444,9 @@ def generate_hmac_key(path: Path) -> None:
 
 
 class Journal:
-    """A host's journal: path, host name and optional key bound together."""
+    """A host's journal: path, host name and optional key or sealer bound together."""
 
-    def __init__(self, path: Path, host: str | None = None, key: JournalKey | None = None):
+    def __init__(self, path: Path, host: str | None = None, key: Any = None):
         self.path = path
         self.host = host
         self.key = key

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from safemail.ca import _fs, dist
+from safemail.ca import _fs, dist, keychange
 from safemail.ca.csrcheck import check_csr, load_csr
 from safemail.ca.errors import CaError, CsrRefused, RefusedError, RegistrationRefused
 from safemail.ca.journal import Journal
@@ -70,6 +70,9 @@ class Request:
     decided_at: str | None = None
     operator: str | None = None
     reason: str | None = None
+    # The participant's confirmation of a new key, signed with the registered key (JSON text,
+    # safemail.ca.keychange); checked by the signer, which alone knows the registered key.
+    key_change: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Request:
@@ -292,7 +295,13 @@ class RegistrationAuthority:
         raise CaError(f"no request {request_id}", "see 'safemail ca list'")
 
     def submit(
-        self, csr_data: bytes, participant_number: str, *, actor: str, renewal: bool = False
+        self,
+        csr_data: bytes,
+        participant_number: str,
+        *,
+        actor: str,
+        renewal: bool = False,
+        key_change: str | None = None,
     ) -> Request:
         """Check a CSR for a registered participant and queue it as pending.
 
@@ -302,6 +311,12 @@ class RegistrationAuthority:
         try:
             with _fs.locked(self._lock):
                 req = self._checked_request(csr_data, participant_number, actor, renewal)
+                if key_change is not None:
+                    if len(key_change) > keychange.MAX_BYTES:
+                        raise CsrRefused(
+                            "bad-key-change", "the key-change confirmation is too long"
+                        )
+                    req.key_change = key_change
                 path = self._path("pending", req.id)
                 _fs.atomic_write_json(path, req.to_dict(), 0o640)
                 try:
@@ -311,7 +326,10 @@ class RegistrationAuthority:
                         participant=req.participant,
                         mailbox=req.mailbox,
                         request=req.id,
-                        detail="renewal" if renewal else None,
+                        detail=" ".join(
+                            w for w, on in (("renewal", renewal), ("key-change", key_change)) if on
+                        )
+                        or None,
                     )
                 except BaseException:
                     path.unlink(missing_ok=True)

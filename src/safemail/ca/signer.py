@@ -8,13 +8,25 @@ State directory layout::
     ca.pem                the self-signed CA certificate
     index.json            certificate index: serial -> mailbox, participant, status, not_after,
                           revocation, the certificate; request id -> serial (or refusal);
-                          the CRL number. Written atomically; the single source of truth.
+                          the CRL number; the register of mailbox owners (below). Written
+                          atomically; the single source of truth.
     issued/<serial>.pem   issued certificates (re-created from the index if missing)
     crl.pem, crl.der      the current CRL
     journal.jsonl         the signer's hash-chained journal
     signer.lock           serialises all changes
 
 Everything under the directory except ``private/`` is public and may be pushed to distribution.
+
+The register (``index["register"]``: mailbox -> participant number, public key, serial) is the
+signer's own record of who owns a mailbox. Only an issuance the signer checked writes it (and
+``release``, a signer operator's step). Against it the signer refuses, whatever the RA
+approved: a second participant number for an owned mailbox (``mailbox-owned``), a second
+mailbox for a participant (``participant-has-mailbox``), and a new key for an owned mailbox
+without the participant's confirmation signed with the registered key
+(``key-change-unconfirmed`` / ``key-change-confirmation-invalid``, see
+:mod:`safemail.ca.keychange`). A participant who lost the key: the signer operator revokes
+(``key-compromise``) and releases the mailbox (``safemail ca release``); the next enrolment is
+then treated as new.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from safemail.ca import _fs
+from safemail.ca import _fs, keychange
 from safemail.ca.csrcheck import check_csr, load_csr
 from safemail.ca.errors import CaError, IssueRefused, RefusedError
 from safemail.ca.journal import Journal
@@ -213,6 +225,24 @@ class Signer:
             ) from exc
         return data  # type: ignore[no-any-return]
 
+    def register(self, index: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """The mailbox register (mailbox -> owner entry) inside ``index``.
+
+        An index from before the register existed is seeded from the signer's own certificate
+        entries, oldest first: the first participant number seen for a mailbox owns it.
+        """
+        index = self.index() if index is None else index
+        if "register" not in index:
+            reg: dict[str, dict[str, Any]] = {}
+            for serial, e in sorted(index["certs"].items(), key=lambda kv: kv[1]["not_before"]):
+                owner = reg.get(e["mailbox"])
+                if owner is not None and owner["participant"] != e["participant"]:
+                    continue
+                cert = x509.load_pem_x509_certificate(e["pem"].encode())
+                reg[e["mailbox"]] = _owner(e["participant"], cert, serial, e["request"])
+            index["register"] = reg
+        return index["register"]  # type: ignore[no-any-return]
+
     def _write_index(self, index: dict[str, Any]) -> None:
         _fs.atomic_write_json(self.index_path, index)
 
@@ -306,6 +336,9 @@ class Signer:
                 "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
             }
             index["requests"][rid] = {"serial": serial}
+            self.register(index)[request["mailbox"]] = _owner(
+                request["participant"], cert, serial, rid
+            )
             self._write_index(index)
             self._materialise(index)
             self.journal.record(
@@ -356,7 +389,73 @@ class Signer:
                     f"{held[0]}",
                     "submit a renewal request, or revoke the certificate first",
                 )
+        self._check_ownership(request, csr, index)  # CA-03: the signer's own register
         return csr
+
+    def _check_ownership(
+        self,
+        request: dict[str, Any],
+        csr: x509.CertificateSigningRequest,
+        index: dict[str, Any],
+    ) -> None:
+        """Refuse what the RA cannot be trusted to decide: who owns a mailbox, and its key."""
+        number, mailbox = request["participant"], request["mailbox"]
+        register = self.register(index)
+        for other_mailbox, owner in register.items():
+            if (
+                other_mailbox != mailbox
+                and owner["participant"] == number
+                and owner["status"] == "active"
+            ):
+                raise IssueRefused(
+                    "participant-has-mailbox",
+                    f"participant {number} already owns mailbox {other_mailbox} at the signer",
+                    "a change of mailbox needs the signer operator: revoke the old "
+                    "certificate and 'safemail ca release' that mailbox first",
+                )
+        owner = register.get(mailbox)
+        if owner is None:
+            return
+        if owner["status"] == "released":
+            if owner.get("released_for") not in (None, number):
+                raise IssueRefused(
+                    "mailbox-released-for-other",
+                    f"mailbox {mailbox} was released for participant {owner['released_for']}, "
+                    f"not {number}",
+                    "the signer operator releases a mailbox for one participant number",
+                )
+            return
+        if owner["participant"] != number:
+            raise IssueRefused(
+                "mailbox-owned",
+                f"mailbox {mailbox} belongs to participant {owner['participant']} at the "
+                f"signer; participant {number} cannot get a certificate for it",
+                "if the mailbox really changes hands, the signer operator revokes the old "
+                "certificate and runs 'safemail ca release --mailbox' first",
+            )
+        new_key = keychange.spki_sha256(csr.public_key())
+        if new_key == owner["key_sha256"]:
+            return
+        confirmation = request.get("key_change")
+        if not confirmation:
+            raise IssueRefused(
+                "key-change-unconfirmed",
+                f"the request puts a new key on mailbox {mailbox}, and the participant did not "
+                "confirm it with the registered key",
+                "the participant signs the new CSR with the current key "
+                "('safemail ca confirm-key-change') and the RA submits it with --key-change; "
+                "a lost key: revoke (key-compromise) and 'safemail ca release' on the signer",
+            )
+        current = serialization.load_pem_public_key(owner["public_key"].encode())
+        problem = keychange.check(
+            confirmation,
+            current,
+            number,
+            mailbox,
+            csr.public_bytes(serialization.Encoding.DER),
+        )
+        if problem:
+            raise IssueRefused("key-change-confirmation-invalid", problem)
 
     def _loggable_number(self, value: Any) -> str | None:
         if isinstance(value, str) and self.policy.participant_number_valid(value):
@@ -485,6 +584,66 @@ class Signer:
             )
         return key
 
+    def release(
+        self,
+        mailbox: str,
+        *,
+        reason: str,
+        actor: str,
+        participant: str | None = None,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Release a mailbox from its registered owner and key (signer operator only).
+
+        For a participant whose key is lost or compromised, or a mailbox that changes hands:
+        every certificate of the mailbox must be revoked first. The next approved request for
+        the mailbox from ``participant`` (default: the previous owner) is then treated as a new
+        enrolment. Recorded in the journal with the reason.
+        """
+        validate_operator(actor)
+        reason = reason.strip()
+        if not reason or len(reason) > 200 or "\n" in reason:
+            raise CaError("give a reason of one line (up to 200 characters) for the release")
+        if participant is not None and not self.policy.participant_number_valid(participant):
+            raise CaError(f"{participant!r} is not a valid participant number")
+        now = now or datetime.now(UTC)
+        with _fs.locked(self._lock):
+            index = self.index()
+            owner = self.register(index).get(mailbox)
+            if owner is None or owner["status"] != "active":
+                raise CaError(
+                    f"mailbox {mailbox} has no registered owner at the signer",
+                    "see 'safemail ca list --owners'; nothing to release",
+                )
+            valid = [
+                s
+                for s, e in index["certs"].items()
+                if e["mailbox"] == mailbox
+                and e["status"] == "valid"
+                and datetime.fromisoformat(e["not_after"]) > now
+            ]
+            if valid:
+                raise CaError(
+                    f"mailbox {mailbox} still has valid certificate(s) {', '.join(valid)}",
+                    f"revoke first: safemail ca revoke --mailbox {mailbox} --reason key-compromise",
+                )
+            owner.update(
+                status="released",
+                released_at=_iso(now),
+                released_by=actor,
+                released_for=participant or owner["participant"],
+                release_reason=reason,
+            )
+            self._write_index(index)
+            self.journal.record(
+                "release",
+                actor,
+                mailbox=mailbox,
+                participant=owner["released_for"],
+                detail=reason,
+            )
+            return dict(owner)
+
     def serials_for_mailbox(self, mailbox: str) -> list[str]:
         return [
             s
@@ -555,7 +714,22 @@ def _random_serial(taken: set[int]) -> int:
 
 
 def _empty_index() -> dict[str, Any]:
-    return {"version": 1, "crl_number": 0, "certs": {}, "requests": {}}
+    return {"version": 1, "crl_number": 0, "certs": {}, "requests": {}, "register": {}}
+
+
+def _owner(participant: str, cert: x509.Certificate, serial: str, request: str) -> dict[str, Any]:
+    pub = cert.public_key()
+    return {
+        "participant": participant,
+        "status": "active",
+        "key_sha256": keychange.spki_sha256(pub),
+        "public_key": pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode(),
+        "serial": serial,
+        "request": request,
+        "since": _iso(cert.not_valid_before_utc),
+    }
 
 
 def _iso(dt: datetime) -> str:

@@ -184,8 +184,6 @@ class LdapCertificateDirectory:
         if isinstance(exc, ldap.TIMEOUT):
             return SafeMailError(f"{self._where()} did not answer the {what} within "
                                  f"{self.config.timeout:g} s", "try again")
-        if isinstance(exc, ldap.SIZELIMIT_EXCEEDED):
-            return self._too_many()
         if what == "StartTLS":
             return SafeMailError(f"{self._where()} refused StartTLS (result {code}: {text})",
                                  "the directory must offer StartTLS (or give ldaps://)")
@@ -195,16 +193,16 @@ class LdapCertificateDirectory:
         return SafeMailError(f"{self._where()}: {what} failed (result {code}: {text})",
                              "try again")
 
-    def _too_many(self) -> SafeMailError:
+    def _too_many(self, limit: int) -> SafeMailError:
         return SafeMailError(
-            f"{self._where()} has more than {self.config.size_limit} entries for one lookup "
+            f"{self._where()} has more than {limit} entries for one lookup "
             "(size limit)",
             "a mailbox belongs to one participant entry: check the directory's data",
         )
 
-    def _server_size_limit(self) -> int:
-        """The size limit sent with each search (the client enforces it too)."""
-        return self.config.size_limit
+    def _server_size_limit(self, limit: int) -> int:
+        """The size limit sent with a search (the client enforces it too)."""
+        return limit
 
     def connect(self) -> None:
         """Connect, start TLS (verified against ``cafile``), bind."""
@@ -257,17 +255,22 @@ class LdapCertificateDirectory:
             pass
 
     def search(
-        self, attribute: str, value: str, attributes: Iterable[str]
+        self, attribute: str, value: str, attributes: Iterable[str], *,
+        size_limit: int | None = None,
     ) -> list[dict[str, list[bytes]]]:
         """The requested attributes of every entry with ``attribute=value`` one level under
         the base; an empty list when none matches.
 
-        Attribute names come back lower-cased without options (``usercertificate``). More
-        than ``size_limit`` matches is a SafeMailError, whatever the server does.
+        Attribute names come back lower-cased without options (``usercertificate``).
+        ``size_limit`` (default: the config's): at most this many entries; the server is asked
+        for no more, and more is a SafeMailError whatever the server does.
         """
+        limit = self.config.size_limit if size_limit is None else size_limit
+        if limit < 1:
+            raise SafeMailError(f"size limit must be at least 1, not {limit}",
+                                "every directory lookup is bounded")
         self.connect()
         assert self._conn is not None
-        limit = self.config.size_limit
         timeout = self.config.timeout
         query = ldap.filter.filter_format(f"({attribute}=%s)", [value])
         entries: list[dict[str, list[bytes]]] = []
@@ -275,7 +278,7 @@ class LdapCertificateDirectory:
         try:
             msgid = self._conn.search_ext(
                 self.config.search_base, ldap.SCOPE_ONELEVEL, query, list(attributes),
-                sizelimit=self._server_size_limit(), timeout=int(timeout) or 1,
+                sizelimit=self._server_size_limit(limit), timeout=int(timeout) or 1,
             )
             while True:
                 rtype, rdata, _, _ = self._conn.result3(msgid, all=0, timeout=timeout)
@@ -290,7 +293,9 @@ class LdapCertificateDirectory:
                     entries.append(entry)
                 if len(entries) > limit:
                     self._conn.abandon(msgid)
-                    raise self._too_many()
+                    raise self._too_many(limit)
+        except ldap.SIZELIMIT_EXCEEDED as exc:  # the server stopped at the limit
+            raise self._too_many(limit) from exc
         except ldap.LDAPError as exc:
             self.close()
             raise self._error(exc, "search") from exc

@@ -1,0 +1,308 @@
+"""The signer's own register of mailbox owners (issue 18): what a compromised RA cannot do.
+
+The RA is in the front segment. Everything it hands the signer is an approved request JSON in
+its outbox, so these tests play the compromised RA by writing such files directly (as root on
+the RA could), then run the signer's real ``issue`` and see what it refuses and why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from test_ca_support import DOMAIN, MAILBOX, NUMBER, Trio, make_csr, make_trio, policy_dict, rsa_key
+
+from safemail.ca import journal, keychange
+from safemail.ca.errors import CaError
+from safemail.cli import main
+
+VICTIM_KEY = 0
+ATTACKER_KEY = 7
+OTHER_NUMBER = "987654321"
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Trio:
+    t = make_trio(tmp_path)
+    t.register()
+    return t
+
+
+def forged(
+    trio: Trio,
+    rid: str,
+    *,
+    number: str = NUMBER,
+    mailbox: str = MAILBOX,
+    key: Any = None,
+    renewal: bool = False,
+    key_change: str | None = None,
+) -> dict[str, Any]:
+    """An 'approved' request as a compromised RA writes it into its outbox."""
+    csr = make_csr(key or rsa_key(3072, ATTACKER_KEY), san=[mailbox])
+    req = {
+        "id": rid,
+        "state": "approved",
+        "participant": number,
+        "practice_name": "Praxis Mueller",
+        "mailbox": mailbox,
+        "specialty": "GP",
+        "renewal": renewal,
+        "csr_pem": csr.decode(),
+        "csr_sha256": "0" * 64,
+        "submitted_at": "2026-12-06T00:00:00Z",
+        "submitted_by": "mallory",
+        "operator": "mallory",
+        "decided_at": "2026-12-06T00:00:00Z",
+        "key_change": key_change,
+    }
+    trio.outbox.mkdir(parents=True, exist_ok=True)
+    (trio.outbox / f"{rid}.json").write_text(json.dumps(req))
+    return req
+
+
+def issue(trio: Trio, rid: str) -> Any:
+    outcomes = trio.signer.issue_from_outbox(trio.outbox, actor="c")
+    [out] = [o for o in outcomes if o.request_id == rid]
+    return out
+
+
+def last_refusal(trio: Trio) -> dict[str, Any]:
+    lines = trio.signer.journal.path.read_text().splitlines()
+    return [json.loads(x) for x in lines if json.loads(x)["action"] == "issue-refused"][-1]
+
+
+def published_key(trio: Trio) -> str:
+    pem = (trio.dist.published / "certs" / f"{MAILBOX}.pem").read_bytes()
+    return keychange.spki_sha256(x509.load_pem_x509_certificate(pem).public_key())
+
+
+def victim_spki() -> str:
+    return keychange.spki_sha256(rsa_key(3072, VICTIM_KEY).public_key())
+
+
+# ----------------------------------------------------------------- the issue's reproduction
+def test_second_participant_number_for_an_owned_mailbox_is_refused(trio: Trio) -> None:
+    victim = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.publish()
+    forged(trio, "a" * 16, number=OTHER_NUMBER)
+    out = issue(trio, "a" * 16)
+    assert out.refused == "mailbox-owned" and out.serial is None
+    assert NUMBER in out.reason
+    entry = last_refusal(trio)
+    assert entry["detail"] == "mailbox-owned" and entry["request"] == "a" * 16
+    index = trio.signer.index()
+    assert list(index["certs"]) == [victim]
+    assert trio.publish().published == {MAILBOX: victim}
+    assert published_key(trio) == victim_spki()
+
+
+def test_renewal_with_an_attackers_csr_does_not_supersede_the_victim(trio: Trio) -> None:
+    victim = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.publish()
+    forged(trio, "b" * 16, renewal=True)
+    out = issue(trio, "b" * 16)
+    assert out.refused == "key-change-unconfirmed"
+    assert last_refusal(trio)["detail"] == "key-change-unconfirmed"
+    assert trio.signer.index()["certs"][victim]["status"] == "valid"
+    assert trio.publish().published == {MAILBOX: victim}
+    assert published_key(trio) == victim_spki()
+
+
+def test_confirmation_signed_by_the_attacker_is_refused(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    csr = make_csr(rsa_key(3072, ATTACKER_KEY), san=[MAILBOX])
+    der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+    # the attacker's own key "confirms" the attacker's CSR
+    own = keychange.make(rsa_key(3072, ATTACKER_KEY), NUMBER, MAILBOX, der)
+    forged(trio, "c" * 16, renewal=True, key_change=own)
+    out = issue(trio, "c" * 16)
+    assert out.refused == "key-change-confirmation-invalid"
+    assert "not signed by the registered key" in out.reason
+
+
+def test_a_real_confirmation_cannot_be_replayed_for_another_csr(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    # the participant once confirmed a CSR of its own new key ...
+    own_csr = make_csr(rsa_key(3072, 1), san=[MAILBOX])
+    der = x509.load_pem_x509_csr(own_csr).public_bytes(serialization.Encoding.DER)
+    real = keychange.make(rsa_key(3072, VICTIM_KEY), NUMBER, MAILBOX, der)
+    # ... the RA attaches it to the attacker's CSR
+    forged(trio, "d" * 16, renewal=True, key_change=real)
+    assert issue(trio, "d" * 16).refused == "key-change-confirmation-invalid"
+    # and to the same CSR for another participant number / mailbox: bound to both
+    forged(trio, "e" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 1), key_change=real)
+    assert issue(trio, "e" * 16).refused == "mailbox-owned"
+
+
+def test_confirmed_key_change_is_issued_and_supersedes(trio: Trio) -> None:
+    old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    new = trio.enrol(key=rsa_key(3072, 1), renewal=True, confirm_with=rsa_key(3072, VICTIM_KEY))
+    index = trio.signer.index()
+    assert index["certs"][old]["reason"] == "superseded"
+    owner = index["register"][MAILBOX]
+    assert owner["serial"] == new and owner["participant"] == NUMBER
+    assert owner["key_sha256"] == keychange.spki_sha256(rsa_key(3072, 1).public_key())
+    # the OLD key can no longer confirm anything: the register moved on
+    with pytest.raises(AssertionError):
+        trio.enrol(key=rsa_key(3072, 2), renewal=True, confirm_with=rsa_key(3072, VICTIM_KEY))
+
+
+def test_renewal_with_the_same_key_needs_no_confirmation(trio: Trio) -> None:
+    old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    new = trio.enrol(key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    assert trio.signer.index()["certs"][old]["reason"] == "superseded" and new != old
+
+
+def test_new_request_after_revocation_with_a_new_key_is_refused(trio: Trio) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "affiliation-changed", actor="carol")
+    forged(trio, "f" * 16)  # not a renewal: the participant holds no valid certificate
+    assert issue(trio, "f" * 16).refused == "key-change-unconfirmed"
+
+
+def test_participant_cannot_take_a_second_mailbox(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    other = f"zweite.praxis@{DOMAIN}"
+    forged(trio, "9" * 16, mailbox=other, renewal=True)
+    out = issue(trio, "9" * 16)
+    assert out.refused == "participant-has-mailbox" and MAILBOX in out.reason
+
+
+# ----------------------------------------------------------------- lost key: out-of-band path
+def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
+    old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    with pytest.raises(CaError, match="still has valid certificate"):
+        trio.signer.release(MAILBOX, reason="key lost", actor="carol")
+    trio.signer.revoke(int(old, 16), "key-compromise", actor="carol")
+    owner = trio.signer.release(MAILBOX, reason="key lost, ticket 42", actor="carol")
+    assert owner["status"] == "released" and owner["released_for"] == NUMBER
+    entry = json.loads(trio.signer.journal.path.read_text().splitlines()[-1])
+    assert (entry["action"], entry["mailbox"], entry["detail"]) == (
+        "release",
+        MAILBOX,
+        "key lost, ticket 42",
+    )
+    # a second number still cannot take the released mailbox
+    forged(trio, "1" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 3))
+    assert issue(trio, "1" * 16).refused == "mailbox-released-for-other"
+    new = trio.enrol(key=rsa_key(3072, 3))
+    owner = trio.signer.index()["register"][MAILBOX]
+    assert owner["status"] == "active" and owner["serial"] == new
+    with pytest.raises(CaError, match="no registered owner"):
+        trio.signer.release(f"nobody@{DOMAIN}", reason="x", actor="carol")
+
+
+def test_release_for_another_participant_number(trio: Trio) -> None:
+    old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(old, 16), "cessation-of-operation", actor="carol")
+    trio.signer.release(
+        MAILBOX, reason="practice handed over", actor="carol", participant=OTHER_NUMBER
+    )
+    forged(trio, "2" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 4))
+    assert issue(trio, "2" * 16).serial is not None
+    assert trio.signer.index()["register"][MAILBOX]["participant"] == OTHER_NUMBER
+
+
+def test_register_is_seeded_from_an_index_without_one(trio: Trio) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    index = json.loads(trio.signer.index_path.read_text())
+    del index["register"]
+    trio.signer.index_path.write_text(json.dumps(index))
+    forged(trio, "3" * 16, number=OTHER_NUMBER)
+    assert issue(trio, "3" * 16).refused == "mailbox-owned"
+    assert trio.signer.index()["register"][MAILBOX]["serial"] == serial
+
+
+# ----------------------------------------------------------------- through the command line
+def test_cli_refusal_exit_code_release_and_owners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = make_trio(tmp_path)
+    t.register()
+    t.enrol(key=rsa_key(3072, VICTIM_KEY))
+    pol = tmp_path / "policy.yml"
+    pol.write_text(yaml.safe_dump({"ca_policy": policy_dict()}))
+    monkeypatch.setenv("SAFEMAIL_CA_POLICY", str(pol))
+    monkeypatch.delenv("SAFEMAIL_CA_JOURNAL_KEY", raising=False)
+    monkeypatch.delenv("SAFEMAIL_CA_JOURNAL_SEALER", raising=False)
+    sd = ["--state-dir", str(t.signer.state_dir)]
+    forged(t, "4" * 16, number=OTHER_NUMBER)
+    code = main(["ca", "issue", "--from", str(t.outbox), *sd, "--operator", "cycle"])
+    out, _err = capsys.readouterr()
+    assert code == 3 and "refused (mailbox-owned)" in out
+    assert main(["ca", "list", "--owners", "--json", *sd]) == 0
+    [row] = json.loads(capsys.readouterr()[0])
+    assert row["mailbox"] == MAILBOX and row["participant"] == NUMBER
+    code = main(["ca", "release", "--mailbox", MAILBOX, "--reason", "x", "--operator", "o", *sd])
+    assert code == 1 and "revoke first" in capsys.readouterr()[1]
+    assert main(["ca", "revoke", "--mailbox", MAILBOX, "--reason", "key-compromise", *sd]) == 0
+    assert (
+        main(["ca", "release", "--mailbox", MAILBOX, "--reason", "lost", "--operator", "o", *sd])
+        == 0
+    )
+    assert "released" in capsys.readouterr()[0]
+    result = journal.verify(t.signer.journal.path)
+    assert result.ok
+
+
+def test_cli_confirm_key_change_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_bytes(
+        rsa_key(3072, VICTIM_KEY).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    csr = tmp_path / "new.csr"
+    csr.write_bytes(make_csr(rsa_key(3072, 1), san=[MAILBOX]))
+    conf = tmp_path / "confirm.json"
+    assert (
+        main(
+            [
+                "ca",
+                "confirm-key-change",
+                "--key",
+                str(key),
+                "--csr",
+                str(csr),
+                "--participant",
+                NUMBER,
+                "--mailbox",
+                MAILBOX,
+                "--out",
+                str(conf),
+            ]
+        )
+        == 0
+    )
+    der = x509.load_pem_x509_csr(csr.read_bytes()).public_bytes(serialization.Encoding.DER)
+    pub = rsa_key(3072, VICTIM_KEY).public_key()
+    assert keychange.check(conf.read_text().strip(), pub, NUMBER, MAILBOX, der) is None
+    assert keychange.check(conf.read_text().strip(), pub, OTHER_NUMBER, MAILBOX, der)
+    assert (
+        main(
+            [
+                "ca",
+                "confirm-key-change",
+                "--key",
+                str(csr),
+                "--csr",
+                str(csr),
+                "--participant",
+                NUMBER,
+                "--mailbox",
+                MAILBOX,
+            ]
+        )
+        == 1
+    )
+    assert "not an unencrypted PEM private key" in capsys.readouterr()[1]
