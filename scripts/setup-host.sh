@@ -11,6 +11,9 @@ DEB_PACKAGES=(
   make git python3-venv
   # The vSphere API simulator for tests/test_vmware_provision_sim.py (tools/vsphere-sim).
   golang-go golang-github-vmware-govmomi-dev
+  # python-ldap (pyproject, controller extra) compiles against OpenLDAP's libldap; the
+  # directory client's unit tests start a real slapd of their own (tests/test_participant_directory.py).
+  libldap2-dev libsasl2-dev slapd
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -25,6 +28,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -q
+  # slapd is only a program for the unit tests: no database of its own, no running service.
+  echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   echo "setup: Debian packages present"

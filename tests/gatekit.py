@@ -64,8 +64,18 @@ class Project:
     approvers: dict[str, Path] = field(default_factory=dict)  # principal -> private key
 
     @property
+    def lab_dir(self) -> Path:
+        """The lab's state directory (SAFEMAIL_LAB_DIR): its own key and known_hosts."""
+        return self.stage_key.parent.parent
+
+    @property
     def known_hosts(self) -> Path:
-        return self.keys / "known_hosts"
+        return self.stage_key.parent / "known_hosts"
+
+    def use_lab(self, monkeypatch: Any) -> Project:
+        """Point LabPaths.default() at this project's lab directory."""
+        monkeypatch.setenv("SAFEMAIL_LAB_DIR", str(self.lab_dir))
+        return self
 
     def fingerprint(self, host: str) -> str:
         fp = signing.fingerprint_of_public_key(self.host_keys[host])
@@ -116,7 +126,7 @@ def make_project(tmp: Path, roles: dict[str, list[str]] | None = None) -> Projec
     write(root, "docs/readme.md", "docs are not deployed\n")
     (root / "verify").mkdir()
     shutil.copy(REPO / "verify" / "requirements.yml", root / "verify" / "requirements.yml")
-    stage_key, stage_pub = keygen(keys, "lab")
+    stage_key, stage_pub = keygen(tmp / "lab" / "ssh", "id_ed25519")
     host_keys = {h: keygen(keys, f"hostkey-{h}")[1] for h in (*SERVICE, *PARTICIPANTS)}
     project = Project(root, keys, stage_key, host_keys)
     project._write_known_hosts()

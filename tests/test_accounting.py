@@ -404,12 +404,18 @@ def test_directory_resolver_maps_mail_to_number_and_group(monkeypatch) -> None:
 
     monkeypatch.setattr(directory, "LdapCertificateDirectory", Fake)
     resolve = cli.directory_resolver({"uri": "ldap://auth1", "base": "ou=participants,dc=x",
-                                      "bind_dn": "cn=relay", "password": "pw"})
+                                      "bind_dn": "cn=relay", "password": "pw",
+                                      "cafile": "/etc/safemail/tls/ca.crt"})
     got = resolve(["gp@safemail.example", "twice@safemail.example", "bare@safemail.example",
                    "ghost@safemail.example"])
     assert got == {"gp@safemail.example": Participant("100001", "GP")}
     with pytest.raises(SafeMailError, match="lack password"):
-        cli.directory_resolver({"uri": "ldap://a", "base": "b", "bind_dn": "c"})
+        cli.directory_resolver({"uri": "ldap://a", "base": "b", "bind_dn": "c", "cafile": "d"})
+    # The directory is always verified: no CA file, no lookup (the real client's checks:
+    # tests/test_participant_directory.py::test_accounting_resolves_mailboxes_through_...).
+    with pytest.raises(SafeMailError, match="lack cafile"):
+        cli.directory_resolver({"uri": "ldap://a", "base": "b", "bind_dn": "c",
+                                "password": "pw"})
 
 
 def test_controller_bill_command_and_its_refusals(tmp_path: Path, capsys) -> None:

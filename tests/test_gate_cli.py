@@ -55,6 +55,7 @@ def checkout(tmp_path: Path) -> Path:
     shutil.copy(REPO / "verify" / "conftest.py", root / "verify" / "conftest.py")
     shutil.copy(REPO / "verify" / "waits.py", root / "verify" / "waits.py")  # conftest imports it
     shutil.copy(REPO / "verify" / "profiles.py", root / "verify" / "profiles.py")
+    shutil.copy(REPO / "verify" / "stagelocks.py", root / "verify" / "stagelocks.py")
     real = yaml.safe_load((REPO / "verify" / "requirements.yml").read_text(encoding="utf-8"))
     subset = [e for e in real["requirements"] if e["id"] in ("SYS-01", "SYS-03")]
     (root / "verify" / "requirements.yml").write_text(
@@ -114,6 +115,7 @@ def test_pytest_command_shape(tmp_path: Path) -> None:
 def test_verify_end_to_end(
     checkout: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.setenv("SAFEMAIL_LAB_DIR", str(checkout.parent / "no-lab"))
     out = io.StringIO()
     result = run_verify(checkout, VerifyOptions(stage="test", workers=2), out=out)
     log = out.getvalue()

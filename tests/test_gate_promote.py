@@ -23,8 +23,8 @@ ALICE, BOB = "alice@example.invalid", "bob@example.invalid"
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> gatekit.Project:
-    return gatekit.make_project(tmp_path)
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> gatekit.Project:
+    return gatekit.make_project(tmp_path).use_lab(monkeypatch)
 
 
 @pytest.fixture
@@ -59,6 +59,7 @@ def _register(request: pytest.FixtureRequest) -> None:
 
 
 def _decide(repo: Path, report: Path, **kw: Any) -> promote.Decision:
+    kw.setdefault("first_release", True)  # no release tag yet in these checkouts
     return promote.evaluate(repo, report, now=kw.pop("now", NOW), **kw)
 
 
@@ -257,13 +258,13 @@ def test_cli_promote_dry_run_and_release(
 ) -> None:
     monkeypatch.chdir(repo)
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
-    assert main(["promote", "--to", "production", "--dry-run"]) == 3
+    assert main(["promote", "--to", "production", "--first-release", "--dry-run"]) == 3
     assert "no verification report" in capsys.readouterr().out
 
     report = _make_report(repo, finished=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=2))
     latest = repo / "reports" / "test" / "latest"
     latest.symlink_to(report.parent.name)
-    assert main(["promote", "--to", "production", "--dry-run"]) == 0
+    assert main(["promote", "--to", "production", "--first-release", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run" in out and "operator" in out and ALICE in out
     assert not fake_ansible.exists()
@@ -273,7 +274,7 @@ def test_cli_promote_dry_run_and_release(
     with pytest.raises(SystemExit):  # the operator comes from the signature, not from a flag
         main(["promote", "--to", "production", "--operator", "u.karlins"])
     capsys.readouterr()
-    assert main(["promote", "--to", "production", "--limit", "relay1",
+    assert main(["promote", "--to", "production", "--first-release", "--limit", "relay1",
                  "--vault-password-file", "/dev/null"]) == 0
     assert fake_ansible.read_text().split() == [
         "-i",
@@ -297,12 +298,18 @@ def test_cli_promote_dry_run_and_release(
     for needle in (f"revision: {hashing.git_revision(repo)}",
                    f"report-sha256: {promote.file_digest(report)}",
                    f"approved-by: head-of-it: {ALICE}", f"approved-by: it-security: {BOB}",
-                   f"operator: {ALICE}", "BEGIN SSH SIGNATURE"):
+                   f"operator: {ALICE}", "BEGIN SSH SIGNATURE",
+                   "approval-policy: first release"):
         assert needle in body, needle
 
     monkeypatch.setenv("FAKE_RC", "2")
+    # The next release: the first release's tag (checked as a chain) names the policy.
+    assert main(["promote", "--to", "production", "--first-release", "--dry-run"]) == 3
+    assert "--first-release, but there are earlier releases" in capsys.readouterr().out
     assert main(["promote", "--to", "production"]) == 1
-    assert "ansible-playbook failed with exit code 2" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"approval policy: release/ of {tag}" in captured.out
+    assert "ansible-playbook failed with exit code 2" in captured.err
     # Each release has its own tag, even two within one second.
     tags = _git(repo, "tag", "--list", "release/production/*").split()
     assert len(tags) == 2 and len(set(tags)) == 2, tags
@@ -310,7 +317,7 @@ def test_cli_promote_dry_run_and_release(
 
 def test_release_tags_are_unique_within_a_second(repo: Path) -> None:
     report = _make_report(repo)
-    decision = promote.evaluate(repo, report, now=NOW)
+    decision = promote.evaluate(repo, report, now=NOW, first_release=True)
     data = json.loads(report.read_text())
     names = [promote.tag_release(repo, decision, data, NOW) for _ in range(3)]
     assert names == ["release/production/20261128T120000Z",
@@ -326,7 +333,8 @@ def test_cli_promote_preview_runs_check_and_diff_before_approvals(
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
     _make_report(repo, finished=dt.datetime.now(dt.UTC), approved=False)
     (repo / "reports" / "test" / "latest").symlink_to("run")
-    assert main(["promote", "--to", "production", "--preview", "--vault-id", "prod@prompt"]) == 0
+    assert main(["promote", "--to", "production", "--first-release", "--preview",
+                 "--vault-id", "prod@prompt"]) == 0
     out = capsys.readouterr().out
     assert "promotion refused" in out and "approval" in out  # shown, not blocking the preview
     assert fake_ansible.read_text().split()[-4:] == ["--vault-id", "prod@prompt", "--check",

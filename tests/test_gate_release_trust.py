@@ -8,6 +8,7 @@ signed. Keys are throwaway ed25519 keys made in tmp directories (tests/gatekit.p
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import shutil
@@ -28,8 +29,8 @@ ALICE, BOB, CAROL = "alice@example.invalid", "bob@example.invalid", "carol@examp
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> gatekit.Project:
-    return gatekit.make_project(tmp_path)
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> gatekit.Project:
+    return gatekit.make_project(tmp_path).use_lab(monkeypatch)
 
 
 def _report(project: gatekit.Project, *, approve: bool = True, **kw) -> Path:
@@ -40,7 +41,7 @@ def _report(project: gatekit.Project, *, approve: bool = True, **kw) -> Path:
 
 
 def _reasons(project: gatekit.Project, report: Path) -> list[str]:
-    decision = promote.evaluate(project.root, report, now=NOW)
+    decision = promote.evaluate(project.root, report, now=NOW, first_release=True)
     assert not decision.allowed
     return decision.reasons
 
@@ -52,7 +53,7 @@ def _only(reasons: list[str], needle: str) -> None:
 def test_the_honest_release_is_allowed_and_the_operator_comes_from_the_signature(
     project: gatekit.Project,
 ) -> None:
-    decision = promote.evaluate(project.root, _report(project), now=NOW)
+    decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True)
     assert decision.allowed, decision.reasons
     assert decision.operator == ALICE
     assert {(s.role, s.principal) for s in decision.approvers} == {
@@ -86,7 +87,7 @@ def test_forged_junit_through_safemail_report_is_refused(
     capsys.readouterr()
     assert json.loads((run / "report.json").read_text())["verdict"] == "pass"
     (project.root / "reports" / "test" / "latest").symlink_to("run")
-    assert main(["promote", "--to", "production", "--dry-run"]) == 3
+    assert main(["promote", "--to", "production", "--first-release", "--dry-run"]) == 3
     out = capsys.readouterr().out
     for needle in ("made by `safemail report`", "junit.xml does not match",
                    "not sealed", "does not match the text to approve"):
@@ -106,6 +107,22 @@ def test_report_edited_after_the_run_is_refused(project: gatekit.Project) -> Non
     _only(_reasons(project, path), "report.json was changed after `safemail verify` wrote it")
 
 
+def test_report_html_edited_after_sealing_is_refused(project: gatekit.Project) -> None:
+    """report.html is what the approvers read: its sha256 is inside the sealed report.json."""
+    path = _report(project, failing=("MAIL-03",))
+    html = path.parent / "report.html"
+    assert json.loads(path.read_text())["run"]["html_sha256"] == hashlib.sha256(
+        html.read_bytes()).hexdigest()
+    # The walk-around: the JSON (sealed, signed) stays, the page says PASS.
+    html.write_text(html.read_text().replace("FAIL", "PASS"))
+    reasons = _reasons(project, path)
+    assert any("report.html does not match the digest the sealed report recorded" in r
+               for r in reasons), reasons
+    html.unlink()
+    assert any("report.html is missing beside the report" in r
+               for r in _reasons(project, path)), reasons
+
+
 def test_report_resealed_with_another_key_is_refused(project: gatekit.Project) -> None:
     path = _report(project, approve=False)
     other, _pub = gatekit.keygen(project.keys, "not-the-stage")
@@ -114,6 +131,81 @@ def test_report_resealed_with_another_key_is_refused(project: gatekit.Project) -
     stage.seal(path, other)
     gatekit.approve(project, path, ALICE, BOB)
     _only(_reasons(project, path), "sealed with another key than the stage's")
+
+
+def _edit_generated(project: gatekit.Project, **changes: str) -> None:
+    path = project.root / "inventories" / "test" / "zz_lab_generated.yml"
+    data = yaml.safe_load(path.read_text())
+    data["all"]["vars"].update(changes)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_seal_key_swapped_in_the_inventory_is_refused(project: gatekit.Project) -> None:
+    """Who can edit the git-ignored inventory names their own key as the stage's and seals a
+    report with it: the seal is checked with the lab's own key, and the inventory may not
+    name another key."""
+    own, own_pub = gatekit.keygen(project.keys, "intruder")
+    _edit_generated(project, ansible_ssh_private_key_file=str(own), lab_ssh_public_key=own_pub)
+    path = _report(project, approve=False)
+    from safemail.gate import stage
+
+    stage.seal(path, own)
+    gatekit.approve(project, path, ALICE, BOB)
+    reasons = _reasons(project, path)
+    assert any(f"SSH key {own} is not the lab's own key" in r for r in reasons), reasons
+    assert any("sealed with another key than the stage's" in r for r in reasons), reasons
+
+
+def test_public_key_beside_the_lab_key_is_not_trusted(project: gatekit.Project) -> None:
+    """The verifying key is derived from the lab's private key (ssh-keygen -y), not read from
+    lab_ssh_public_key or the .pub file beside the key."""
+    own, own_pub = gatekit.keygen(project.keys, "intruder")
+    _edit_generated(project, lab_ssh_public_key=own_pub)
+    path = _report(project, approve=False)
+    project.stage_key.with_suffix(".pub").write_text(own_pub + "\n")
+    from safemail.gate import stage
+
+    stage.seal(path, own)
+    gatekit.approve(project, path, ALICE, BOB)
+    _only(_reasons(project, path), "sealed with another key than the stage's")
+
+
+@pytest.mark.parametrize("args,needle", [
+    ("-o UserKnownHostsFile={other} -o StrictHostKeyChecking=yes",
+     "name the known_hosts file {other}, not the lab's own"),
+    ("-o UserKnownHostsFile={lab} -o UserKnownHostsFile={other} -o StrictHostKeyChecking=yes",
+     "name the known_hosts file {other}, not the lab's own"),
+    ("-o UserKnownHostsFile={lab} -o StrictHostKeyChecking=no",
+     "must say -o StrictHostKeyChecking=yes (found no)"),
+    ("-o UserKnownHostsFile={lab}", "must say -o StrictHostKeyChecking=yes (found none)"),
+    ("-o StrictHostKeyChecking=yes", "no -o UserKnownHostsFile"),
+    ("-o UserKnownHostsFile={lab} -o StrictHostKeyChecking=yes -F {other}",
+     "other than -o options are not allowed"),
+    ("-oUserKnownHostsFile={lab} -oStrictHostKeyChecking=yes -oGlobalKnownHostsFile={other}",
+     "globalknownhostsfile={other} is not allowed"),
+])
+def test_known_hosts_redirected_by_the_inventory_is_refused(
+    project: gatekit.Project, args: str, needle: str
+) -> None:
+    """The run's host keys are only evidence if ssh checked them against the lab's own
+    known_hosts: an inventory that points the run at a copy (holding a stand-in host's key)
+    or turns the check off refuses the release, for every host."""
+    other = project.keys / "known_hosts.copy"
+    shutil.copy(project.known_hosts, other)
+    _edit_generated(project, ansible_ssh_common_args=args.format(lab=project.known_hosts,
+                                                                 other=other))
+    path = _report(project)  # the report matches the edited inventory (same hash)
+    reasons = _reasons(project, path)
+    expected = needle.format(other=other)
+    assert all(any(f"host {h}: " in r and expected in r for r in reasons)
+               for h in project.host_keys), reasons
+
+
+def test_local_connection_is_refused(project: gatekit.Project) -> None:
+    _edit_generated(project, ansible_connection="local")
+    reasons = _reasons(project, _report(project))
+    assert len(reasons) == len(project.host_keys), reasons
+    assert all("ansible_connection 'local'" in r for r in reasons), reasons
 
 
 def test_unsealed_report_is_refused(project: gatekit.Project) -> None:
@@ -194,7 +286,8 @@ def test_re_rendering_keeps_the_run_revision(
     assert data["revision"]["commit"] == tested
     assert data["run"]["created_by"] == "safemail report"
     assert not (other / "report.json.sig").exists()
-    assert promote.evaluate(project.root, path, now=NOW).reasons  # the original: other revision
+    # the original: other revision
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).reasons
     reasons = _reasons(project, other / "report.json")
     assert any("made by `safemail report`" in r for r in reasons), reasons
 
@@ -216,20 +309,25 @@ def test_same_person_twice_is_refused(project: gatekit.Project) -> None:
     _only(_reasons(project, path), "no valid signature for the role(s) it security")
 
 
-def test_one_person_holding_both_roles_fills_one(tmp_path: Path) -> None:
+def test_one_person_holding_both_roles_fills_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = gatekit.make_project(
-        tmp_path, roles={"head-of-it": [ALICE], "it-security": [ALICE, BOB]})
+        tmp_path, roles={"head-of-it": [ALICE], "it-security": [ALICE, BOB]}).use_lab(monkeypatch)
     path = _report(project, approve=False)
     gatekit.approve(project, path, ALICE)
     _only(_reasons(project, path), "no valid signature for the role(s)")
     gatekit.approve(project, path, BOB)
-    assert promote.evaluate(project.root, path, now=NOW).allowed
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).allowed
 
 
-def test_one_person_with_two_keys_fills_one_role(tmp_path: Path) -> None:
+def test_one_person_with_two_keys_fills_one_role(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Alice holds both roles (a deputy arrangement) and has two keys: still one person."""
     project = gatekit.make_project(
-        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]})
+        tmp_path, roles={"head-of-it": [ALICE, BOB], "it-security": [ALICE, BOB]}
+    ).use_lab(monkeypatch)
     second, second_pub = gatekit.keygen(project.keys, "alice-second")
     signers = project.root / "release" / "allowed_signers"
     signers.write_text(signers.read_text()
@@ -241,7 +339,7 @@ def test_one_person_with_two_keys_fills_one_role(tmp_path: Path) -> None:
     gatekit.approve(project, path, "alice-second")
     _only(_reasons(project, path), "one person, one key, one role")
     gatekit.approve(project, path, BOB)
-    assert promote.evaluate(project.root, path, now=NOW).allowed
+    assert promote.evaluate(project.root, path, now=NOW, first_release=True).allowed
 
 
 def test_one_key_under_two_names_fills_one_role(project: gatekit.Project) -> None:
@@ -490,7 +588,7 @@ def test_edits_hidden_from_git_status_make_the_checkout_dirty(
     assert gatekit.git(root, "status", "--porcelain") == ""
     path = _report(project, approve=False)
     gatekit.approve(project, path, "mallory@x", "mallory-sec@x")
-    decision = promote.evaluate(root, path, now=NOW)
+    decision = promote.evaluate(root, path, now=NOW, first_release=True)
     assert not decision.allowed
     text = "\n".join(decision.reasons)
     assert "the report was made from a checkout with uncommitted changes" in text
@@ -536,7 +634,7 @@ def test_ignored_caches_are_allowed(project: gatekit.Project) -> None:
     path = _report(project)
     gatekit.write(project.root, "verify/__pycache__/conftest.cpython-312.pyc", "x")
     gatekit.write(project.root, "roles/common/library/mod.pyc", "x")
-    decision = promote.evaluate(project.root, path, now=NOW)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
     assert decision.allowed, decision.reasons
 
 
@@ -570,12 +668,171 @@ def test_max_age_hours_is_bounded(
     monkeypatch.delenv("SAFEMAIL_PROJECT", raising=False)
     path = _report(project)
     with pytest.raises(SystemExit) as stop:
-        main(["promote", "--to", "production", "--dry-run", "--max-age-hours", value,
-              "--report", str(path)])
+        main(["promote", "--to", "production", "--first-release", "--dry-run",
+              "--max-age-hours", value, "--report", str(path)])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--max-age-hours" in err and "Traceback" not in err
     # the largest bound is accepted (the report made "an hour before NOW" is older than that now)
-    main(["promote", "--to", "production", "--dry-run", "--max-age-hours", "168",
+    main(["promote", "--to", "production", "--first-release", "--dry-run", "--max-age-hours", "168",
           "--report", str(path)])
     assert "promotion" in capsys.readouterr().out
+
+
+# ------------------------------------------------ which approval policy counts (release_chain)
+
+MALLORY, MALLET = "mallory@example.invalid", "mallet@example.invalid"
+
+
+def _refused(project: gatekit.Project, report: Path) -> list[str]:
+    """The reasons of a normal (not first) release."""
+    decision = promote.evaluate(project.root, report, now=NOW)
+    assert not decision.allowed
+    return decision.reasons
+
+
+def _first_release(project: gatekit.Project) -> str:
+    path = _report(project)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
+    assert decision.allowed, decision.reasons
+    return promote.tag_release(project.root, decision, json.loads(path.read_text()), NOW)
+
+
+def _take_over_release_policy(project: gatekit.Project) -> None:
+    """One commit adds two keys of the same outsider to allowed_signers and names them as
+    both roles: the change that should need the real approvers' signatures."""
+    signers = project.root / "release" / "allowed_signers"
+    lines = []
+    for who in (MALLORY, MALLET):
+        key, public = gatekit.keygen(project.keys, who.split("@")[0])
+        project.approvers[who] = key
+        lines.append(f'{who} namespaces="safemail-release,safemail-waiver" {public}')
+    signers.write_text(signers.read_text() + "\n".join(lines) + "\n")
+    policy_file = project.root / "release" / "approvers.yml"
+    policy = yaml.safe_load(policy_file.read_text())
+    policy["roles"]["head-of-it"]["principals"] = [MALLORY]
+    policy["roles"]["it-security"]["principals"] = [MALLET]
+    policy_file.write_text(yaml.safe_dump(policy))
+    gatekit.write(project.root, "roles/common/tasks/main.yml", "- name: Baseline v2\n")
+    gatekit.git(project.root, "commit", "-qam", "new approvers (and a role change)")
+
+
+def test_first_release_needs_the_flag_and_only_once(project: gatekit.Project) -> None:
+    path = _report(project)
+    _only(_refused(project, path), "there is no release tag (release/production/*)")
+    tag = _first_release(project)
+    assert "approval-policy: first release" in gatekit.git(
+        project.root, "tag", "-l", "--format=%(contents)", tag)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
+    _only(decision.reasons, f"--first-release, but there are earlier releases (newest {tag}")
+    decision = promote.evaluate(project.root, path, now=NOW)  # the tag's policy: same people
+    assert decision.allowed and tag in decision.policy_source, decision.reasons
+
+
+def test_a_change_to_release_does_not_approve_itself(project: gatekit.Project) -> None:
+    """The walk: add your own keys to allowed_signers and approvers.yml in the change, then
+    sign its release with them. The previous release's policy counts: refused; the
+    approvers of that release can approve the change."""
+    tag = _first_release(project)
+    _take_over_release_policy(project)
+    out = project.root / "reports" / "test" / "run2"
+    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), out=out)
+    gatekit.approve(project, path, MALLORY, MALLET)
+    reasons = _refused(project, path)
+    assert any("is not in release/allowed_signers (unknown signer)" in r for r in reasons)
+    assert any("no valid signature for the role(s) head of it (head-of-it), it security"
+               in r for r in reasons), reasons
+    # Even as the first release, the new policy does not count once a release exists.
+    assert any("--first-release, but there are earlier releases" in r for r in
+               promote.evaluate(project.root, path, now=NOW, first_release=True).reasons)
+    (path.parent / "approvals" / "mallory.sig").unlink()
+    (path.parent / "approvals" / "mallet.sig").unlink()
+    gatekit.approve(project, path, ALICE, BOB)
+    decision = promote.evaluate(project.root, path, now=NOW)
+    assert decision.allowed, decision.reasons
+    assert decision.policy_source.startswith(f"release/ of {tag}")
+    # Released: from now on the new policy counts (mallory and mallet approve the next one).
+    second = promote.tag_release(project.root, decision, json.loads(path.read_text()),
+                                 NOW + dt.timedelta(seconds=1))
+    assert approvals.load_policy(project.root).roles["head-of-it"].principals == (MALLORY,)
+    assert promote.counting_policy(project.root).roles["head-of-it"].principals == (MALLORY,)
+    assert second in promote.evaluate(project.root, path, now=NOW).policy_source
+
+
+@pytest.mark.parametrize("forgery", ["copied-message", "self-signed", "lightweight"])
+def test_hand_made_release_tag_breaks_the_chain(project: gatekit.Project, forgery: str) -> None:
+    """The walk around the previous paragraph: make a newer 'release' tag by hand on the
+    change that names the new approvers, so its policy would count."""
+    tag = _first_release(project)
+    _take_over_release_policy(project)
+    head = gatekit.git(project.root, "rev-parse", "HEAD").strip()
+    fake = "release/production/99991231T000000Z"
+    message = gatekit.git(project.root, "tag", "-l", "--format=%(contents)", tag)
+    if forgery == "self-signed":
+        text = f"SafeMail release approval\nstage: test\nrevision: {head}\n" \
+               f"report-sha256: {'0' * 64}\nverdict: pass\nfinished: 2026-11-28T11:00:00Z\n"
+        sigs = [signing.sign(project.approvers[w], approvals.RELEASE_NAMESPACE, text.encode())
+                for w in (MALLORY, MALLET)]
+        message = f"fake release\n\n{text}\n" + "\n".join(sigs)
+    if forgery == "lightweight":
+        gatekit.git(project.root, "tag", fake, head)
+    else:
+        subprocess.run(["git", "-C", str(project.root), "tag", "-a", fake, head, "-F", "-"],
+                       input=message, text=True, check=True)
+    out = project.root / "reports" / "test" / "run2"
+    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), out=out)
+    gatekit.approve(project, path, MALLORY, MALLET)
+    reasons = _refused(project, path)
+    expected = {
+        "copied-message": f"release tag {fake} is on {head[:12]}, but its signed text is for",
+        "self-signed": f"release tag {fake} is not approved by the policy that counted for it",
+        "lightweight": f"release tag {fake} is not an annotated tag",
+    }[forgery]
+    assert any(expected in r for r in reasons), reasons
+
+
+# ------------------------------------------------------ the production vault is the site's own
+
+
+def _vault(project: gatekit.Project, password: str) -> Path:
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    lib = VaultLib([("production", VaultSecret(password.encode()))])
+    data = lib.encrypt(b"encrypted_storage_passphrase: example\n",
+                       secret=VaultSecret(password.encode()), vault_id="production")
+    path = project.root / "inventories" / "production" / "group_vars" / "all" / "vault.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    gatekit.git(project.root, "add", "-A")
+    gatekit.git(project.root, "commit", "-qm", "production vault")
+    return path
+
+
+def test_production_vault_with_the_example_password_is_refused(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hurried operator releases with the committed example vault: its password is
+    published in docs/production.md, so its secrets are anyone's."""
+    from safemail import vault
+    from safemail.errors import SafeMailError
+    from safemail.gate.verify_run import VerifyOptions, run_verify
+
+    _vault(project, vault.EXAMPLE_PASSWORD)
+    _only(_reasons(project, _report(project)),
+          "still opens with the published example password 'safemail-example-vault'")
+    monkeypatch.delenv("ANSIBLE_VAULT_IDENTITY_LIST", raising=False)
+    with pytest.raises(SafeMailError, match="published example password"):
+        run_verify(project.root, VerifyOptions(stage="production"), out=io.StringIO())
+    _vault(project, "the site's own, long and random")
+    decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True)
+    assert decision.allowed, decision.reasons
+
+
+def test_committed_example_vault_opens_with_the_published_password() -> None:
+    """The check recognises the project's own example (so a clone that was never given its
+    own vault cannot release)."""
+    from safemail import vault
+
+    production = gatekit.REPO / "inventories" / "production"
+    assert vault.example_password_problem(production)
+    assert not vault.opens_with(production / vault.VAULT_FILE, "another password")

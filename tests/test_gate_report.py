@@ -103,7 +103,8 @@ def suite_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     verify.mkdir()
     shutil.copy(REPO / "verify" / "conftest.py", verify / "conftest.py")
     shutil.copy(REPO / "verify" / "waits.py", verify / "waits.py")  # conftest imports it
-    shutil.copy(REPO / "verify" / "profiles.py", verify / "profiles.py")  # its plugin
+    shutil.copy(REPO / "verify" / "profiles.py", verify / "profiles.py")  # its plugins
+    shutil.copy(REPO / "verify" / "stagelocks.py", verify / "stagelocks.py")
     (verify / "requirements.yml").write_text(_catalogue_yaml(IDS), encoding="utf-8")
     (verify / "test_tiny.py").write_text(textwrap.dedent(SUITE), encoding="utf-8")
     junit = root / "junit.xml"

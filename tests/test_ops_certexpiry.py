@@ -84,26 +84,31 @@ def test_bad_config_is_a_usage_error(tmp_path, capsys) -> None:
     cfg.write_text(json.dumps({"ldap_uri": "ldap://auth1"}))
     assert certexpiry.main(["--config", str(cfg), "--no-syslog",
                             "--status-file", str(tmp_path / "s.json")]) == 2
-    assert "missing base_dn, bind_dn, bind_password" in capsys.readouterr().err
+    assert "missing base_dn, bind_dn, bind_password, cafile" in capsys.readouterr().err
 
 
 def test_unreachable_directory_exits_1_and_keeps_the_old_status(tmp_path, capsys) -> None:
     cfg = tmp_path / "c.json"
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(x509.load_der_x509_certificate(_der("ca", NOW)).public_bytes(
+        serialization.Encoding.PEM))
     cfg.write_text(json.dumps({"ldap_uri": "ldap://127.0.0.1:1", "base_dn": "ou=p,dc=x",
-                               "bind_dn": "cn=relay,dc=x", "bind_password": "pw"}))
+                               "bind_dn": "cn=relay,dc=x", "bind_password": "pw",
+                               "cafile": str(ca)}))
     status = tmp_path / "s.json"
     status.write_text("{}\n")
     assert certexpiry.main(["--config", str(cfg), "--no-syslog",
                             "--status-file", str(status)]) == 1
     assert status.read_text() == "{}\n"
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot reach the directory" in err
 
 
 def test_main_writes_the_report_and_exits_3(tmp_path, monkeypatch, capsys) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"ldap_uri": "ldap://auth1", "base_dn": "ou=p,dc=x",
                                "bind_dn": "cn=relay,dc=x", "bind_password": "pw",
-                               "warn_days": 10}))
+                               "cafile": "/etc/safemail/tls/ca.crt", "warn_days": 10}))
     monkeypatch.setattr(certexpiry, "read_directory", lambda config: [
         ("soon@x", [_der("soon", NOW + dt.timedelta(days=5))])])
     status = tmp_path / "s.json"

@@ -1,16 +1,18 @@
-"""The participant client's directory lookup (MAIL-03): LDAP codec and a fake StartTLS server.
+"""The directory client (safemail.participant.directory, python-ldap) against a real slapd.
 
-The fake server speaks just enough LDAPv3 to exercise the client: StartTLS, simple bind, a
-one-level equality search answering ``userCertificate;binary``. It records whether a bind ever
-arrived before TLS (it must not).
+Each server is Debian's slapd started by the test in a temporary directory (tests/slapdkit.py)
+with a TLS certificate the test made: StartTLS and ldaps://, the lab's "nothing without TLS",
+participant entries carrying certificates. slapd's statistics log shows which binds arrived,
+so "no password before verified TLS" is checked at the server, not assumed.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
-import ssl
-import threading
+import ipaddress
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,91 +20,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from slapdkit import SUFFIX, Slapd, free_port
 from test_participant import RECIPIENT, SENDER, safemail_main, write_pem
 
+from safemail.accounting import cli as accounting_cli
+from safemail.accounting.ledger import Participant
 from safemail.errors import SafeMailError
 from safemail.participant import directory, message
-from safemail.participant.directory import _Reader, _tlv
 from safemail.smime.classify import classify
 
-BASE = "ou=participants,dc=safemail,dc=example"
+BASE = f"ou=participants,{SUFFIX}"
 BIND_DN = f"uid=100001,{BASE}"
 PASSWORD = "lab-praxis-pw"  # noqa: S105 - test fixture
-
-
-# --- codec ------------------------------------------------------------------------------------
-
-
-def test_encodings_match_rfc_4511_bytes() -> None:
-    assert directory.encode_unbind(3) == bytes.fromhex("300502010342" "00")
-    oid = b"1.3.6.1.4.1.1466.20037"
-    assert directory.encode_starttls(1) == (
-        bytes.fromhex("301d020101" "7718" "8016") + oid
-    )
-    assert directory.encode_bind(1, "cn=a", "b") == bytes.fromhex(
-        "3011020101" "600c" "020103" "0404") + b"cn=a" + bytes.fromhex("8001") + b"b"
-
-
-def test_search_request_carries_the_filter_value_raw() -> None:
-    raw = directory.encode_search(7, BASE, "mail", "a*b)(x=y@z", ["userCertificate;binary"])
-    outer = _Reader(_Reader(raw).expect(0x30))
-    assert outer.expect(0x02) == b"\x07"
-    body = _Reader(outer.expect(0x63))
-    assert body.expect(0x04) == BASE.encode()
-    assert body.expect(0x0A) == b"\x01"  # one level
-    for tag in (0x0A, 0x02, 0x02, 0x01):
-        body.expect(tag)
-    ava = _Reader(body.expect(0xA3))
-    assert ava.expect(0x04) == b"mail"
-    assert ava.expect(0x04) == b"a*b)(x=y@z"  # no filter-string injection possible
-    assert _Reader(body.expect(0x30)).expect(0x04) == b"userCertificate;binary"
-
-
-def test_long_lengths_round_trip() -> None:
-    value = b"x" * 70000
-    entry = _entry(5, "uid=1," + BASE, {"userCertificate;binary": [value, b"y"]})
-    msg = directory.decode_message(entry)
-    assert msg.message_id == 5 and msg.dn == "uid=1," + BASE
-    assert msg.attributes["userCertificate;binary"] == [value, b"y"]
-
-
-@pytest.mark.parametrize("data", [b"", b"\x30", b"\x30\x05\x02\x01", b"\x30\x84\xff\xff\xff\xff",
-                                  b"\x1f\x00", b"\x30\x03\x04\x01x"])
-def test_malformed_messages_raise_value_error(data: bytes) -> None:
-    with pytest.raises(ValueError):
-        directory.decode_message(data)
-
-
-def test_parent_dn() -> None:
-    assert directory.parent_dn(BIND_DN) == BASE
-    assert directory.parent_dn(r"cn=a\,b,ou=x") == "ou=x"
-    with pytest.raises(SafeMailError, match="no parent"):
-        directory.parent_dn("dc=example")
-
-
-def test_only_ldap_uris() -> None:
-    with pytest.raises(SafeMailError, match="not an ldap"):
-        directory.LdapCertificateDirectory(directory.DirectoryConfig("http://x", BIND_DN, "p"))
-
-
-# --- a fake directory -------------------------------------------------------------------------
-
-
-def _int(n: int) -> bytes:
-    return _tlv(0x02, bytes([n]))
-
-
-def _result(message_id: int, op: int, code: int, text: str = "") -> bytes:
-    body = _tlv(0x0A, bytes([code])) + _tlv(0x04, b"") + _tlv(0x04, text.encode())
-    return _tlv(0x30, _int(message_id) + _tlv(op, body))
-
-
-def _entry(message_id: int, dn: str, attrs: dict[str, list[bytes]]) -> bytes:
-    items = b"".join(
-        _tlv(0x30, _tlv(0x04, name.encode()) + _tlv(0x31, b"".join(_tlv(0x04, v) for v in vals)))
-        for name, vals in attrs.items()
-    )
-    return _tlv(0x30, _int(message_id) + _tlv(0x64, _tlv(0x04, dn.encode()) + _tlv(0x30, items)))
+CROWD = "crowd@safenet.test"  # more entries than the size limit carry this mailbox
+CROWD_SIZE = directory.DEFAULT_SIZE_LIMIT + 2
+SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 def _name(cn: str) -> x509.Name:
@@ -110,7 +42,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(subject_key, issuer_key, issuer: str, *, cn: str, mailbox: str | None = None,
-          dns: str | None = None, ca: bool = False, days: int = 30) -> x509.Certificate:
+          ip: str | None = None, ca: bool = False, days: int = 30) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(issuer))
@@ -122,9 +54,10 @@ def _cert(subject_key, issuer_key, issuer: str, *, cn: str, mailbox: str | None 
     if mailbox:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.RFC822Name(mailbox)]), critical=False)
-    if dns:
+    if ip:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+            critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -133,8 +66,9 @@ class Pki:
         self.ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ca = _cert(self.ca_key, self.ca_key, "Test CA", cn="Test CA", ca=True)
         self.server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.server = _cert(self.server_key, self.ca_key, "Test CA", cn="localhost",
-                            dns="localhost")
+        # The directory's certificate names 127.0.0.1 (where the test's slapd listens) only.
+        self.server = _cert(self.server_key, self.ca_key, "Test CA", cn="directory",
+                            ip="127.0.0.1")
         self.rcpt_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
         self.rcpt = _cert(self.rcpt_key, self.ca_key, "Test CA", cn=RECIPIENT, mailbox=RECIPIENT)
         rogue_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -143,197 +77,302 @@ class Pki:
         other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.other = _cert(other_key, self.ca_key, "Test CA", cn=SENDER, mailbox=SENDER)
 
+    def server_pem(self) -> tuple[bytes, bytes]:
+        return (self.server.public_bytes(serialization.Encoding.PEM),
+                self.server_key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+
 
 @pytest.fixture(scope="module")
 def pki() -> Pki:
     return Pki()
 
 
-class FakeDirectory:
-    """One-connection-at-a-time LDAP server on 127.0.0.1 (runs until the test ends)."""
-
-    def __init__(self, pki: Pki, tmp: Path, entries: dict[str, list[x509.Certificate]],
-                 *, starttls: bool = True) -> None:
-        self.entries, self.starttls = entries, starttls
-        self.bind_before_tls = False
-        self.searches: list[tuple[str, str]] = []
-        (tmp / "srv.pem").write_bytes(
-            pki.server.public_bytes(serialization.Encoding.PEM)
-            + pki.server_key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(tmp / "srv.pem")
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @staticmethod
-    def _read(conn) -> bytes | None:
-        head = conn.recv(2)
-        if len(head) < 2:
-            return None
-        extra = b""
-        if head[1] & 0x80:
-            extra = conn.recv(head[1] & 0x7F)
-        length = int.from_bytes(extra, "big") if extra else head[1]
-        body = b""
-        while len(body) < length:
-            chunk = conn.recv(length - len(body))
-            if not chunk:
-                return None
-            body += chunk
-        return head + extra + body
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                self._session(conn)
-            except (OSError, ValueError, ssl.SSLError):
-                pass
-            finally:
-                conn.close()
-
-    def _session(self, conn) -> None:
-        tls, bound = False, False
-        while (data := self._read(conn)) is not None:
-            outer = _Reader(_Reader(data).expect(0x30))
-            mid = int.from_bytes(outer.expect(0x02), "big")
-            op, value = outer.read()
-            if op == 0x77:  # extended: StartTLS
-                if not self.starttls:
-                    conn.sendall(_result(mid, 0x78, 2, "unsupported extended operation"))
-                    continue
-                conn.sendall(_result(mid, 0x78, 0))
-                conn = self.ctx.wrap_socket(conn, server_side=True)
-                tls = True
-            elif op == 0x60:  # bind
-                self.bind_before_tls |= not tls
-                body = _Reader(value)
-                body.expect(0x02)
-                dn, pw = body.expect(0x04).decode(), body.expect(0x80).decode()
-                bound = tls and dn == BIND_DN and pw == PASSWORD
-                conn.sendall(_result(mid, 0x61, 0 if bound else (13 if not tls else 49)))
-            elif op == 0x63:  # search
-                body = _Reader(value)
-                base = body.expect(0x04).decode()
-                for tag in (0x0A, 0x0A, 0x02, 0x02, 0x01):
-                    body.expect(tag)
-                ava = _Reader(body.expect(0xA3))
-                ava.expect(0x04)
-                mailbox = ava.expect(0x04).decode()
-                self.searches.append((base, mailbox))
-                if not bound:
-                    conn.sendall(_result(mid, 0x65, 50))
-                    continue
-                if base != BASE:
-                    conn.sendall(_result(mid, 0x65, 32))
-                    continue
-                certs = self.entries.get(mailbox)
-                if certs is not None:
-                    ders = [c.public_bytes(serialization.Encoding.DER) for c in certs]
-                    conn.sendall(_entry(mid, f"uid=x,{BASE}", {"userCertificate;binary": ders}))
-                conn.sendall(_result(mid, 0x65, 0))
-            elif op == 0x42:  # unbind
-                return
 
 
-def _config(server: FakeDirectory, tmp: Path, pki: Pki, **kw) -> directory.DirectoryConfig:
+def _person(number: str, mailbox: str, **attrs) -> tuple[str, dict]:
+    return (f"uid={number},{BASE}", {
+        "objectClass": ["inetOrgPerson"], "uid": [number], "cn": [mailbox], "sn": [number],
+        "mail": [mailbox], **attrs})
+
+
+def _entries(pki: Pki) -> list[tuple[str, dict]]:
+    def der(c: x509.Certificate) -> bytes:
+        return c.public_bytes(serialization.Encoding.DER)
+
+    return [
+        _person("100001", SENDER, userPassword=[PASSWORD], employeeNumber=["100001"],
+                businessCategory=["GP"]),
+        # pki.other names another mailbox, pki.rogue is not signed by the CA.
+        _person("100002", RECIPIENT, employeeNumber=["100002"], businessCategory=["ENT"],
+                **{"userCertificate;binary": [der(pki.other), der(pki.rogue), der(pki.rcpt)]}),
+        *(_person(f"2000{i:02d}", CROWD) for i in range(CROWD_SIZE)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(pki: Pki, tmp_path_factory: pytest.TempPathFactory):
+    cert, key = pki.server_pem()
+    with Slapd(tmp_path_factory.mktemp("slapd"), _entries(pki), cert_pem=cert,
+               key_pem=key) as running:
+        yield running
+
+
+def _config(server: Slapd, tmp: Path, pki: Pki, **kw) -> directory.DirectoryConfig:
     cafile = write_pem(tmp / "service-ca.pem", pki.ca)
-    return directory.DirectoryConfig(**{"uri": f"ldap://localhost:{server.port}",
-                                        "bind_dn": BIND_DN, "password": PASSWORD,
-                                        "cafile": cafile, "timeout": 10, **kw})
+    return directory.DirectoryConfig(**{"uri": server.uri, "bind_dn": BIND_DN,
+                                        "password": PASSWORD, "cafile": cafile,
+                                        "timeout": 10, **kw})
+
+
+def _new_binds(server: Slapd, before: list[str]) -> list[str]:
+    return server.binds()[len(before):]
+
+
+# --- plain helpers ----------------------------------------------------------------------------
+
+
+def test_parent_dn() -> None:
+    assert directory.parent_dn(BIND_DN) == BASE
+    assert directory.parent_dn(r"cn=a\,b,ou=x") == "ou=x"
+    with pytest.raises(SafeMailError, match="no parent"):
+        directory.parent_dn("dc=example")
+    with pytest.raises(SafeMailError, match="not a valid DN"):
+        directory.parent_dn("no dn at all")
+
+
+def test_only_ldap_uris(tmp_path: Path) -> None:
+    for uri in ("http://x", "ldap://", "ldap://x/dc=example"):
+        with pytest.raises(SafeMailError, match="not an ldap"):
+            directory.LdapCertificateDirectory(
+                directory.DirectoryConfig(uri, BIND_DN, "p", tmp_path / "ca.pem"))
+
+
+def test_the_ca_file_is_required(tmp_path: Path) -> None:
+    with pytest.raises(SafeMailError, match="no CA file") as err:
+        directory.LdapCertificateDirectory(
+            directory.DirectoryConfig("ldap://x", BIND_DN, "p", None))  # type: ignore[arg-type]
+    assert "--cafile" in (err.value.hint or "")
+    with pytest.raises(SafeMailError, match="cannot read CA file"):
+        directory.LdapCertificateDirectory(directory.DirectoryConfig(
+            "ldap://127.0.0.1:9", BIND_DN, "p", tmp_path / "missing.pem")).connect()
+
+
+# --- against slapd ----------------------------------------------------------------------------
 
 
 @pytest.mark.req("MAIL-03")
-def test_lookup_returns_the_certificate_naming_the_mailbox(tmp_path: Path, pki: Pki) -> None:
-    server = FakeDirectory(pki, tmp_path, {RECIPIENT: [pki.other, pki.rcpt]})
+def test_lookup_returns_the_certificate_naming_the_mailbox(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    before, accepted = server.binds(), server.bound()
     with directory.LdapCertificateDirectory(_config(server, tmp_path, pki)) as d:
         certs = d.certificates_for(RECIPIENT)
-        assert d.certificates_for("nobody@safemail.example") == []
-    assert certs == [pki.rcpt]  # pki.other names another mailbox: dropped
-    assert server.searches == [(BASE, RECIPIENT), (BASE, "nobody@safemail.example")]
-    assert not server.bind_before_tls
+        # No entry: the documented result is an empty list (the callers say what is missing).
+        assert d.certificates_for("nobody@safenet.test") == []
+    # pki.other names another mailbox: dropped; without the CA the rogue one stays.
+    assert sorted(c.serial_number for c in certs) == sorted(
+        c.serial_number for c in (pki.rogue, pki.rcpt))
+    assert [b.split(" BIND ")[1] for b in _new_binds(server, before)] == [
+        f'dn="{BIND_DN}" method=128']  # one connection, one bind for both lookups
+    assert server.bound()[len(accepted):][0].endswith(" ssf=256")  # under TLS
 
 
 @pytest.mark.req("MAIL-03")
-def test_certificates_not_signed_by_the_smime_ca_are_ignored(tmp_path: Path, pki: Pki) -> None:
-    server = FakeDirectory(pki, tmp_path, {RECIPIENT: [pki.rogue, pki.rcpt]})
+def test_certificates_not_signed_by_the_smime_ca_are_ignored(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
     config = _config(server, tmp_path, pki)
     with directory.LdapCertificateDirectory(config, issuer=pki.ca) as d:
         assert d.certificates_for(RECIPIENT) == [pki.rcpt]
     with directory.LdapCertificateDirectory(config) as d:  # without the CA both come back
         found = d.certificates_for(RECIPIENT)
     assert len(found) == 2
-    assert message.resolve_recipients([RECIPIENT], directory_of(found)) == [pki.rogue]
+    assert message.resolve_recipients(
+        [RECIPIENT], message.FileCertificateDirectory(found)) == [pki.rogue]
 
 
-def directory_of(certs: list[x509.Certificate]) -> message.FileCertificateDirectory:
-    return message.FileCertificateDirectory(certs)
+def test_ldaps_works_too(server: Slapd, tmp_path: Path, pki: Pki) -> None:
+    config = _config(server, tmp_path, pki, uri=server.ldaps_uri)
+    with directory.LdapCertificateDirectory(config, issuer=pki.ca) as d:
+        assert d.certificates_for(RECIPIENT) == [pki.rcpt]
 
 
-def test_wrong_password_is_a_clear_error(tmp_path: Path, pki: Pki) -> None:
-    server = FakeDirectory(pki, tmp_path, {})
+def test_search_attributes_come_back_lower_cased_without_options(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    with directory.LdapCertificateDirectory(_config(server, tmp_path, pki)) as d:
+        got = d.search("mail", RECIPIENT, ["employeeNumber", "businessCategory",
+                                           directory.CERT_ATTRIBUTE])
+    assert len(got) == 1
+    assert got[0]["employeenumber"] == [b"100002"] and got[0]["businesscategory"] == [b"ENT"]
+    assert len(got[0]["usercertificate"]) == 3
+
+
+@pytest.mark.parametrize("value", ["*", "*@safenet.test", "x)(mail=*", "a*b)(x=y@z", "\\2a"])
+def test_the_looked_up_value_is_a_value_not_a_filter(
+    server: Slapd, tmp_path: Path, pki: Pki, value: str
+) -> None:
+    with directory.LdapCertificateDirectory(_config(server, tmp_path, pki)) as d:
+        assert d.search("mail", value, ["mail"]) == []
+
+
+def test_the_server_enforces_the_size_limit(server: Slapd, tmp_path: Path, pki: Pki) -> None:
+    before = server.search_results()
+    with directory.LdapCertificateDirectory(_config(server, tmp_path, pki)) as d:
+        with pytest.raises(SafeMailError, match=r"more than 10 entries .*size limit"):
+            d.search("mail", CROWD, ["mail"])
+    # slapd itself stopped at the limit the client sent: sizeLimitExceeded (4) after 10.
+    (result,) = server.search_results()[len(before):]
+    assert " err=4 " in result and " nentries=10 " in result, result
+    config = _config(server, tmp_path, pki, size_limit=CROWD_SIZE)
+    with directory.LdapCertificateDirectory(config) as d:
+        assert len(d.search("mail", CROWD, ["mail"])) == CROWD_SIZE
+
+
+class _IgnoresTheLimit(directory.LdapCertificateDirectory):
+    """As a directory that ignores the requested size limit: it is not sent at all."""
+
+    def _server_size_limit(self, limit: int) -> int:
+        return 0
+
+
+def test_the_client_enforces_the_size_limit_if_the_server_does_not(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    with _IgnoresTheLimit(_config(server, tmp_path, pki, size_limit=3)) as d:
+        with pytest.raises(SafeMailError, match="more than 3 entries"):
+            d.search("mail", CROWD, ["mail"])
+    with _IgnoresTheLimit(_config(server, tmp_path, pki, size_limit=CROWD_SIZE)) as d:
+        assert len(d.search("mail", CROWD, ["mail"])) == CROWD_SIZE
+
+
+def test_wrong_password_is_a_clear_error(server: Slapd, tmp_path: Path, pki: Pki) -> None:
     config = _config(server, tmp_path, pki, password="wrong")
     with pytest.raises(SafeMailError, match=r"refused the bind.*result 49") as err:
         directory.LdapCertificateDirectory(config).certificates_for(RECIPIENT)
     assert "uid=NUMBER" in (err.value.hint or "")
 
 
-def test_wrong_base_is_a_clear_error(tmp_path: Path, pki: Pki) -> None:
-    server = FakeDirectory(pki, tmp_path, {})
-    config = _config(server, tmp_path, pki, base="ou=elsewhere,dc=example")
+def test_wrong_base_is_a_clear_error(server: Slapd, tmp_path: Path, pki: Pki) -> None:
+    config = _config(server, tmp_path, pki, base=f"ou=elsewhere,{SUFFIX}")
     with pytest.raises(SafeMailError, match="search base does not exist"):
         directory.LdapCertificateDirectory(config).certificates_for(RECIPIENT)
 
 
-def test_a_server_without_starttls_gets_no_password(tmp_path: Path, pki: Pki) -> None:
-    server = FakeDirectory(pki, tmp_path, {}, starttls=False)
-    with pytest.raises(SafeMailError, match="StartTLS failed"):
-        directory.LdapCertificateDirectory(_config(server, tmp_path, pki)).connect()
-    assert not server.bind_before_tls
+@pytest.mark.parametrize("scheme", ["ldap", "ldaps"])
+def test_an_untrusted_server_gets_no_password(
+    server: Slapd, tmp_path: Path, pki: Pki, scheme: str
+) -> None:
+    uri = server.uri if scheme == "ldap" else server.ldaps_uri
+    before = server.binds()
+    config = _config(server, tmp_path, pki, uri=uri,
+                     cafile=write_pem(tmp_path / "other.pem", pki.rogue))
+    with pytest.raises(SafeMailError, match="TLS with the directory .* failed") as err:
+        directory.LdapCertificateDirectory(config).connect()
+    assert "--cafile" in (err.value.hint or "")
+    assert _new_binds(server, before) == []
 
 
-def test_an_untrusted_server_gets_no_password(tmp_path: Path, pki: Pki) -> None:
-    server = FakeDirectory(pki, tmp_path, {})
-    other_ca = write_pem(tmp_path / "other.pem", pki.rogue)
-    config = _config(server, tmp_path, pki)
-    config = directory.DirectoryConfig(**{**config.__dict__, "cafile": other_ca})
+@pytest.mark.parametrize("scheme", ["ldap", "ldaps"])
+def test_a_server_under_another_name_gets_no_password(
+    server: Slapd, tmp_path: Path, pki: Pki, scheme: str
+) -> None:
+    """The same server, reached as localhost: its certificate names only 127.0.0.1."""
+    before = server.binds()
+    port = server.port if scheme == "ldap" else server.tls_port
+    config = _config(server, tmp_path, pki, uri=f"{scheme}://localhost:{port}")
+    with pytest.raises(SafeMailError, match="TLS with the directory .* failed"):
+        directory.LdapCertificateDirectory(config).connect()
+    assert _new_binds(server, before) == []
+
+
+def test_the_environment_cannot_switch_verification_off(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    """libldap reads ldap.conf, ~/.ldaprc and LDAPTLS_* once per process: a fresh one with an
+    operator's "never check" and a certificate directory that holds the right CA still
+    refuses a server the configured CA file did not sign."""
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    write_pem(trusted / "ca.pem", pki.ca)
+    (tmp_path / "ldaprc").write_text("TLS_REQCERT never\n")
+    wrong = write_pem(tmp_path / "other.pem", pki.rogue)
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from safemail.errors import SafeMailError\n"
+        "from safemail.participant import directory as d\n"
+        f"c = d.DirectoryConfig({server.uri!r}, {BIND_DN!r}, {PASSWORD!r}, Path({str(wrong)!r}),"
+        " timeout=10)\n"
+        "try:\n    d.LdapCertificateDirectory(c).connect()\n"
+        "except SafeMailError as e:\n    print(e); sys.exit(3)\n"
+        "print('connected'); sys.exit(0)\n"
+    )
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HOME": str(tmp_path),
+           "LDAPTLS_REQCERT": "never", "LDAPTLS_CACERTDIR": str(trusted),
+           "LDAPTLS_CACERT": str(trusted / "ca.pem")}
+    before = server.binds()
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "TLS with the directory" in run.stdout
+    assert _new_binds(server, before) == []
+
+
+def test_a_server_without_tls_gets_no_password(tmp_path: Path, pki: Pki) -> None:
+    """A slapd with no certificate: StartTLS is refused, ldaps:// finds no TLS."""
+    with Slapd(tmp_path / "plain", _entries(pki)[:1], cert_pem=None, key_pem=None) as plain:
+        config = _config(plain, tmp_path, pki)
+        with pytest.raises(SafeMailError, match="refused StartTLS"):
+            directory.LdapCertificateDirectory(config).connect()
+        config = _config(plain, tmp_path, pki, uri=plain.ldaps_uri)
+        with pytest.raises(SafeMailError, match="TLS with the directory .* failed"):
+            directory.LdapCertificateDirectory(config).connect()
+        assert plain.binds() == []
+
+
+@pytest.mark.parametrize("scheme", ["ldap", "ldaps"])
+def test_unreachable_directory_is_a_clear_error(tmp_path: Path, pki: Pki, scheme: str) -> None:
+    config = directory.DirectoryConfig(f"{scheme}://127.0.0.1:{free_port()}", BIND_DN,
+                                       PASSWORD, write_pem(tmp_path / "ca.pem", pki.ca),
+                                       timeout=2)
+    with pytest.raises(SafeMailError, match="cannot reach the directory") as err:
+        directory.LdapCertificateDirectory(config).connect()
+    assert "reachable" in (err.value.hint or "")
+
+
+def test_accounting_resolves_mailboxes_through_the_directory(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    """safemail-accounting's resolver (the relay) on the same client: mail -> number, group."""
+    cafile = write_pem(tmp_path / "ca.pem", pki.ca)
+    settings = {"uri": server.uri, "base": BASE, "bind_dn": BIND_DN, "password": PASSWORD,
+                "cafile": str(cafile)}
+    resolve = accounting_cli.directory_resolver(settings)
+    assert resolve([SENDER, RECIPIENT, "nobody@safenet.test"]) == {
+        SENDER: Participant("100001", "GP"), RECIPIENT: Participant("100002", "ENT")}
+    with pytest.raises(SafeMailError, match="size limit"):
+        resolve([CROWD])  # ambiguous beyond the limit: an error, never a guess
     with pytest.raises(SafeMailError, match="TLS with the directory"):
-        directory.LdapCertificateDirectory(config).connect()
-    assert not server.bind_before_tls
-
-
-def test_unreachable_directory_is_a_clear_error(tmp_path: Path, pki: Pki) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    config = directory.DirectoryConfig(f"ldap://127.0.0.1:{port}", BIND_DN, PASSWORD, timeout=2)
-    with pytest.raises(SafeMailError, match="cannot reach the directory"):
-        directory.LdapCertificateDirectory(config).connect()
+        accounting_cli.directory_resolver(
+            {**settings, "cafile": str(write_pem(tmp_path / "o.pem", pki.rogue))})([SENDER])
 
 
 # --- CLI: the directory is the default source -----------------------------------------------
 
 
-def _cli_directory_args(server: FakeDirectory, tmp: Path, pki: Pki) -> list[str]:
-    return ["--directory", f"ldap://localhost:{server.port}", "--directory-bind-dn", BIND_DN,
+def _cli_directory_args(server: Slapd, tmp: Path, pki: Pki) -> list[str]:
+    return ["--directory", server.uri, "--directory-bind-dn", BIND_DN,
             "--cafile", str(write_pem(tmp / "service-ca.pem", pki.ca)),
             "--smime-ca", str(write_pem(tmp / "smime-ca.pem", pki.ca))]
 
 
 @pytest.mark.req("MAIL-03")
 def test_cli_send_fetches_the_recipient_certificate_from_the_directory(
-    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+    server: Slapd, tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = FakeDirectory(pki, tmp_path, {RECIPIENT: [pki.rogue, pki.rcpt]})
     monkeypatch.setenv("SAFEMAIL_PASSWORD", PASSWORD)
     (tmp_path / "body.txt").write_text("Befund aus dem Verzeichnis.\n")
     out = tmp_path / "msg.eml"
@@ -346,7 +385,6 @@ def test_cli_send_fetches_the_recipient_certificate_from_the_directory(
     assert classify(raw).accepted
     plain = message.decrypt_message(raw, pki.rcpt, pki.rcpt_key)
     assert b"Befund aus dem Verzeichnis." in plain
-    assert server.searches == [(BASE, RECIPIENT)]
 
 
 def test_cli_send_without_directory_or_file_says_what_to_give(
@@ -365,26 +403,55 @@ def test_cli_send_without_directory_or_file_says_what_to_give(
 
 
 def test_cli_send_unknown_recipient_in_the_directory(
-    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    server: Slapd, tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    server = FakeDirectory(pki, tmp_path, {})
     monkeypatch.setenv("SAFEMAIL_PASSWORD", PASSWORD)
     (tmp_path / "b.txt").write_text("x")
-    rc = safemail_main(["participant", "send", "--from", SENDER, "--to", RECIPIENT,
+    ghost = "ghost@safenet.test"  # no entry in the directory
+    rc = safemail_main(["participant", "send", "--from", SENDER, "--to", ghost,
                         "--subject", "x", "--body-file", str(tmp_path / "b.txt"),
                         "--build-only", *_cli_directory_args(server, tmp_path, pki)])
     assert rc == 1
-    assert f"no certificate for recipient {RECIPIENT}" in capsys.readouterr().err
+    assert f"no certificate for recipient {ghost}" in capsys.readouterr().err
 
 
 def test_cli_lookup_prints_pem(
-    tmp_path: Path, pki: Pki, capsysbinary: pytest.CaptureFixture,
+    server: Slapd, tmp_path: Path, pki: Pki, capsysbinary: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    server = FakeDirectory(pki, tmp_path, {RECIPIENT: [pki.rcpt]})
     monkeypatch.setenv("SAFEMAIL_PASSWORD", PASSWORD)
     rc = safemail_main(["participant", "lookup", "--mailbox", RECIPIENT,
                         *_cli_directory_args(server, tmp_path, pki)])
-    assert rc == 0
+    assert rc == 0  # --smime-ca: only the CA-signed one of the three
     assert x509.load_pem_x509_certificate(capsysbinary.readouterr().out) == pki.rcpt
 
+
+
+def test_cli_ldap_directory_without_cafile_is_a_usage_error(
+    server: Slapd, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SAFEMAIL_PASSWORD", PASSWORD)
+    rc = safemail_main(["participant", "lookup", "--mailbox", RECIPIENT, "--directory",
+                        server.uri, "--directory-bind-dn", BIND_DN])
+    assert rc == 2
+    assert "an LDAP directory needs --cafile" in capsys.readouterr().err
+
+
+def test_certificate_expiry_report_reads_every_participant(
+    server: Slapd, tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safemail-cert-expiry (the relay, CA-04) lists every entry under the base through the
+    same client, bounded by its own size limit."""
+    from safemail.ops import certexpiry
+
+    config = {"ldap_uri": server.uri, "base_dn": BASE, "bind_dn": BIND_DN,
+              "bind_password": PASSWORD, "cafile": str(write_pem(tmp_path / "ca.pem", pki.ca))}
+    found = certexpiry.read_directory(config)
+    assert len(found) == 2 + CROWD_SIZE
+    certs = dict(found)
+    assert len(certs[RECIPIENT]) == 3 and certs[SENDER] == []
+    monkeypatch.setattr(certexpiry, "SIZE_LIMIT", 1 + CROWD_SIZE)  # one entry too few
+    with pytest.raises(SafeMailError, match=f"more than {1 + CROWD_SIZE} entries"):
+        certexpiry.read_directory(config)

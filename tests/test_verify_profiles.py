@@ -58,7 +58,7 @@ def checkout(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     verify = root / "verify"
     verify.mkdir(parents=True)
-    for name in ("conftest.py", "waits.py", "profiles.py"):
+    for name in ("conftest.py", "waits.py", "profiles.py", "stagelocks.py"):
         shutil.copy(REPO / "verify" / name, verify / name)
     # The local host has no SSH host keys: let the plugin read throwaway ones instead.
     keys = tmp_path / "hostkeys"

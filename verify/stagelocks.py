@@ -68,17 +68,24 @@ def _runner(inventory: str):
     return AnsibleRunner(inventory)
 
 
+@cache
+def _hosts_of(inventory: str, pattern: str) -> tuple[str, ...]:
+    """The inventory's hosts matching a group or host name; the name itself when there is no
+    readable inventory (a suite without stage hosts still gets one lock per name)."""
+    if not Path(inventory).exists():
+        return (pattern,)
+    return tuple(_runner(inventory).get_hosts(pattern)) or (pattern,)
+
+
 def _resolve(config: pytest.Config, names) -> set[str]:
-    runner = _runner(_inventory(config))
     hosts: set[str] = set()
     for name in names:
-        found = runner.get_hosts(str(name))
-        hosts.update(found if found else [str(name)])
+        hosts.update(_hosts_of(_inventory(config), str(name)))
     return hosts
 
 
 def all_hosts(config: pytest.Config) -> set[str]:
-    return set(_runner(_inventory(config)).get_hosts("all"))
+    return _resolve(config, ["all"])
 
 
 def _own_host(item: pytest.Item) -> str | None:

@@ -31,6 +31,9 @@ STATE = "/var/lib/safemail-ca"
 SEAL = "/var/lib/safemail-ca-seal"
 PDIR = "/var/lib/safemail-participant"
 SEARCH_DIRS = "/etc /var /root /home /opt /srv /tmp /usr/local"
+# Tests that touch only the CA side of the stage (never the relay or store VMs): they can run
+# while a disruptive test holds the VMs (verify/stagelocks.py checks the promise).
+CA_SIDE = pytest.mark.stage_hosts("participants", "ca_ra", "ca_signer", "ca_dist", "auth")
 VENV_PY = "/opt/safemail/venv/bin/python3"
 # CA-06: the whole-host key search on the signer (safemail.ca.keyscan) gives up after this.
 KEYSCAN_SECONDS = 240
@@ -442,6 +445,7 @@ def _enrol_throwaway(lab, tag: str, d: str) -> tuple[str, str]:
 
 
 @pytest.mark.req("CA-03")
+@CA_SIDE
 @pytest.mark.parametrize("attack", ["second-number", "attacker-renewal"])
 def test_signer_refuses_what_a_compromised_ra_approves(lab, evidence, attack):
     """Issue 18's reproduction on the lab: a second participant number for an enrolled
@@ -479,6 +483,7 @@ def test_signer_refuses_what_a_compromised_ra_approves(lab, evidence, attack):
 
 
 @pytest.mark.req("CA-03")
+@CA_SIDE
 def test_key_change_needs_the_participants_confirmation(lab, evidence):
     """Through the real RA: a throw-away participant enrols; a renewal with a new key but no
     confirmation is refused by the signer (the RA cannot know the registered key); the same
@@ -544,7 +549,7 @@ def test_published_crl_is_signed_and_fresh(lab, evidence, participant_host):
 
 
 @pytest.mark.req("CA-04")
-@pytest.mark.stage_hosts("participants", "ca_ra", "ca_signer", "ca_dist", "auth")
+@CA_SIDE
 def test_revocation_end_to_end(lab, evidence):
     """Register + enrol a throw-away participant on practice host 1, check its certificate
     passes `openssl verify -crl_check`, revoke it on the signer, and see distribution's CRL
@@ -645,7 +650,7 @@ def test_directory_holds_the_participants_certificate(lab, evidence, participant
 
 
 @pytest.mark.req("CA-04")
-@pytest.mark.stage_hosts("participants", "ca_ra", "ca_signer", "ca_dist", "auth")
+@CA_SIDE
 def test_revoked_certificate_leaves_the_directory(lab, evidence):
     """A throw-away participant with a directory entry: enrol -> its entry carries the
     certificate; revoke -> distribution removes it from the entry."""
@@ -780,6 +785,7 @@ dst.write_text("".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\
 
 
 @pytest.mark.req("CA-05")
+@CA_SIDE
 @pytest.mark.parametrize("attack", ["rewrite", "truncate"])
 def test_rewritten_or_truncated_journal_is_detected_on_the_controller(
     lab, evidence, tmp_path, attack
@@ -881,6 +887,7 @@ def _keyscan(host, args: str) -> dict:
 
 
 @pytest.mark.req("CA-06")
+@CA_SIDE
 def test_ca_key_exists_once_on_the_whole_signer(lab, evidence):
     """The whole signer (/root, /home, /tmp, /var/backups, /srv, /opt, ... everything but
     /proc, /sys, /dev) is searched by content: PEM and DER private keys compared by public

@@ -93,8 +93,26 @@ def _report(out: Path, *, repo: Path = ROOT, failing: tuple[str, ...] = (),
 
 
 def _promote(report: Path, log: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return _safemail("promote", "--to", "production", "--dry-run",
+    # --first-release: the throwaway clones below have no release tag (their own release/
+    # approves); the checkout's tags, if any, are deleted in the clone.
+    return _safemail("promote", "--to", "production", "--dry-run", "--first-release",
                      "--report", str(report), "--release-log", str(log), cwd=cwd)
+
+
+def _rekey_production_vault(clone: Path) -> None:
+    """The committed example vault opens with the published password, which the gate
+    refuses (a site makes its own): the clone's copy gets a password only this run knows."""
+    import secrets
+
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    from safemail import vault
+
+    path = clone / "inventories" / "production" / vault.VAULT_FILE
+    old = VaultLib([("production", VaultSecret(vault.EXAMPLE_PASSWORD.encode()))])
+    new = VaultSecret(secrets.token_urlsafe(24).encode())
+    path.write_bytes(VaultLib([("production", new)]).encrypt(
+        old.decrypt(path.read_bytes()), secret=new, vault_id="production"))
 
 
 def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
@@ -102,6 +120,11 @@ def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     approvers (one per role) committed in release/: the real approvers' keys stay theirs."""
     clone = tmp_path / "checkout"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    tags = subprocess.run(["git", "-C", str(clone), "tag", "--list", "release/production/*"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    if tags:  # a first release of the throwaway approvers, not the site's next one
+        subprocess.run(["git", "-C", str(clone), "tag", "-d", *tags], check=True,
+                       capture_output=True)
     generated = ROOT / "inventories" / "test" / "zz_lab_generated.yml"
     shutil.copy(generated, clone / generated.relative_to(ROOT))
     keys: dict[str, Path] = {}
@@ -118,6 +141,7 @@ def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     for role, who in zip(roles, ("head", "security"), strict=True):
         policy["roles"][role]["principals"] = [f"{who}@verify.invalid"]
     (clone / "release" / "approvers.yml").write_text(yaml.safe_dump(policy))
+    _rekey_production_vault(clone)
     git = ["git", "-C", str(clone), "-c", "user.name=verify", "-c", "user.email=v@invalid"]
     subprocess.run([*git, "commit", "-qam", "throwaway approvers"], check=True)
     return clone, keys

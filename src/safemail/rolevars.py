@@ -21,9 +21,13 @@ Ansible keeps global state (config, plugin loaders, CLI arguments), so callers r
 module in a subprocess with ``ANSIBLE_CONFIG`` set to the project's ansible.cfg
 (:func:`run`); the JSON it prints is the interface.
 
-Limits: roles a play lists (and their meta dependencies) are checked; a role a task pulls in
-with ``include_role`` (service_tls from mailrelay and mailstore) is not, nor a task's own
-``vars``. Facts are absent, so a default that reads a fact cannot be templated (none of the
+Roles checked: those a play lists (and their meta dependencies), and those a task pulls in
+with ``import_role`` or ``include_role`` (service_tls from mailrelay, mailstore and auth), from
+the play's own tasks or any role's tasks, nested; the include's ``vars`` count. An
+``include_role``/``import_role`` with ``tasks_from: X`` is checked against the entry point
+``X`` of the role's spec (none there: nothing, as Ansible); a templated role name is not
+followed. Limits: a task's own ``vars`` outside an include are not seen. Facts are absent,
+so a default that reads a fact cannot be templated (none of the
 required options does). It uses a few of ansible-core's internal names (2.19, pinned in
 pyproject.toml): ``Role._get_role_argspecs``, ``Play._included_path``,
 ``VariableManager._hostvars``; an ansible-core upgrade must keep tests/test_inventory_specs.py
@@ -93,12 +97,122 @@ def _play_tasks(blocks: Sequence[Any]) -> list[Any]:
     return out
 
 
+def _flatten(blocks: Sequence[Any]) -> list[Any]:
+    """Every task of blocks (block, rescue and always parts), nested blocks flattened."""
+    out: list[Any] = []
+    for block in blocks:
+        for part in (block.block, block.rescue, block.always):
+            for item in part or ():
+                out += _flatten([item]) if hasattr(item, "block") else [item]
+    return out
+
+
+def _applied_roles(play: Any, variables: Any, loader: Any) -> list[tuple[Any, str, Any, str]]:
+    """Every role a play applies, as (role, entry point, its first task, label): the roles it
+    lists (with their meta dependencies), and those pulled in by ``import_role`` (their tasks
+    sit in the compiled blocks under the imported role) or ``include_role`` (expanded here as
+    Ansible expands it at run time), in the play's own tasks and in any role's tasks, nested."""
+    from ansible.playbook.role_include import IncludeRole
+
+    found: list[tuple[Any, str, Any, str]] = []
+    labels: set[str] = set()
+
+    def entry_of(role: Any) -> str:
+        files = getattr(role, "_from_files", None) or {}
+        return str(files.get("tasks") or ENTRY_POINT)
+
+    def scan(blocks: Sequence[Any], depth: int) -> None:
+        for task in _flatten(blocks):
+            if isinstance(task, IncludeRole):
+                if depth > 8 or "{{" in str(task._role_name):
+                    continue  # a recursive or templated include: not followed
+                included, _handlers = task.get_block_list(play=play, variable_manager=variables,
+                                                          loader=loader)
+                scan(included, depth + 1)
+                continue
+            role = getattr(task, "_role", None)
+            if role is None or not hasattr(task, "action"):
+                continue
+            entry = entry_of(role)
+            label = role.get_name() + ("" if entry == ENTRY_POINT else f" ({entry})")
+            if label not in labels:
+                labels.add(label)
+                found.append((role, entry, task, label))
+
+    listed = list(play.get_roles())  # include_role appends to play.roles while expanding
+    scan(play.pre_tasks + play.tasks + play.post_tasks, 0)
+    for role in listed:
+        scan(role.compile(play=play), 0)
+    return found
+
+
+def _check_role(play: Any, hosts: Sequence[Any], spec: Mapping[str, Any], first: Any,
+                label: str, variables: Any, loader: Any,
+                rendered: dict[str, dict[str, dict[str, Any]]], problems: list[dict[str, str]],
+                seen: set[tuple[str, str, str]], show_secrets: bool) -> None:
+    """Template a role's options as its first task sees them on each host; check the spec."""
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+    from ansible.template import Templar
+
+    for host in hosts:
+        key = (play.get_name(), host.name, label)
+        if key in seen:
+            continue
+        seen.add(key)
+        task_vars = variables.get_vars(play=play, host=host, task=first)
+        templar = Templar(loader=loader, variables=task_vars)
+        args: dict[str, Any] = {}
+        failed: set[str] = set()
+        out = rendered.setdefault(host.name, {}).setdefault(
+            f"{play.get_name()} | {label}", {})
+        for name in sorted(spec):
+            if name not in task_vars:
+                continue
+            try:
+                args[name] = templar.template(task_vars[name])
+            except Exception as exc:  # noqa: BLE001 - any templating error is reported
+                problems.append(vars(Problem(host.name, label, name,
+                                             f"cannot be templated: {exc}")))
+                out[name] = "<error>"
+                failed.add(name)
+                continue
+            out[name] = (_plain(args[name]) if show_secrets or not _is_secret(name)
+                         else "<secret>")
+        for name, body in sorted(spec.items()):
+            if body.get("required") and args.get(name) is None and name not in failed:
+                problems.append(vars(Problem(host.name, label, name,
+                                             "required, but not set")))
+        for name, body in sorted(spec.items()):
+            value = args.get(name)
+            if name in failed or value is None:
+                continue
+            # Ansible's validator turns a string into a one-item list (and a string of
+            # commas into several) without complaint; a template's `join` over such a
+            # value then writes it character by character. A list or dict option must
+            # be one in the inventory.
+            if body.get("type") in ("list", "dict") and isinstance(value, str):
+                problems.append(vars(Problem(
+                    host.name, label, name,
+                    f"is a string, not a {body['type']}: write it as a YAML "
+                    f"{'list' if body['type'] == 'list' else 'mapping'}")))
+            elif body.get("required") and isinstance(value, str) and not value.strip():
+                problems.append(vars(Problem(host.name, label, name,
+                                             "required, but empty")))
+        result = ArgumentSpecValidator(spec).validate(
+            args, validate_role_argument_spec=True)
+        for err in result.errors:
+            if type(err).__name__ == "RequiredError":
+                continue  # reported above, one problem per option
+            named = _ARGUMENT.search(str(err))
+            problems.append(vars(Problem(host.name, label,
+                                         named.group(1) if named else "?", str(err))))
+
+
 def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Path]],
              show_secrets: bool, task_args: bool = False) -> dict[str, Any]:
     """Run inside a process of its own (Ansible's global state): see :func:`run`."""
     from ansible import context
     from ansible.inventory.manager import InventoryManager
-    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
     from ansible.module_utils.common.collections import ImmutableDict
     from ansible.parsing.dataloader import DataLoader
     from ansible.parsing.vault import get_file_vault_secret
@@ -158,64 +272,12 @@ def _collect(inventory: Path, playbook: Path, vault_ids: Sequence[tuple[str, Pat
                         continue
                     tasks_out.setdefault(host.name, {})[where] = (
                         values if task.loop else values[0])
-        for role in play.get_roles():
-            spec = (role._get_role_argspecs() or {}).get(ENTRY_POINT, {}).get("options", {})
-            blocks = role.compile(play=play)
-            tasks = [t for b in blocks for t in b.block if hasattr(t, "action")]
-            if not tasks:
-                continue
-            for host in hosts:
-                key = (play.get_name(), host.name, role.get_name())
-                if key in seen:
-                    continue
-                seen.add(key)
-                task_vars = variables.get_vars(play=play, host=host, task=tasks[0])
-                templar = Templar(loader=loader, variables=task_vars)
-                args: dict[str, Any] = {}
-                failed: set[str] = set()
-                out = rendered.setdefault(host.name, {}).setdefault(
-                    f"{play.get_name()} | {role.get_name()}", {})
-                for name in sorted(spec):
-                    if name not in task_vars:
-                        continue
-                    try:
-                        args[name] = templar.template(task_vars[name])
-                    except Exception as exc:  # noqa: BLE001 - any templating error is reported
-                        problems.append(vars(Problem(host.name, role.get_name(), name,
-                                                     f"cannot be templated: {exc}")))
-                        out[name] = "<error>"
-                        failed.add(name)
-                        continue
-                    out[name] = (_plain(args[name]) if show_secrets or not _is_secret(name)
-                                 else "<secret>")
-                for name, body in sorted(spec.items()):
-                    if body.get("required") and args.get(name) is None and name not in failed:
-                        problems.append(vars(Problem(host.name, role.get_name(), name,
-                                                     "required, but not set")))
-                for name, body in sorted(spec.items()):
-                    value = args.get(name)
-                    if name in failed or value is None:
-                        continue
-                    # Ansible's validator turns a string into a one-item list (and a string of
-                    # commas into several) without complaint; a template's `join` over such a
-                    # value then writes it character by character. A list or dict option must
-                    # be one in the inventory.
-                    if body.get("type") in ("list", "dict") and isinstance(value, str):
-                        problems.append(vars(Problem(
-                            host.name, role.get_name(), name,
-                            f"is a string, not a {body['type']}: write it as a YAML "
-                            f"{'list' if body['type'] == 'list' else 'mapping'}")))
-                    elif body.get("required") and isinstance(value, str) and not value.strip():
-                        problems.append(vars(Problem(host.name, role.get_name(), name,
-                                                     "required, but empty")))
-                result = ArgumentSpecValidator(spec).validate(
-                    args, validate_role_argument_spec=True)
-                for err in result.errors:
-                    if type(err).__name__ == "RequiredError":
-                        continue  # reported above, one problem per option
-                    named = _ARGUMENT.search(str(err))
-                    problems.append(vars(Problem(host.name, role.get_name(),
-                                                 named.group(1) if named else "?", str(err))))
+        for role, entry, first, label in _applied_roles(play, variables, loader):
+            spec = (role._get_role_argspecs() or {}).get(entry, {}).get("options", {})
+            if entry != ENTRY_POINT and not spec:
+                continue  # no entry point for these tasks_from: Ansible validates nothing
+            _check_role(play, hosts, spec, first, label, variables, loader, rendered,
+                        problems, seen, show_secrets)
     # Every other variable of every host (outside any play: inventory, the playbook's group_vars).
     host_level: dict[str, dict[str, Any]] = {}
     loader.set_basedir(book._basedir)

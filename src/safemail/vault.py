@@ -59,3 +59,40 @@ def vault_args(repo: Path | None, inventory: Path,
     if vid is None or script is None:
         return []
     return ["--vault-id", f"{vid}@{script}"]
+
+
+# Published in docs/production.md so anyone can read the committed example vault: a site's
+# vault that still opens with it protects nothing.
+EXAMPLE_PASSWORD = "safemail-example-vault"  # noqa: S105 - published on purpose
+
+
+def opens_with(path: Path, password: str) -> bool:
+    """True if the ansible-vault file ``path`` decrypts with ``password``."""
+    from ansible.errors import AnsibleError
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if not data.startswith(HEADER.encode()):
+        return False
+    vid = vault_id(path.parent.parent.parent) or "default"
+    lib = VaultLib([(vid, VaultSecret(password.encode()))])
+    try:
+        lib.decrypt(data)
+    except AnsibleError:
+        return False
+    return True
+
+
+def example_password_problem(inventory: Path) -> str | None:
+    """Why the inventory's vault cannot be a real site's: it opens with the example password."""
+    path = inventory / VAULT_FILE
+    if opens_with(path, EXAMPLE_PASSWORD):
+        return (
+            f"{path} still opens with the published example password {EXAMPLE_PASSWORD!r}: "
+            "its secrets are the project's examples, readable by anyone. Make the site's own "
+            "vault with a new password first (docs/production.md, 'The vault')"
+        )
+    return None

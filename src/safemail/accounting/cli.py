@@ -90,13 +90,14 @@ def directory_resolver(settings: dict[str, Any]):  # type: ignore[no-untyped-def
     businessCategory), one connection per run."""
     from safemail.participant.directory import DirectoryConfig, LdapCertificateDirectory
 
-    missing = [k for k in ("uri", "base", "bind_dn", "password") if not settings.get(k)]
+    missing = [k for k in ("uri", "base", "bind_dn", "password", "cafile")
+               if not settings.get(k)]
     if missing:
-        raise SafeMailError(f"directory settings lack {', '.join(missing)}")
+        raise SafeMailError(f"directory settings lack {', '.join(missing)}",
+                            "run the accounting role (it writes all of them)")
     config = DirectoryConfig(
         uri=settings["uri"], bind_dn=settings["bind_dn"], password=settings["password"],
-        base=settings["base"],
-        cafile=Path(settings["cafile"]) if settings.get("cafile") else None,
+        base=settings["base"], cafile=Path(settings["cafile"]),
     )
 
     def resolve(addresses: Iterable[str]) -> dict[str, Participant]:

@@ -28,6 +28,7 @@ import datetime as dt
 import itertools
 import re
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,20 +70,53 @@ class Policy:
 
 
 def load_policy(repo: Path) -> Policy:
-    """Read release/approvers.yml and check it against release/allowed_signers."""
+    """Read release/approvers.yml and check it against release/allowed_signers (the working
+    tree's files, which must equal HEAD's)."""
     path = repo / APPROVERS
     signers = repo / ALLOWED_SIGNERS
     hint = f"see docs/change-manager.md, section 'Approvers'; fix {APPROVERS}"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ApprovalError(f"approval policy {path} does not exist", hint) from None
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ApprovalError(f"cannot read {path}: {exc}", hint) from exc
     if not signers.is_file():
         raise ApprovalError(f"allowed signers file {signers} does not exist", hint)
     for rel in (APPROVERS, ALLOWED_SIGNERS):
         _require_committed(repo, rel, hint)
+    return parse_policy(text, signers, str(path))
+
+
+_POLICY_COPIES: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def load_policy_at(repo: Path, revision: str) -> Policy:
+    """The approval policy as committed in ``revision`` (e.g. a release tag): its
+    approvers.yml, and its allowed_signers copied to a temporary file for ssh-keygen."""
+    hint = "see docs/change-manager.md, section 'Which approval policy counts'"
+    blobs: dict[Path, bytes] = {}
+    for rel in (APPROVERS, ALLOWED_SIGNERS):
+        proc = subprocess.run(["git", "-C", str(repo), "show", f"{revision}:{rel.as_posix()}"],
+                              capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise ApprovalError(f"{rel} does not exist in {revision}", hint)
+        blobs[rel] = proc.stdout
+    copy = tempfile.TemporaryDirectory(prefix="safemail-policy-")
+    _POLICY_COPIES.append(copy)  # lives as long as the process: Policy names the file
+    signers = Path(copy.name) / "allowed_signers"
+    signers.write_bytes(blobs[ALLOWED_SIGNERS])
+    return parse_policy(blobs[APPROVERS].decode("utf-8", "replace"), signers,
+                        f"{revision}:{APPROVERS}")
+
+
+def parse_policy(text: str, signers: Path, path: str) -> Policy:
+    """Check an approvers.yml text against an allowed_signers file."""
+    hint = f"see docs/change-manager.md, section 'Approvers'; fix {APPROVERS}"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ApprovalError(f"cannot read {path}: {exc}", hint) from exc
     _reject_cert_authority(signers, hint)
     if not isinstance(data, Mapping) or not isinstance(data.get("roles"), Mapping):
         raise ApprovalError(f"{path}: expected a mapping with 'roles'", hint)

@@ -170,6 +170,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ask-vault-pass", action="store_true", help="passed to ansible-playbook (prompts)"
     )
     p.add_argument(
+        "--first-release",
+        action="store_true",
+        help="the very first release (no release tag yet): the released revision's own\n"
+        "release/ approves it. Refused once any release tag exists; otherwise the newest\n"
+        "release tag's release/ counts (docs/change-manager.md)",
+    )
+    p.add_argument(
         "--max-age-hours",
         type=_max_age_hours,
         default=promote.DEFAULT_MAX_AGE_HOURS,
@@ -431,7 +438,8 @@ def _existing_metadata(path: Path) -> RunMetadata | None:
 def cmd_promote(args: argparse.Namespace) -> int:
     repo = _repo()
     report_path = _rel(repo, args.report)
-    decision = promote.evaluate(repo, report_path, max_age_hours=args.max_age_hours)
+    decision = promote.evaluate(repo, report_path, max_age_hours=args.max_age_hours,
+                                first_release=args.first_release)
     print(decision.summary())
     project = Project(repo)
     inventory = project.inventory(args.to)
@@ -508,7 +516,7 @@ def _playbook_options(args: argparse.Namespace) -> list[str]:
 
 def cmd_approval(args: argparse.Namespace) -> int:
     repo = _repo()
-    policy = approvals.load_policy(repo)
+    policy = promote.counting_policy(repo)
     roles = ", ".join(f"{policy.roles[r].title} ({r})" for r in policy.release_roles)
     if args.waiver:
         return _waiver_request(args, repo, policy)

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemail import vault
 from safemail.errors import SafeMailError
-from safemail.gate import approvals, hashing, stage
+from safemail.gate import approvals, hashing, release_chain, stage
 from safemail.gate.catalogue import load_catalogue
 from safemail.gate.report import (
     CREATED_BY_VERIFY,
@@ -33,6 +34,7 @@ from safemail.gate.report import (
     utc_iso,
 )
 from safemail.gate.waivers import DEFAULT_WAIVERS, load_waivers
+from safemail.project import Project
 
 DEFAULT_REPORT = Path("reports/test/latest/report.json")
 DEFAULT_RELEASE_LOG = Path("reports/releases.jsonl")
@@ -42,7 +44,8 @@ TESTED_STAGE = "test"
 MAX_NAMED_FILES = 15
 APPROVALS_DIR = "approvals"
 JUNIT_NAME = "junit.xml"
-TAG_PREFIX = "release/production/"
+HTML_NAME = "report.html"
+TAG_PREFIX = release_chain.TAG_PREFIX
 
 
 @dataclass
@@ -54,13 +57,14 @@ class Decision:
     revision: str | None = None
     approvers: list[approvals.Signer] = field(default_factory=list)
     operator: str | None = None
+    policy_source: str = ""  # which approval policy counted (release_chain.Base.source)
 
     def summary(self) -> str:
         if self.allowed:
             who = ", ".join(f"{s.principal} ({s.role})" for s in self.approvers)
             return (
                 f"promotion allowed: report {self.report_path} covers revision {self.revision}; "
-                f"approved by {who}"
+                f"approved by {who}; approval policy: {self.policy_source}"
             )
         return "promotion refused:\n  - " + "\n  - ".join(self.reasons)
 
@@ -71,9 +75,12 @@ class Evidence:
 
     stage: stage.StageIdentity
     junit_digest: str | None = None  # sha256 of the run's junit.xml as it is now; None: missing
+    html_digest: str | None = None  # sha256 of the run's report.html as it is now; None: missing
     seal_problem: str | None = None
     approval: approvals.Approval | None = None
     approval_problem: str | None = None  # the approval policy itself is unusable
+    policy: approvals.Policy | None = None  # the policy that counted
+    policy_source: str = ""
     waiver_problem: str | None = None
     # The report's catalogue against the checkout's verify/requirements.yml (fail closed).
     catalogue_problem: str | None = "the report's requirement catalogue was not checked"
@@ -196,6 +203,19 @@ def _run_reasons(report: Mapping[str, Any], ev: Evidence) -> list[str]:
             f"{JUNIT_NAME} does not match the digest the report recorded "
             "(the JUnit file was replaced or edited after the run)"
         )
+    recorded_html = run.get("html_sha256")
+    if not recorded_html:
+        reasons.append(
+            f"the report records no digest of its {HTML_NAME} (made by an older safemail "
+            "verify): the page the approvers read is not covered by the seal; verify again"
+        )
+    elif ev.html_digest is None:
+        reasons.append(f"the run's {HTML_NAME} is missing beside the report")
+    elif ev.html_digest != recorded_html:
+        reasons.append(
+            f"{HTML_NAME} does not match the digest the sealed report recorded (the page the "
+            "approvers read was edited or replaced after the run)"
+        )
     if ev.seal_problem:
         reasons.append(ev.seal_problem)
     if ev.catalogue_problem:
@@ -269,8 +289,13 @@ def evaluate(
     *,
     max_age_hours: float = DEFAULT_MAX_AGE_HOURS,
     now: dt.datetime | None = None,
+    first_release: bool = False,
 ) -> Decision:
-    """Read the report and the checkout, then decide."""
+    """Read the report and the checkout, then decide.
+
+    The approval policy that counts is the newest release tag's (:mod:`release_chain`);
+    ``first_release`` allows the released revision's own policy when there is no release tag
+    yet, and only then."""
     now = now or dt.datetime.now(dt.UTC)
     state = current_state(repo, TESTED_STAGE)
     report: dict[str, Any] | None = None
@@ -287,7 +312,8 @@ def evaluate(
             problem = exc.message
     digest = file_digest(report_path) if report is not None else None
     if report is not None and digest is not None:
-        evidence = gather_evidence(repo, report_path, report, digest, now.date())
+        evidence = gather_evidence(repo, report_path, report, digest, now.date(),
+                                   first_release=first_release)
     decision = decide(
         report,
         state,
@@ -296,36 +322,72 @@ def evaluate(
         evidence=evidence,
         report_problem=problem,
     )
+    # The target: a production vault that opens with the published example password is the
+    # project's example, not a site's secrets.
+    vault_problem = vault.example_password_problem(Project(repo).inventory("production"))
+    if vault_problem:
+        decision.reasons.append(vault_problem)
+        decision.allowed = False
     decision.report_path = str(report_path)
     decision.report_digest = digest
-    if decision.allowed:
+    decision.policy_source = evidence.policy_source
+    if decision.allowed and evidence.policy is not None:
         decision.operator = next(
-            (s.principal for s in decision.approvers if s.role == _releasing_role(repo)), None
+            (s.principal for s in decision.approvers
+             if s.role == evidence.policy.releasing_role), None
         )
     return decision
 
 
-def _releasing_role(repo: Path) -> str:
-    return approvals.load_policy(repo).releasing_role
+def counting_policy(repo: Path) -> approvals.Policy:
+    """The policy approvers sign for now (``safemail approval``): see release_chain."""
+    return release_chain.counting_policy(repo)
+
+
+def approval_policy(repo: Path, first_release: bool) -> tuple[approvals.Policy, str]:
+    """The policy that approves this release and where it comes from; SafeMailError if none
+    may (docs/change-manager.md, "Which approval policy counts")."""
+    base = release_chain.base_policy(repo)
+    if base.problem:
+        raise SafeMailError(base.problem)
+    if base.policy is not None:
+        if first_release:
+            raise SafeMailError(
+                f"--first-release, but there are earlier releases (newest {base.source}): the "
+                "newest release's approval policy counts"
+            )
+        return base.policy, f"release/ of {base.source}"
+    if not first_release:
+        raise SafeMailError(
+            f"there is no release tag ({TAG_PREFIX}*) whose approval policy could approve "
+            "this release: fetch the tags of the shared repository (git fetch --tags); only "
+            "for the very first release, pass --first-release (docs/change-manager.md, "
+            "'Which approval policy counts')"
+        )
+    return approvals.load_policy(repo), release_chain.FIRST_RELEASE
 
 
 def gather_evidence(
-    repo: Path, report_path: Path, report: Mapping[str, Any], digest: str, today: dt.date
+    repo: Path, report_path: Path, report: Mapping[str, Any], digest: str, today: dt.date,
+    *, first_release: bool = False,
 ) -> Evidence:
     """Read the stage, the seal, the JUnit file, the signatures and the waivers."""
     identity = stage.read_stage(repo, TESTED_STAGE)
     junit = report_path.parent / JUNIT_NAME
+    html = report_path.parent / HTML_NAME
     ev = Evidence(
         stage=identity,
         junit_digest=file_digest(junit) if junit.is_file() else None,
+        html_digest=file_digest(html) if html.is_file() else None,
         seal_problem=stage.seal_problem(report_path, identity),
         catalogue_problem=catalogue_problem(repo, report),
     )
     try:
-        policy = approvals.load_policy(repo)
+        policy, ev.policy_source = approval_policy(repo, first_release)
     except SafeMailError as exc:
         ev.approval_problem = exc.message
         return ev
+    ev.policy = policy
     ev.approval = approvals.check(
         policy,
         approvals.read_signature_dir(report_path.parent / APPROVALS_DIR),
@@ -438,6 +500,7 @@ def tag_release(
         f"inventory-hash: {report.get('inventory_hash')}",
         f"operator: {decision.operator}",
         f"time: {utc_iso(when)}",
+        f"approval-policy: {decision.policy_source}",
     ]
     lines += [f"approved-by: {s.role}: {s.principal} {s.key_fingerprint}"
               for s in decision.approvers]

@@ -42,7 +42,11 @@ report.json (schema ``safemail.verify-report/2``; see REPORT_SCHEMA for the exac
     unmapped_tests [{id, outcome, req [ids], reason}],
     waivers [{id, justification, approver, expires, active}],
     run {created_by, profile, junit_sha256|null, host_keys {host: [fingerprints]},
-         skipped_by_profile [{id, reason}]}
+         skipped_by_profile [{id, reason}], html_sha256}
+
+``run.html_sha256`` is the sha256 of the ``report.html`` written beside the JSON (rendered
+first, from the same content): the seal over report.json therefore covers the page the
+approvers read, and the gate refuses a report.html changed after the run.
 """
 
 from __future__ import annotations
@@ -535,6 +539,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "profile": {"enum": list(PROFILES)},
                 "junit_sha256": {"type": ["string", "null"], "pattern": r"^[0-9a-f]{64}$"},
                 "host_keys": {"type": "object", "additionalProperties": _STR_LIST},
+                # optional in the schema (older reports lack it); the gate requires it
+                "html_sha256": {"type": "string", "pattern": r"^[0-9a-f]{64}$"},
                 "skipped_by_profile": {
                     "type": "array",
                     "items": {
@@ -779,7 +785,14 @@ def render_html(report: Mapping[str, Any]) -> str:
 
 
 def write_report(report: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path, str]:
-    """Write report.json and report.html; return their paths and the JSON's sha256 digest."""
+    """Write report.json and report.html; return their paths and the JSON's sha256 digest.
+
+    The HTML is rendered first (without its own digest) and its sha256 goes into
+    ``run.html_sha256`` of the JSON, so whatever seals or signs report.json covers the page.
+    """
+    html = render_html(report).encode("utf-8")
+    report = dict(report)
+    report["run"] = {**report["run"], "html_sha256": hashlib.sha256(html).hexdigest()}
     problems = validate_report(report)
     if problems:
         raise ReportError(
@@ -791,7 +804,7 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path, 
     json_path = out_dir / "report.json"
     html_path = out_dir / "report.html"
     json_path.write_bytes(data)
-    html_path.write_text(render_html(report), encoding="utf-8")
+    html_path.write_bytes(html)
     return json_path, html_path, hashlib.sha256(data).hexdigest()
 
 

@@ -26,7 +26,7 @@ import yaml
 
 from safemail import vault
 from safemail.errors import SafeMailError
-from safemail.gate import approvals, hashing, stage
+from safemail.gate import approvals, hashing, release_chain, stage
 from safemail.gate.catalogue import Catalogue, load_catalogue, relative_to
 from safemail.gate.report import (
     CREATED_BY_VERIFY,
@@ -268,6 +268,10 @@ def run_verify(
         )
     if not (repo / "verify").is_dir():
         raise SafeMailError(f"no verify/ directory in {repo}", "run from the SafeMail checkout")
+    if opts.stage == "production":
+        problem = vault.example_password_problem(inventory)
+        if problem:
+            raise SafeMailError(problem)
     catalogue_path = (opts.catalogue or repo / "verify" / "requirements.yml").resolve()
     catalogue: Catalogue = relative_to(load_catalogue(catalogue_path), repo)
     unknown = [r for r in opts.requirements if r not in catalogue]
@@ -330,7 +334,7 @@ def policy_for_waivers(repo: Path, waiver_file: Path) -> approvals.Policy | None
             return None
     except (OSError, yaml.YAMLError):
         return None  # no file, or load_waivers reports it with its own message
-    return approvals.load_policy(repo)
+    return release_chain.counting_policy(repo)
 
 
 def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> bool:
@@ -343,6 +347,11 @@ def _seal(repo: Path, opts: VerifyOptions, json_path: Path, out: IO[str]) -> boo
               "checkout's verify/requirements.yml", file=out)
         return False
     identity = stage.read_stage(repo, opts.stage)
+    if identity.problems:
+        # The run did not (provably) use the lab's own key and known_hosts: no seal.
+        print("safemail verify: not sealed: the stage is not the lab as the gate knows it:\n  "
+              + "\n  ".join(identity.problems), file=out)
+        return False
     key = identity.run_key_private
     if key is None or not key.is_file():
         print(f"safemail verify: no readable stage SSH key ({key}) to seal the report",

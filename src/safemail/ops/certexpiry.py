@@ -40,8 +40,9 @@ SCHEMA = 1
 SYSLOG_TAG = "safemail-cert-expiry"
 DEFAULT_STATUS = Path("/var/lib/safemail/cert-expiry.json")
 DEFAULT_WARN_DAYS = 30
-# The directory's entries in one search; slapd's own limit for a bound user is 500.
-SIZE_LIMIT = 0
+# At most this many participant entries in one search (asked of the server, checked by the
+# client): slapd's own limit for a bound user is 500 too (olcSizeLimit). More is an error.
+SIZE_LIMIT = 500
 EXIT_WARN = 3
 
 
@@ -129,7 +130,7 @@ def read_directory(config: dict) -> list[tuple[str, list[bytes]]]:
 
     cfg = DirectoryConfig(
         uri=config["ldap_uri"], bind_dn=config["bind_dn"], password=config["bind_password"],
-        base=config["base_dn"], cafile=Path(config["cafile"]) if config.get("cafile") else None,
+        base=config["base_dn"], cafile=Path(config["cafile"]),
     )
     with LdapCertificateDirectory(cfg) as directory:
         found = directory.search("objectClass", "inetOrgPerson", ["mail", CERT_ATTRIBUTE],
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = json.loads(args.config.read_text(encoding="utf-8"))
-        missing = [k for k in ("ldap_uri", "base_dn", "bind_dn", "bind_password")
+        missing = [k for k in ("ldap_uri", "base_dn", "bind_dn", "bind_password", "cafile")
                    if not config.get(k)]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")

@@ -137,7 +137,8 @@ def _add_lookup(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--mailbox", required=True, help="the participant to look up")
     _add_directory(p)
     p.add_argument("--cafile", type=Path,
-                   help="CA certificate(s) to verify an ldap:// or https:// server (PEM)")
+                   help="CA certificate(s) to verify an ldap:// or https:// server (PEM; "
+                   "required for ldap://)")
     _add_password(p, note="LDAP only: ")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     p.set_defaults(func=cmd_lookup)
@@ -285,6 +286,12 @@ def _directory(
             "an LDAP directory needs --directory-bind-dn",
             f"pass --directory-bind-dn uid=NUMBER,ou=participants,... (or set "
             f"${DIRECTORY_BIND_DN_ENV}); participants use --directory http://CA-DIST/ instead",
+        )
+    if args.cafile is None:
+        raise UsageError(
+            "an LDAP directory needs --cafile",
+            "the directory's TLS certificate is always verified: give the service TLS CA "
+            "(on service hosts /etc/safemail/tls/ca.crt)",
         )
     config = directory.DirectoryConfig(
         uri=args.directory,

@@ -9,33 +9,35 @@ used as a context manager):
   transport is not trusted: a certificate is used only if the SafeMail CA (``--smime-ca``)
   signed it, it names the mailbox, it is valid now and its serial is not on the CA's CRL
   (itself checked against the CA and not expired).
-* :class:`LdapCertificateDirectory` -- for service-side use. The distribution host also
-  publishes each participant's certificate into the directory (``userCertificate;binary`` of
-  ``uid=<number>,ou=participants,<base>``); this client binds and searches there. The
-  directory sits on the back segment, which SafeNet cannot reach (SYS-01), so participants
-  do not use it.
+* :class:`LdapCertificateDirectory` -- for service-side use (the relay's accounting, service
+  hosts). The distribution host also publishes each participant's certificate into the
+  directory (``userCertificate;binary`` of ``uid=<number>,ou=participants,<base>``); this
+  client binds and searches there. The directory sits on the back segment, which SafeNet
+  cannot reach (SYS-01), so participants do not use it.
 
-The LDAP client speaks the three LDAPv3 operations it needs (RFC 4511: StartTLS, simple bind,
-one-level search with an equality filter) over the standard library's socket and ssl, so no
-further package is needed. TLS is mandatory (StartTLS on ``ldap://``, or ``ldaps://``) and
-the server is verified against a CA file; the bind password never travels before TLS is up.
-
-:func:`encode_*` and :func:`decode_message` are pure (unit-tested byte for byte);
-:class:`LdapCertificateDirectory` and :class:`HttpCertificateDirectory` are the network edge.
+The LDAP side is a thin adapter over python-ldap (OpenLDAP's libldap; Debian's python3-ldap on
+the hosts, the same release on the controller: docs/directory.md). TLS is mandatory (StartTLS
+on ``ldap://``, or ``ldaps://``), the server is verified against the CA file the caller gives
+(required; nothing turns verification off, and no ldap.conf, ldaprc or LDAPTLS_* setting of
+the environment widens it), and the bind password never travels before TLS is up. A search
+asks the server for at most ``size_limit`` entries and the client stops reading past that.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
+import os
 import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import ldap
+import ldap.dn
+import ldap.filter
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
@@ -45,21 +47,18 @@ from safemail.participant.message import certificate_mailboxes
 
 __all__ = [
     "CERT_ATTRIBUTE",
+    "DEFAULT_SIZE_LIMIT",
     "DirectoryConfig",
     "HttpCertificateDirectory",
     "LdapCertificateDirectory",
-    "LdapMessage",
-    "decode_message",
-    "encode_bind",
-    "encode_search",
-    "encode_starttls",
-    "encode_unbind",
     "parent_dn",
 ]
 
 CERT_ATTRIBUTE = "userCertificate;binary"
-STARTTLS_OID = "1.3.6.1.4.1.1466.20037"
-_MAX_MESSAGE = 16 * 1024 * 1024  # a search answer with a few certificates is a few KB
+# One mailbox is one participant entry; a handful of matches is already wrong. The server is
+# asked for no more, and the client reads no more (a directory that ignores the limit cannot
+# make this process hold an unbounded answer).
+DEFAULT_SIZE_LIMIT = 10
 
 # Result codes worth a specific hint (RFC 4511 appendix A).
 _RESULT_HINTS = {
@@ -72,164 +71,17 @@ _RESULT_HINTS = {
     50: ("the directory denied access", "bind as a participant entry, not anonymously"),
 }
 
-# --- BER (the subset LDAP uses: low tag numbers, definite lengths) -------------------------
-
-_SEQUENCE, _SET, _INTEGER, _OCTETS, _ENUM, _BOOL = 0x30, 0x31, 0x02, 0x04, 0x0A, 0x01
-_APP_BIND_REQ, _APP_BIND_RESP, _APP_UNBIND = 0x60, 0x61, 0x42
-_APP_SEARCH_REQ, _APP_SEARCH_ENTRY, _APP_SEARCH_DONE, _APP_SEARCH_REF = 0x63, 0x64, 0x65, 0x73
-_APP_EXT_REQ, _APP_EXT_RESP = 0x77, 0x78
-_CTX_SIMPLE, _CTX_EXT_NAME, _FILTER_EQUALITY = 0x80, 0x80, 0xA3
-
-
-def _length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-def _tlv(tag: int, value: bytes) -> bytes:
-    return bytes([tag]) + _length(len(value)) + value
-
-
-def _int(tag: int, n: int) -> bytes:
-    return _tlv(tag, n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big", signed=True))
-
-
-def _str(value: str | bytes, tag: int = _OCTETS) -> bytes:
-    return _tlv(tag, value.encode("utf-8") if isinstance(value, str) else value)
-
-
-def _message(message_id: int, op: bytes) -> bytes:
-    return _tlv(_SEQUENCE, _int(_INTEGER, message_id) + op)
-
-
-def encode_starttls(message_id: int) -> bytes:
-    """ExtendedRequest for StartTLS (RFC 4511 4.14)."""
-    return _message(message_id, _tlv(_APP_EXT_REQ, _str(STARTTLS_OID, _CTX_EXT_NAME)))
-
-
-def encode_bind(message_id: int, dn: str, password: str) -> bytes:
-    """LDAPv3 simple BindRequest."""
-    body = _int(_INTEGER, 3) + _str(dn) + _str(password, _CTX_SIMPLE)
-    return _message(message_id, _tlv(_APP_BIND_REQ, body))
-
-
-def encode_search(
-    message_id: int, base: str, attribute: str, value: str, attributes: Iterable[str],
-    *, size_limit: int = 10, time_limit: int = 30,
-) -> bytes:
-    """A one-level SearchRequest with the filter ``(attribute=value)``.
-
-    The value travels as the raw octets of an equality assertion, so no filter escaping is
-    involved (RFC 4515 escaping is only for the string form of a filter).
-    """
-    assertion = _tlv(_FILTER_EQUALITY, _str(attribute) + _str(value))
-    body = (
-        _str(base)
-        + _int(_ENUM, 1)  # scope: singleLevel (participants sit directly under the base)
-        + _int(_ENUM, 0)  # derefAliases: never
-        + _int(_INTEGER, size_limit)
-        + _int(_INTEGER, time_limit)
-        + _tlv(_BOOL, b"\x00")  # typesOnly: false
-        + assertion
-        + _tlv(_SEQUENCE, b"".join(_str(a) for a in attributes))
-    )
-    return _message(message_id, _tlv(_APP_SEARCH_REQ, body))
-
-
-def encode_unbind(message_id: int) -> bytes:
-    return _message(message_id, _tlv(_APP_UNBIND, b""))
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def done(self) -> bool:
-        return self.pos >= len(self.data)
-
-    def read(self) -> tuple[int, bytes]:
-        data, pos = self.data, self.pos
-        if pos + 2 > len(data):
-            raise ValueError("truncated BER element")
-        tag, first = data[pos], data[pos + 1]
-        if tag & 0x1F == 0x1F:
-            raise ValueError("high tag numbers are not used by LDAP")
-        pos += 2
-        if first < 0x80:
-            length = first
-        else:
-            count = first & 0x7F
-            if count == 0 or count > 4 or pos + count > len(data):
-                raise ValueError("bad BER length")
-            length = int.from_bytes(data[pos : pos + count], "big")
-            pos += count
-        if pos + length > len(data):
-            raise ValueError("truncated BER element")
-        self.pos = pos + length
-        return tag, data[pos : pos + length]
-
-    def expect(self, tag: int) -> bytes:
-        got, value = self.read()
-        if got != tag:
-            raise ValueError(f"expected BER tag {tag:#x}, got {got:#x}")
-        return value
-
-
-@dataclass
-class LdapMessage:
-    """The parts of a server message this client reads."""
-
-    message_id: int
-    op: int  # the protocolOp's tag
-    result_code: int | None = None  # LDAPResult responses
-    diagnostic: str = ""
-    dn: str = ""  # SearchResultEntry
-    attributes: dict[str, list[bytes]] = field(default_factory=dict)
-
-
-def _ldap_result(r: _Reader) -> tuple[int, str]:
-    code = int.from_bytes(r.expect(_ENUM), "big")
-    r.expect(_OCTETS)  # matchedDN
-    diagnostic = r.expect(_OCTETS).decode("utf-8", "replace")
-    return code, diagnostic
-
-
-def decode_message(data: bytes) -> LdapMessage:
-    """Decode one complete LDAPMessage; raise ValueError on anything malformed."""
-    outer = _Reader(data)
-    inner = _Reader(outer.expect(_SEQUENCE))
-    message_id = int.from_bytes(inner.expect(_INTEGER), "big", signed=True)
-    op, value = inner.read()
-    msg = LdapMessage(message_id, op)
-    body = _Reader(value)
-    if op in (_APP_BIND_RESP, _APP_SEARCH_DONE, _APP_EXT_RESP):
-        msg.result_code, msg.diagnostic = _ldap_result(body)
-    elif op == _APP_SEARCH_ENTRY:
-        msg.dn = body.expect(_OCTETS).decode("utf-8", "replace")
-        attrs = _Reader(body.expect(_SEQUENCE))
-        while not attrs.done():
-            item = _Reader(attrs.expect(_SEQUENCE))
-            name = item.expect(_OCTETS).decode("utf-8", "replace")
-            values = _Reader(item.expect(_SET))
-            msg.attributes.setdefault(name, [])
-            while not values.done():
-                msg.attributes[name].append(values.expect(_OCTETS))
-    return msg
-
 
 def parent_dn(dn: str) -> str:
     """The DN one level up (``uid=1,ou=participants,dc=x`` -> ``ou=participants,dc=x``)."""
-    escaped = False
-    for i, ch in enumerate(dn):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ",":
-            return dn[i + 1 :].strip()
-    raise SafeMailError(f"{dn!r} has no parent entry", "give --directory-base explicitly")
+    try:
+        rdns = ldap.dn.str2dn(dn)
+    except ldap.DECODING_ERROR:
+        raise SafeMailError(f"{dn!r} is not a valid DN",
+                            "check --directory-bind-dn / --directory-base") from None
+    if len(rdns) < 2:
+        raise SafeMailError(f"{dn!r} has no parent entry", "give --directory-base explicitly")
+    return ldap.dn.dn2str(rdns[1:])
 
 
 # --- the network edge ---------------------------------------------------------------------
@@ -237,18 +89,33 @@ def parent_dn(dn: str) -> str:
 
 @dataclass(frozen=True)
 class DirectoryConfig:
-    """Where the directory is and how the participant binds to it."""
+    """Where the directory is, how the client verifies it and how it binds.
+
+    ``cafile`` is required: the directory's TLS certificate is verified against it, always.
+    """
 
     uri: str
     bind_dn: str
     password: str
+    cafile: Path
     base: str | None = None  # default: the bind DN's parent (ou=participants,...)
-    cafile: Path | None = None
     timeout: float = 30.0
+    size_limit: int = DEFAULT_SIZE_LIMIT
 
     @property
     def search_base(self) -> str:
         return self.base or parent_dn(self.bind_dn)
+
+
+def _info(exc: ldap.LDAPError) -> tuple[int | None, str, bool]:
+    """The result code and the most telling text of a python-ldap error, and whether it
+    came from the TCP connection itself (libldap then reports the socket's errno)."""
+    detail = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    code = detail.get("result")
+    info = str(detail.get("info") or "").strip()
+    number = detail.get("errno")
+    from_socket = not info or (isinstance(number, int) and info == os.strerror(number))
+    return code, info or str(detail.get("desc") or exc), from_socket
 
 
 class LdapCertificateDirectory:
@@ -256,23 +123,30 @@ class LdapCertificateDirectory:
 
     Implements :class:`safemail.participant.message.CertificateDirectory`. Only certificates
     that name the looked-up mailbox are returned; with ``issuer`` set, only those the SafeMail
-    CA signed (a directory entry cannot slip in a key of someone else's choosing).
+    CA signed (a directory entry cannot slip in a key of someone else's choosing). A mailbox
+    with no entry (or an entry without a usable certificate) gives an empty list.
     """
 
     def __init__(self, config: DirectoryConfig, issuer: x509.Certificate | None = None) -> None:
         self.config = config
         self.issuer = issuer
-        self._sock: socket.socket | None = None
-        self._next_id = 1
+        self._conn: ldap.ldapobject.LDAPObject | None = None
         parts = urlsplit(config.uri)
-        if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in (
+                "", "/"):
             raise SafeMailError(
                 f"{config.uri!r} is not an ldap:// or ldaps:// URI",
                 "give the directory as ldap://HOST (StartTLS) or ldaps://HOST",
             )
-        self._host = parts.hostname
-        self._tls_now = parts.scheme == "ldaps"
-        self._port = parts.port or (636 if self._tls_now else 389)
+        if not config.cafile:
+            raise SafeMailError(
+                f"no CA file to verify {self._where()}",
+                "give the service TLS CA as PEM with --cafile (the directory is always "
+                "verified)",
+            )
+        if not 0 < config.size_limit:
+            raise SafeMailError(f"size limit must be at least 1, not {config.size_limit}")
+        self._ldaps = parts.scheme == "ldaps"
 
     # context manager: close the connection after the lookups
     def __enter__(self) -> LdapCertificateDirectory:
@@ -284,143 +158,147 @@ class LdapCertificateDirectory:
     def _where(self) -> str:
         return f"the directory {self.config.uri}"
 
-    def _send(self, data: bytes) -> None:
-        assert self._sock is not None
-        self._sock.sendall(data)
+    def _error(self, exc: ldap.LDAPError, what: str) -> SafeMailError:
+        """A SafeMailError for a failed ``what`` (connect, StartTLS, bind, search)."""
+        code, text, from_socket = _info(exc)
+        # libldap reports a failed handshake or verification as "connect error" after
+        # StartTLS, or as "can't contact" on ldaps://, with the TLS layer's text rather than
+        # a socket error; it does not say which check failed (GnuTLS: "(unknown error code)").
+        tls_failed = (what == "StartTLS" and isinstance(exc, ldap.CONNECT_ERROR)) or (
+            what == "connect" and self._ldaps and isinstance(exc, ldap.SERVER_DOWN)
+            and not from_socket)
+        if tls_failed:
+            return SafeMailError(
+                f"TLS with {self._where()} failed ({text}): its certificate is not signed by "
+                f"the CA in {self.config.cafile}, does not name the host of the URI, or the "
+                "handshake failed",
+                "check --cafile (the service TLS CA) and that the URI names the host as its "
+                "certificate does",
+            )
+        if isinstance(exc, ldap.SERVER_DOWN):
+            if what == "connect":
+                return SafeMailError(f"cannot reach {self._where()}: {text}",
+                                     "is the directory reachable from this host?")
+            return SafeMailError(f"{self._where()} closed the connection during the {what}: "
+                                 f"{text}", "try again")
+        if isinstance(exc, ldap.TIMEOUT):
+            return SafeMailError(f"{self._where()} did not answer the {what} within "
+                                 f"{self.config.timeout:g} s", "try again")
+        if what == "StartTLS":
+            return SafeMailError(f"{self._where()} refused StartTLS (result {code}: {text})",
+                                 "the directory must offer StartTLS (or give ldaps://)")
+        if code in _RESULT_HINTS:
+            msg, hint = _RESULT_HINTS[code]
+            return SafeMailError(f"{self._where()}: {msg} (result {code}: {text})", hint)
+        return SafeMailError(f"{self._where()}: {what} failed (result {code}: {text})",
+                             "try again")
 
-    def _recv_exact(self, n: int) -> bytes:
-        assert self._sock is not None
-        chunks, got = [], 0
-        while got < n:
-            chunk = self._sock.recv(min(n - got, 65536))
-            if not chunk:
-                raise SafeMailError(f"{self._where()} closed the connection", "try again")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
-
-    def _recv(self) -> LdapMessage:
-        head = self._recv_exact(2)
-        extra = b""
-        if head[1] & 0x80:
-            count = head[1] & 0x7F
-            if count == 0 or count > 4:
-                raise SafeMailError(f"{self._where()} sent a malformed message", "try again")
-            extra = self._recv_exact(count)
-        length = int.from_bytes(extra, "big") if extra else head[1]
-        if length > _MAX_MESSAGE:
-            raise SafeMailError(f"{self._where()} sent an oversized message", "try again")
-        data = head + extra + self._recv_exact(length)
-        try:
-            msg = decode_message(data)
-        except ValueError as exc:
-            raise SafeMailError(f"{self._where()} sent a malformed message: {exc}",
-                                "is the URI really an LDAP server?") from exc
-        if msg.message_id == 0:  # notice of disconnection
-            raise SafeMailError(f"{self._where()} ended the session: {msg.diagnostic}",
-                                "try again")
-        return msg
-
-    def _request(self, encode) -> int:  # type: ignore[no-untyped-def]
-        message_id, self._next_id = self._next_id, self._next_id + 1
-        self._send(encode(message_id))
-        return message_id
-
-    def _check(self, msg: LdapMessage, what: str) -> None:
-        if msg.result_code == 0:
-            return
-        text, hint = _RESULT_HINTS.get(msg.result_code or -1, (f"{what} failed", "try again"))
-        raise SafeMailError(
-            f"{self._where()}: {text} (result {msg.result_code}"
-            + (f": {msg.diagnostic}" if msg.diagnostic else "") + ")",
-            hint,
+    def _too_many(self, limit: int) -> SafeMailError:
+        return SafeMailError(
+            f"{self._where()} has more than {limit} entries for one lookup "
+            "(size limit)",
+            "a mailbox belongs to one participant entry: check the directory's data",
         )
 
-    def _context(self) -> ssl.SSLContext:
-        cafile = self.config.cafile
-        try:
-            ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise SafeMailError(f"cannot load CA file {cafile}: {exc}",
-                                "give the service CA as PEM with --cafile") from exc
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+    def _server_size_limit(self, limit: int) -> int:
+        """The size limit sent with a search (the client enforces it too)."""
+        return limit
 
     def connect(self) -> None:
-        """Connect, start TLS (verified), bind as the participant."""
-        if self._sock is not None:
+        """Connect, start TLS (verified against ``cafile``), bind."""
+        if self._conn is not None:
             return
+        cafile = Path(self.config.cafile)
         try:
-            raw = socket.create_connection((self._host, self._port), timeout=self.config.timeout)
+            cafile.read_bytes()
         except OSError as exc:
-            raise SafeMailError(f"cannot reach {self._where()}: {exc}",
-                                "is the directory reachable from this host?") from exc
-        self._sock = raw
+            raise SafeMailError(f"cannot read CA file {cafile}: {exc.strerror}",
+                                "give the service TLS CA as PEM with --cafile") from exc
+        timeout = self.config.timeout
+        what = "connect"
         try:
-            if not self._tls_now:
-                mid = self._request(encode_starttls)
-                reply = self._recv()
-                if reply.message_id != mid or reply.op != _APP_EXT_RESP:
-                    raise SafeMailError(f"{self._where()} did not answer StartTLS", "try again")
-                self._check(reply, "StartTLS")
-            self._sock = self._context().wrap_socket(raw, server_hostname=self._host)
-            mid = self._request(lambda i: encode_bind(i, self.config.bind_dn,
-                                                      self.config.password))
-            reply = self._recv()
-            if reply.message_id != mid or reply.op != _APP_BIND_RESP:
-                raise SafeMailError(f"{self._where()} did not answer the bind", "try again")
-            self._check(reply, "bind")
-        except ssl.SSLError as exc:
+            conn = ldap.initialize(self.config.uri)
+            self._conn = conn
+            conn.set_option(ldap.OPT_PROTOCOL_VERSION, ldap.VERSION3)
+            conn.set_option(ldap.OPT_REFERRALS, 0)
+            conn.set_option(ldap.OPT_NETWORK_TIMEOUT, timeout)
+            conn.set_option(ldap.OPT_TIMEOUT, timeout)
+            # TLS of this connection only, replacing whatever ldap.conf, ~/.ldaprc or
+            # LDAPTLS_* put into libldap's defaults: this CA file and nothing else, the
+            # certificate and host name checked, TLS 1.2 or later. (Debian's GnuTLS build
+            # ignores a certificate directory anyway; an OpenSSL build would add its CAs.)
+            conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+            conn.set_option(ldap.OPT_X_TLS_CACERTFILE, str(cafile))
+            conn.set_option(ldap.OPT_X_TLS_CACERTDIR, "")
+            conn.set_option(ldap.OPT_X_TLS_PROTOCOL_MIN, ldap.OPT_X_TLS_PROTOCOL_TLS1_2)
+            conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+            if not self._ldaps:
+                what = "StartTLS"
+                conn.start_tls_s()
+            what = "bind"
+            conn.simple_bind_s(self.config.bind_dn, self.config.password)
+        except ldap.LDAPError as exc:
             self.close()
-            raise SafeMailError(f"TLS with {self._where()} failed: {exc}",
-                                "check --cafile (the service TLS CA) and the host name") from exc
-        except OSError as exc:
-            self.close()
-            raise SafeMailError(f"{self._where()}: {exc}", "try again") from exc
-        except SafeMailError:
-            self.close()
-            raise
+            if what == "bind" and self._ldaps and isinstance(exc, ldap.SERVER_DOWN):
+                what = "connect"  # ldaps:// connects (and shakes hands) with the first request
+            if what == "StartTLS" and isinstance(exc, ldap.SERVER_DOWN):
+                what = "connect"  # the StartTLS request is the first one on the wire
+            raise self._error(exc, what) from exc
 
     def close(self) -> None:
-        if self._sock is None:
+        if self._conn is None:
             return
+        conn, self._conn = self._conn, None
         try:
-            self._send(encode_unbind(self._next_id))
-        except OSError:
+            conn.unbind_s()
+        except ldap.LDAPError:
             pass
-        self._sock.close()
-        self._sock = None
 
     def search(
-        self, attribute: str, value: str, attributes: Iterable[str], *, size_limit: int = 10
+        self, attribute: str, value: str, attributes: Iterable[str], *,
+        size_limit: int | None = None,
     ) -> list[dict[str, list[bytes]]]:
-        """The requested attributes of every entry with ``attribute=value`` under the base.
+        """The requested attributes of every entry with ``attribute=value`` one level under
+        the base; an empty list when none matches.
 
         Attribute names come back lower-cased without options (``usercertificate``).
-        ``size_limit``: at most this many entries (0: the server's own limit).
+        ``size_limit`` (default: the config's): at most this many entries; the server is asked
+        for no more, and more is a SafeMailError whatever the server does.
         """
+        limit = self.config.size_limit if size_limit is None else size_limit
+        if limit < 1:
+            raise SafeMailError(f"size limit must be at least 1, not {limit}",
+                                "every directory lookup is bounded")
         self.connect()
-        wanted = list(attributes)
-        mid = self._request(lambda i: encode_search(
-            i, self.config.search_base, attribute, value, wanted, size_limit=size_limit))
+        assert self._conn is not None
+        timeout = self.config.timeout
+        query = ldap.filter.filter_format(f"({attribute}=%s)", [value])
         entries: list[dict[str, list[bytes]]] = []
+        msgid = None
         try:
+            msgid = self._conn.search_ext(
+                self.config.search_base, ldap.SCOPE_ONELEVEL, query, list(attributes),
+                sizelimit=self._server_size_limit(limit), timeout=int(timeout) or 1,
+            )
             while True:
-                msg = self._recv()
-                if msg.message_id != mid:
-                    continue
-                if msg.op == _APP_SEARCH_ENTRY:
+                rtype, rdata, _, _ = self._conn.result3(msgid, all=0, timeout=timeout)
+                if rtype == ldap.RES_SEARCH_RESULT:
+                    return entries
+                if rtype != ldap.RES_SEARCH_ENTRY:
+                    continue  # references: nothing to follow here
+                for _dn, attrs in rdata:
                     entry: dict[str, list[bytes]] = {}
-                    for name, values in msg.attributes.items():
+                    for name, values in attrs.items():
                         entry.setdefault(name.lower().split(";")[0], []).extend(values)
                     entries.append(entry)
-                elif msg.op == _APP_SEARCH_DONE:
-                    self._check(msg, "search")
-                    return entries
-                # references and intermediate responses: nothing to follow here
-        except OSError as exc:
+                if len(entries) > limit:
+                    self._conn.abandon(msgid)
+                    raise self._too_many(limit)
+        except ldap.SIZELIMIT_EXCEEDED as exc:  # the server stopped at the limit
+            raise self._too_many(limit) from exc
+        except ldap.LDAPError as exc:
             self.close()
-            raise SafeMailError(f"{self._where()}: {exc}", "try again") from exc
+            raise self._error(exc, "search") from exc
 
     def search_certificates(self, mailbox: str) -> list[bytes]:
         """The DER values of ``userCertificate;binary`` of every entry with ``mail=mailbox``."""
