@@ -1,10 +1,11 @@
 """A task named with a requirement id carries its ``req_*`` tag, and a ``req_*`` tag stands on a
 task that names its id (CONTRIBUTING.md, "add a role", item 7).
 
-Read from the YAML of every role's tasks and handlers and of every playbook's plays: a task's
-name is matched for ids (``MAIL-03``), its tags for ``req_mail_03``. A task inside a block or a
-play inherits their tags (Ansible does), so its name may name an id the block is tagged with; a
-tag written on a task, block or play must be named in that same name.
+Read from the YAML of every role's tasks and handlers, of playbooks/tasks/ and of every
+playbook's plays: a task's name is matched for ids (``MAIL-03``), its tags for
+``req_mail_03``. A task inside a block or a play inherits their tags (Ansible does), so its
+name may name an id the block is tagged with; a tag written on a task, block or play must be
+named in that same name.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def _walk(entries: Any, inherited: set[str], where: str, out: list[Problem]) -> 
 def problems(root: Path) -> list[Problem]:
     out: list[Problem] = []
     task_files = sorted({*root.glob("roles/*/tasks/**/*.yml"),
-                         *root.glob("roles/*/handlers/*.yml")})
+                         *root.glob("roles/*/handlers/*.yml"),
+                         *root.glob("playbooks/tasks/**/*.yml")})
     for path in task_files:
         _walk(yaml.safe_load(path.read_text(encoding="utf-8")), set(),
               path.relative_to(root).as_posix(), out)
