@@ -74,8 +74,10 @@ def test_a_bastion_proxy_command_is_really_used(tmp_path):
     leaves a mark) and, as it fails, the host is reported unreachable, nothing else."""
     mark = tmp_path / "proxy-was-used"
     proxy = f"sh -c 'touch {mark}; exit 1'"
+    # A name no master connection of a running lab can match (ControlMaster=auto would reuse
+    # one and skip the proxy), never resolved: the ProxyCommand replaces the connection.
     host = Host("relay1", ("service",), {
-        "ansible_host": "198.18.0.16",
+        "ansible_host": "relay1.bastion-test.invalid",
         "ansible_ssh_common_args": f'-o "ProxyCommand={proxy}" -o ConnectTimeout=5'})
     [result] = status.collect([host], repo=REPO)
     assert mark.exists()
