@@ -75,6 +75,7 @@ def _entry(**over: object) -> dict[str, object]:
         ({"requirements": [_entry(legal_basis=[])]}, "missing field(s): legal_basis"),
         ({"requirements": [_entry(titel="x")]}, "unknown field(s): titel"),
         ({"requirements": [_entry()], "extra": 1}, "unknown top-level key"),
+        ({"requirements": [_entry(built="yes")]}, "'built' must be true or false"),
     ],
 )
 def test_bad_catalogue_refused(data: object, message: str) -> None:
@@ -160,3 +161,23 @@ def test_waiver_file_yaml_error(tmp_path: Path) -> None:
     with pytest.raises(WaiverError, match="not valid YAML"):
         load_waivers(path)
     assert load_waivers(tmp_path / "absent.yml") == []
+
+
+def test_built_lists_every_requirement_not_marked_unbuilt() -> None:
+    cat = parse_catalogue({"requirements": [_entry(), _entry(id="AV-02", built=False)]},
+                          origin="cat.yml")
+    assert cat.built == ("MAIL-01",)
+    real = load_catalogue(REPO / "verify" / "requirements.yml")
+    assert "AV-02" in real.ids and "AV-02" not in real.built
+    assert "MAIL-03" in real.built
+
+
+def test_requirements_built_expands_to_the_catalogues_list(tmp_path: Path) -> None:
+    from safemail.gate.cli import _expand_built
+
+    path = tmp_path / "cat.yml"
+    path.write_text(yaml.safe_dump({"requirements": [
+        _entry(), _entry(id="NET-01"), _entry(id="AV-02", built=False)]}))
+    assert _expand_built(("BUILT",), path) == ("MAIL-01", "NET-01")
+    assert _expand_built(("AV-02", "BUILT"), path) == ("AV-02", "MAIL-01", "NET-01")
+    assert _expand_built(("NET-01",), path) == ("NET-01",)

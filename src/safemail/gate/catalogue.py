@@ -52,7 +52,7 @@ BASELINE_IDS: tuple[str, ...] = (
 NEVER_WAIVABLE: tuple[str, ...] = ("MAIL-03", "NET-01", "NET-02", "STORE-01", "CA-02", "CA-06")
 
 _FIELDS = ("id", "title", "source", "legal_basis", "statement")
-_OPTIONAL = ("waivable",)
+_OPTIONAL = ("waivable", "built")
 
 
 class CatalogueError(SafeMailError):
@@ -67,6 +67,9 @@ class Requirement:
     legal_basis: tuple[str, ...]
     statement: str
     waivable: bool = True
+    # False while its roles or verify tests are still missing: the report still judges it
+    # ("no test" fails the gate); Molecule's stage and the integration test run only built ids.
+    built: bool = True
 
     @property
     def area(self) -> str:
@@ -100,6 +103,11 @@ class Catalogue:
     @property
     def ids(self) -> tuple[str, ...]:
         return tuple(r.id for r in self.requirements)
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """Ids whose roles and tests exist (``built: false`` marks the others)."""
+        return tuple(r.id for r in self.requirements if r.built)
 
     @property
     def never_waivable(self) -> tuple[str, ...]:
@@ -174,6 +182,10 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
         if not isinstance(waivable, bool):
             problems.append(f"{where}: 'waivable' must be true or false")
             waivable = False
+        built = entry.get("built", True)
+        if not isinstance(built, bool):
+            problems.append(f"{where}: 'built' must be true or false")
+            built = False
         for field in ("title", "statement"):
             value = entry.get(field)
             if value is not None and not isinstance(value, str):
@@ -186,6 +198,7 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
                 legal_basis=_str_list(entry.get("legal_basis"), where, "legal_basis", problems),
                 statement=" ".join(str(entry.get("statement") or "").split()),
                 waivable=waivable,
+                built=built,
             )
         )
     if problems:

@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_id_list,
         default=(),
         metavar="IDS",
-        help="comma-separated requirement ids: run only their tests (partial run)",
+        help="comma-separated requirement ids: run only their tests (partial run); "
+        "'built' means every id the catalogue does not mark `built: false`",
     )
     p.add_argument("--catalogue", type=Path, help="requirement catalogue (default: verify/)")
     m = p.add_argument_group(
@@ -253,6 +254,14 @@ def _id_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip().upper() for part in text.split(",") if part.strip())
 
 
+def _expand_built(ids: tuple[str, ...], catalogue_path: Path) -> tuple[str, ...]:
+    """``--requirements built`` (alone or with other ids): the catalogue's built ids."""
+    if "BUILT" not in ids:
+        return ids
+    built = load_catalogue(catalogue_path).built
+    return tuple(dict.fromkeys([i for i in ids if i != "BUILT"] + list(built)))
+
+
 def _mutation_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip().lower() for part in text.split(",") if part.strip())
 
@@ -304,7 +313,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         workers=args.workers,
         keyword=args.keyword,
         markexpr=args.markexpr,
-        requirements=args.requirements,
+        requirements=_expand_built(args.requirements, _rel(repo, args.catalogue)
+                                   if args.catalogue else repo / "verify" / "requirements.yml"),
         catalogue=_rel(repo, args.catalogue) if args.catalogue else None,
     )
     report_dir = _rel(repo, args.report_dir) if args.report_dir else None
