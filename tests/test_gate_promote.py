@@ -302,6 +302,13 @@ def test_cli_promote_dry_run_and_release(
                    "approval-policy: first release"):
         assert needle in body, needle
 
+    # The first release pinned itself; the operator commits the pin, then verifies again.
+    pin = (repo / "release" / "first-release.yml").read_text()
+    assert f"tag: {tag}\ncommit: {hashing.git_revision(repo)}\n" in pin
+    assert "commit it and push it with the tag" in capsys.readouterr().out
+    _git(repo, "add", "release/first-release.yml")
+    _git(repo, "commit", "-qm", "pin the first release")
+    _make_report(repo, finished=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
     monkeypatch.setenv("FAKE_RC", "2")
     # The next release: the first release's tag (checked as a chain) names the policy.
     assert main(["promote", "--to", "production", "--first-release", "--dry-run"]) == 3

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from safemail.cli import main
-from safemail.gate import approvals, promote, signing
+from safemail.errors import SafeMailError
+from safemail.gate import approvals, promote, release_chain, signing
 from safemail.gate.catalogue import NEVER_WAIVABLE, load_catalogue
 from safemail.gate.waivers import WaiverError, load_waivers
 
@@ -682,6 +683,7 @@ def test_max_age_hours_is_bounded(
 # ------------------------------------------------ which approval policy counts (release_chain)
 
 MALLORY, MALLET = "mallory@example.invalid", "mallet@example.invalid"
+LATER = NOW - dt.timedelta(minutes=30)  # a report after the first release's
 
 
 def _refused(project: gatekit.Project, report: Path) -> list[str]:
@@ -691,11 +693,16 @@ def _refused(project: gatekit.Project, report: Path) -> list[str]:
     return decision.reasons
 
 
-def _first_release(project: gatekit.Project) -> str:
+def _first_release(project: gatekit.Project, pin: bool = True) -> str:
     path = _report(project)
     decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
     assert decision.allowed, decision.reasons
-    return promote.tag_release(project.root, decision, json.loads(path.read_text()), NOW)
+    tag = promote.tag_release(project.root, decision, json.loads(path.read_text()), NOW)
+    if pin:  # what the operator does after the first deployment (the CLI writes the file)
+        release_chain.write_pin(project.root, tag, decision.revision or "")
+        gatekit.git(project.root, "add", str(release_chain.PIN))
+        gatekit.git(project.root, "commit", "-qm", "pin the first release")
+    return tag
 
 
 def _take_over_release_policy(project: gatekit.Project) -> None:
@@ -720,7 +727,7 @@ def _take_over_release_policy(project: gatekit.Project) -> None:
 def test_first_release_needs_the_flag_and_only_once(project: gatekit.Project) -> None:
     path = _report(project)
     _only(_refused(project, path), "there is no release tag (release/production/*)")
-    tag = _first_release(project)
+    tag = _first_release(project, pin=False)  # the same revision again needs no pin yet
     assert "approval-policy: first release" in gatekit.git(
         project.root, "tag", "-l", "--format=%(contents)", tag)
     decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
@@ -736,7 +743,7 @@ def test_a_change_to_release_does_not_approve_itself(project: gatekit.Project) -
     tag = _first_release(project)
     _take_over_release_policy(project)
     out = project.root / "reports" / "test" / "run2"
-    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), out=out)
+    path = gatekit.make_report(project, finished=LATER, out=out)
     gatekit.approve(project, path, MALLORY, MALLET)
     reasons = _refused(project, path)
     assert any("is not in release/allowed_signers (unknown signer)" in r for r in reasons)
@@ -757,6 +764,124 @@ def test_a_change_to_release_does_not_approve_itself(project: gatekit.Project) -
     assert approvals.load_policy(project.root).roles["head-of-it"].principals == (MALLORY,)
     assert promote.counting_policy(project.root).roles["head-of-it"].principals == (MALLORY,)
     assert second in promote.evaluate(project.root, path, now=NOW).policy_source
+
+
+def _second_release(project: gatekit.Project, *, finished: dt.datetime = LATER) -> str:
+    """Release 2 removes carol from head-of-it (she left), approved by alice and bob."""
+    policy_file = project.root / "release" / "approvers.yml"
+    policy = yaml.safe_load(policy_file.read_text())
+    policy["roles"]["head-of-it"]["principals"] = [ALICE]
+    policy_file.write_text(yaml.safe_dump(policy))
+    gatekit.write(project.root, "roles/common/tasks/main.yml", "- name: Baseline v2\n")
+    gatekit.git(project.root, "commit", "-qam", "carol leaves")
+    out = project.root / "reports" / "test" / "run2"
+    path = gatekit.make_report(project, finished=finished, out=out)
+    gatekit.approve(project, path, ALICE, BOB)
+    decision = promote.evaluate(project.root, path, now=NOW)
+    assert decision.allowed, decision.reasons
+    return promote.tag_release(project.root, decision, json.loads(path.read_text()),
+                               NOW + dt.timedelta(seconds=1))
+
+
+def _tag_by_hand(project: gatekit.Project, name: str, commit: str, message: str) -> None:
+    subprocess.run(["git", "-C", str(project.root), "tag", "-a", name, commit, "-F", "-"],
+                   input=message, text=True, check=True)
+
+
+@pytest.fixture
+def carol_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> gatekit.Project:
+    return gatekit.make_project(
+        tmp_path, roles={"head-of-it": [ALICE, CAROL], "it-security": [BOB]}
+    ).use_lab(monkeypatch)
+
+
+def test_an_old_release_copied_under_a_newer_tag_does_not_roll_the_policy_back(
+    carol_project: gatekit.Project,
+) -> None:
+    """Review walk: copy the first tag's message onto the first release's revision under a
+    newer name; its tree (with carol) would count again."""
+    project = carol_project
+    first = _first_release(project)
+    _second_release(project)
+    assert promote.counting_policy(project.root).roles["head-of-it"].principals == (ALICE,)
+    message = gatekit.git(project.root, "tag", "-l", "--format=%(contents)", first)
+    old = gatekit.git(project.root, "rev-parse", f"{first}^{{commit}}").strip()
+    _tag_by_hand(project, "release/production/99991231T000000Z", old, message)
+    with pytest.raises(SafeMailError, match="which does not descend from .* of the release "
+                       r"before it \(release/production/20261128T120001Z\)"):
+        promote.counting_policy(project.root)
+
+
+def test_an_older_approval_cannot_follow_a_newer_release(carol_project: gatekit.Project) -> None:
+    """A release on a later revision, approved for a report older than the newest
+    release's: as the next tag it would break the chain, so the gate refuses it up front; a
+    tag made by hand with such a text breaks the chain."""
+    project = carol_project
+    _first_release(project)
+    reasons = "\n".join(_refused_second(project, finished=NOW - dt.timedelta(hours=2)))
+    assert "not later than the report of the release before it" in reasons, reasons
+
+
+def _refused_second(project: gatekit.Project, *, finished: dt.datetime) -> list[str]:
+    with pytest.raises(AssertionError):
+        _second_release(project, finished=finished)
+    path = project.root / "reports" / "test" / "run2" / "report.json"
+    return _refused(project, path)
+
+
+def test_without_tags_the_pin_refuses_a_new_first_release(project: gatekit.Project) -> None:
+    """Review walk: `git clone --no-tags` (or the tags deleted on the remote), then
+    --first-release with a release/ of one's own. The committed pin says a release exists."""
+    tag = _first_release(project)
+    _take_over_release_policy(project)
+    gatekit.git(project.root, "tag", "-d", tag)
+    out = project.root / "reports" / "test" / "run2"
+    path = gatekit.make_report(project, finished=LATER, out=out)
+    gatekit.approve(project, path, MALLORY, MALLET)
+    decision = promote.evaluate(project.root, path, now=NOW, first_release=True)
+    assert not decision.allowed
+    _only(decision.reasons, f"release/first-release.yml pins the first release {tag}")
+    assert "--first-release is not possible again" in decision.reasons[0]
+    with pytest.raises(SafeMailError, match="pins the first release"):
+        promote.counting_policy(project.root)
+
+
+@pytest.mark.parametrize("edit", ["delete", "change"])
+def test_the_pin_may_not_be_deleted_or_changed(project: gatekit.Project, edit: str) -> None:
+    tag = _first_release(project)
+    gatekit.git(project.root, "tag", "-d", tag)
+    pin = project.root / release_chain.PIN
+    if edit == "delete":
+        gatekit.git(project.root, "rm", "-q", str(release_chain.PIN))
+    else:
+        pin.write_text(pin.read_text().replace(tag, "release/production/20300101T000000Z"))
+    gatekit.git(project.root, "commit", "-qam", "no first release yet, honest")
+    path = gatekit.make_report(project, finished=LATER, out=project.root / "reports/test/r2")
+    gatekit.approve(project, path, ALICE, BOB)
+    reasons = promote.evaluate(project.root, path, now=NOW, first_release=True).reasons
+    expected = {"delete": "deletes release/first-release.yml", "change": "differs between"}
+    _only(reasons, expected[edit])
+
+
+def test_a_tag_older_than_the_pinned_first_release_is_refused(project: gatekit.Project) -> None:
+    """A self-approved 'first release' named before the real one would become the root."""
+    tag = _first_release(project)
+    message = gatekit.git(project.root, "tag", "-l", "--format=%(contents)", tag)
+    commit = gatekit.git(project.root, "rev-parse", f"{tag}^{{commit}}").strip()
+    _tag_by_hand(project, "release/production/20000101T000000Z", commit, message)
+    with pytest.raises(SafeMailError, match="is not the first release release/first-release"):
+        promote.counting_policy(project.root)
+
+
+def test_release_tags_without_a_pin_refuse_a_later_revision(project: gatekit.Project) -> None:
+    tag = _first_release(project, pin=False)
+    gatekit.write(project.root, "roles/common/tasks/main.yml", "- name: Baseline v2\n")
+    gatekit.git(project.root, "commit", "-qam", "v2")
+    path = gatekit.make_report(project, finished=LATER, out=project.root / "reports/test/r2")
+    gatekit.approve(project, path, ALICE, BOB)
+    reasons = _refused(project, path)
+    _only(reasons, f"no commit pins the first release in release/first-release.yml: check "
+          f"that {tag} is this repository's first release")
 
 
 @pytest.mark.parametrize("forgery", ["copied-message", "self-signed", "lightweight"])
@@ -780,7 +905,7 @@ def test_hand_made_release_tag_breaks_the_chain(project: gatekit.Project, forger
         subprocess.run(["git", "-C", str(project.root), "tag", "-a", fake, head, "-F", "-"],
                        input=message, text=True, check=True)
     out = project.root / "reports" / "test" / "run2"
-    path = gatekit.make_report(project, finished=NOW - dt.timedelta(hours=1), out=out)
+    path = gatekit.make_report(project, finished=LATER, out=out)
     gatekit.approve(project, path, MALLORY, MALLET)
     reasons = _refused(project, path)
     expected = {

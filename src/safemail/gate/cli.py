@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safemail import ansible, vault
 from safemail.errors import SafeMailError, UsageError
-from safemail.gate import approvals, promote, stage
+from safemail.gate import approvals, promote, release_chain, stage
 from safemail.gate.catalogue import load_catalogue, relative_to
 from safemail.gate.report import (
     CREATED_BY_REPORT,
@@ -507,6 +507,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
             "fix the cause, verify again on the test stage, then promote again",
         )
     print("deployed to production")
+    if decision.policy_source == release_chain.FIRST_RELEASE:
+        pin = release_chain.write_pin(repo, tag, decision.revision or state.revision)
+        print(f"first release pinned in {pin}: commit it and push it with the tag, before the "
+              f"next release:\n  git add {release_chain.PIN} && git commit -m 'release: pin "
+              f"the first release {tag}' && git push origin HEAD {tag}")
     return 0
 
 

@@ -347,6 +347,13 @@ def counting_policy(repo: Path) -> approvals.Policy:
 def approval_policy(repo: Path, first_release: bool) -> tuple[approvals.Policy, str]:
     """The policy that approves this release and where it comes from; SafeMailError if none
     may (docs/change-manager.md, "Which approval policy counts")."""
+    policy, source, _base = _approval_base(repo, first_release)
+    return policy, source
+
+
+def _approval_base(
+    repo: Path, first_release: bool
+) -> tuple[approvals.Policy, str, release_chain.Base]:
     base = release_chain.base_policy(repo)
     if base.problem:
         raise SafeMailError(base.problem)
@@ -356,7 +363,7 @@ def approval_policy(repo: Path, first_release: bool) -> tuple[approvals.Policy, 
                 f"--first-release, but there are earlier releases (newest {base.source}): the "
                 "newest release's approval policy counts"
             )
-        return base.policy, f"release/ of {base.source}"
+        return base.policy, f"release/ of {base.source}", base
     if not first_release:
         raise SafeMailError(
             f"there is no release tag ({TAG_PREFIX}*) whose approval policy could approve "
@@ -364,7 +371,7 @@ def approval_policy(repo: Path, first_release: bool) -> tuple[approvals.Policy, 
             "for the very first release, pass --first-release (docs/change-manager.md, "
             "'Which approval policy counts')"
         )
-    return approvals.load_policy(repo), release_chain.FIRST_RELEASE
+    return approvals.load_policy(repo), release_chain.FIRST_RELEASE, base
 
 
 def gather_evidence(
@@ -383,15 +390,26 @@ def gather_evidence(
         catalogue_problem=catalogue_problem(repo, report),
     )
     try:
-        policy, ev.policy_source = approval_policy(repo, first_release)
+        policy, ev.policy_source, base = _approval_base(repo, first_release)
     except SafeMailError as exc:
         ev.approval_problem = exc.message
+        return ev
+    message = approvals.release_message(report, digest)
+    revision = str(report.get("revision", {}).get("commit"))
+    # This release will be the chain's next tag: it must follow the newest one (else its tag
+    # would break the chain for every later release), and the first one must be pinned.
+    chain_problem = release_chain.pin_problem(repo, base, revision)
+    if base.newest is not None and not chain_problem:
+        chain_problem = release_chain.follows(
+            repo, base.newest, release_chain.Link("this release", revision, message))
+    if chain_problem:
+        ev.approval_problem = chain_problem
         return ev
     ev.policy = policy
     ev.approval = approvals.check(
         policy,
         approvals.read_signature_dir(report_path.parent / APPROVALS_DIR),
-        approvals.release_message(report, digest),
+        message,
         approvals.RELEASE_NAMESPACE,
         policy.release_roles,
     )
