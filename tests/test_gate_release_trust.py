@@ -202,6 +202,72 @@ def test_known_hosts_redirected_by_the_inventory_is_refused(
                for h in project.host_keys), reasons
 
 
+@pytest.mark.parametrize("setting,needle", [
+    ({"ansible_ssh_executable": "/tmp/fake-ssh"},
+     "the variable ansible_ssh_executable is not allowed"),
+    ({"ansible_control_path": "/tmp/x"}, "the variable ansible_control_path is not allowed"),
+    ({"mitogen_via": "jump1"}, "the variable mitogen_via is not allowed"),
+    ({"ansible_ssh_common_args": "{lab} -o ControlMaster=auto -o ControlPath=/tmp/x"},
+     "SSH option controlmaster=auto is not allowed"),
+    ({"ansible_ssh_common_args": "{lab} -o ControlPath=/tmp/x"},
+     "SSH option controlpath=/tmp/x is not allowed"),
+    ({"ansible_ssh_extra_args": "-o ProxyCommand=/tmp/x"},
+     "SSH option proxycommand=/tmp/x is not allowed"),
+])
+def test_connection_settings_the_lab_does_not_write_are_refused(
+    project: gatekit.Project, setting: dict[str, str], needle: str
+) -> None:
+    """Review walks: another ssh binary in the git-ignored inventory, or a master connection
+    someone else opened (its host key never checked). The pinning is an allowlist."""
+    lab = f"-o UserKnownHostsFile={project.known_hosts} -o StrictHostKeyChecking=yes"
+    _edit_generated(project, **{k: v.format(lab=lab) for k, v in setting.items()})
+    reasons = _reasons(project, _report(project))
+    assert all("is not allowed for the test stage" in r for r in reasons), reasons
+    assert all(any(f"host {h}: " in r and needle in r for r in reasons)
+               for h in project.host_keys), reasons
+
+
+def test_what_the_lab_writes_passes_the_pinning(project: gatekit.Project) -> None:
+    """The allowlist's positive twin: the lab's own generated inventory (lab/plan.py)."""
+    from safemail.lab.plan import generated_inventory
+
+    lab_vars = generated_inventory(_EmptyPlan(), str(project.stage_key),
+                                   str(project.known_hosts), "ssh-ed25519 AAAA")["all"]["vars"]
+    _edit_generated(project, **{k: v for k, v in lab_vars.items() if k.startswith("ansible_")})
+    decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True)
+    assert decision.allowed, decision.reasons
+
+
+class _EmptyPlan:
+    hosts: tuple[()] = ()
+    mirror = internet_sink = "198.18.0.1"
+
+
+def test_a_full_run_does_not_take_connection_settings_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from safemail.gate import verify_run
+
+    for name in ("ANSIBLE_SSH_EXECUTABLE", "ANSIBLE_SSH_ARGS", "ANSIBLE_SSH_CONTROL_PATH",
+                 "ANSIBLE_CONNECTION_PLUGINS", "ANSIBLE_PRIVATE_KEY_FILE", "MITOGEN_X",
+                 "ANSIBLE_HOST_KEY_CHECKING", "ANSIBLE_STRATEGY", "ANSIBLE_CONFIG"):
+        monkeypatch.setenv(name, "/tmp/x")
+    show = [sys.executable, "-c", "import os; print(sorted((k, v) for k, v in os.environ.items()"
+            " if k.startswith(('ANSIBLE_', 'MITOGEN_'))))"]
+    for strip in (True, False):
+        out = io.StringIO()
+        assert verify_run.stream(show, tmp_path, tmp_path / "log", out,
+                                 strip_connection=strip) == 0
+        seen = dict(eval(out.getvalue()))  # noqa: S307 - our own print of a list
+        if strip:
+            assert seen == {"ANSIBLE_STRATEGY": "/tmp/x",
+                            "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg")}, seen
+        else:
+            assert "ANSIBLE_SSH_EXECUTABLE" in seen and seen["ANSIBLE_CONFIG"] == "/tmp/x"
+
+
 def test_local_connection_is_refused(project: gatekit.Project) -> None:
     _edit_generated(project, ansible_connection="local")
     reasons = _reasons(project, _report(project))

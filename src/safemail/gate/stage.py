@@ -15,8 +15,10 @@ The promotion gate compares a report with this, not with what the report says ab
   lab's key can make a report that passes the gate; a report changed after the run (by hand,
   or re-rendered by ``safemail report``) fails the seal;
 - **pinning**: the inventory (its generated part is a git-ignored file) must make the run use
-  exactly that key and known_hosts, with ``StrictHostKeyChecking=yes`` and an ssh connection
-  (:func:`lab_pinning_problems`): an inventory that redirects them refuses the release;
+  exactly that key and known_hosts, with ``StrictHostKeyChecking=yes`` and an ssh connection,
+  and may set only the Ansible variables and ssh ``-o`` options the lab itself writes
+  (allowlists :data:`ALLOWED_VARS`, :data:`ALLOWED_OPTIONS`; :func:`lab_pinning_problems`):
+  an inventory that redirects the run, or sets anything else, refuses the release;
 - **inventory hash**: :func:`safemail.gate.hashing.inventory_hash`.
 """
 
@@ -53,9 +55,27 @@ class StageIdentity:
 
 _ARG_VARS = ("ansible_ssh_args", "ansible_ssh_common_args", "ansible_ssh_extra_args")
 _KEY_VARS = ("ansible_ssh_private_key_file", "ansible_private_key_file")
-# ssh options that would make the run check host keys against something else than the lab's
-# known_hosts (or not at all): refused wherever the inventory sets them.
-_FORBIDDEN_OPTIONS = ("globalknownhostsfile", "knownhostscommand", "hostkeyalias")
+# An allowlist, not a blocklist: the Ansible (and Mitogen) variables the test inventory may
+# set, i.e. what `safemail lab up` writes into zz_lab_generated.yml (src/safemail/lab/plan.py,
+# generated_inventory), the ones checked below, and two that do not touch the connection.
+# Any other ansible_*/mitogen_* variable (ansible_ssh_executable, ansible_control_path,
+# ansible_port, mitogen_via, ...) refuses the release, named.
+ALLOWED_VARS = frozenset({
+    "ansible_host", "ansible_user",
+    *_KEY_VARS, *_ARG_VARS,
+    "ansible_connection", "ansible_host_key_checking", "ansible_ssh_host_key_checking",
+    "ansible_managed", "ansible_python_interpreter",
+})
+_VAR_PREFIXES = ("ansible_", "mitogen_")
+# The ssh -o options the inventory may give (lower case): those the lab generates. Any other
+# (ControlPath/ControlMaster: reuse a master connection someone else opened, the host key
+# never checked; ProxyCommand, GlobalKnownHostsFile, HostKeyAlias, ...) refuses the release.
+# ansible.cfg's own ssh_args (ControlMaster, ControlPersist) and control_path are committed
+# and part of the content hash; they are not the inventory's.
+ALLOWED_OPTIONS = frozenset({
+    "userknownhostsfile", "stricthostkeychecking", "identitiesonly", "connecttimeout",
+    "serveraliveinterval", "serveralivecountmax",
+})
 
 
 def _ssh_options(host: Host) -> tuple[list[tuple[str, str]], list[str]]:
@@ -120,11 +140,16 @@ def lab_pinning_problems(hosts: Sequence[Host], lab: LabPaths) -> list[str]:
         if not strict or any(v != "yes" for v in strict):
             problems.append(f"{where}: its SSH arguments must say -o StrictHostKeyChecking=yes "
                             f"(found {', '.join(strict) or 'none'})")
+        for var in sorted(host.vars):
+            if var.lower().startswith(_VAR_PREFIXES) and var not in ALLOWED_VARS:
+                problems.append(f"{where}: the variable {var} is not allowed for the test "
+                                "stage (not one the lab writes: ALLOWED_VARS in "
+                                "src/safemail/gate/stage.py)")
         for key, value in options:
-            if key in _FORBIDDEN_OPTIONS:
+            if key not in ALLOWED_OPTIONS:
                 problems.append(f"{where}: SSH option {key}={value} is not allowed for the "
-                                "test stage (host keys are checked against the lab's "
-                                "known_hosts only)")
+                                "test stage (only the lab's own: "
+                                f"{', '.join(sorted(ALLOWED_OPTIONS))})")
         if other:
             problems.append(f"{where}: SSH arguments other than -o options are not allowed "
                             f"for the test stage: {' '.join(other)}")

@@ -160,11 +160,32 @@ def pytest_command(
     return cmd
 
 
-def pytest_environment(environ: Mapping[str, str]) -> dict[str, str]:
+# Environment variables by which the caller could change how the run connects to the hosts
+# (another ssh, ssh options, a master connection, another ansible.cfg, another connection
+# plugin): removed from a full run's environment, whose report is sealed as the stage's
+# evidence; ANSIBLE_CONFIG is set to the checkout's own ansible.cfg (committed, hashed).
+CONNECTION_ENV_PREFIXES = ("ANSIBLE_SSH_", "ANSIBLE_SCP_", "ANSIBLE_SFTP_", "ANSIBLE_PARAMIKO_",
+                           "ANSIBLE_LIBSSH_", "MITOGEN_")
+CONNECTION_ENV_NAMES = frozenset({
+    "ANSIBLE_CONFIG", "ANSIBLE_PRIVATE_KEY_FILE", "ANSIBLE_HOST_KEY_CHECKING",
+    "ANSIBLE_TRANSPORT", "ANSIBLE_REMOTE_PORT", "ANSIBLE_REMOTE_USER", "ANSIBLE_PIPELINING",
+})
+
+
+def _connection_setting(name: str) -> bool:
+    upper = name.upper()
+    return (upper.startswith(CONNECTION_ENV_PREFIXES) or upper in CONNECTION_ENV_NAMES
+            or (upper.startswith("ANSIBLE_") and "CONNECT" in upper))
+
+
+def pytest_environment(environ: Mapping[str, str], *, strip_connection: bool = False
+                       ) -> dict[str, str]:
     """The caller's environment without pytest's own settings: PYTEST_ADDOPTS (-k, -m,
     --deselect ...) or PYTEST_PLUGINS would change what runs while the report still says
-    "complete". The run's selection comes from safemail verify's own options only."""
-    return {k: v for k, v in environ.items() if not k.upper().startswith("PYTEST_")}
+    "complete". The run's selection comes from safemail verify's own options only.
+    ``strip_connection``: also without the Ansible/SSH connection settings above."""
+    return {k: v for k, v in environ.items() if not k.upper().startswith("PYTEST_")
+            and not (strip_connection and _connection_setting(k))}
 
 
 def stream(
@@ -173,10 +194,14 @@ def stream(
     log: Path,
     out: IO[str] | None = None,
     extra_env: dict[str, str] | None = None,
+    strip_connection: bool = False,
 ) -> int:
     """Run cmd, copying its output to ``out`` (default stdout) and to ``log`` as it comes."""
     out = out or sys.stdout
-    env = dict(pytest_environment(os.environ), PYTHONUNBUFFERED="1", **(extra_env or {}))
+    env = dict(pytest_environment(os.environ, strip_connection=strip_connection),
+               PYTHONUNBUFFERED="1", **(extra_env or {}))
+    if strip_connection:  # the checkout's own, committed ansible.cfg (cwd is the checkout)
+        env["ANSIBLE_CONFIG"] = str(Path(cwd) / "ansible.cfg")
     # testinfra's ansible backend calls ansible-inventory: prefer the one beside this Python.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PY_COLORS", "1" if out.isatty() else "0")
@@ -299,7 +324,8 @@ def run_verify(
         flush=True,
     )
     print("safemail verify: " + " ".join(cmd[1:]), file=out, flush=True)
-    exit_code = stream(cmd, repo, report_dir / "verify.log", out, opts.ansible_env(repo))
+    exit_code = stream(cmd, repo, report_dir / "verify.log", out, opts.ansible_env(repo),
+                       strip_connection=opts.profile == "full")
     finished = dt.datetime.now(dt.UTC)
 
     inventory_hosts = _inventory_hosts(repo, opts.stage)
