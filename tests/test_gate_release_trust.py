@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import gatekit
@@ -1015,8 +1016,85 @@ def test_production_vault_with_the_example_password_is_refused(
     with pytest.raises(SafeMailError, match="published example password"):
         run_verify(project.root, VerifyOptions(stage="production"), out=io.StringIO())
     _vault(project, "the site's own, long and random")
+    password_file = project.keys / "site.pass"
+    password_file.write_text("the site's own, long and random\n")
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(password_file))
     decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True)
     assert decision.allowed, decision.reasons
+    monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE")  # without its password: not compared
+    monkeypatch.setenv("SAFEMAIL_VAULT_PASSWORD_FILE", str(project.keys / "none.pass"))
+    _only(_reasons(project, _report(project)), "cannot open")
+
+
+def _example_vault(project: gatekit.Project) -> Path:
+    from safemail import vault
+
+    path = project.root / "inventories" / "production" / vault.VAULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gatekit.REPO / "inventories" / "production" / vault.VAULT_FILE, path)
+    return path
+
+
+def _example_values() -> list[str]:
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    from safemail import vault
+
+    lib = VaultLib([("production", VaultSecret(vault.EXAMPLE_PASSWORD.encode()))])
+    data = yaml.safe_load(lib.decrypt(
+        (gatekit.REPO / "inventories" / "production" / vault.VAULT_FILE).read_bytes()))
+    found: list[str] = []
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif x not in (None, ""):
+            found.append(str(x))
+
+    walk(data)
+    return found
+
+
+@pytest.mark.parametrize("walk", ["decrypted", "rekeyed"])
+def test_the_example_vault_decrypted_or_rekeyed_is_refused(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch, walk: str
+) -> None:
+    """Review walks: `ansible-vault decrypt` the example in place (clear text, no password to
+    test), or `ansible-vault rekey` it (new password, the published secrets kept)."""
+    from safemail import vault
+
+    path = _example_vault(project)
+    example = project.keys / "example.pass"
+    example.write_text(vault.EXAMPLE_PASSWORD + "\n")
+    new = project.keys / "new.pass"
+    new.write_text("a new password nobody published\n")
+    ansible_vault = str(Path(sys.executable).parent / "ansible-vault")
+    if walk == "decrypted":
+        cmd = [ansible_vault, "decrypt", "--vault-password-file", str(example), str(path)]
+    else:
+        cmd = [ansible_vault, "rekey", "--vault-password-file", str(example),
+               "--new-vault-password-file", str(new), str(path)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    gatekit.git(project.root, "add", "-A")
+    gatekit.git(project.root, "commit", "-qm", "production vault")
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(new))
+    reasons = _reasons(project, _report(project))
+    expected = {"decrypted": "is not encrypted (no $ANSIBLE_VAULT; header",
+                "rekeyed": "holds secrets of the published example vault (values not shown): "
+                           "encrypted_storage_passphrase, safemail_ldap_cadist_password"}[walk]
+    _only(reasons, expected)
+    assert not any(value in reasons[0] for value in _example_values())
+
+
+def test_the_example_digests_are_the_committed_example_vaults_values() -> None:
+    """EXAMPLE_VALUE_SHA256 follows the committed example (a new example needs new digests)."""
+    import hashlib
+
+    from safemail import vault
+
+    assert {hashlib.sha256(v.encode()).hexdigest() for v in _example_values()} == \
+        vault.EXAMPLE_VALUE_SHA256
 
 
 def test_committed_example_vault_opens_with_the_published_password() -> None:

@@ -11,9 +11,13 @@ the operator chose a source already (``ANSIBLE_VAULT_IDENTITY_LIST`` or
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+
+import yaml
 
 VAULT_FILE = Path("group_vars") / "all" / "vault.yml"
 CLIENT = Path("scripts") / "vault-pass-client"
@@ -86,13 +90,89 @@ def opens_with(path: Path, password: str) -> bool:
     return True
 
 
-def example_password_problem(inventory: Path) -> str | None:
-    """Why the inventory's vault cannot be a real site's: it opens with the example password."""
+# sha256 of every secret value of the committed example vault (its values are public: the
+# password above is). A site's vault that still holds one of them, under any password or in
+# clear text, holds a published secret. tests/test_gate_release_trust.py checks that these are
+# the committed example's values.
+EXAMPLE_VALUE_SHA256 = frozenset({
+    "043a0755c044d1f38f2e9b0b53855b0c7d2481d4c084d2c8e8093c8c85d98908",
+    "1cf3a48930fc0e8cd20534e31254be2fdcd447fff8948400a956a6a7982247d0",
+    "22d6f7c69304823d217a299533c94e1af7b6314a3ea179fdadc48e02e94b3393",
+    "36aed7b73272c62bc0023920df68296884c559041018cc2ae93b6f4076ce5e25",
+    "4f7326cc82d200376a32375ad92dd46cd338a9ffdf9ccbaf4ecff77af6f02fa1",
+    "56ba83680f84dac8b572375afa0ea4662723332466ffe8838be0513ff5a69317",
+    "5d90c614c9b5d2427f31878ae4dffdfab4cb07e2459c5b12b6dd838c0558a094",
+})
+
+
+def secret_digests(data: object, path: str = "") -> dict[str, str]:
+    """sha256 of every scalar value of a vault's YAML, by its key path (never the values)."""
+    if isinstance(data, Mapping):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(secret_digests(value, f"{path}.{key}" if path else str(key)))
+        return out
+    if isinstance(data, list):
+        out = {}
+        for n, value in enumerate(data):
+            out.update(secret_digests(value, f"{path}[{n}]"))
+        return out
+    if data is None or data == "":
+        return {}
+    return {path: hashlib.sha256(str(data).encode("utf-8")).hexdigest()}
+
+
+def _open_vault(path: Path, inventory: Path, env: Mapping[str, str]) -> tuple[object, str | None]:
+    """The vault's YAML, decrypted with the site's password source (the vault client, or the
+    operator's ANSIBLE_VAULT_IDENTITY_LIST / ANSIBLE_VAULT_PASSWORD_FILE): (data, problem)."""
+    from safemail import ansible
+
+    repo = inventory.resolve().parent.parent
+    try:
+        cmd = [ansible.command("ansible-vault"), "decrypt", "--output", "-",
+               *vault_args(repo, inventory, env), str(path)]
+        proc = subprocess.run(cmd, capture_output=True, env=dict(env), check=False,
+                              timeout=120, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired, ansible.AnsibleNotFound) as exc:
+        return None, f"cannot run ansible-vault: {exc}"
+    if proc.returncode != 0:
+        why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        return None, (why[-1] if why else f"ansible-vault exit code {proc.returncode}")
+    try:
+        return yaml.safe_load(proc.stdout), None
+    except yaml.YAMLError as exc:
+        return None, f"its decrypted text is not YAML: {exc}"
+
+
+def example_password_problem(inventory: Path, env: Mapping[str, str] | None = None
+                             ) -> str | None:
+    """Why the inventory's vault cannot be a real site's (None if it can): it is not encrypted,
+    it opens with the published example password, or it holds a secret of the published
+    example (compared by sha256, never printed). No vault.yml: nothing to say."""
     path = inventory / VAULT_FILE
+    hint = "Make the site's own vault with a new password first (docs/production.md, 'The vault')"
+    try:
+        head = path.read_bytes()[:len(HEADER)]
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if head != HEADER.encode():
+        return (f"{path} is not encrypted (no {HEADER} header: decrypted in place?): "
+                f"encrypt it with ansible-vault. {hint}")
     if opens_with(path, EXAMPLE_PASSWORD):
         return (
             f"{path} still opens with the published example password {EXAMPLE_PASSWORD!r}: "
-            "its secrets are the project's examples, readable by anyone. Make the site's own "
-            "vault with a new password first (docs/production.md, 'The vault')"
+            f"its secrets are the project's examples, readable by anyone. {hint}"
         )
+    data, problem = _open_vault(path, inventory, os.environ if env is None
+                                else {**os.environ, **env})
+    if problem:
+        return (f"cannot open {path} to compare its secrets with the published example vault: "
+                f"{problem} (give the vault password: the vault client's file, "
+                "ANSIBLE_VAULT_IDENTITY_LIST or ANSIBLE_VAULT_PASSWORD_FILE)")
+    same = sorted(k for k, d in secret_digests(data).items() if d in EXAMPLE_VALUE_SHA256)
+    if same:
+        return (f"{path} holds secrets of the published example vault (values not shown): "
+                f"{', '.join(same)}. Replace each with the site's own. {hint}")
     return None

@@ -294,7 +294,7 @@ def run_verify(
     if not (repo / "verify").is_dir():
         raise SafeMailError(f"no verify/ directory in {repo}", "run from the SafeMail checkout")
     if opts.stage == "production":
-        problem = vault.example_password_problem(inventory)
+        problem = vault.example_password_problem(inventory, opts.ansible_env(repo))
         if problem:
             raise SafeMailError(problem)
     catalogue_path = (opts.catalogue or repo / "verify" / "requirements.yml").resolve()
