@@ -474,11 +474,41 @@ def test_approval_request_and_status(
         json.loads(path.read_text()), promote.file_digest(path))
     assert f"report-sha256: {promote.file_digest(path)}" in out
     assert "ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n safemail-release" in out
+    html = path.with_name("report.html")
+    assert f"report.html sha256: {promote.file_digest(html)}" in out
     assert main(["approval", "status", "--report", str(path)]) == 3
     gatekit.approve(project, path, ALICE, BOB)
     assert main(["approval", "status", "--report", str(path)]) == 0
     assert "signed: it-security: bob@example.invalid" in capsys.readouterr().out
     assert main(["approval", "request", "--expires", "2027-01-01"]) == 2
+
+
+@pytest.mark.parametrize("walk", ["html-edited", "html-missing", "json-edited", "unsealed"])
+def test_approval_request_refuses_a_report_that_is_not_the_sealed_runs(
+    project: gatekit.Project, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], walk: str,
+) -> None:
+    """Review walk: the request sends the approvers to report.html; an edited page (or an
+    edited, unsealed report) would be what they read and sign for."""
+    monkeypatch.chdir(project.root)
+    path = _report(project, approve=False)
+    html = path.with_name("report.html")
+    if walk == "html-edited":
+        html.write_text(html.read_text().replace("</body>", "<p>all green</p></body>"))
+    elif walk == "html-missing":
+        html.unlink()
+    elif walk == "json-edited":
+        path.write_text(path.read_text().replace('"verdict"', '"verdict" ', 1))
+    else:
+        path.with_name("report.json.sig").unlink()
+    assert main(["approval", "request", "--report", str(path)]) == 3
+    captured = capsys.readouterr()
+    expected = {"html-edited": "report.html does not match the digest the sealed report",
+                "html-missing": "the run's report.html is missing",
+                "json-edited": "the report's seal does not match",
+                "unsealed": "the report is not sealed"}[walk]
+    assert expected in captured.err and "Text to sign" not in captured.out
+    assert not (path.parent / "approvals" / "request.txt").exists()
 
 
 # ------------------------------------------------------------------ waivers

@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 from safemail import ansible, vault
@@ -205,6 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Approvers sign with their own SSH keys (ssh-keygen -Y sign), listed in\n"
             "release/allowed_signers; release/approvers.yml says which roles must sign.\n\n"
             "  safemail approval request                  the release text for the latest report\n"
+            "                                             (refused, exit 3, unless its seal and\n"
+            "                                             report.html check out; as root)\n"
             "  safemail approval request --waiver AV-02 --expires 2027-03-01 \\\n"
             "      --justification '...'                  the text of a waiver\n"
             "  safemail approval status                   which roles the signatures fill"
@@ -555,13 +558,24 @@ def cmd_approval(args: argparse.Namespace) -> int:
         for problem in result.problems:
             print(f"missing: {problem}")
         return 0 if result.complete else 3
+    # Approvers are sent to report.html: it must be the page the sealed run wrote.
+    html = report_path.with_name(promote.HTML_NAME)
+    html_digest = promote.file_digest(html) if html.is_file() else None
+    problems = [p for p in (stage.lab_seal_problem(report_path),
+                            promote.html_problem(report, html_digest)) if p]
+    if problems:
+        print("no approval request: the approvers would read a report that is not the sealed "
+              "run's:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 3
     sig_dir.mkdir(parents=True, exist_ok=True)
     request = _rel(repo, args.out) if args.out else sig_dir / "request.txt"
     request.write_bytes(message)
     print(f"Text to sign ({request}):\n")
     print(message.decode(), end="")
     print(
-        f"\nRead {report_path.with_name('report.html')} first.\n"
+        f"\n{html.name} sha256: {html_digest} (recorded in the sealed report.json; "
+        f"`sha256sum {html}` shows the same)\n"
+        f"Read {html} first.\n"
         f"Each of {roles}\nsigns this text with their own SSH key (release/allowed_signers) "
         "and drops the\nsignature in the approvals directory, one file per person:\n\n"
         f"  ssh-keygen -Y sign -f ~/.ssh/id_ed25519 -n {approvals.RELEASE_NAMESPACE} \\\n"

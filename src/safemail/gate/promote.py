@@ -203,19 +203,9 @@ def _run_reasons(report: Mapping[str, Any], ev: Evidence) -> list[str]:
             f"{JUNIT_NAME} does not match the digest the report recorded "
             "(the JUnit file was replaced or edited after the run)"
         )
-    recorded_html = run.get("html_sha256")
-    if not recorded_html:
-        reasons.append(
-            f"the report records no digest of its {HTML_NAME} (made by an older safemail "
-            "verify): the page the approvers read is not covered by the seal; verify again"
-        )
-    elif ev.html_digest is None:
-        reasons.append(f"the run's {HTML_NAME} is missing beside the report")
-    elif ev.html_digest != recorded_html:
-        reasons.append(
-            f"{HTML_NAME} does not match the digest the sealed report recorded (the page the "
-            "approvers read was edited or replaced after the run)"
-        )
+    html = html_problem(report, ev.html_digest)
+    if html:
+        reasons.append(html)
     if ev.seal_problem:
         reasons.append(ev.seal_problem)
     if ev.catalogue_problem:
@@ -256,6 +246,25 @@ def _run_reasons(report: Mapping[str, Any], ev: Evidence) -> list[str]:
                     "re-created, or the report is not from this stage)"
                 )
     return reasons
+
+
+def html_problem(report: Mapping[str, Any], html_digest: str | None) -> str | None:
+    """Why the run's report.html (sha256 ``html_digest``, None: missing) is not the page the
+    sealed report recorded (None if it is)."""
+    recorded = report.get("run", {}).get("html_sha256")
+    if not recorded:
+        return (
+            f"the report records no digest of its {HTML_NAME} (made by an older safemail "
+            "verify): the page the approvers read is not covered by the seal; verify again"
+        )
+    if html_digest is None:
+        return f"the run's {HTML_NAME} is missing beside the report"
+    if html_digest != recorded:
+        return (
+            f"{HTML_NAME} does not match the digest the sealed report recorded (the page the "
+            "approvers read was edited or replaced after the run)"
+        )
+    return None
 
 
 def _approval_reasons(ev: Evidence) -> list[str]:

@@ -249,6 +249,16 @@ def seal(report_json: Path, key: Path) -> Path:
     return path
 
 
+def lab_seal_problem(report_json: Path, lab: LabPaths | None = None) -> str | None:
+    """:func:`seal_problem` against the lab's own key alone (no inventory read)."""
+    lab = lab or LabPaths.default()
+    try:
+        public: str | None = public_key_of(lab.key_file)
+    except SafeMailError:
+        public = None
+    return seal_problem(report_json, StageIdentity("test", "", (), (), run_key_public=public))
+
+
 def seal_problem(report_json: Path, identity: StageIdentity) -> str | None:
     """Why the report's seal does not prove it is the stage's own, unchanged run (or None)."""
     path = seal_path(report_json)
@@ -258,7 +268,8 @@ def seal_problem(report_json: Path, identity: StageIdentity) -> str | None:
             "stage seals a report; re-rendered or hand-made reports cannot release"
         )
     if not identity.run_key_public:
-        return "the lab's SSH key could not be read: the seal is unchecked"
+        return ("the lab's SSH key could not be read: the seal is unchecked (run as the user "
+                "that runs the lab, e.g. sudo -E)")
     armored = path.read_text(encoding="ascii", errors="replace")
     if not signing.verify_with_key(identity.run_key_public, SEAL_NAMESPACE, armored,
                                    report_json.read_bytes()):
