@@ -175,8 +175,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--first-release",
         action="store_true",
         help="the very first release (no release tag yet): the released revision's own\n"
-        "release/ approves it. Refused once any release tag exists; otherwise the newest\n"
-        "release tag's release/ counts (docs/change-manager.md)",
+        "release/ approves it, and after the deployment it writes the pin\n"
+        "release/first-release.yml (commit it). Refused once any release tag exists or\n"
+        "any commit has the pin; otherwise the newest release tag's release/ counts\n"
+        "(docs/change-manager.md)",
     )
     p.add_argument(
         "--max-age-hours",
