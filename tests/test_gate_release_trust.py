@@ -1054,6 +1054,10 @@ def test_production_vault_with_the_example_password_is_refused(
     monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE")  # without its password: not compared
     monkeypatch.setenv("SAFEMAIL_VAULT_PASSWORD_FILE", str(project.keys / "none.pass"))
     _only(_reasons(project, _report(project)), "cannot open")
+    given = {"ANSIBLE_VAULT_PASSWORD_FILE": str(password_file)}  # promote --vault-password-file
+    decision = promote.evaluate(project.root, _report(project), now=NOW, first_release=True,
+                                vault_env=given)
+    assert decision.allowed, decision.reasons
 
 
 def _example_vault(project: gatekit.Project) -> Path:

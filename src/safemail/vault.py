@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,15 +127,14 @@ def secret_digests(data: object, path: str = "") -> dict[str, str]:
 def _open_vault(path: Path, inventory: Path, env: Mapping[str, str]) -> tuple[object, str | None]:
     """The vault's YAML, decrypted with the site's password source (the vault client, or the
     operator's ANSIBLE_VAULT_IDENTITY_LIST / ANSIBLE_VAULT_PASSWORD_FILE): (data, problem)."""
-    from safemail import ansible
-
     repo = inventory.resolve().parent.parent
+    # On PATH, else beside this Python (safemail.ansible.command is a layer above this one).
+    program = shutil.which("ansible-vault") or str(Path(sys.executable).parent / "ansible-vault")
+    cmd = [program, "decrypt", "--output", "-", *vault_args(repo, inventory, env), str(path)]
     try:
-        cmd = [ansible.command("ansible-vault"), "decrypt", "--output", "-",
-               *vault_args(repo, inventory, env), str(path)]
         proc = subprocess.run(cmd, capture_output=True, env=dict(env), check=False,
                               timeout=120, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired, ansible.AnsibleNotFound) as exc:
+    except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"cannot run ansible-vault: {exc}"
     if proc.returncode != 0:
         why = proc.stderr.decode("utf-8", "replace").strip().splitlines()

@@ -453,8 +453,13 @@ def _existing_metadata(path: Path) -> RunMetadata | None:
 def cmd_promote(args: argparse.Namespace) -> int:
     repo = _repo()
     report_path = _rel(repo, args.report)
+    vault_env = {}  # the vault options given, for the gate's look into the production vault
+    if args.vault_id:
+        vault_env["ANSIBLE_VAULT_IDENTITY_LIST"] = ",".join(args.vault_id)
+    if args.vault_password_file:
+        vault_env["ANSIBLE_VAULT_PASSWORD_FILE"] = args.vault_password_file
     decision = promote.evaluate(repo, report_path, max_age_hours=args.max_age_hours,
-                                first_release=args.first_release)
+                                first_release=args.first_release, vault_env=vault_env)
     print(decision.summary())
     project = Project(repo)
     inventory = project.inventory(args.to)

@@ -299,12 +299,14 @@ def evaluate(
     max_age_hours: float = DEFAULT_MAX_AGE_HOURS,
     now: dt.datetime | None = None,
     first_release: bool = False,
+    vault_env: Mapping[str, str] | None = None,
 ) -> Decision:
     """Read the report and the checkout, then decide.
 
     The approval policy that counts is the newest release tag's (:mod:`release_chain`);
     ``first_release`` allows the released revision's own policy when there is no release tag
-    yet, and only then."""
+    yet, and only then. ``vault_env``: the vault password source the command was given
+    (ANSIBLE_VAULT_* settings), for opening the production vault."""
     now = now or dt.datetime.now(dt.UTC)
     state = current_state(repo, TESTED_STAGE)
     report: dict[str, Any] | None = None
@@ -333,7 +335,8 @@ def evaluate(
     )
     # The target: a production vault that opens with the published example password is the
     # project's example, not a site's secrets.
-    vault_problem = vault.example_password_problem(Project(repo).inventory("production"))
+    vault_problem = vault.example_password_problem(Project(repo).inventory("production"),
+                                                   vault_env)
     if vault_problem:
         decision.reasons.append(vault_problem)
         decision.allowed = False

@@ -61,9 +61,10 @@ class Link:
         for line in self.text.decode("utf-8", "replace").splitlines():
             if line.startswith("finished: "):
                 try:
-                    return dt.datetime.fromisoformat(line.split(": ", 1)[1].strip())
+                    when = dt.datetime.fromisoformat(line.split(": ", 1)[1].strip())
                 except ValueError:
                     return None
+                return when if when.tzinfo is not None else None  # UTC as verify writes it
         return None
 
 
