@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -44,36 +44,56 @@ def _validator(name: str) -> Any:
     return cls(schema)
 
 
-def _where(root: str, path: Iterable[str | int]) -> str:
-    return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+@dataclass(frozen=True)
+class Violation:
+    """One way a document breaks its schema, in the gate's words."""
+
+    path: tuple[str | int, ...]  # where in the document (keys and list indexes)
+    kind: str  # the JSON Schema keyword that failed: required, type, pattern, ...
+    what: str  # e.g. "missing key 'verdict'", "expected boolean, got str"
+    key: str | None = None  # the key a required/additionalProperties violation is about
+
+    def where(self, root: str) -> str:
+        return root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path)
 
 
-def _describe(error: Any, root: str) -> list[str]:
-    """One violation in the gate's words; jsonschema's own message for the rare rest."""
-    where, kind, rule, value = (
-        _where(root, error.absolute_path), error.validator, error.validator_value, error.instance)
-    if kind == "required":  # jsonschema reports each missing key: name them all, once
-        return [f"{where}: missing key '{k}'" for k in rule if k not in value]
+def _describe(error: Any) -> list[Violation]:
+    """A jsonschema error as violations. A schema may word its own rule with the annotation
+    ``x-must-be`` ("must be <x-must-be>"); jsonschema's message is the last resort."""
+    path, kind, rule, value = (
+        tuple(error.absolute_path), error.validator, error.validator_value, error.instance)
+    if kind == "required":  # jsonschema reports each missing key: name them all (deduplicated)
+        return [Violation(path, kind, f"missing key '{k}'", k) for k in rule if k not in value]
     if kind == "additionalProperties" and rule is False:
         known = error.schema.get("properties", {})
-        return [f"{where}: unexpected key '{k}'" for k in value if k not in known]
-    if kind == "type":
+        return [Violation(path, kind, f"unexpected key '{k}'", str(k))
+                for k in value if k not in known]
+    if "x-must-be" in error.schema:
+        what = f"must be {error.schema['x-must-be']}"
+    elif kind == "type":
         names = rule if isinstance(rule, list) else [rule]
-        return [f"{where}: expected {' or '.join(names)}, got {type(value).__name__}"]
-    if kind == "enum":
-        return [f"{where}: {value!r} is not one of {rule}"]
-    if kind == "pattern":
-        return [f"{where}: {value!r} does not match {rule}"]
-    if kind == "minimum":
-        return [f"{where}: {value} is below {rule}"]
-    if kind in ("anyOf", "oneOf"):
-        return [f"{where}: matches none of the allowed shapes"]
-    return [f"{where}: {error.message}"]
+        what = f"expected {' or '.join(names)}, got {type(value).__name__}"
+    elif kind == "enum":
+        what = f"{value!r} is not one of {rule}"
+    elif kind == "pattern":
+        what = f"{value!r} does not match {rule}"
+    elif kind == "minimum":
+        what = f"{value} is below {rule}"
+    elif kind in ("anyOf", "oneOf"):
+        what = "matches none of the allowed shapes"
+    else:
+        what = error.message
+    return [Violation(path, kind, what)]
+
+
+def violations(name: str, data: Any) -> list[Violation]:
+    """Every violation of schema ``name`` by ``data`` (empty: it conforms), without repeats."""
+    found: list[Violation] = []
+    for error in _validator(name).iter_errors(data):
+        found.extend(v for v in _describe(error) if v not in found)
+    return found
 
 
 def problems(name: str, data: Any, root: str) -> list[str]:
-    """Every violation of schema ``name`` by ``data`` (empty: it conforms), without repeats."""
-    found: list[str] = []
-    for error in _validator(name).iter_errors(data):
-        found.extend(p for p in _describe(error, root) if p not in found)
-    return found
+    """:func:`violations` as lines ``where: what``, ``where`` a path from ``root``."""
+    return [f"{v.where(root)}: {v.what}" for v in violations(name, data)]
