@@ -159,6 +159,12 @@ def _w(**over: object) -> dict[str, object]:
         ([_w(id="AV-99")], "not in the requirement catalogue"),
         ([_w(), _w()], "a second waiver"),
         ([_w(reason="x")], "unknown field(s): reason"),
+        ([_w(approver="me")], "who approved is read from the signatures"),
+        ([_w(signatures="sig")], "signatures must be a list of armored SSH signatures"),
+        ([_w(signatures=[1])], "signatures must be a list of armored SSH signatures"),
+        ([_w(justification=12345678901234567890)], "justification must be text"),
+        ([_w(granted="2026-02-30")], "granted '2026-02-30' is not a date"),
+        ([_w(expires=dt.date(2026, 10, 1))], "expires 2026-10-01 lies before granted"),
     ],
 )
 def test_malformed_waivers_refused(data: object, message: str) -> None:
