@@ -14,7 +14,8 @@ SCHEMAS = sorted((Path(schema.__file__).parent / schema.SCHEMA_DIR).glob("*.sche
 
 def test_there_are_schema_files() -> None:
     assert {p.name for p in SCHEMAS} >= {
-        "report.schema.json", "catalogue.schema.json", "waivers.schema.json"}
+        "report.schema.json", "catalogue.schema.json", "waivers.schema.json",
+        "mutations.schema.json"}
 
 
 @pytest.mark.parametrize("path", SCHEMAS, ids=lambda p: p.name)
