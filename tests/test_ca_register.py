@@ -8,6 +8,7 @@ the RA could), then run the signer's real ``issue`` and see what it refuses and 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,15 @@ def test_new_request_after_revocation_with_a_new_key_is_refused(trio: Trio) -> N
     serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     trio.signer.revoke(int(serial, 16), "affiliation-changed", actor="carol")
     forged(trio, "f" * 16)  # not a renewal: the participant holds no valid certificate
-    assert issue(trio, "f" * 16).refused == "key-change-unconfirmed"
+    assert issue(trio, "f" * 16).refused == "mailbox-revoked"
+
+
+def test_new_request_after_expiry_with_a_new_key_is_refused(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    later = datetime.now(UTC) + timedelta(days=trio.signer.policy.ee_validity_days + 1)
+    forged(trio, "f" * 16)
+    out = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=later)
+    assert [o.refused for o in out if o.request_id == "f" * 16] == ["key-change-unconfirmed"]
 
 
 def test_participant_cannot_take_a_second_mailbox(trio: Trio) -> None:
@@ -178,15 +187,17 @@ def test_participant_cannot_take_a_second_mailbox(trio: Trio) -> None:
 def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     with pytest.raises(CaError, match="still has valid certificate"):
-        trio.signer.release(MAILBOX, reason="key lost", actor="carol")
+        trio.signer.release(MAILBOX, reason="key lost", actor="carol", expect_key=spki(3))
     trio.signer.revoke(int(old, 16), "key-compromise", actor="carol")
-    owner = trio.signer.release(MAILBOX, reason="key lost, ticket 42", actor="carol")
+    owner = trio.signer.release(
+        MAILBOX, reason="key lost, ticket 42", actor="carol", expect_key=spki(3)
+    )
     assert owner["status"] == "released" and owner["released_for"] == NUMBER
     entry = json.loads(trio.signer.journal.path.read_text().splitlines()[-1])
     assert (entry["action"], entry["mailbox"], entry["detail"]) == (
         "release",
         MAILBOX,
-        "key lost, ticket 42",
+        f"key lost, ticket 42 (key {spki(3)})",
     )
     # a second number still cannot take the released mailbox
     forged(trio, "1" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 3))
@@ -195,14 +206,18 @@ def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
     owner = trio.signer.index()["register"][MAILBOX]
     assert owner["status"] == "active" and owner["serial"] == new
     with pytest.raises(CaError, match="no registered owner"):
-        trio.signer.release(f"nobody@{DOMAIN}", reason="x", actor="carol")
+        trio.signer.release(f"nobody@{DOMAIN}", reason="x", actor="carol", expect_key=spki(3))
 
 
 def test_release_for_another_participant_number(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     trio.signer.revoke(int(old, 16), "cessation-of-operation", actor="carol")
     trio.signer.release(
-        MAILBOX, reason="practice handed over", actor="carol", participant=OTHER_NUMBER
+        MAILBOX,
+        reason="practice handed over",
+        actor="carol",
+        participant=OTHER_NUMBER,
+        expect_key=spki(4),
     )
     forged(trio, "2" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 4))
     assert issue(trio, "2" * 16).serial is not None
@@ -239,14 +254,28 @@ def test_cli_refusal_exit_code_release_and_owners(
     assert main(["ca", "list", "--owners", "--json", *sd]) == 0
     [row] = json.loads(capsys.readouterr()[0])
     assert row["mailbox"] == MAILBOX and row["participant"] == NUMBER
-    code = main(["ca", "release", "--mailbox", MAILBOX, "--reason", "x", "--operator", "o", *sd])
+    rel = ["ca", "release", "--mailbox", MAILBOX, "--operator", "o", *sd]
+    code = main([*rel, "--reason", "x", "--expect-key", spki(3)])
     assert code == 1 and "revoke first" in capsys.readouterr()[1]
     assert main(["ca", "revoke", "--mailbox", MAILBOX, "--reason", "key-compromise", *sd]) == 0
-    assert (
-        main(["ca", "release", "--mailbox", MAILBOX, "--reason", "lost", "--operator", "o", *sd])
-        == 0
+    with pytest.raises(SystemExit):  # --expect-key is required
+        main([*rel, "--reason", "lost"])
+    capsys.readouterr()
+    assert main([*rel, "--reason", "lost", "--expect-key", "SHA256:" + spki(3).upper()]) == 0
+    assert f"with key {spki(3)}" in capsys.readouterr()[0]
+    key = tmp_path / "k.pem"
+    key.write_bytes(
+        rsa_key(3072, 3).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
-    assert "released" in capsys.readouterr()[0]
+    csr = tmp_path / "k.csr"
+    csr.write_bytes(make_csr(rsa_key(3072, 3), san=[MAILBOX]))
+    for f in (key, csr):
+        assert main(["ca", "key-id", str(f)]) == 0
+        assert capsys.readouterr()[0].strip() == spki(3)
     result = journal.verify(t.signer.journal.path)
     assert result.ok
 
@@ -306,3 +335,71 @@ def test_cli_confirm_key_change_round_trip(
         == 1
     )
     assert "not an unencrypted PEM private key" in capsys.readouterr()[1]
+
+
+# ----------------------------------------------------------------- revocation binds the signer
+def spki(n: int) -> str:
+    return keychange.spki_sha256(rsa_key(3072, n).public_key())
+
+
+def test_key_compromise_refuses_a_change_confirmed_with_the_stolen_key(trio: Trio) -> None:
+    """The thief holds A; the operator revoked key-compromise and has not released yet."""
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "key-compromise", actor="carol")
+    csr = make_csr(rsa_key(3072, ATTACKER_KEY), san=[MAILBOX])
+    der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+    conf = keychange.make(rsa_key(3072, VICTIM_KEY), NUMBER, MAILBOX, der)
+    forged(trio, "a" * 16, key=rsa_key(3072, ATTACKER_KEY), key_change=conf)
+    out = issue(trio, "a" * 16)
+    assert out.serial is None and out.refused == "mailbox-revoked", out
+    assert "release" in out.reason
+    owner = trio.signer.index()["register"][MAILBOX]
+    assert owner["status"] == "revoked" and owner["revoked_reason"] == "key-compromise"
+
+
+def test_compromised_key_is_never_certified_again(trio: Trio) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "key-compromise", actor="carol")
+    forged(trio, "b" * 16, key=rsa_key(3072, VICTIM_KEY))  # fresh request, the stolen key
+    assert issue(trio, "b" * 16).refused == "key-compromised"
+    # nor can the operator release the mailbox for that key, by mistake or on a lie
+    with pytest.raises(CaError, match="compromised"):
+        trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=victim_spki())
+    trio.signer.release(MAILBOX, reason="new key", actor="carol", expect_key=spki(3))
+    forged(trio, "c" * 16, key=rsa_key(3072, VICTIM_KEY))
+    assert issue(trio, "c" * 16).refused == "key-compromised"
+
+
+@pytest.mark.parametrize("reason", ["privilege-withdrawn", "affiliation-changed", "unspecified"])
+def test_approved_request_waiting_in_the_outbox_does_not_undo_a_revocation(
+    trio: Trio, reason: str
+) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    forged(trio, "d" * 16, key=rsa_key(3072, VICTIM_KEY))  # approved earlier, same key
+    trio.signer.revoke(int(serial, 16), reason, actor="carol")
+    out = issue(trio, "d" * 16)  # the next cycle
+    assert out.refused == "mailbox-revoked", out
+    assert trio.signer.index()["certs"][serial]["status"] == "revoked"
+
+
+def test_release_issues_only_the_expected_key(trio: Trio) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "key-compromise", actor="carol")
+    owner = trio.signer.release(MAILBOX, reason="key lost", actor="carol", expect_key=spki(3))
+    assert owner["expected_key"] == spki(3)
+    # the RA saw the release and races the owner with its own key
+    forged(trio, "e" * 16, key=rsa_key(3072, ATTACKER_KEY))
+    out = issue(trio, "e" * 16)
+    assert out.refused == "key-not-expected" and out.serial is None, out
+    new = trio.enrol(key=rsa_key(3072, 3))
+    owner = trio.signer.index()["register"][MAILBOX]
+    assert owner["status"] == "active" and owner["serial"] == new
+    assert owner["key_sha256"] == spki(3) and "expected_key" not in owner
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "z" * 64, "SHA256:" + "0" * 63])
+def test_release_needs_a_well_formed_expected_key(trio: Trio, bad: str) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "cessation-of-operation", actor="carol")
+    with pytest.raises(CaError, match="SHA-256"):
+        trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=bad)

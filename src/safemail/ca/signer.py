@@ -25,8 +25,11 @@ mailbox for a participant (``participant-has-mailbox``), and a new key for an ow
 without the participant's confirmation signed with the registered key
 (``key-change-unconfirmed`` / ``key-change-confirmation-invalid``, see
 :mod:`safemail.ca.keychange`). A participant who lost the key: the signer operator revokes
-(``key-compromise``) and releases the mailbox (``safemail ca release``); the next enrolment is
-then treated as new.
+(``key-compromise``) and releases the mailbox for the participant's new key, whose SHA-256 the
+operator got out of band (``safemail ca release --expect-key``); the next enrolment with that
+key is then treated as new, any other key is refused (``key-not-expected``). Any revocation
+locks the mailbox until such a release (``mailbox-revoked``); a key revoked as compromised is
+never certified again (``key-compromised``).
 """
 
 from __future__ import annotations
@@ -81,6 +84,23 @@ def parse_serial(text: str) -> int:
             "give the serial in hex as shown by 'safemail ca list --certs'",
         )
     return int(cleaned, 16)
+
+
+_KEY_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_key_sha256(text: str) -> str:
+    """A public key's SPKI SHA-256 as given by an operator: hex, optional SHA256: and colons."""
+    cleaned = text.strip().lower().replace(":", "")
+    cleaned = cleaned.removeprefix("sha256")
+    if not _KEY_SHA256_RE.match(cleaned):
+        raise CaError(
+            f"{text!r} is not a key's SHA-256 (64 hex digits)",
+            "the participant reads it from 'safemail participant key-id --key KEY' (or "
+            "'openssl pkey -in KEY -pubout -outform DER | sha256sum') and tells the signer "
+            "operator out of band",
+        )
+    return cleaned
 
 
 @dataclass(frozen=True)
@@ -240,8 +260,29 @@ class Signer:
                     continue
                 cert = x509.load_pem_x509_certificate(e["pem"].encode())
                 reg[e["mailbox"]] = _owner(e["participant"], cert, serial, e["request"])
+                if e["status"] == "revoked" and e.get("reason") != "superseded":
+                    reg[e["mailbox"]].update(
+                        status="revoked",
+                        revoked_reason=e["reason"],
+                        revoked_serial=serial,
+                        revoked_at=e["revoked_at"],
+                    )
             index["register"] = reg
         return index["register"]  # type: ignore[no-any-return]
+
+    def compromised_keys(self, index: dict[str, Any] | None = None) -> dict[str, str]:
+        """SPKI SHA-256 -> serial of every key revoked with reason key-compromise.
+
+        Derived from the certificate entries themselves, so it cannot fall out of step with
+        them (and an index from before this check is covered as it is).
+        """
+        index = self.index() if index is None else index
+        keys: dict[str, str] = {}
+        for serial, e in index["certs"].items():
+            if e["status"] == "revoked" and e.get("reason") == "key-compromise":
+                cert = x509.load_pem_x509_certificate(e["pem"].encode())
+                keys[keychange.spki_sha256(cert.public_key())] = serial
+        return keys
 
     def _write_index(self, index: dict[str, Any]) -> None:
         _fs.atomic_write_json(self.index_path, index)
@@ -401,11 +442,20 @@ class Signer:
         """Refuse what the RA cannot be trusted to decide: who owns a mailbox, and its key."""
         number, mailbox = request["participant"], request["mailbox"]
         register = self.register(index)
+        new_key = keychange.spki_sha256(csr.public_key())
+        compromised = self.compromised_keys(index)
+        if new_key in compromised:
+            raise IssueRefused(
+                "key-compromised",
+                f"the request's key was revoked as compromised (certificate "
+                f"{compromised[new_key]}); it is never certified again",
+                "the participant makes a new key ('safemail participant keygen')",
+            )
         for other_mailbox, owner in register.items():
             if (
                 other_mailbox != mailbox
                 and owner["participant"] == number
-                and owner["status"] == "active"
+                and owner["status"] in ("active", "revoked")
             ):
                 raise IssueRefused(
                     "participant-has-mailbox",
@@ -416,6 +466,15 @@ class Signer:
         owner = register.get(mailbox)
         if owner is None:
             return
+        if owner["status"] == "revoked":
+            raise IssueRefused(
+                "mailbox-revoked",
+                f"the certificate of mailbox {mailbox} was revoked "
+                f"({owner.get('revoked_reason')}); the signer issues nothing for it until the "
+                "signer operator releases it",
+                "signer operator: 'safemail-ca release --mailbox M --expect-key SHA256' with "
+                "the new key's SHA-256 obtained from the participant out of band (docs/ca.md)",
+            )
         if owner["status"] == "released":
             if owner.get("released_for") not in (None, number):
                 raise IssueRefused(
@@ -423,6 +482,14 @@ class Signer:
                     f"mailbox {mailbox} was released for participant {owner['released_for']}, "
                     f"not {number}",
                     "the signer operator releases a mailbox for one participant number",
+                )
+            if new_key != owner.get("expected_key"):
+                raise IssueRefused(
+                    "key-not-expected",
+                    f"mailbox {mailbox} was released for the key {owner.get('expected_key')}, "
+                    f"the request carries {new_key}",
+                    "only the key the signer operator named in 'release --expect-key' is "
+                    "issued; check the SHA-256 with the participant out of band",
                 )
             return
         if owner["participant"] != number:
@@ -433,7 +500,6 @@ class Signer:
                 "if the mailbox really changes hands, the signer operator revokes the old "
                 "certificate and runs 'safemail ca release --mailbox' first",
             )
-        new_key = keychange.spki_sha256(csr.public_key())
         if new_key == owner["key_sha256"]:
             return
         confirmation = request.get("key_change")
@@ -572,7 +638,19 @@ class Signer:
                     f"certificate {key} is already revoked ({entry['reason']}, "
                     f"{entry['revoked_at']})"
                 )
-            entry.update(status="revoked", revoked_at=_iso(now or datetime.now(UTC)), reason=reason)
+            at = _iso(now or datetime.now(UTC))
+            entry.update(status="revoked", revoked_at=at, reason=reason)
+            owner = self.register(index).get(entry["mailbox"])
+            if owner is not None:
+                # Any revocation locks the mailbox at the signer: no request (not even one
+                # approved before, waiting in the RA outbox, nor a key change confirmed with
+                # the revoked key) is issued until the signer operator releases it.
+                # A key-compromise revocation also bars the key for good (compromised_keys).
+                owner.update(
+                    status="revoked", revoked_reason=reason, revoked_serial=key, revoked_at=at
+                )
+                for drop in ("expected_key", "released_for"):
+                    owner.pop(drop, None)
             self._write_index(index)
             self.journal.record(
                 "revoke",
@@ -590,6 +668,7 @@ class Signer:
         *,
         reason: str,
         actor: str,
+        expect_key: str,
         participant: str | None = None,
         now: datetime | None = None,
     ) -> dict[str, Any]:
@@ -597,9 +676,13 @@ class Signer:
 
         For a participant whose key is lost or compromised, or a mailbox that changes hands:
         every certificate of the mailbox must be revoked first. The next approved request for
-        the mailbox from ``participant`` (default: the previous owner) is then treated as a new
-        enrolment. Recorded in the journal with the reason.
+        the mailbox from ``participant`` (default: the previous owner) carrying the key whose
+        SPKI SHA-256 is ``expect_key`` (obtained from the participant out of band, never from
+        the RA) is then treated as a new enrolment; any other key is refused
+        (``key-not-expected``), so a compromised RA cannot race the owner. Recorded in the
+        journal with the reason and the expected key.
         """
+        expected = parse_key_sha256(expect_key)
         validate_operator(actor)
         reason = reason.strip()
         if not reason or len(reason) > 200 or "\n" in reason:
@@ -610,7 +693,7 @@ class Signer:
         with _fs.locked(self._lock):
             index = self.index()
             owner = self.register(index).get(mailbox)
-            if owner is None or owner["status"] != "active":
+            if owner is None:
                 raise CaError(
                     f"mailbox {mailbox} has no registered owner at the signer",
                     "see 'safemail ca list --owners'; nothing to release",
@@ -627,12 +710,20 @@ class Signer:
                     f"mailbox {mailbox} still has valid certificate(s) {', '.join(valid)}",
                     f"revoke first: safemail ca revoke --mailbox {mailbox} --reason key-compromise",
                 )
+            compromised = self.compromised_keys(index)
+            if expected in compromised:
+                raise CaError(
+                    f"the key {expected} was revoked as compromised (certificate "
+                    f"{compromised[expected]})",
+                    "the participant makes a new key; release the mailbox for that key",
+                )
             owner.update(
                 status="released",
                 released_at=_iso(now),
                 released_by=actor,
                 released_for=participant or owner["participant"],
                 release_reason=reason,
+                expected_key=expected,
             )
             self._write_index(index)
             self.journal.record(
@@ -640,7 +731,7 @@ class Signer:
                 actor,
                 mailbox=mailbox,
                 participant=owner["released_for"],
-                detail=reason,
+                detail=f"{reason} (key {expected})",
             )
             return dict(owner)
 
