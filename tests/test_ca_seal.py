@@ -165,7 +165,9 @@ def test_root_with_the_seal_key_is_caught_by_heads_held_off_the_host(
         "--remember",
         str(store),
     ]
-    assert main(verify) == 0
+    assert main(verify) == 1  # no store yet: refused unless the first use is stated
+    assert "--first-use" in capsys.readouterr()[1]
+    assert main([*verify, "--first-use"]) == 0
     assert "head seq 6 added" in capsys.readouterr()[0]
     stolen = JournalKey.load(sealer.key_path)
 

@@ -441,6 +441,13 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     for name in args.heads or []:
         path = Path(name)
         if not path.exists() and args.remember and name == args.remember:
+            if not args.first_use:
+                raise CaError(
+                    f"the heads store {name} does not exist",
+                    "restore it (and the pinned seal key beside it) from the controller's "
+                    "backup; only for the very first collection from this host give "
+                    "--first-use (ca-journal-check.yml: -e ca_journal_first_use=true)",
+                )
             continue  # the controller's store before the first collection
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -785,5 +792,11 @@ def _add_verify_args(v: argparse.ArgumentParser) -> None:
         "--remember",
         metavar="STORE",
         help="after a successful check, add the journal's head to STORE (the controller's "
-        "heads store; give it as --heads too)",
+        "heads store; give it as --heads too). A missing STORE is refused unless --first-use",
+    )
+    v.add_argument(
+        "--first-use",
+        action="store_true",
+        help="the first collection from this host: accept a missing --remember STORE (a lost "
+        "store otherwise looks the same and would drop the earlier heads unnoticed)",
     )
