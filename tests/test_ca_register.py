@@ -156,8 +156,12 @@ def test_confirmed_key_change_is_issued_and_supersedes(trio: Trio) -> None:
 
 def test_renewal_with_the_same_key_needs_no_confirmation(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
-    new = trio.enrol(key=rsa_key(3072, VICTIM_KEY), renewal=True)
-    assert trio.signer.index()["certs"][old]["reason"] == "superseded" and new != old
+    not_after = datetime.fromisoformat(trio.signer.index()["certs"][old]["not_after"])
+    forged(trio, "0" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    outs = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=not_after - timedelta(1))
+    [out] = [o for o in outs if o.request_id == "0" * 16]
+    assert trio.signer.index()["certs"][old]["reason"] == "superseded"
+    assert out.serial is not None and out.serial != old
 
 
 def test_new_request_after_revocation_with_a_new_key_is_refused(trio: Trio) -> None:
@@ -197,7 +201,7 @@ def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
     assert (entry["action"], entry["mailbox"], entry["detail"]) == (
         "release",
         MAILBOX,
-        f"key lost, ticket 42 (key {spki(3)})",
+        f"key lost, ticket 42 (key {spki(3)}, name 'Praxis Mueller')",
     )
     # a second number still cannot take the released mailbox
     forged(trio, "1" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 3))
@@ -403,3 +407,71 @@ def test_release_needs_a_well_formed_expected_key(trio: Trio, bad: str) -> None:
     trio.signer.revoke(int(serial, 16), "cessation-of-operation", actor="carol")
     with pytest.raises(CaError, match="SHA-256"):
         trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=bad)
+
+
+# ----------------------------------------------------------------- the RA alone cannot supersede
+def test_same_key_renewal_is_refused_until_the_renewal_window(trio: Trio) -> None:
+    """The RA replays the victim's own CSR as a 'renewal': nothing new for the participant,
+    but it would revoke the current certificate (superseded). Refused until near expiry."""
+    victim = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    forged(trio, "d" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    out = issue(trio, "d" * 16)
+    assert out.refused == "renewal-too-early" and out.serial is None, out
+    assert trio.signer.index()["certs"][victim]["status"] == "valid"
+    # inside the window (policy renewal_window_days before not_after) it is a renewal
+    not_after = datetime.fromisoformat(trio.signer.index()["certs"][victim]["not_after"])
+    window = timedelta(days=trio.signer.policy.renewal_window_days)
+    forged(trio, "5" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    outs = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=not_after - window * 2)
+    [early] = [o for o in outs if o.request_id == "5" * 16]
+    assert early.refused == "renewal-too-early"
+    forged(trio, "6" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    outs = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=not_after - window / 2)
+    [ok] = [o for o in outs if o.request_id == "6" * 16]
+    assert ok.serial is not None and ok.new
+    assert trio.signer.index()["certs"][victim]["reason"] == "superseded"
+
+
+def test_the_ra_cannot_change_the_registered_name(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    assert trio.signer.index()["register"][MAILBOX]["name"] == "Praxis Mueller"
+    csr = make_csr(rsa_key(3072, 1), san=[MAILBOX])
+    der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+    conf = keychange.make(rsa_key(3072, VICTIM_KEY), NUMBER, MAILBOX, der)
+    req = forged(trio, "7" * 16, key=rsa_key(3072, 1), renewal=True, key_change=conf)
+    req["practice_name"] = "Evil Name"
+    (trio.outbox / ("7" * 16 + ".json")).write_text(json.dumps(req))
+    out = issue(trio, "7" * 16)
+    assert out.refused == "name-change-unconfirmed" and "Praxis Mueller" in out.reason
+
+
+def test_a_name_change_goes_through_the_signer_operator(trio: Trio) -> None:
+    old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(old, 16), "superseded", actor="carol")
+    # released for the same key without --name: the registered name still binds
+    trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=victim_spki())
+    req = forged(trio, "8" * 16, key=rsa_key(3072, VICTIM_KEY))
+    req["practice_name"] = "Praxis Mueller-Schmidt"
+    (trio.outbox / ("8" * 16 + ".json")).write_text(json.dumps(req))
+    assert issue(trio, "8" * 16).refused == "name-change-unconfirmed"
+    trio.signer.release(
+        MAILBOX,
+        reason="renamed, ticket 7",
+        actor="carol",
+        expect_key=victim_spki(),
+        name="Praxis Mueller-Schmidt",
+    )
+    req["id"] = "a1" * 8
+    (trio.outbox / ("a1" * 8 + ".json")).write_text(json.dumps(req))
+    out = issue(trio, "a1" * 8)
+    assert out.serial is not None, out
+    assert "Mueller-Schmidt" in trio.signer.certificate(out.serial).subject.rfc4514_string()
+    assert trio.signer.index()["register"][MAILBOX]["name"] == "Praxis Mueller-Schmidt"
+
+
+def test_register_without_names_takes_them_from_the_certificates(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    index = json.loads(trio.signer.index_path.read_text())
+    del index["register"][MAILBOX]["name"]
+    trio.signer.index_path.write_text(json.dumps(index))
+    assert trio.signer.register()[MAILBOX]["name"] == "Praxis Mueller"

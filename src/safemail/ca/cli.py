@@ -199,7 +199,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             elif r["status"] == "revoked":
                 extra = f" revoked ({r.get('revoked_reason')}): release needed"
             print(
-                f"{r['mailbox']}  {r['participant']:>12}  {r['status']:8} key "
+                f"{r['mailbox']}  {r['participant']:>12}  {r['name']!r}  {r['status']:8} key "
                 f"{r['key_sha256'][:16]}  serial {r['serial']}{extra}"
             )
         return 0
@@ -305,12 +305,13 @@ def cmd_release(args: argparse.Namespace) -> int:
         actor=args.operator,
         expect_key=args.expect_key,
         participant=args.participant,
+        name=args.name,
     )
     print(
         f"{args.mailbox} released (was participant {owner['participant']}, key "
         f"{owner['key_sha256'][:16]}); the next enrolment of participant "
-        f"{owner['released_for']} with key {owner['expected_key']} is treated as new, "
-        "any other key is refused"
+        f"{owner['released_for']} with key {owner['expected_key']} and name "
+        f"{owner['expected_name']!r} is treated as new, any other key or name is refused"
     )
     return 0
 
@@ -643,6 +644,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="SHA256",
         help="SHA-256 of the new key (SPKI, 64 hex digits) as the participant reads it out of "
         "band ('safemail ca key-id'); only that key is issued for the mailbox",
+    )
+    p.add_argument(
+        "--name",
+        help="the practice name the next enrolment must carry (a change of name; default: "
+        "the registered name)",
     )
     _add_operator(p, required=True)
     _add_common(p)

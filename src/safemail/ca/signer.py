@@ -29,7 +29,10 @@ without the participant's confirmation signed with the registered key
 operator got out of band (``safemail ca release --expect-key``); the next enrolment with that
 key is then treated as new, any other key is refused (``key-not-expected``). Any revocation
 locks the mailbox until such a release (``mailbox-revoked``); a key revoked as compromised is
-never certified again (``key-compromised``).
+never certified again (``key-compromised``). The register also binds the practice name (the
+CN; ``name-change-unconfirmed`` unless the operator's ``release --name``), and a renewal with
+the registered key is issued only within the policy's ``renewal_window_days`` of the current
+certificate's expiry (``renewal-too-early``): the RA alone cannot supersede a certificate.
 """
 
 from __future__ import annotations
@@ -268,6 +271,14 @@ class Signer:
                         revoked_at=e["revoked_at"],
                     )
             index["register"] = reg
+        for owner in index["register"].values():
+            if "name" not in owner:  # a register from before names were bound
+                entry = index["certs"].get(owner["serial"])
+                owner["name"] = (
+                    _common_name(x509.load_pem_x509_certificate(entry["pem"].encode()))
+                    if entry
+                    else ""
+                )
         return index["register"]  # type: ignore[no-any-return]
 
     def compromised_keys(self, index: dict[str, Any] | None = None) -> dict[str, str]:
@@ -430,7 +441,7 @@ class Signer:
                     f"{held[0]}",
                     "submit a renewal request, or revoke the certificate first",
                 )
-        self._check_ownership(request, csr, index)  # CA-03: the signer's own register
+        self._check_ownership(request, csr, index, now)  # CA-03: the signer's register
         return csr
 
     def _check_ownership(
@@ -438,8 +449,10 @@ class Signer:
         request: dict[str, Any],
         csr: x509.CertificateSigningRequest,
         index: dict[str, Any],
+        now: datetime,
     ) -> None:
-        """Refuse what the RA cannot be trusted to decide: who owns a mailbox, and its key."""
+        """Refuse what the RA cannot be trusted to decide: who owns a mailbox, its key and
+        name, and when a participant's current certificate is superseded."""
         number, mailbox = request["participant"], request["mailbox"]
         register = self.register(index)
         new_key = keychange.spki_sha256(csr.public_key())
@@ -491,6 +504,14 @@ class Signer:
                     "only the key the signer operator named in 'release --expect-key' is "
                     "issued; check the SHA-256 with the participant out of band",
                 )
+            if owner.get("expected_name", owner["name"]) != request["practice_name"]:
+                raise IssueRefused(
+                    "name-change-unconfirmed",
+                    f"mailbox {mailbox} was released for the name "
+                    f"{owner.get('expected_name', owner['name'])!r}, the request asks for "
+                    f"{request['practice_name']!r}",
+                    "a new name: the signer operator releases with --name NEW",
+                )
             return
         if owner["participant"] != number:
             raise IssueRefused(
@@ -500,7 +521,30 @@ class Signer:
                 "if the mailbox really changes hands, the signer operator revokes the old "
                 "certificate and runs 'safemail ca release --mailbox' first",
             )
+        if request["practice_name"] != owner["name"]:
+            raise IssueRefused(
+                "name-change-unconfirmed",
+                f"the signer registered the name {owner['name']!r} for mailbox {mailbox}; "
+                f"the request asks for {request['practice_name']!r}",
+                "a change of name needs the signer operator: revoke (superseded) and "
+                "'safemail-ca release --mailbox M --expect-key SHA256 --name NEW'",
+            )
         if new_key == owner["key_sha256"]:
+            current = index["certs"].get(owner["serial"], {})
+            if (
+                request.get("renewal")
+                and current.get("status") == "valid"
+                and datetime.fromisoformat(current["not_after"])
+                > now + timedelta(days=self.policy.renewal_window_days)
+            ):
+                raise IssueRefused(
+                    "renewal-too-early",
+                    f"the request renews certificate {owner['serial']} with the same key, "
+                    f"valid until {current['not_after']}; a same-key renewal is issued only "
+                    f"in the last {self.policy.renewal_window_days} days",
+                    "nothing to renew yet; a new key is a key change (confirm-key-change), "
+                    "a new name goes through the signer operator (docs/ca.md)",
+                )
             return
         confirmation = request.get("key_change")
         if not confirmation:
@@ -649,7 +693,7 @@ class Signer:
                 owner.update(
                     status="revoked", revoked_reason=reason, revoked_serial=key, revoked_at=at
                 )
-                for drop in ("expected_key", "released_for"):
+                for drop in ("expected_key", "expected_name", "released_for"):
                     owner.pop(drop, None)
             self._write_index(index)
             self.journal.record(
@@ -670,6 +714,7 @@ class Signer:
         actor: str,
         expect_key: str,
         participant: str | None = None,
+        name: str | None = None,
         now: datetime | None = None,
     ) -> dict[str, Any]:
         """Release a mailbox from its registered owner and key (signer operator only).
@@ -680,9 +725,14 @@ class Signer:
         SPKI SHA-256 is ``expect_key`` (obtained from the participant out of band, never from
         the RA) is then treated as a new enrolment; any other key is refused
         (``key-not-expected``), so a compromised RA cannot race the owner. Recorded in the
-        journal with the reason and the expected key.
+        journal with the reason and the expected key. The registered practice name binds the
+        next enrolment too, unless ``name`` gives the new one (a change of name).
         """
         expected = parse_key_sha256(expect_key)
+        if name is not None and (
+            not name.strip() or len(name) > 64 or any(ord(c) < 32 for c in name)
+        ):
+            raise CaError("give the new practice name as one line of up to 64 characters")
         validate_operator(actor)
         reason = reason.strip()
         if not reason or len(reason) > 200 or "\n" in reason:
@@ -724,6 +774,7 @@ class Signer:
                 released_for=participant or owner["participant"],
                 release_reason=reason,
                 expected_key=expected,
+                expected_name=name if name is not None else owner["name"],
             )
             self._write_index(index)
             self.journal.record(
@@ -731,7 +782,7 @@ class Signer:
                 actor,
                 mailbox=mailbox,
                 participant=owner["released_for"],
-                detail=f"{reason} (key {expected})",
+                detail=f"{reason} (key {expected}, name {owner['expected_name']!r})",
             )
             return dict(owner)
 
@@ -812,6 +863,7 @@ def _owner(participant: str, cert: x509.Certificate, serial: str, request: str) 
     pub = cert.public_key()
     return {
         "participant": participant,
+        "name": _common_name(cert),
         "status": "active",
         "key_sha256": keychange.spki_sha256(pub),
         "public_key": pub.public_bytes(
@@ -821,6 +873,11 @@ def _owner(participant: str, cert: x509.Certificate, serial: str, request: str) 
         "request": request,
         "since": _iso(cert.not_valid_before_utc),
     }
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
 
 
 def _iso(dt: datetime) -> str:
