@@ -34,7 +34,12 @@ def _host(tmp_path: Path) -> dict[str, str]:
     for d in (state, seal, log):
         d.mkdir()
     lines: list[str] = []
-    sealer = Sealer(seal, log=lambda text: lines.append(f"h safemail-ca-seal[1]: {text}"))
+    sealer = Sealer(
+        seal,
+        log=lambda text: lines.append(
+            f"2026-12-06T10:00:00+00:00 ca-signer safemail-ca-seal[1]: {text}"
+        ),
+    )
     sealer.keygen(seal / "journal-seal.pub")
 
     class InProcess:  # the CA account's socket client, in-process
@@ -44,6 +49,11 @@ def _host(tmp_path: Path) -> dict[str, str]:
     j = Journal(state / "journal.jsonl", host="ca-signer", key=InProcess())
     for n in range(3):
         j.record("issue", "carol", detail=f"n{n}")
+    # the CA account's own units log to the admin log too: a head-like line under their tag
+    lines.append(
+        "2026-12-06T10:00:02+00:00 ca-signer safemail-ca-cycle[9]: x safemail-ca-seal: "
+        "journal head host=- seq=1 hash=" + "0" * 64 + " sig=AAAA"
+    )
     (log / "admin.log").write_text("\n".join(lines) + "\n")
     wrapper = tmp_path / "safemail"
     wrapper.write_text(
@@ -94,6 +104,8 @@ def test_pin_and_store_are_refused_when_missing_unless_first_use(tmp_path: Path)
     assert f"pinned seal key SHA-256 {digest}" in first.stdout
     assert "head seq 3 added" in first.stdout
     assert (ctl / "store.jsonl").exists()
+    admin_heads = (ctl / "admin-heads.log").read_text().splitlines()
+    assert len(admin_heads) == 3 and all("safemail-ca-seal[1]: " in x for x in admin_heads)
 
     again = _run(tmp_path, host)
     assert again.returncode == 0, again.stdout + again.stderr

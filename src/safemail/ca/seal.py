@@ -113,7 +113,8 @@ class Sealer:
         if not isinstance(host, str) or (host and not HOSTNAME_RE.match(host)):
             # The host goes into the admin-log line below: a crafted one could make that line
             # read as another (older) head, or split it.
-            raise CaError(f"the entry's host {str(host)[:80]!r} is not a host name; not sealed")
+            # Not echoed: the CA account's error output reaches the admin log too.
+            raise CaError("the entry's host is not a host name; not sealed")
         with _fs.locked(self._lock):
             last = self.head()
             adopted = False
