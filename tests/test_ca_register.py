@@ -115,6 +115,15 @@ def test_renewal_with_an_attackers_csr_does_not_supersede_the_victim(trio: Trio)
     assert published_key(trio) == victim_spki()
 
 
+def test_an_attackers_renewal_is_refused_for_the_key_whatever_its_name(trio: Trio) -> None:
+    """verify/test_ca.py's lab case forges the name too ("Mallory"): the key decides first."""
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    req = forged(trio, "b1" * 8, renewal=True)
+    req["practice_name"] = "Mallory"
+    (trio.outbox / ("b1" * 8 + ".json")).write_text(json.dumps(req))
+    assert issue(trio, "b1" * 8).refused == "key-change-unconfirmed"
+
+
 def test_confirmation_signed_by_the_attacker_is_refused(trio: Trio) -> None:
     trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     csr = make_csr(rsa_key(3072, ATTACKER_KEY), san=[MAILBOX])

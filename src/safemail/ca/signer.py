@@ -521,15 +521,8 @@ class Signer:
                 "if the mailbox really changes hands, the signer operator revokes the old "
                 "certificate and runs 'safemail ca release --mailbox' first",
             )
-        if request["practice_name"] != owner["name"]:
-            raise IssueRefused(
-                "name-change-unconfirmed",
-                f"the signer registered the name {owner['name']!r} for mailbox {mailbox}; "
-                f"the request asks for {request['practice_name']!r}",
-                "a change of name needs the signer operator: revoke (superseded) and "
-                "'safemail-ca release --mailbox M --expect-key SHA256 --name NEW'",
-            )
         if new_key == owner["key_sha256"]:
+            _check_name(request, owner)
             current = index["certs"].get(owner["serial"], {})
             if (
                 request.get("renewal")
@@ -566,6 +559,7 @@ class Signer:
         )
         if problem:
             raise IssueRefused("key-change-confirmation-invalid", problem)
+        _check_name(request, owner)  # the participant confirmed the key, not a name
 
     def _loggable_number(self, value: Any) -> str | None:
         if isinstance(value, str) and self.policy.participant_number_valid(value):
@@ -839,6 +833,17 @@ class Signer:
         if not self.crl_pem_path.exists():
             raise CaError("no CRL has been generated yet", "run 'safemail ca crl'")
         return x509.load_pem_x509_crl(self.crl_pem_path.read_bytes())
+
+
+def _check_name(request: dict[str, Any], owner: dict[str, Any]) -> None:
+    if request["practice_name"] != owner["name"]:
+        raise IssueRefused(
+            "name-change-unconfirmed",
+            f"the signer registered the name {owner['name']!r} for mailbox "
+            f"{request['mailbox']}; the request asks for {request['practice_name']!r}",
+            "a change of name needs the signer operator: revoke (superseded) and "
+            "'safemail-ca release --mailbox M --expect-key SHA256 --name NEW'",
+        )
 
 
 def _generate_ca_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
