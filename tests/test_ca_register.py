@@ -484,3 +484,17 @@ def test_register_without_names_takes_them_from_the_certificates(trio: Trio) -> 
     del index["register"][MAILBOX]["name"]
     trio.signer.index_path.write_text(json.dumps(index))
     assert trio.signer.register()[MAILBOX]["name"] == "Praxis Mueller"
+
+
+def test_a_revocation_from_before_the_lock_locks_the_mailbox_too(trio: Trio) -> None:
+    """An index written before revoke() marked the register: the entry still says active."""
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "privilege-withdrawn", actor="carol")
+    index = json.loads(trio.signer.index_path.read_text())
+    owner = index["register"][MAILBOX]
+    for k in ("revoked_reason", "revoked_serial", "revoked_at"):
+        del owner[k]
+    owner["status"] = "active"
+    trio.signer.index_path.write_text(json.dumps(index))
+    forged(trio, "c1" * 8, key=rsa_key(3072, VICTIM_KEY))
+    assert issue(trio, "c1" * 8).refused == "mailbox-revoked"

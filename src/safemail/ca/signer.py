@@ -272,6 +272,18 @@ class Signer:
                     )
             index["register"] = reg
         for owner in index["register"].values():
+            current = index["certs"].get(owner["serial"]) or {}
+            if (
+                owner["status"] == "active"
+                and current.get("status") == "revoked"
+                and current.get("reason") != "superseded"
+            ):  # revoked before revoke() locked the register entry: lock it now
+                owner.update(
+                    status="revoked",
+                    revoked_reason=current["reason"],
+                    revoked_serial=owner["serial"],
+                    revoked_at=current["revoked_at"],
+                )
             if "name" not in owner:  # a register from before names were bound
                 entry = index["certs"].get(owner["serial"])
                 owner["name"] = (
