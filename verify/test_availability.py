@@ -142,7 +142,9 @@ def test_a_client_cannot_list_or_delete_another_clients_archives(request, backup
     user = "borg"
     theirs = f"ssh://{user}@{server}{REPO_ROOT}/{other}"
     listing = _borg_as(host, theirs, "list")
-    deleting = _borg_as(host, theirs, "delete --force --force")
+    # Plain delete (no --force): with the restriction broken the wrong passphrase still stops
+    # it, so a mutation run cannot destroy the other repository (the list shows the breach).
+    deleting = _borg_as(host, theirs, "delete")
     # Not the repository root either (it would hold every client's repository).
     root = _borg_as(host, f"ssh://{user}@{server}{REPO_ROOT}", "list")
     # A plain shell command: the forced command runs borg serve instead, which lists nothing.
