@@ -10,7 +10,7 @@ import pytest
 
 from safemail import cli
 from safemail.errors import SafeMailError
-from safemail.gate.inventory import parse_inventory_list
+from safemail.inventory import parse_inventory_list
 from safemail.ops import backup
 from safemail.ops import backupcheck as bc
 

@@ -34,7 +34,7 @@ import pytest
 import testinfra
 from waits import wait_for
 
-from safemail.gate.inventory import parse_inventory_list
+from safemail.inventory import parse_inventory_list
 from safemail.project import project_root
 
 STATUS_HELPER = "/usr/local/sbin/safemail-backup-status"

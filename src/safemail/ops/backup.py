@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safemail.gate.inventory import Host, read_inventory
-from safemail.ops.status import ssh_settings
+from safemail.inventory import Host, read_inventory
+from safemail.ops import sshcmd
+from safemail.project import project_root
 
 HELPER = "/usr/local/sbin/safemail-backup-status"
 DEFAULT_STALE_HOURS = 26.0
@@ -78,43 +79,27 @@ def parse_helper(host: str, text: str | None) -> BackupResult:
         return BackupResult(host, error=f"unreadable status helper output: {exc}")
 
 
-def collect(hosts: Sequence[Host]) -> list[BackupResult]:
-    """Run the status helper on every client in parallel (pyinfra, one SSH connection each)."""
+def collect(hosts: Sequence[Host], repo: Path | None = None) -> list[BackupResult]:
+    """Run the status helper on every client in parallel, over the SSH connection Ansible
+    would make (safemail.ops.sshcmd); a named admin (not root) runs it with ``sudo -n``, as
+    the helper reads root-only files."""
     if not hosts:
         return []
-    from pyinfra.api import Config, Inventory, State
-    from pyinfra.api.connect import connect_all, disconnect_all
-    from pyinfra.api.exceptions import PyinfraError
-    from pyinfra.api.facts import get_facts
-    from pyinfra.facts.server import Command
 
-    def settings(h: Host) -> dict[str, Any]:
-        data = ssh_settings(h)
-        if data["ssh_user"] != "root":  # a named admin: the helper reads root-only files
-            data["_sudo"] = True
-        return data
+    def remote(_name: str, hv: Mapping[str, Any]) -> str:
+        sudo = "" if str(hv.get("ansible_user", "root")) == "root" else "sudo -n "
+        return f"{sudo}{HELPER} 2>/dev/null || true"
 
-    inventory = Inventory(([(h.name, settings(h)) for h in hosts], {}))
-    state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=100))
-    results: dict[str, BackupResult] = {}
-    try:
-        try:
-            connect_all(state)
-        except PyinfraError:
-            pass
-        active = {h.name for h in state.activated_hosts if h not in state.failed_hosts}
-        for h in hosts:
-            if h.name not in active:
-                results[h.name] = BackupResult(h.name, error="client unreachable (SSH failed)")
-        if active:
-            facts = get_facts(state, Command, kwargs={"command": f"{HELPER} 2>/dev/null || true"})
-            for pyhost, out in facts.items():
-                text = "\n".join(out) if isinstance(out, list) else out
-                results[pyhost.name] = parse_helper(pyhost.name, text)
-    finally:
-        disconnect_all(state)
-    return [results.get(h.name, BackupResult(h.name, error="client unreachable (no answer)"))
-            for h in hosts]
+    outcomes = sshcmd.run_everywhere(repo or project_root(), {h.name: h.vars for h in hosts},
+                                     remote)
+    results = []
+    for h in hosts:
+        out = outcomes[h.name]
+        if out.unreachable:
+            results.append(BackupResult(h.name, error=f"client unreachable ({out.unreachable})"))
+        else:
+            results.append(parse_helper(h.name, out.stdout))
+    return results
 
 
 def _age(seconds: int | None) -> str:

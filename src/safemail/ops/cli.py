@@ -24,7 +24,7 @@ def _hosts_arg(text: str) -> list[str]:
 def cmd_status(args: argparse.Namespace) -> int:
     project = Project.find()
     hosts = status.inventory_hosts(project.inventory(args.stage), args.hosts)
-    results = status.collect(hosts)
+    results = status.collect(hosts, repo=project.root)
     if args.json:
         print(json.dumps(status.to_json(results), indent=2))
     else:
@@ -46,7 +46,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         report = project.path(args.report)
         decision = promote.evaluate(repo, report, max_age_hours=args.max_age_hours)
         test_hosts = status.inventory_hosts(project.inventory("test"))
-        refusals = apply.production_refusals(decision, status.collect(test_hosts))
+        refusals = apply.production_refusals(decision,
+                                             status.collect(test_hosts, repo=project.root))
         if refusals:
             print("patching production refused:\n  - " + "\n  - ".join(refusals))
             return 3
@@ -107,9 +108,9 @@ def cmd_backup_status(args: argparse.Namespace) -> int:
 
     if args.max_age_hours <= 0:
         raise UsageError("--max-age-hours must be positive")
-    repo = project_root()
-    hosts = backup.inventory_clients(repo / "inventories" / args.stage, args.hosts)
-    results = backup.collect(hosts)
+    project = Project.find()
+    hosts = backup.inventory_clients(project.inventory(args.stage), args.hosts)
+    results = backup.collect(hosts, repo=project.root)
     if args.json:
         print(json.dumps([r.to_json(args.max_age_hours) for r in results], indent=2))
     else:
@@ -131,7 +132,7 @@ def register_backup(sub: argparse._SubParsersAction) -> None:
         description="Asks each client's repository (through the client, with its key and "
                     "passphrase) for its newest archive. Exit 0 all fresh, 3 unreachable, "
                     "4 stale or missing.")
-    p.add_argument("--stage", choices=apply.STAGES, default="test",
+    p.add_argument("--stage", choices=STAGES, default="test",
                    help="which inventory (default: test)")
     p.add_argument("--hosts", type=_hosts_arg, default=None,
                    help="comma-separated client names (default: every backup client)")
