@@ -41,6 +41,8 @@ def test_ec_participants_can_be_enabled() -> None:
         ({"participant_key_types": ["dsa"]}, "participant_key_types must be one of"),
         ({"participant_ec_curves": ["P-521"]}, "participant_ec_curves must be one of"),
         ({"crl_validity_hours": 0}, "crl_validity_hours must be between"),
+        ({"renewal_window_days": 0}, "renewal_window_days must be between 1 and 730"),
+        ({"ee_validity_days": 20, "renewal_window_days": 21}, "between 1 and 20"),
         ({"crl_validity_hours": "48"}, "must be a whole number"),
         ({"mail_domains": ["Safemail.Example"]}, "not a valid lower-case domain"),
         ({"mail_domains": []}, "'mail_domains' is required"),

@@ -8,6 +8,7 @@ the RA could), then run the signer's real ``issue`` and see what it refuses and 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,15 @@ def test_renewal_with_an_attackers_csr_does_not_supersede_the_victim(trio: Trio)
     assert published_key(trio) == victim_spki()
 
 
+def test_an_attackers_renewal_is_refused_for_the_key_whatever_its_name(trio: Trio) -> None:
+    """verify/test_ca.py's lab case forges the name too ("Mallory"): the key decides first."""
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    req = forged(trio, "b1" * 8, renewal=True)
+    req["practice_name"] = "Mallory"
+    (trio.outbox / ("b1" * 8 + ".json")).write_text(json.dumps(req))
+    assert issue(trio, "b1" * 8).refused == "key-change-unconfirmed"
+
+
 def test_confirmation_signed_by_the_attacker_is_refused(trio: Trio) -> None:
     trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     csr = make_csr(rsa_key(3072, ATTACKER_KEY), san=[MAILBOX])
@@ -155,15 +165,27 @@ def test_confirmed_key_change_is_issued_and_supersedes(trio: Trio) -> None:
 
 def test_renewal_with_the_same_key_needs_no_confirmation(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
-    new = trio.enrol(key=rsa_key(3072, VICTIM_KEY), renewal=True)
-    assert trio.signer.index()["certs"][old]["reason"] == "superseded" and new != old
+    not_after = datetime.fromisoformat(trio.signer.index()["certs"][old]["not_after"])
+    forged(trio, "0" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    outs = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=not_after - timedelta(1))
+    [out] = [o for o in outs if o.request_id == "0" * 16]
+    assert trio.signer.index()["certs"][old]["reason"] == "superseded"
+    assert out.serial is not None and out.serial != old
 
 
 def test_new_request_after_revocation_with_a_new_key_is_refused(trio: Trio) -> None:
     serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     trio.signer.revoke(int(serial, 16), "affiliation-changed", actor="carol")
     forged(trio, "f" * 16)  # not a renewal: the participant holds no valid certificate
-    assert issue(trio, "f" * 16).refused == "key-change-unconfirmed"
+    assert issue(trio, "f" * 16).refused == "mailbox-revoked"
+
+
+def test_new_request_after_expiry_with_a_new_key_is_refused(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    later = datetime.now(UTC) + timedelta(days=trio.signer.policy.ee_validity_days + 1)
+    forged(trio, "f" * 16)
+    out = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=later)
+    assert [o.refused for o in out if o.request_id == "f" * 16] == ["key-change-unconfirmed"]
 
 
 def test_participant_cannot_take_a_second_mailbox(trio: Trio) -> None:
@@ -178,15 +200,17 @@ def test_participant_cannot_take_a_second_mailbox(trio: Trio) -> None:
 def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     with pytest.raises(CaError, match="still has valid certificate"):
-        trio.signer.release(MAILBOX, reason="key lost", actor="carol")
+        trio.signer.release(MAILBOX, reason="key lost", actor="carol", expect_key=spki(3))
     trio.signer.revoke(int(old, 16), "key-compromise", actor="carol")
-    owner = trio.signer.release(MAILBOX, reason="key lost, ticket 42", actor="carol")
+    owner = trio.signer.release(
+        MAILBOX, reason="key lost, ticket 42", actor="carol", expect_key=spki(3)
+    )
     assert owner["status"] == "released" and owner["released_for"] == NUMBER
     entry = json.loads(trio.signer.journal.path.read_text().splitlines()[-1])
     assert (entry["action"], entry["mailbox"], entry["detail"]) == (
         "release",
         MAILBOX,
-        "key lost, ticket 42",
+        f"key lost, ticket 42 (key {spki(3)}, name 'Praxis Mueller')",
     )
     # a second number still cannot take the released mailbox
     forged(trio, "1" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 3))
@@ -195,14 +219,18 @@ def test_lost_key_revoke_release_then_fresh_enrolment(trio: Trio) -> None:
     owner = trio.signer.index()["register"][MAILBOX]
     assert owner["status"] == "active" and owner["serial"] == new
     with pytest.raises(CaError, match="no registered owner"):
-        trio.signer.release(f"nobody@{DOMAIN}", reason="x", actor="carol")
+        trio.signer.release(f"nobody@{DOMAIN}", reason="x", actor="carol", expect_key=spki(3))
 
 
 def test_release_for_another_participant_number(trio: Trio) -> None:
     old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
     trio.signer.revoke(int(old, 16), "cessation-of-operation", actor="carol")
     trio.signer.release(
-        MAILBOX, reason="practice handed over", actor="carol", participant=OTHER_NUMBER
+        MAILBOX,
+        reason="practice handed over",
+        actor="carol",
+        participant=OTHER_NUMBER,
+        expect_key=spki(4),
     )
     forged(trio, "2" * 16, number=OTHER_NUMBER, key=rsa_key(3072, 4))
     assert issue(trio, "2" * 16).serial is not None
@@ -239,14 +267,28 @@ def test_cli_refusal_exit_code_release_and_owners(
     assert main(["ca", "list", "--owners", "--json", *sd]) == 0
     [row] = json.loads(capsys.readouterr()[0])
     assert row["mailbox"] == MAILBOX and row["participant"] == NUMBER
-    code = main(["ca", "release", "--mailbox", MAILBOX, "--reason", "x", "--operator", "o", *sd])
+    rel = ["ca", "release", "--mailbox", MAILBOX, "--operator", "o", *sd]
+    code = main([*rel, "--reason", "x", "--expect-key", spki(3)])
     assert code == 1 and "revoke first" in capsys.readouterr()[1]
     assert main(["ca", "revoke", "--mailbox", MAILBOX, "--reason", "key-compromise", *sd]) == 0
-    assert (
-        main(["ca", "release", "--mailbox", MAILBOX, "--reason", "lost", "--operator", "o", *sd])
-        == 0
+    with pytest.raises(SystemExit):  # --expect-key is required
+        main([*rel, "--reason", "lost"])
+    capsys.readouterr()
+    assert main([*rel, "--reason", "lost", "--expect-key", "SHA256:" + spki(3).upper()]) == 0
+    assert f"with key {spki(3)}" in capsys.readouterr()[0]
+    key = tmp_path / "k.pem"
+    key.write_bytes(
+        rsa_key(3072, 3).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
-    assert "released" in capsys.readouterr()[0]
+    csr = tmp_path / "k.csr"
+    csr.write_bytes(make_csr(rsa_key(3072, 3), san=[MAILBOX]))
+    for f in (key, csr):
+        assert main(["ca", "key-id", str(f)]) == 0
+        assert capsys.readouterr()[0].strip() == spki(3)
     result = journal.verify(t.signer.journal.path)
     assert result.ok
 
@@ -306,3 +348,153 @@ def test_cli_confirm_key_change_round_trip(
         == 1
     )
     assert "not an unencrypted PEM private key" in capsys.readouterr()[1]
+
+
+# ----------------------------------------------------------------- revocation binds the signer
+def spki(n: int) -> str:
+    return keychange.spki_sha256(rsa_key(3072, n).public_key())
+
+
+def test_key_compromise_refuses_a_change_confirmed_with_the_stolen_key(trio: Trio) -> None:
+    """The thief holds A; the operator revoked key-compromise and has not released yet."""
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "key-compromise", actor="carol")
+    csr = make_csr(rsa_key(3072, ATTACKER_KEY), san=[MAILBOX])
+    der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+    conf = keychange.make(rsa_key(3072, VICTIM_KEY), NUMBER, MAILBOX, der)
+    forged(trio, "a" * 16, key=rsa_key(3072, ATTACKER_KEY), key_change=conf)
+    out = issue(trio, "a" * 16)
+    assert out.serial is None and out.refused == "mailbox-revoked", out
+    assert "release" in out.reason
+    owner = trio.signer.index()["register"][MAILBOX]
+    assert owner["status"] == "revoked" and owner["revoked_reason"] == "key-compromise"
+
+
+def test_compromised_key_is_never_certified_again(trio: Trio) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "key-compromise", actor="carol")
+    forged(trio, "b" * 16, key=rsa_key(3072, VICTIM_KEY))  # fresh request, the stolen key
+    assert issue(trio, "b" * 16).refused == "key-compromised"
+    # nor can the operator release the mailbox for that key, by mistake or on a lie
+    with pytest.raises(CaError, match="compromised"):
+        trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=victim_spki())
+    trio.signer.release(MAILBOX, reason="new key", actor="carol", expect_key=spki(3))
+    forged(trio, "c" * 16, key=rsa_key(3072, VICTIM_KEY))
+    assert issue(trio, "c" * 16).refused == "key-compromised"
+
+
+@pytest.mark.parametrize("reason", ["privilege-withdrawn", "affiliation-changed", "unspecified"])
+def test_approved_request_waiting_in_the_outbox_does_not_undo_a_revocation(
+    trio: Trio, reason: str
+) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    forged(trio, "d" * 16, key=rsa_key(3072, VICTIM_KEY))  # approved earlier, same key
+    trio.signer.revoke(int(serial, 16), reason, actor="carol")
+    out = issue(trio, "d" * 16)  # the next cycle
+    assert out.refused == "mailbox-revoked", out
+    assert trio.signer.index()["certs"][serial]["status"] == "revoked"
+
+
+def test_release_issues_only_the_expected_key(trio: Trio) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "key-compromise", actor="carol")
+    owner = trio.signer.release(MAILBOX, reason="key lost", actor="carol", expect_key=spki(3))
+    assert owner["expected_key"] == spki(3)
+    # the RA saw the release and races the owner with its own key
+    forged(trio, "e" * 16, key=rsa_key(3072, ATTACKER_KEY))
+    out = issue(trio, "e" * 16)
+    assert out.refused == "key-not-expected" and out.serial is None, out
+    new = trio.enrol(key=rsa_key(3072, 3))
+    owner = trio.signer.index()["register"][MAILBOX]
+    assert owner["status"] == "active" and owner["serial"] == new
+    assert owner["key_sha256"] == spki(3) and "expected_key" not in owner
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "z" * 64, "SHA256:" + "0" * 63])
+def test_release_needs_a_well_formed_expected_key(trio: Trio, bad: str) -> None:
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "cessation-of-operation", actor="carol")
+    with pytest.raises(CaError, match="SHA-256"):
+        trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=bad)
+
+
+# ----------------------------------------------------------------- the RA alone cannot supersede
+def test_same_key_renewal_is_refused_until_the_renewal_window(trio: Trio) -> None:
+    """The RA replays the victim's own CSR as a 'renewal': nothing new for the participant,
+    but it would revoke the current certificate (superseded). Refused until near expiry."""
+    victim = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    forged(trio, "d" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    out = issue(trio, "d" * 16)
+    assert out.refused == "renewal-too-early" and out.serial is None, out
+    assert trio.signer.index()["certs"][victim]["status"] == "valid"
+    # inside the window (policy renewal_window_days before not_after) it is a renewal
+    not_after = datetime.fromisoformat(trio.signer.index()["certs"][victim]["not_after"])
+    window = timedelta(days=trio.signer.policy.renewal_window_days)
+    forged(trio, "5" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    outs = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=not_after - window * 2)
+    [early] = [o for o in outs if o.request_id == "5" * 16]
+    assert early.refused == "renewal-too-early"
+    forged(trio, "6" * 16, key=rsa_key(3072, VICTIM_KEY), renewal=True)
+    outs = trio.signer.issue_from_outbox(trio.outbox, actor="c", now=not_after - window / 2)
+    [ok] = [o for o in outs if o.request_id == "6" * 16]
+    assert ok.serial is not None and ok.new
+    assert trio.signer.index()["certs"][victim]["reason"] == "superseded"
+
+
+def test_the_ra_cannot_change_the_registered_name(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    assert trio.signer.index()["register"][MAILBOX]["name"] == "Praxis Mueller"
+    csr = make_csr(rsa_key(3072, 1), san=[MAILBOX])
+    der = x509.load_pem_x509_csr(csr).public_bytes(serialization.Encoding.DER)
+    conf = keychange.make(rsa_key(3072, VICTIM_KEY), NUMBER, MAILBOX, der)
+    req = forged(trio, "7" * 16, key=rsa_key(3072, 1), renewal=True, key_change=conf)
+    req["practice_name"] = "Evil Name"
+    (trio.outbox / ("7" * 16 + ".json")).write_text(json.dumps(req))
+    out = issue(trio, "7" * 16)
+    assert out.refused == "name-change-unconfirmed" and "Praxis Mueller" in out.reason
+
+
+def test_a_name_change_goes_through_the_signer_operator(trio: Trio) -> None:
+    old = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(old, 16), "superseded", actor="carol")
+    # released for the same key without --name: the registered name still binds
+    trio.signer.release(MAILBOX, reason="x", actor="carol", expect_key=victim_spki())
+    req = forged(trio, "8" * 16, key=rsa_key(3072, VICTIM_KEY))
+    req["practice_name"] = "Praxis Mueller-Schmidt"
+    (trio.outbox / ("8" * 16 + ".json")).write_text(json.dumps(req))
+    assert issue(trio, "8" * 16).refused == "name-change-unconfirmed"
+    trio.signer.release(
+        MAILBOX,
+        reason="renamed, ticket 7",
+        actor="carol",
+        expect_key=victim_spki(),
+        name="Praxis Mueller-Schmidt",
+    )
+    req["id"] = "a1" * 8
+    (trio.outbox / ("a1" * 8 + ".json")).write_text(json.dumps(req))
+    out = issue(trio, "a1" * 8)
+    assert out.serial is not None, out
+    assert "Mueller-Schmidt" in trio.signer.certificate(out.serial).subject.rfc4514_string()
+    assert trio.signer.index()["register"][MAILBOX]["name"] == "Praxis Mueller-Schmidt"
+
+
+def test_register_without_names_takes_them_from_the_certificates(trio: Trio) -> None:
+    trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    index = json.loads(trio.signer.index_path.read_text())
+    del index["register"][MAILBOX]["name"]
+    trio.signer.index_path.write_text(json.dumps(index))
+    assert trio.signer.register()[MAILBOX]["name"] == "Praxis Mueller"
+
+
+def test_a_revocation_from_before_the_lock_locks_the_mailbox_too(trio: Trio) -> None:
+    """An index written before revoke() marked the register: the entry still says active."""
+    serial = trio.enrol(key=rsa_key(3072, VICTIM_KEY))
+    trio.signer.revoke(int(serial, 16), "privilege-withdrawn", actor="carol")
+    index = json.loads(trio.signer.index_path.read_text())
+    owner = index["register"][MAILBOX]
+    for k in ("revoked_reason", "revoked_serial", "revoked_at"):
+        del owner[k]
+    owner["status"] = "active"
+    trio.signer.index_path.write_text(json.dumps(index))
+    forged(trio, "c1" * 8, key=rsa_key(3072, VICTIM_KEY))
+    assert issue(trio, "c1" * 8).refused == "mailbox-revoked"

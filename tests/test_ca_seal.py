@@ -165,7 +165,9 @@ def test_root_with_the_seal_key_is_caught_by_heads_held_off_the_host(
         "--remember",
         str(store),
     ]
-    assert main(verify) == 0
+    assert main(verify) == 1  # no store yet: refused unless the first use is stated
+    assert "--first-use" in capsys.readouterr()[1]
+    assert main([*verify, "--first-use"]) == 0
     assert "head seq 6 added" in capsys.readouterr()[0]
     stolen = JournalKey.load(sealer.key_path)
 
@@ -281,3 +283,49 @@ def test_start_sealing_through_the_cli(
     assert journal.verify(state / "journal.jsonl", pub(tmp_path)).ok
     assert sealer.head()["seq"] == 2
     assert main(["ca", "journal", "start-sealing", "--state-dir", str(tmp_path / "x")]) == 1
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "x seq=1 hash=" + "0" * 64 + " sig=AAAA",  # the admin-log line would parse as an old head
+        "a\nforged line",  # splits the syslog line in two
+        "ca-signer ",
+        "-ca",
+        "a" * 64,
+    ],
+)
+def test_sealer_refuses_an_entry_whose_host_is_not_a_hostname(
+    tmp_path: Path, sealer: Sealer, host: str
+) -> None:
+    """The CA account chooses the entry's host; the sealer writes it into its admin-log line."""
+    logged: list[str] = []
+    sealer.log = logged.append
+    p = tmp_path / "j.jsonl"
+    journal.append(p, "init", "a", host="ca-signer")
+    e = {k: v for k, v in rows(p)[0].items() if k != "sig"}
+    sealer.seal(json.dumps(e).encode())
+    journal.append(p, "issue", "a", host=host)
+    bad = {k: v for k, v in rows(p)[1].items() if k != "sig"}
+    with pytest.raises(CaError, match="host"):
+        sealer.seal(json.dumps(bad).encode())
+    assert len(logged) == 1 and sealer.head()["seq"] == 1  # nothing sealed, nothing logged
+
+
+def test_admin_log_head_lines_are_parsed_whole(tmp_path: Path, sock: Path, sealer: Sealer) -> None:
+    """A line under the sealer's tag that is not exactly a sealer head is a finding, not a head
+    (nor a head hidden in it): any local user can 'logger -t safemail-ca-seal'."""
+    fill(tmp_path, sock, 2)
+    [h1, h2] = journal.parse_heads(sealer.heads_path.read_text())
+    good = f"journal head host=ca-signer seq=2 hash={h2.hash} sig={h2.sig['value']}"
+    prefix = "2026-12-06T10:00:01+00:00 ca-signer safemail-ca-seal[42]: "
+    assert [h.seq for h in journal.parse_heads(prefix + good, "admin.log")] == [2]
+    adopted = good + " (first seal, earlier entries adopted)"
+    assert [h.seq for h in journal.parse_heads(prefix + adopted, "admin.log")] == [2]
+    injected = (
+        f"journal head host=x seq=1 hash={h1.hash} sig={h1.sig['value']} "
+        f"seq=2 hash={h2.hash} sig={h2.sig['value']}"
+    )
+    for line in (injected, good + " trailing", "journal head host=ca-signer seq=x"):
+        with pytest.raises(CaError, match="admin.log:1 .*not a journal head"):
+            journal.parse_heads(prefix + line, "admin.log")

@@ -76,6 +76,13 @@ def _entry(**over: object) -> dict[str, object]:
         ({"requirements": [_entry(titel="x")]}, "unknown field(s): titel"),
         ({"requirements": [_entry()], "extra": 1}, "unknown top-level key"),
         ({"requirements": [_entry(built="yes")]}, "'built' must be true or false"),
+        ({"requirements": [_entry(waivable="no")]}, "'waivable' must be true or false"),
+        ({"requirements": ["MAIL-01"]}, "entry 1: must be a mapping, got str"),
+        ({"requirements": [_entry(id=12)]}, "entry 1: id 12 is not of the form AREA-NN"),
+        ({"requirements": [_entry(title=None)]}, "missing field(s): title"),
+        ({"requirements": [_entry(statement=["s"])]}, "'statement' must be text"),
+        ({"requirements": [_entry(source=[""])]}, "'source' must be a non-empty list of strings"),
+        ({"requirements": "MAIL-01"}, "'requirements' must be a non-empty list"),
     ],
 )
 def test_bad_catalogue_refused(data: object, message: str) -> None:
@@ -83,6 +90,12 @@ def test_bad_catalogue_refused(data: object, message: str) -> None:
         parse_catalogue(data, origin="cat.yml")
     assert message in info.value.message
     assert info.value.hint
+
+
+def test_catalogue_reads_sections_yaml_made_numbers_and_single_texts() -> None:
+    (req,) = parse_catalogue({"requirements": [_entry(source=[2.6, "3.4(4)"],
+                                                       legal_basis="§ 5 Abs. 1 LDSG")]})
+    assert req.source == ("2.6", "3.4(4)") and req.legal_basis == ("§ 5 Abs. 1 LDSG",)
 
 
 def test_missing_and_broken_catalogue_files(tmp_path: Path) -> None:
@@ -146,6 +159,12 @@ def _w(**over: object) -> dict[str, object]:
         ([_w(id="AV-99")], "not in the requirement catalogue"),
         ([_w(), _w()], "a second waiver"),
         ([_w(reason="x")], "unknown field(s): reason"),
+        ([_w(approver="me")], "who approved is read from the signatures"),
+        ([_w(signatures="sig")], "signatures must be a list of armored SSH signatures"),
+        ([_w(signatures=[1])], "signatures must be a list of armored SSH signatures"),
+        ([_w(justification=12345678901234567890)], "justification must be text"),
+        ([_w(granted="2026-02-30")], "granted '2026-02-30' is not a date"),
+        ([_w(expires=dt.date(2026, 10, 1))], "expires 2026-10-01 lies before granted"),
     ],
 )
 def test_malformed_waivers_refused(data: object, message: str) -> None:

@@ -140,6 +140,13 @@ def _entry(**over: Any) -> dict[str, Any]:
         ({"mutations": [_entry(restore="  ")]}, "'restore' must be a non-empty string"),
         ({"mutations": [_entry(id="Gate Off")]}, "lower-case"),
         ({"mutations": [_entry(keyword="")]}, "-k expression"),
+        ({"mutations": "x"}, "'mutations:' list"),
+        ({"mutations": ["x"]}, "mutation #1: expected a mapping"),
+        ({"mutations": [_entry(id=5)]}, "mutation #1: 'id' must be a non-empty string"),
+        ({"mutations": [_entry(requirements="MAIL-03")]}, "non-empty list of ids"),
+        ({"mutations": [_entry()], "extra": 1}, "unknown top-level key(s) extra"),
+        ({"mutations": [_entry(host=" "), _entry(id="b-2", requirements=["X"])]},
+         "'host' must be a non-empty string\n  m.yml: mutation b-2: malformed requirement id(s) X"),
     ],
 )
 def test_malformed_catalogue_is_refused_with_the_entry_named(data, message):

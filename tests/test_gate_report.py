@@ -13,15 +13,22 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from safemail.gate.catalogue import load_catalogue, parse_catalogue
 from safemail.gate.report import (
-    REPORT_SCHEMA,
+    CREATED_BY_REPORT,
+    CREATED_BY_VERIFY,
+    OUTCOMES,
+    PROFILES,
+    SCHEMA_ID,
+    STATUSES,
     RunMetadata,
     TestResult,
     build_report,
@@ -29,6 +36,7 @@ from safemail.gate.report import (
     load_report,
     parse_junit,
     render_html,
+    report_schema,
     validate_report,
     write_report,
 )
@@ -298,11 +306,36 @@ def test_run_problem_fails_verdict() -> None:
 
 def test_report_matches_schema(report: dict[str, Any]) -> None:
     assert validate_report(report) == []
-    try:
-        import jsonschema
-    except ImportError:
-        return
-    jsonschema.validate(report, REPORT_SCHEMA)  # the schema is real JSON Schema too
+    jsonschema.validate(report, report_schema())  # the file is plain JSON Schema for any tool
+
+
+def test_schema_file_is_valid_and_agrees_with_the_code() -> None:
+    schema = report_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    props, defs = schema["properties"], schema["$defs"]
+    assert props["schema"]["enum"] == [SCHEMA_ID]
+    assert defs["requirement"]["properties"]["status"]["enum"] == list(STATUSES)
+    assert defs["outcome"]["enum"] == list(OUTCOMES)
+    assert props["run"]["properties"]["profile"]["enum"] == list(PROFILES)
+    assert props["run"]["properties"]["created_by"]["enum"] == [
+        CREATED_BY_VERIFY, CREATED_BY_REPORT]
+
+
+def test_package_data_ships_every_schema_and_template() -> None:
+    """The wheel the roles install on hosts carries the files report.py reads."""
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"][
+        "setuptools"]["package-data"]
+    src = REPO / "src"
+    shipped = {
+        path
+        for package, patterns in globs.items()
+        for pattern in patterns
+        for path in (src / package.replace(".", "/")).glob(pattern)
+    }
+    data = {p for p in (src / "safemail").rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert data, "no data files found: the layout changed"
+    assert data <= shipped, sorted(map(str, data - shipped))
 
 
 @pytest.mark.parametrize(
@@ -316,6 +349,12 @@ def test_report_matches_schema(report: dict[str, Any]) -> None:
         (lambda r: r.update(extra=1), "unexpected key 'extra'"),
         (lambda r: r.update(verdict="pass"), "contradicts"),
         (lambda r: r.update(failing_requirements=[]), "does not match the requirement rows"),
+        (lambda r: r["run"].pop("profile"), "report.run: missing key 'profile'"),
+        (lambda r: r["summary"].update(tests=True), "report.summary.tests: expected integer"),
+        (lambda r: r["requirements"][0].update(waiver={"id": 1}), "none of the allowed shapes"),
+        (lambda r: r["requirements"][0]["tests"][0].update(duration=-1), "-1 is below 0"),
+        (lambda r: r["run"].update(junit_sha256="x"), "report.run.junit_sha256: 'x' does not"),
+        (lambda r: r["requirements"].append([]), "report.requirements[7]: expected object"),
     ],
 )
 def test_schema_rejects_damage(report: dict[str, Any], mutate: Any, expected: str) -> None:
@@ -323,6 +362,21 @@ def test_schema_rejects_damage(report: dict[str, Any], mutate: Any, expected: st
     mutate(damaged)
     problems = validate_report(damaged)
     assert any(expected in p for p in problems), problems
+
+
+def test_schema_rejects_a_document_that_is_no_object() -> None:
+    assert validate_report([]) == ["report: expected object, got list"]
+
+
+def test_html_is_the_same_bytes_for_the_same_report(report: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    """run.html_sha256 seals the page: rendering must not depend on time, order or memory."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    json_a, html_a, _ = write_report(report, first)
+    json_b, html_b, _ = write_report(copy.deepcopy(report), second)
+    assert html_a.read_bytes() == html_b.read_bytes()
+    assert json_a.read_bytes() == json_b.read_bytes()
+    assert html_a.read_bytes().startswith(b"<!DOCTYPE html>")  # the template's comment is not
 
 
 def test_html_self_contained_with_every_id(report: dict[str, Any], tmp_path: Path) -> None:

@@ -413,7 +413,7 @@ def test_safemail_reads_production_through_the_vault_client(tmp_path, monkeypatc
     monkeypatch.setenv("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
     monkeypatch.setenv("SAFEMAIL_VAULT_PASSWORD_FILE", str(password))
     hosts = read_inventory(REPO / "inventories" / "production")
-    assert len(hosts) == 6
+    assert len(hosts) == 7
     assert {g for h in hosts for g in h.groups} >= set(EXPECTED_ROLES) - {"participants"}
 
 

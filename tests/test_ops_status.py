@@ -147,7 +147,7 @@ def test_cli_production_refused_without_report(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SAFEMAIL_PROJECT", str(tmp_path))
     monkeypatch.setattr(status, "inventory_hosts", lambda inv, names=None: [
         Host("auth1", ("service",), {})])
-    monkeypatch.setattr(status, "collect", lambda hosts: [_ok("auth1", sim="")])
+    monkeypatch.setattr(status, "collect", lambda hosts, **_kw: [_ok("auth1", sim="")])
     monkeypatch.setattr(ops_cli.promote, "evaluate", lambda *a, **k: Decision(
         False, ["no verification report of the test stage was found"]))
     ran = []

@@ -708,23 +708,45 @@ def test_journal_verifies(lab, evidence, ca_host):
     assert expected <= actions
 
 
+# Alters the last entry of a journal COPY. "edited": only the actor changes, the stored hash
+# does not (the chain catches it). "rehashed": the CA account's own forgery: it recomputes the
+# entry's hash (it can; nothing follows the last entry) but cannot seal it, so only the seal
+# catches it.
+_ALTER = """
+import json, sys
+from safemail.ca import journal
+p, mode = sys.argv[1], sys.argv[2]
+lines = open(p).read().splitlines()
+e = json.loads(lines[-1])
+e["actor"] = e["actor"] + "x"
+if mode == "rehashed":
+    e["hash"] = journal.entry_hash(e)
+lines[-1] = json.dumps(e, separators=(",", ":"), sort_keys=True)
+open(p, "w").write("\\n".join(lines) + "\\n")
+"""
+
+
 @pytest.mark.req("CA-05")
-def test_altered_journal_copy_fails(lab, evidence, ca_host):
+@pytest.mark.parametrize("mode", ["edited", "rehashed"])
+def test_altered_journal_copy_fails(lab, evidence, ca_host, mode):
     host = lab(ca_host)
-    copy = "/tmp/verify-journal-copy.jsonl"
+    copy = f"/tmp/verify-journal-{mode}.jsonl"
+    script = "/tmp/verify-journal-alter.py"
     host.run_test(f"cp {STATE}/journal.jsonl {copy}")
-    code = (
-        "import json, sys; p = sys.argv[1]; lines = open(p).read().splitlines(); "
-        "e = json.loads(lines[-1]); e['actor'] = e['actor'] + 'x'; "
-        "lines[-1] = json.dumps(e, separators=(',', ':'), sort_keys=True); "
-        "open(p, 'w').write('\\n'.join(lines) + '\\n')"
-    )
-    host.run_test(f"python3 -c {shlex.quote(code)} {copy}")
+    _put(host, script, _ALTER.encode())
+    host.run_test(f"{VENV_PY} {script} {copy} {mode}")
+    chain = host.run(f"safemail ca verify-journal {copy}")
     out = host.run(f"safemail ca verify-journal {copy} --key {SEAL}/journal-seal.pub")
-    host.run(f"rm -f {copy}")
-    evidence(f"{host.backend.host}: altered copy -> rc={out.rc} {out.stdout.strip()!r}")
+    host.run(f"rm -f {copy} {script}")
+    evidence(f"{host.backend.host}: {mode} copy -> chain only rc={chain.rc} "
+             f"{chain.stdout.strip()!r}; with the seal key rc={out.rc} {out.stdout.strip()!r}")
     assert out.rc == 4
     assert "seq" in out.stdout
+    if mode == "rehashed":
+        assert chain.rc == 0  # the chain alone cannot tell: the seal is what fails
+        assert "signature" in out.stdout
+    else:
+        assert chain.rc == 4
 
 
 @pytest.mark.req("CA-05")
@@ -832,12 +854,45 @@ def test_journal_checks_are_scheduled(lab, evidence, ca_host):
     host = lab(ca_host)
     timer = host.service("safemail-ca-journal-check.timer")
     sock = host.service("safemail-ca-seal.socket")
-    last = host.run("systemctl show -p Result --value safemail-ca-journal-check.service")
-    evidence(f"{ca_host}: check timer enabled={timer.is_enabled} running={timer.is_running}; "
-             f"seal socket running={sock.is_running}; last check result={last.stdout.strip()}")
+    props = "TriggeredBy,Result,ExecMainStatus,ExecMainExitTimestampMonotonic"
+    last = _show(host, "safemail-ca-journal-check.service", props)
+    fired = _show(host, "safemail-ca-journal-check.timer",
+                  "LastTriggerUSec,NextElapseUSecRealtime")
+    evidence(f"{ca_host}: check timer enabled={timer.is_enabled} running={timer.is_running} "
+             f"{fired}; seal socket running={sock.is_running}; last check {last}")
     assert timer.is_enabled and timer.is_running
     assert sock.is_enabled and sock.is_running
-    assert last.stdout.strip() in ("success", "")
+    assert fired.get("NextElapseUSecRealtime", "") not in _NEVER
+    assert "safemail-ca-journal-check.timer" in last["TriggeredBy"]
+    # "Result" is "success" for a unit that never ran too: judge the last run only if the
+    # timer fired; test_journal_check_unit_passes_now runs it once in any case
+    if fired.get("LastTriggerUSec", "") not in _NEVER:
+        assert int(last["ExecMainExitTimestampMonotonic"] or 0) > 0
+        assert (last["Result"], last["ExecMainStatus"]) == ("success", "0")
+
+
+@pytest.mark.req("CA-05")
+def test_journal_check_unit_passes_now(lab, evidence, ca_host):
+    """Start the host's own check (what the timer starts) and read its exit status: a check
+    that never ran cannot pass for one that passed. Writes its result to the admin log."""
+    host = lab(ca_host)
+    props = "Result,ExecMainStatus,ExecMainExitTimestampMonotonic"
+    before = _show(host, "safemail-ca-journal-check.service", props)
+    run = host.run("systemctl start safemail-ca-journal-check.service")
+    after = _show(host, "safemail-ca-journal-check.service", props)
+    evidence(f"{ca_host}: systemctl start rc={run.rc}; before {before}; after {after}")
+    assert run.rc == 0
+    assert int(after["ExecMainExitTimestampMonotonic"] or 0) > int(
+        before["ExecMainExitTimestampMonotonic"] or 0)
+    assert (after["Result"], after["ExecMainStatus"]) == ("success", "0")
+
+
+_NEVER = ("", "0", "n/a")  # systemctl show for a timestamp that is not set
+
+
+def _show(host, unit: str, props: str) -> dict[str, str]:
+    out = host.check_output(f"systemctl show -p {props} {unit}")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 # ------------------------------------------------------------------ CA-06

@@ -190,13 +190,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(json.dumps(rows_o, indent=2))
             return 0
         for r in rows_o:
-            extra = (
-                f" released for {r['released_for']}: {r['release_reason']}"
-                if (r["status"] == "released")
-                else ""
-            )
+            extra = ""
+            if r["status"] == "released":
+                extra = (
+                    f" released for {r['released_for']} key {r.get('expected_key')}: "
+                    f"{r['release_reason']}"
+                )
+            elif r["status"] == "revoked":
+                extra = f" revoked ({r.get('revoked_reason')}): release needed"
             print(
-                f"{r['mailbox']}  {r['participant']:>12}  {r['status']:8} key "
+                f"{r['mailbox']}  {r['participant']:>12}  {r['name']!r}  {r['status']:8} key "
                 f"{r['key_sha256'][:16]}  serial {r['serial']}{extra}"
             )
         return 0
@@ -297,13 +300,48 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     owner = _signer(args).release(
-        args.mailbox, reason=args.reason, actor=args.operator, participant=args.participant
+        args.mailbox,
+        reason=args.reason,
+        actor=args.operator,
+        expect_key=args.expect_key,
+        participant=args.participant,
+        name=args.name,
     )
     print(
         f"{args.mailbox} released (was participant {owner['participant']}, key "
         f"{owner['key_sha256'][:16]}); the next enrolment of participant "
-        f"{owner['released_for']} for it is treated as new"
+        f"{owner['released_for']} with key {owner['expected_key']} and name "
+        f"{owner['expected_name']!r} is treated as new, any other key or name is refused"
     )
+    return 0
+
+
+def cmd_key_id(args: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from safemail.ca import keychange
+    from safemail.ca.csrcheck import load_csr
+
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CaError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    pub: Any
+    if b"PRIVATE KEY-----" in data:
+        try:
+            pub = serialization.load_pem_private_key(data, password=None).public_key()
+        except (ValueError, TypeError) as exc:
+            raise CaError(
+                f"{path} is not an unencrypted PEM private key",
+                "give the CSR or the certificate instead (same key id)",
+            ) from exc
+    elif b"CERTIFICATE-----" in data and b"REQUEST" not in data:
+        pub = x509.load_pem_x509_certificate(data).public_key()
+    else:
+        pub = load_csr(data).public_key()
+    print(keychange.spki_sha256(pub))
     return 0
 
 
@@ -404,6 +442,13 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     for name in args.heads or []:
         path = Path(name)
         if not path.exists() and args.remember and name == args.remember:
+            if not args.first_use:
+                raise CaError(
+                    f"the heads store {name} does not exist",
+                    "restore it (and the pinned seal key beside it) from the controller's "
+                    "backup; only for the very first collection from this host give "
+                    "--first-use (ca-journal-check.yml: -e ca_journal_first_use=true)",
+                )
             continue  # the controller's store before the first collection
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -581,9 +626,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "release",
         help="signer: release a mailbox from its owner and key (lost key, change of hands)",
         description="Release MAILBOX in the signer's register, so that the next approved "
-        "request for it (from --participant, default the previous owner) is treated as a new "
-        "enrolment, without a confirmation from the old key. Every certificate of the mailbox "
-        "must be revoked first. Signer operator only; recorded in the journal.",
+        "request for it (from --participant, default the previous owner) with the key named by "
+        "--expect-key is treated as a new enrolment, without a confirmation from the old key; "
+        "every other key is refused. Every certificate of the mailbox must be revoked first. "
+        "Signer operator only; recorded in the journal.",
     )
     p.add_argument("--mailbox", required=True, help="the mailbox to release")
     p.add_argument("--reason", required=True, help="why (one line, kept in the journal)")
@@ -592,9 +638,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="NUMBER",
         help="participant number that may enrol the mailbox next (default: the previous owner)",
     )
+    p.add_argument(
+        "--expect-key",
+        required=True,
+        metavar="SHA256",
+        help="SHA-256 of the new key (SPKI, 64 hex digits) as the participant reads it out of "
+        "band ('safemail ca key-id'); only that key is issued for the mailbox",
+    )
+    p.add_argument(
+        "--name",
+        help="the practice name the next enrolment must carry (a change of name; default: "
+        "the registered name)",
+    )
     _add_operator(p, required=True)
     _add_common(p)
     p.set_defaults(func=cmd_release)
+
+    p = cs.add_parser(
+        "key-id",
+        help="participant: print a key's SHA-256 (SPKI) for 'release --expect-key'",
+        description="Print the SHA-256 of the public key (DER SubjectPublicKeyInfo) in FILE: "
+        "a private key (PEM, unencrypted), a CSR or a certificate. The participant reads it to "
+        "the signer operator out of band (phone, in person), who releases the mailbox for "
+        "exactly that key. Same value as 'openssl pkey -pubout -outform DER | sha256sum'.",
+    )
+    p.add_argument("file", metavar="FILE", help="private key, CSR or certificate (PEM)")
+    p.set_defaults(func=cmd_key_id)
 
     p = cs.add_parser(
         "confirm-key-change",
@@ -729,5 +798,11 @@ def _add_verify_args(v: argparse.ArgumentParser) -> None:
         "--remember",
         metavar="STORE",
         help="after a successful check, add the journal's head to STORE (the controller's "
-        "heads store; give it as --heads too)",
+        "heads store; give it as --heads too). A missing STORE is refused unless --first-use",
+    )
+    v.add_argument(
+        "--first-use",
+        action="store_true",
+        help="the first collection from this host: accept a missing --remember STORE (a lost "
+        "store otherwise looks the same and would drop the earlier heads unnoticed)",
     )

@@ -358,9 +358,19 @@ class Head:
 
 
 # The line the sealer writes to syslog (the admin log) after each sealed entry.
+# A journal host name as the sealer accepts it (and writes into its admin-log line): one DNS
+# name, labels of letters, digits and inner hyphens; nothing the line parser could misread.
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_HEAD_MARK = "journal head "
+# The sealer's admin-log line, matched whole from the mark to the end of the line: a line that
+# carries the mark but is not exactly this is a finding (parse_heads raises), never a head.
 _HEAD_LOG_RE = re.compile(
-    r"journal head host=(?P<host>\S+) seq=(?P<seq>\d+) hash=(?P<hash>[0-9a-f]{64}) "
-    r"sig=(?P<sig>[A-Za-z0-9+/=]+)"
+    r"journal head host=(?P<host>-|[A-Za-z0-9.-]{1,253}) seq=(?P<seq>\d{1,18}) "
+    r"hash=(?P<hash>[0-9a-f]{64}) sig=(?P<sig>[A-Za-z0-9+/]{86}==)"
+    r"(?: \(first seal, earlier entries adopted\))?$"
 )
 
 
@@ -371,8 +381,15 @@ def parse_heads(text: str, source: str = "") -> list[Head]:
         line = line.strip()
         if not line:
             continue
-        m = _HEAD_LOG_RE.search(line)
-        if m:
+        mark = line.find(_HEAD_MARK)
+        if mark >= 0 and not line.startswith("{"):
+            m = _HEAD_LOG_RE.fullmatch(line, mark)
+            if not m or line.count(_HEAD_MARK) != 1:
+                raise CaError(
+                    f"{source}:{n} is not a journal head as the sealer writes it: {line[:200]!r}",
+                    "a line under the sealer's tag that the sealer did not write: find out who "
+                    "logged it (any local user can 'logger -t safemail-ca-seal'); docs/ca.md",
+                )
             sig = {"alg": "ed25519", "value": m["sig"]}
             heads.append(Head(int(m["seq"]), m["hash"], sig, m["host"], f"{source}:{n}"))
             continue

@@ -73,6 +73,9 @@ class CaPolicy:
     ca_validity_days: int = 3650
     ca_path_length: int = 0
     ee_validity_days: int = 730
+    # A same-key renewal is issued only this many days before the current certificate expires
+    # (the signer refuses it earlier: renewal-too-early; docs/ca.md).
+    renewal_window_days: int = 30
     participant_key_types: tuple[str, ...] = ("rsa",)
     participant_rsa_min_bits: int = 3072
     participant_ec_curves: tuple[str, ...] = EC_CURVES
@@ -125,6 +128,11 @@ class CaPolicy:
             raise PolicyError(
                 "ee_validity_days must be shorter than ca_validity_days "
                 f"({kw.get('ee_validity_days', cls.ee_validity_days)} >= {ca_days})"
+            )
+        if "renewal_window_days" in data:
+            ee_days = kw.get("ee_validity_days", cls.ee_validity_days)
+            kw["renewal_window_days"] = _int(
+                "renewal_window_days", data["renewal_window_days"], 1, ee_days
             )
         if "participant_key_types" in data:
             kw["participant_key_types"] = _choices(

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from safemail.ca import _fs
 from safemail.ca.errors import CaError
-from safemail.ca.journal import GENESIS, JournalKey, entry_hash
+from safemail.ca.journal import GENESIS, HOSTNAME_RE, JournalKey, entry_hash
 
 MAX_LINE = 8192
 SYSLOG_IDENT = "safemail-ca-seal"
@@ -109,6 +109,12 @@ class Sealer:
             raise CaError("the entry to seal lacks seq, prev_hash or hash") from exc
         if entry_hash(entry) != digest:
             raise CaError("the entry's hash does not match its content; not sealed")
+        host = entry.get("host") or ""
+        if not isinstance(host, str) or (host and not HOSTNAME_RE.match(host)):
+            # The host goes into the admin-log line below: a crafted one could make that line
+            # read as another (older) head, or split it.
+            # Not echoed: the CA account's error output reaches the admin log too.
+            raise CaError("the entry's host is not a host name; not sealed")
         with _fs.locked(self._lock):
             last = self.head()
             adopted = False
@@ -124,7 +130,6 @@ class Sealer:
                     "'safemail ca verify-journal' and report the finding",
                 )
             sig = JournalKey(ed_private=self._key()).sign(digest)
-            host = str(entry.get("host", ""))
             head = {
                 "host": host,
                 "seq": seq,

@@ -25,8 +25,14 @@ mailbox for a participant (``participant-has-mailbox``), and a new key for an ow
 without the participant's confirmation signed with the registered key
 (``key-change-unconfirmed`` / ``key-change-confirmation-invalid``, see
 :mod:`safemail.ca.keychange`). A participant who lost the key: the signer operator revokes
-(``key-compromise``) and releases the mailbox (``safemail ca release``); the next enrolment is
-then treated as new.
+(``key-compromise``) and releases the mailbox for the participant's new key, whose SHA-256 the
+operator got out of band (``safemail ca release --expect-key``); the next enrolment with that
+key is then treated as new, any other key is refused (``key-not-expected``). Any revocation
+locks the mailbox until such a release (``mailbox-revoked``); a key revoked as compromised is
+never certified again (``key-compromised``). The register also binds the practice name (the
+CN; ``name-change-unconfirmed`` unless the operator's ``release --name``), and a renewal with
+the registered key is issued only within the policy's ``renewal_window_days`` of the current
+certificate's expiry (``renewal-too-early``): the RA alone cannot supersede a certificate.
 """
 
 from __future__ import annotations
@@ -81,6 +87,23 @@ def parse_serial(text: str) -> int:
             "give the serial in hex as shown by 'safemail ca list --certs'",
         )
     return int(cleaned, 16)
+
+
+_KEY_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_key_sha256(text: str) -> str:
+    """A public key's SPKI SHA-256 as given by an operator: hex, optional SHA256: and colons."""
+    cleaned = text.strip().lower().replace(":", "")
+    cleaned = cleaned.removeprefix("sha256")
+    if not _KEY_SHA256_RE.match(cleaned):
+        raise CaError(
+            f"{text!r} is not a key's SHA-256 (64 hex digits)",
+            "the participant reads it from 'safemail participant key-id --key KEY' (or "
+            "'openssl pkey -in KEY -pubout -outform DER | sha256sum') and tells the signer "
+            "operator out of band",
+        )
+    return cleaned
 
 
 @dataclass(frozen=True)
@@ -240,8 +263,49 @@ class Signer:
                     continue
                 cert = x509.load_pem_x509_certificate(e["pem"].encode())
                 reg[e["mailbox"]] = _owner(e["participant"], cert, serial, e["request"])
+                if e["status"] == "revoked" and e.get("reason") != "superseded":
+                    reg[e["mailbox"]].update(
+                        status="revoked",
+                        revoked_reason=e["reason"],
+                        revoked_serial=serial,
+                        revoked_at=e["revoked_at"],
+                    )
             index["register"] = reg
+        for owner in index["register"].values():
+            current = index["certs"].get(owner["serial"]) or {}
+            if (
+                owner["status"] == "active"
+                and current.get("status") == "revoked"
+                and current.get("reason") != "superseded"
+            ):  # revoked before revoke() locked the register entry: lock it now
+                owner.update(
+                    status="revoked",
+                    revoked_reason=current["reason"],
+                    revoked_serial=owner["serial"],
+                    revoked_at=current["revoked_at"],
+                )
+            if "name" not in owner:  # a register from before names were bound
+                entry = index["certs"].get(owner["serial"])
+                owner["name"] = (
+                    _common_name(x509.load_pem_x509_certificate(entry["pem"].encode()))
+                    if entry
+                    else ""
+                )
         return index["register"]  # type: ignore[no-any-return]
+
+    def compromised_keys(self, index: dict[str, Any] | None = None) -> dict[str, str]:
+        """SPKI SHA-256 -> serial of every key revoked with reason key-compromise.
+
+        Derived from the certificate entries themselves, so it cannot fall out of step with
+        them (and an index from before this check is covered as it is).
+        """
+        index = self.index() if index is None else index
+        keys: dict[str, str] = {}
+        for serial, e in index["certs"].items():
+            if e["status"] == "revoked" and e.get("reason") == "key-compromise":
+                cert = x509.load_pem_x509_certificate(e["pem"].encode())
+                keys[keychange.spki_sha256(cert.public_key())] = serial
+        return keys
 
     def _write_index(self, index: dict[str, Any]) -> None:
         _fs.atomic_write_json(self.index_path, index)
@@ -389,7 +453,7 @@ class Signer:
                     f"{held[0]}",
                     "submit a renewal request, or revoke the certificate first",
                 )
-        self._check_ownership(request, csr, index)  # CA-03: the signer's own register
+        self._check_ownership(request, csr, index, now)  # CA-03: the signer's register
         return csr
 
     def _check_ownership(
@@ -397,15 +461,26 @@ class Signer:
         request: dict[str, Any],
         csr: x509.CertificateSigningRequest,
         index: dict[str, Any],
+        now: datetime,
     ) -> None:
-        """Refuse what the RA cannot be trusted to decide: who owns a mailbox, and its key."""
+        """Refuse what the RA cannot be trusted to decide: who owns a mailbox, its key and
+        name, and when a participant's current certificate is superseded."""
         number, mailbox = request["participant"], request["mailbox"]
         register = self.register(index)
+        new_key = keychange.spki_sha256(csr.public_key())
+        compromised = self.compromised_keys(index)
+        if new_key in compromised:
+            raise IssueRefused(
+                "key-compromised",
+                f"the request's key was revoked as compromised (certificate "
+                f"{compromised[new_key]}); it is never certified again",
+                "the participant makes a new key ('safemail participant keygen')",
+            )
         for other_mailbox, owner in register.items():
             if (
                 other_mailbox != mailbox
                 and owner["participant"] == number
-                and owner["status"] == "active"
+                and owner["status"] in ("active", "revoked")
             ):
                 raise IssueRefused(
                     "participant-has-mailbox",
@@ -416,6 +491,15 @@ class Signer:
         owner = register.get(mailbox)
         if owner is None:
             return
+        if owner["status"] == "revoked":
+            raise IssueRefused(
+                "mailbox-revoked",
+                f"the certificate of mailbox {mailbox} was revoked "
+                f"({owner.get('revoked_reason')}); the signer issues nothing for it until the "
+                "signer operator releases it",
+                "signer operator: 'safemail-ca release --mailbox M --expect-key SHA256' with "
+                "the new key's SHA-256 obtained from the participant out of band (docs/ca.md)",
+            )
         if owner["status"] == "released":
             if owner.get("released_for") not in (None, number):
                 raise IssueRefused(
@@ -423,6 +507,22 @@ class Signer:
                     f"mailbox {mailbox} was released for participant {owner['released_for']}, "
                     f"not {number}",
                     "the signer operator releases a mailbox for one participant number",
+                )
+            if new_key != owner.get("expected_key"):
+                raise IssueRefused(
+                    "key-not-expected",
+                    f"mailbox {mailbox} was released for the key {owner.get('expected_key')}, "
+                    f"the request carries {new_key}",
+                    "only the key the signer operator named in 'release --expect-key' is "
+                    "issued; check the SHA-256 with the participant out of band",
+                )
+            if owner.get("expected_name", owner["name"]) != request["practice_name"]:
+                raise IssueRefused(
+                    "name-change-unconfirmed",
+                    f"mailbox {mailbox} was released for the name "
+                    f"{owner.get('expected_name', owner['name'])!r}, the request asks for "
+                    f"{request['practice_name']!r}",
+                    "a new name: the signer operator releases with --name NEW",
                 )
             return
         if owner["participant"] != number:
@@ -433,8 +533,23 @@ class Signer:
                 "if the mailbox really changes hands, the signer operator revokes the old "
                 "certificate and runs 'safemail ca release --mailbox' first",
             )
-        new_key = keychange.spki_sha256(csr.public_key())
         if new_key == owner["key_sha256"]:
+            _check_name(request, owner)
+            current = index["certs"].get(owner["serial"], {})
+            if (
+                request.get("renewal")
+                and current.get("status") == "valid"
+                and datetime.fromisoformat(current["not_after"])
+                > now + timedelta(days=self.policy.renewal_window_days)
+            ):
+                raise IssueRefused(
+                    "renewal-too-early",
+                    f"the request renews certificate {owner['serial']} with the same key, "
+                    f"valid until {current['not_after']}; a same-key renewal is issued only "
+                    f"in the last {self.policy.renewal_window_days} days",
+                    "nothing to renew yet; a new key is a key change (confirm-key-change), "
+                    "a new name goes through the signer operator (docs/ca.md)",
+                )
             return
         confirmation = request.get("key_change")
         if not confirmation:
@@ -456,6 +571,7 @@ class Signer:
         )
         if problem:
             raise IssueRefused("key-change-confirmation-invalid", problem)
+        _check_name(request, owner)  # the participant confirmed the key, not a name
 
     def _loggable_number(self, value: Any) -> str | None:
         if isinstance(value, str) and self.policy.participant_number_valid(value):
@@ -572,7 +688,19 @@ class Signer:
                     f"certificate {key} is already revoked ({entry['reason']}, "
                     f"{entry['revoked_at']})"
                 )
-            entry.update(status="revoked", revoked_at=_iso(now or datetime.now(UTC)), reason=reason)
+            at = _iso(now or datetime.now(UTC))
+            entry.update(status="revoked", revoked_at=at, reason=reason)
+            owner = self.register(index).get(entry["mailbox"])
+            if owner is not None:
+                # Any revocation locks the mailbox at the signer: no request (not even one
+                # approved before, waiting in the RA outbox, nor a key change confirmed with
+                # the revoked key) is issued until the signer operator releases it.
+                # A key-compromise revocation also bars the key for good (compromised_keys).
+                owner.update(
+                    status="revoked", revoked_reason=reason, revoked_serial=key, revoked_at=at
+                )
+                for drop in ("expected_key", "expected_name", "released_for"):
+                    owner.pop(drop, None)
             self._write_index(index)
             self.journal.record(
                 "revoke",
@@ -590,16 +718,27 @@ class Signer:
         *,
         reason: str,
         actor: str,
+        expect_key: str,
         participant: str | None = None,
+        name: str | None = None,
         now: datetime | None = None,
     ) -> dict[str, Any]:
         """Release a mailbox from its registered owner and key (signer operator only).
 
         For a participant whose key is lost or compromised, or a mailbox that changes hands:
         every certificate of the mailbox must be revoked first. The next approved request for
-        the mailbox from ``participant`` (default: the previous owner) is then treated as a new
-        enrolment. Recorded in the journal with the reason.
+        the mailbox from ``participant`` (default: the previous owner) carrying the key whose
+        SPKI SHA-256 is ``expect_key`` (obtained from the participant out of band, never from
+        the RA) is then treated as a new enrolment; any other key is refused
+        (``key-not-expected``), so a compromised RA cannot race the owner. Recorded in the
+        journal with the reason and the expected key. The registered practice name binds the
+        next enrolment too, unless ``name`` gives the new one (a change of name).
         """
+        expected = parse_key_sha256(expect_key)
+        if name is not None and (
+            not name.strip() or len(name) > 64 or any(ord(c) < 32 for c in name)
+        ):
+            raise CaError("give the new practice name as one line of up to 64 characters")
         validate_operator(actor)
         reason = reason.strip()
         if not reason or len(reason) > 200 or "\n" in reason:
@@ -610,7 +749,7 @@ class Signer:
         with _fs.locked(self._lock):
             index = self.index()
             owner = self.register(index).get(mailbox)
-            if owner is None or owner["status"] != "active":
+            if owner is None:
                 raise CaError(
                     f"mailbox {mailbox} has no registered owner at the signer",
                     "see 'safemail ca list --owners'; nothing to release",
@@ -627,12 +766,21 @@ class Signer:
                     f"mailbox {mailbox} still has valid certificate(s) {', '.join(valid)}",
                     f"revoke first: safemail ca revoke --mailbox {mailbox} --reason key-compromise",
                 )
+            compromised = self.compromised_keys(index)
+            if expected in compromised:
+                raise CaError(
+                    f"the key {expected} was revoked as compromised (certificate "
+                    f"{compromised[expected]})",
+                    "the participant makes a new key; release the mailbox for that key",
+                )
             owner.update(
                 status="released",
                 released_at=_iso(now),
                 released_by=actor,
                 released_for=participant or owner["participant"],
                 release_reason=reason,
+                expected_key=expected,
+                expected_name=name if name is not None else owner["name"],
             )
             self._write_index(index)
             self.journal.record(
@@ -640,7 +788,7 @@ class Signer:
                 actor,
                 mailbox=mailbox,
                 participant=owner["released_for"],
-                detail=reason,
+                detail=f"{reason} (key {expected}, name {owner['expected_name']!r})",
             )
             return dict(owner)
 
@@ -699,6 +847,17 @@ class Signer:
         return x509.load_pem_x509_crl(self.crl_pem_path.read_bytes())
 
 
+def _check_name(request: dict[str, Any], owner: dict[str, Any]) -> None:
+    if request["practice_name"] != owner["name"]:
+        raise IssueRefused(
+            "name-change-unconfirmed",
+            f"the signer registered the name {owner['name']!r} for mailbox "
+            f"{request['mailbox']}; the request asks for {request['practice_name']!r}",
+            "a change of name needs the signer operator: revoke (superseded) and "
+            "'safemail-ca release --mailbox M --expect-key SHA256 --name NEW'",
+        )
+
+
 def _generate_ca_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
     if key_type == "rsa-4096":
         return rsa.generate_private_key(public_exponent=65537, key_size=4096)
@@ -721,6 +880,7 @@ def _owner(participant: str, cert: x509.Certificate, serial: str, request: str) 
     pub = cert.public_key()
     return {
         "participant": participant,
+        "name": _common_name(cert),
         "status": "active",
         "key_sha256": keychange.spki_sha256(pub),
         "public_key": pub.public_bytes(
@@ -730,6 +890,11 @@ def _owner(participant: str, cert: x509.Certificate, serial: str, request: str) 
         "request": request,
         "since": _iso(cert.not_valid_before_utc),
     }
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
 
 
 def _iso(dt: datetime) -> str:

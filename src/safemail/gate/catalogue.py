@@ -1,5 +1,7 @@
 """The requirement catalogue (verify/requirements.yml): load it and check its shape.
 
+The shape is the JSON Schema ``safemail/gate/schemas/catalogue.schema.json``.
+
 The catalogue is the list of audited properties the verification suite proves. Every verify
 test names one or more of its ids; the report groups results by id; the promotion gate names
 failing ids. This module only reads and validates the file: it does no I/O besides that.
@@ -27,6 +29,7 @@ from typing import Any
 import yaml
 
 from safemail.errors import SafeMailError
+from safemail.gate import schema
 
 DEFAULT_CATALOGUE = Path("verify/requirements.yml")
 
@@ -122,83 +125,82 @@ class Catalogue:
         return None
 
 
-def _str_list(value: Any, where: str, field: str, problems: list[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        problems.append(f"{where}: '{field}' must be a non-empty list of strings")
-        return ()
+def _texts(value: str | list[str | float]) -> tuple[str, ...]:
+    return tuple(str(item).strip() for item in ([value] if isinstance(value, str) else value))
+
+
+def _entry_problems(where: str, entry: Any, found: list[schema.Violation]) -> list[str]:
+    """An entry's violations of the schema, worded per entry as the catalogue's reader needs."""
     out: list[str] = []
-    for item in value:
-        if not isinstance(item, str | int | float) or not str(item).strip():
-            problems.append(f"{where}: '{field}' has an empty or non-text entry: {item!r}")
-            continue
-        out.append(str(item).strip())
-    return tuple(out)
+    missing = [v.key for v in found if v.kind == "required"]
+    for v in found:
+        field = v.path[2] if len(v.path) > 2 else None
+        if field is None and v.kind not in ("required", "additionalProperties"):
+            out.append(f"{where}: {v.what}, got {type(entry).__name__}")
+        elif field == "id":
+            out.append(f"{where}: id {entry['id']!r} is not of the form AREA-NN (e.g. MAIL-03)")
+        elif field is not None and entry.get(field) in (None, "", []):
+            missing.append(field)  # present but empty says the same as absent
+        elif field is not None and f"{where}: '{field}' {v.what}" not in out:
+            out.append(f"{where}: '{field}' {v.what}")
+    if missing:
+        named = [f for f in (*_FIELDS, *_OPTIONAL) if f in missing]
+        out.insert(0, f"{where}: missing field(s): {', '.join(dict.fromkeys(named))}")
+    unknown = sorted(str(v.key) for v in found if v.kind == "additionalProperties")
+    if unknown:
+        out.append(f"{where}: unknown field(s): {', '.join(unknown)}")
+    return out
 
 
 def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Catalogue:
-    """Validate parsed YAML and return the catalogue; raise CatalogueError listing every problem."""
-    problems: list[str] = []
-    if not isinstance(data, Mapping) or "requirements" not in data:
+    """Validate parsed YAML and return the catalogue; raise CatalogueError listing every problem.
+
+    The shape is ``schemas/catalogue.schema.json``; this adds what a schema cannot say (every
+    id once) and words each problem by the entry's id.
+    """
+    found = schema.violations("catalogue", data)
+    if any(v.path == () and v.kind in ("type", "required") for v in found):
         raise CatalogueError(
             f"{origin}: expected a mapping with a 'requirements' list",
             "see the header of verify/requirements.yml for the expected shape",
         )
-    extra = sorted(set(data) - {"requirements"})
-    if extra:
-        problems.append(f"{origin}: unknown top-level key(s): {', '.join(map(str, extra))}")
-    entries = data["requirements"]
-    if not isinstance(entries, list) or not entries:
+    if any(v.path == ("requirements",) for v in found):
         raise CatalogueError(
             f"{origin}: 'requirements' must be a non-empty list",
             "the catalogue keeps every id of the starting set (docs/architecture.md); restore it "
             "from git",
         )
+    problems: list[str] = []
+    extra = sorted(str(v.key) for v in found if v.path == ())
+    if extra:
+        problems.append(f"{origin}: unknown top-level key(s): {', '.join(extra)}")
+    by_entry: dict[int, list[schema.Violation]] = {}
+    for v in found:
+        if len(v.path) > 1 and isinstance(v.path[1], int):
+            by_entry.setdefault(v.path[1], []).append(v)
     seen: set[str] = set()
     reqs: list[Requirement] = []
-    for index, entry in enumerate(entries, start=1):
-        where = f"{origin}: entry {index}"
-        if not isinstance(entry, Mapping):
-            problems.append(f"{where}: must be a mapping, got {type(entry).__name__}")
-            continue
-        req_id = entry.get("id")
-        if isinstance(req_id, str):
-            where = f"{origin}: {req_id}"
-        missing = [f for f in _FIELDS if entry.get(f) in (None, "", [])]
-        if missing:
-            problems.append(f"{where}: missing field(s): {', '.join(missing)}")
-        unknown = sorted(set(map(str, entry)) - set(_FIELDS) - set(_OPTIONAL))
-        if unknown:
-            problems.append(f"{where}: unknown field(s): {', '.join(unknown)}")
-        if not isinstance(req_id, str) or not ID_PATTERN.match(req_id):
-            problems.append(f"{where}: id {req_id!r} is not of the form AREA-NN (e.g. MAIL-03)")
-            continue
-        if req_id in seen:
+    for index, entry in enumerate(data["requirements"]):
+        bad = by_entry.get(index, [])
+        req_id = entry.get("id") if isinstance(entry, Mapping) else None
+        named = isinstance(req_id, str) and ID_PATTERN.match(req_id)
+        where = f"{origin}: {req_id}" if isinstance(req_id, str) else f"{origin}: entry {index + 1}"
+        problems.extend(_entry_problems(where, entry, bad))
+        if named and req_id in seen:
             problems.append(f"{where}: duplicate id")
+        elif named:
+            seen.add(req_id)
+        if bad or not named:
             continue
-        seen.add(req_id)
-        waivable = entry.get("waivable", True)
-        if not isinstance(waivable, bool):
-            problems.append(f"{where}: 'waivable' must be true or false")
-            waivable = False
-        built = entry.get("built", True)
-        if not isinstance(built, bool):
-            problems.append(f"{where}: 'built' must be true or false")
-            built = False
-        for field in ("title", "statement"):
-            value = entry.get(field)
-            if value is not None and not isinstance(value, str):
-                problems.append(f"{where}: '{field}' must be text")
         reqs.append(
             Requirement(
                 id=req_id,
-                title=str(entry.get("title") or "").strip(),
-                source=_str_list(entry.get("source"), where, "source", problems),
-                legal_basis=_str_list(entry.get("legal_basis"), where, "legal_basis", problems),
-                statement=" ".join(str(entry.get("statement") or "").split()),
-                waivable=waivable,
-                built=built,
+                title=entry["title"].strip(),
+                source=_texts(entry["source"]),
+                legal_basis=_texts(entry["legal_basis"]),
+                statement=" ".join(entry["statement"].split()),
+                waivable=entry.get("waivable", True),
+                built=entry.get("built", True),
             )
         )
     if problems:

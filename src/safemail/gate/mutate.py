@@ -45,6 +45,7 @@ from typing import IO, Any
 import yaml
 
 from safemail.errors import SafeMailError
+from safemail.gate import schema
 from safemail.gate.catalogue import Catalogue
 from safemail.gate.verify_run import VerifyOptions, VerifyResult, run_verify, timestamp_dir
 from safemail.inventory import Host, read_inventory
@@ -52,10 +53,7 @@ from safemail.project import Project
 
 DEFAULT_CATALOGUE = Path("verify/mutations.yml")
 STATE_ROOT = "/run/safemail-mutate"
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
-REQ_RE = re.compile(r"^[A-Z]+-\d{2}$")
 _MARK_RE = re.compile(r"mark\.req\(([^)]*)\)")
-_FIELDS = {"id", "title", "host", "apply", "restore", "requirements", "keyword", "notes"}
 
 # Outcomes of one mutation.
 CAUGHT, MISSED, ERROR, UNTESTABLE = "caught", "missed", "error", "untestable"
@@ -153,65 +151,101 @@ class MutationRun:
 # --------------------------------------------------------------------------- catalogue
 
 
-def _text(entry: Mapping[str, Any], key: str, where: str) -> str:
-    value = entry.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise MutationError(f"{where}: '{key}' must be a non-empty string")
-    return value.strip()
+def _entry_problems(where: str, entry: Any, found: list[schema.Violation]) -> list[str]:
+    """A mutation's violations of the schema, in the words its author needs."""
+    out: list[str] = []
+    unknown = sorted(str(v.key) for v in found if v.kind == "additionalProperties")
+    if unknown:
+        out.append(f"{where}: unknown field(s) {', '.join(unknown)}")
+    malformed = [entry["requirements"][v.path[3]] for v in found
+                 if v.path[2:3] == ("requirements",) and len(v.path) > 3 and v.kind == "pattern"]
+    if malformed:
+        out.append(f"{where}: malformed requirement id(s) {', '.join(malformed)}")
+    for v in found:
+        name = v.path[2] if len(v.path) > 2 else (v.key if v.kind == "required" else None)
+        if v.kind == "additionalProperties" or (name == "requirements" and v.kind == "pattern"):
+            continue
+        if name is None:
+            line = f"{where}: expected a mapping"
+        elif name == "id" and isinstance(entry.get("id"), str) and entry["id"].strip():
+            line = f"{where}: id must be lower-case letters, digits and '-'"
+        elif name == "requirements":
+            line = f"{where}: 'requirements' must be a non-empty list of ids"
+        elif name == "keyword":
+            line = f"{where}: 'keyword' must be a pytest -k expression"
+        elif name == "notes":
+            line = f"{where}: 'notes' must be text"
+        else:
+            line = f"{where}: '{name}' must be a non-empty string"
+        if line not in out:
+            out.append(line)
+    return out
 
 
 def parse_mutations(
     data: Any, origin: str = "<memory>", known_ids: Sequence[str] | None = None
 ) -> list[Mutation]:
-    """Validate the catalogue's content (a list under ``mutations:``) and return it."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("mutations"), list):
+    """Validate the catalogue's content (a list under ``mutations:``) and return it.
+
+    The shape is ``schemas/mutations.schema.json``; unique ids and requirement ids that the
+    requirement catalogue knows are checked here. Raise MutationError naming every problem.
+    """
+    found = schema.violations("mutations", data)
+    if any(len(v.path) == 0 and v.kind != "additionalProperties" for v in found) or any(
+        v.path == ("mutations",) and v.kind == "type" for v in found
+    ):
         raise MutationError(f"{origin}: expected a mapping with a 'mutations:' list")
+    if any(v.path == ("mutations",) for v in found):
+        raise MutationError(f"{origin}: the catalogue lists no mutation")
+    problems: list[str] = []
+    extra = sorted(str(v.key) for v in found if not v.path)
+    if extra:
+        problems.append(f"{origin}: unknown top-level key(s) {', '.join(extra)}")
+    by_entry: dict[int, list[schema.Violation]] = {}
+    for v in found:
+        if len(v.path) > 1:
+            by_entry.setdefault(int(v.path[1]), []).append(v)
     out: list[Mutation] = []
     seen: set[str] = set()
     for n, entry in enumerate(data["mutations"], 1):
         where = f"{origin}: mutation #{n}"
-        if not isinstance(entry, Mapping):
-            raise MutationError(f"{where}: expected a mapping")
-        unknown = sorted(set(entry) - _FIELDS)
-        if unknown:
-            raise MutationError(f"{where}: unknown field(s) {', '.join(unknown)}")
-        mid = _text(entry, "id", where)
-        where = f"{origin}: mutation {mid}"
-        if not ID_RE.match(mid):
-            raise MutationError(f"{where}: id must be lower-case letters, digits and '-'")
-        if mid in seen:
-            raise MutationError(f"{where}: duplicate id")
-        seen.add(mid)
-        reqs = entry.get("requirements")
-        if not isinstance(reqs, list) or not reqs or not all(isinstance(r, str) for r in reqs):
-            raise MutationError(f"{where}: 'requirements' must be a non-empty list of ids")
-        bad = [r for r in reqs if not REQ_RE.match(r)]
+        mid = entry.get("id") if isinstance(entry, Mapping) else None
+        if isinstance(mid, str) and mid.strip():
+            where = f"{origin}: mutation {mid.strip()}"
+        bad = by_entry.get(n - 1, [])
+        problems.extend(_entry_problems(where, entry, bad))
         if bad:
-            raise MutationError(f"{where}: malformed requirement id(s) {', '.join(bad)}")
+            continue
+        if mid in seen:
+            problems.append(f"{where}: duplicate id")
+        seen.add(mid)
+        reqs = entry["requirements"]
         if known_ids is not None:
             missing = [r for r in reqs if r not in known_ids]
             if missing:
-                raise MutationError(
+                problems.append(
                     f"{where}: requirement id(s) {', '.join(missing)} not in the catalogue"
                 )
-        keyword = entry.get("keyword")
-        if keyword is not None and (not isinstance(keyword, str) or not keyword.strip()):
-            raise MutationError(f"{where}: 'keyword' must be a pytest -k expression")
-        notes = entry.get("notes")
+        keyword, notes = entry.get("keyword"), entry.get("notes")
         out.append(
             Mutation(
                 id=mid,
-                title=_text(entry, "title", where),
-                host=_text(entry, "host", where),
-                apply=_text(entry, "apply", where),
-                restore=_text(entry, "restore", where),
+                title=entry["title"].strip(),
+                host=entry["host"].strip(),
+                apply=entry["apply"].strip(),
+                restore=entry["restore"].strip(),
                 requirements=tuple(reqs),
                 keyword=keyword.strip() if keyword else None,
-                notes=notes.strip() if isinstance(notes, str) else None,
+                notes=notes.strip() if notes else None,
             )
         )
-    if not out:
-        raise MutationError(f"{origin}: the catalogue lists no mutation")
+    if len(problems) == 1:
+        raise MutationError(problems[0])
+    if problems:
+        raise MutationError(
+            f"the mutation catalogue is invalid ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
     return out
 
 

@@ -27,7 +27,8 @@ keys the host presented in the run (``host_keys``; the verify plugin reads them 
 run's own connections). ``safemail report`` re-renders a report from its JUnit XML; what it
 writes says ``created_by: safemail report`` and cannot release.
 
-report.json (schema ``safemail.verify-report/2``; see REPORT_SCHEMA for the exact shape)::
+report.json (schema ``safemail.verify-report/2``; the exact shape is the JSON Schema
+``safemail/gate/schemas/report.schema.json``, checked with ``jsonschema``)::
 
     schema, verdict ("pass"|"fail"), generated (ISO UTC), stage, complete (bool),
     selection {keyword, markexpr, requirements}, revision {commit, dirty},
@@ -52,6 +53,7 @@ approvers read, and the gate refuses a report.html changed after the run.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import re
@@ -65,6 +67,7 @@ import jinja2
 
 from safemail import __version__
 from safemail.errors import SafeMailError
+from safemail.gate import schema
 from safemail.gate.catalogue import Catalogue
 from safemail.gate.waivers import Waiver
 
@@ -369,249 +372,9 @@ def build_report(
 
 # --------------------------------------------------------------------------- schema
 
-_STR = {"type": "string"}
-_STR_OR_NULL = {"type": ["string", "null"]}
-_STR_LIST = {"type": "array", "items": _STR}
-_HASH = {"type": "string", "pattern": r"^sha256:[0-9a-f]{64}$"}
-_TIME = {"type": "string", "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$"}
-_WAIVER = {
-    "type": "object",
-    "required": ["id", "justification", "approver", "expires", "active"],
-    "additionalProperties": False,
-    "properties": {
-        "id": _STR,
-        "justification": _STR,
-        "approver": _STR,
-        "expires": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d$"},
-        "active": {"type": "boolean"},
-    },
-}
-_TEST = {
-    "type": "object",
-    "required": ["id", "outcome", "duration", "host", "message", "evidence"],
-    "additionalProperties": False,
-    "properties": {
-        "id": _STR,
-        "outcome": {"enum": list(OUTCOMES)},
-        "duration": {"type": "number", "minimum": 0},
-        "host": _STR_OR_NULL,
-        "message": _STR,
-        "evidence": _STR_LIST,
-    },
-}
-_REQ = {
-    "type": "object",
-    "required": [
-        "id",
-        "title",
-        "source",
-        "legal_basis",
-        "statement",
-        "status",
-        "counts_as_failure",
-        "reason",
-        "waiver",
-        "tests",
-    ],
-    "additionalProperties": False,
-    "properties": {
-        "id": {"type": "string", "pattern": r"^[A-Z]{2,8}-[0-9]{2,3}$"},
-        "title": _STR,
-        "source": _STR_LIST,
-        "legal_basis": _STR_LIST,
-        "statement": _STR,
-        "status": {"enum": list(STATUSES)},
-        "counts_as_failure": {"type": "boolean"},
-        "reason": _STR,
-        "waiver": {"anyOf": [{"type": "null"}, _WAIVER]},
-        "tests": {"type": "array", "items": _TEST},
-    },
-}
-_COUNT = {"type": "integer", "minimum": 0}
-REPORT_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "SafeMail verification report",
-    "type": "object",
-    "additionalProperties": False,
-    "required": [
-        "schema",
-        "verdict",
-        "generated",
-        "generator",
-        "stage",
-        "complete",
-        "selection",
-        "revision",
-        "content_hash",
-        "content_files",
-        "inventory_hash",
-        "hosts",
-        "started",
-        "finished",
-        "pytest_exit_code",
-        "catalogue",
-        "summary",
-        "failing_requirements",
-        "problems",
-        "requirements",
-        "unmapped_tests",
-        "waivers",
-        "run",
-    ],
-    "properties": {
-        "schema": {"enum": [SCHEMA_ID]},
-        "verdict": {"enum": ["pass", "fail"]},
-        "generated": _TIME,
-        "generator": _STR,
-        "stage": {"type": "string", "pattern": r"^[a-z][a-z0-9_-]*$"},
-        "complete": {"type": "boolean"},
-        "selection": {
-            "type": "object",
-            "required": ["keyword", "markexpr", "requirements"],
-            "additionalProperties": False,
-            "properties": {
-                "keyword": _STR_OR_NULL,
-                "markexpr": _STR_OR_NULL,
-                "requirements": {"anyOf": [{"type": "null"}, _STR_LIST]},
-            },
-        },
-        "revision": {
-            "type": "object",
-            "required": ["commit", "dirty"],
-            "additionalProperties": False,
-            "properties": {"commit": _STR, "dirty": {"type": "boolean"}},
-        },
-        "content_hash": _HASH,
-        "content_files": {"type": "object", "additionalProperties": _STR},
-        "inventory_hash": _HASH,
-        "hosts": _STR_LIST,
-        "started": _TIME,
-        "finished": _TIME,
-        "pytest_exit_code": {"type": ["integer", "null"]},
-        "catalogue": {
-            "type": "object",
-            "required": ["path", "sha256"],
-            "additionalProperties": False,
-            "properties": {"path": _STR, "sha256": _STR},
-        },
-        "summary": {
-            "type": "object",
-            "required": [
-                "requirements",
-                "pass",
-                "fail",
-                "waived",
-                "untested",
-                "not_selected",
-                "tests",
-                "tests_passed",
-                "tests_failed",
-                "tests_skipped",
-                "unmapped_tests",
-            ],
-            "additionalProperties": _COUNT,
-        },
-        "failing_requirements": _STR_LIST,
-        "problems": _STR_LIST,
-        "requirements": {"type": "array", "items": _REQ},
-        "unmapped_tests": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["id", "outcome", "req", "reason"],
-                "additionalProperties": False,
-                "properties": {
-                    "id": _STR,
-                    "outcome": {"enum": list(OUTCOMES)},
-                    "req": _STR_LIST,
-                    "reason": _STR,
-                },
-            },
-        },
-        "waivers": {"type": "array", "items": _WAIVER},
-        "run": {
-            "type": "object",
-            "required": ["created_by", "profile", "junit_sha256", "host_keys",
-                         "skipped_by_profile"],
-            "additionalProperties": False,
-            "properties": {
-                "created_by": {"enum": [CREATED_BY_VERIFY, CREATED_BY_REPORT]},
-                "profile": {"enum": list(PROFILES)},
-                "junit_sha256": {"type": ["string", "null"], "pattern": r"^[0-9a-f]{64}$"},
-                "host_keys": {"type": "object", "additionalProperties": _STR_LIST},
-                # optional in the schema (older reports lack it); the gate requires it
-                "html_sha256": {"type": "string", "pattern": r"^[0-9a-f]{64}$"},
-                "skipped_by_profile": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["id", "reason"],
-                        "additionalProperties": False,
-                        "properties": {"id": _STR, "reason": _STR},
-                    },
-                },
-            },
-        },
-    },
-}
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "integer": (int,),
-    "number": (int, float),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-    "null": (type(None),),
-}
-
-
-def _type_ok(value: Any, name: str) -> bool:
-    if name in ("integer", "number") and isinstance(value, bool):
-        return False
-    return isinstance(value, _TYPES[name])
-
-
-def _check(value: Any, schema: Mapping[str, Any], where: str, errors: list[str]) -> None:
-    """Check the subset of JSON Schema that REPORT_SCHEMA uses."""
-    if "anyOf" in schema:
-        if not any(not _collect(value, sub, where) for sub in schema["anyOf"]):
-            errors.append(f"{where}: matches none of the allowed shapes")
-        return
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
-        return
-    if "type" in schema:
-        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_type_ok(value, n) for n in names):
-            errors.append(f"{where}: expected {' or '.join(names)}, got {type(value).__name__}")
-            return
-    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
-        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
-    if isinstance(value, int | float) and "minimum" in schema and value < schema["minimum"]:
-        errors.append(f"{where}: {value} is below {schema['minimum']}")
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{where}: missing key '{key}'")
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if key in props:
-                _check(item, props[key], f"{where}.{key}", errors)
-            elif extra is False:
-                errors.append(f"{where}: unexpected key '{key}'")
-            elif isinstance(extra, dict):
-                _check(item, extra, f"{where}.{key}", errors)
-    if isinstance(value, list) and "items" in schema:
-        for index, item in enumerate(value):
-            _check(item, schema["items"], f"{where}[{index}]", errors)
-
-
-def _collect(value: Any, schema: Mapping[str, Any], where: str) -> list[str]:
-    errors: list[str] = []
-    _check(value, schema, where, errors)
-    return errors
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema of report.json (``safemail/gate/schemas/report.schema.json``)."""
+    return schema.load("report")
 
 
 def validate_report(data: Any) -> list[str]:
@@ -619,7 +382,7 @@ def validate_report(data: Any) -> list[str]:
 
     Beyond the schema it checks consistency: the verdict and failing ids follow from the rows.
     """
-    errors = _collect(data, REPORT_SCHEMA, "report")
+    errors = schema.problems("report", data, "report")
     if errors:
         return errors
     failing = [r["id"] for r in data["requirements"] if r["counts_as_failure"]]
@@ -639,146 +402,24 @@ def validate_report(data: Any) -> list[str]:
 # --------------------------------------------------------------------------- HTML
 
 _ORDER = {s: i for i, s in enumerate(STATUSES)}
+TEMPLATE = "report.html.j2"  # in safemail/gate/templates (package data)
 
-_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>SafeMail verification {{ r.stage }}: {{ r.verdict | upper }}</title>
-<style>
-body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem; color: #1b1b1b; }
-h1 { font-size: 1.4rem; margin: 0 0 .5rem; } h2 { font-size: 1.1rem; margin-top: 2rem; }
-.verdict { padding: 1rem 1.25rem; border-radius: 6px; color: #fff; margin-bottom: 1rem; }
-.verdict strong { font-size: 1.6rem; letter-spacing: .05em; }
-.v-pass { background: #1e7b34; } .v-fail { background: #b3261e; }
-table { border-collapse: collapse; width: 100%; }
-th, td { border: 1px solid #ccc; padding: .35rem .5rem; vertical-align: top; text-align: left; }
-th { background: #f0f0f0; }
-table.meta { width: auto; } table.meta th { width: 11rem; }
-.badge { display: inline-block; padding: .1rem .45rem; border-radius: 4px; font-weight: 600;
-  font-size: .8rem; white-space: nowrap; }
-.s-pass, .o-passed { background: #d4edda; color: #14532d; }
-.s-fail, .o-failed, .o-error { background: #f8d7da; color: #7f1d1d; }
-.s-untested, .o-skipped { background: #fde68a; color: #713f12; }
-.s-waived { background: #dbeafe; color: #1e3a8a; }
-.s-not-selected { background: #e5e7eb; color: #374151; }
-tr.row-fail td, tr.row-untested td { background: #fff7f7; }
-td.rid { white-space: nowrap; }
-pre { white-space: pre-wrap; word-break: break-word; background: #f7f7f7; padding: .4rem;
-  margin: .25rem 0; max-height: 18rem; overflow: auto; font-size: 12px; }
-.small { color: #555; font-size: .85rem; } code { font-size: 12px; }
-ul.tests { margin: 0; padding-left: 1rem; }
-</style>
-</head>
-<body>
-<div class="verdict v-{{ r.verdict }}">
-  <strong>{{ r.verdict | upper }}</strong>
-  &nbsp; stage <b>{{ r.stage }}</b>, revision <code>{{ r.revision.commit[:12] }}</code>
-  {%- if r.revision.dirty %} (uncommitted changes){% endif %}
-  <div>{{ r.summary.pass }} pass · {{ r.summary.fail }} fail · {{ r.summary.untested }}
-  untested · {{ r.summary.waived }} waived of {{ r.summary.requirements }} requirements;
-  {{ r.summary.tests }} tests{% if not r.complete %} · PARTIAL RUN, not releasable{% endif %}
-  {%- if r.run.profile != "full" %} · {{ r.run.profile | upper }} PROFILE: a check, never a
-  release{% endif %}
-  {%- if r.run.created_by != "safemail verify" %} · re-rendered by {{ r.run.created_by }}: not
-  releasable{% endif %}</div>
-  {%- if r.failing_requirements %}
-  <div>Failing: {{ r.failing_requirements | join(", ") }}</div>
-  {%- endif %}
-</div>
-<h1>SafeMail verification report</h1>
-<table class="meta">
-<tr><th>Stage</th><td>{{ r.stage }}</td></tr>
-<tr><th>Git revision</th><td><code>{{ r.revision.commit }}</code>{% if r.revision.dirty %}
- <span class="badge s-fail">dirty tree</span>{% endif %}</td></tr>
-<tr><th>Content hash</th><td><code>{{ r.content_hash }}</code>
- <span class="small">({{ r.content_files | length }} files)</span></td></tr>
-<tr><th>Inventory hash</th><td><code>{{ r.inventory_hash }}</code></td></tr>
-<tr><th>Hosts</th><td>{{ r.hosts | join(", ") or "none recorded" }}</td></tr>
-<tr><th>Host keys seen</th><td>{% for h, fps in r.run.host_keys.items() %}{{ h }}:
- {% for f in fps %}<code>{{ f }}</code> {% endfor %}<br>
- {%- else %}none recorded{% endfor %}</td></tr>
-<tr><th>Made by</th><td>{{ r.run.created_by }}, profile {{ r.run.profile }}; JUnit sha256
- <code>{{ r.run.junit_sha256 or "none" }}</code></td></tr>
-<tr><th>Run</th><td>{{ r.started }} → {{ r.finished }}
- {%- if r.pytest_exit_code is not none %} (pytest exit code {{ r.pytest_exit_code }}){% endif %}
- </td></tr>
-<tr><th>Selection</th><td>{% if r.complete %}complete suite{% else %}partial:
- {%- if r.selection.keyword %} -k <code>{{ r.selection.keyword }}</code>{% endif %}
- {%- if r.selection.markexpr %} -m <code>{{ r.selection.markexpr }}</code>{% endif %}
- {%- if r.selection.requirements %} requirements {{ r.selection.requirements | join(", ") }}
- {%- endif %}{% endif %}</td></tr>
-<tr><th>Catalogue</th><td><code>{{ r.catalogue.path }}</code>
- <span class="small">sha256 {{ r.catalogue.sha256[:16] }}</span></td></tr>
-<tr><th>Generated</th><td>{{ r.generated }} by {{ r.generator }}</td></tr>
-</table>
-{%- if r.problems %}
-<h2>Problems with this run</h2>
-<ul>{% for p in r.problems %}<li>{{ p }}</li>{% endfor %}</ul>
-{%- endif %}
-{%- if r.unmapped_tests %}
-<h2>Tests without a known requirement ({{ r.unmapped_tests | length }})</h2>
-<p class="small">Every test must name a requirement of the catalogue. These make the verdict
-fail until the test or the catalogue is fixed.</p>
-<table><tr><th>Test</th><th>Outcome</th><th>Requirement ids</th><th>Problem</th></tr>
-{% for t in r.unmapped_tests %}<tr><td><code>{{ t.id }}</code></td>
-<td><span class="badge o-{{ t.outcome }}">{{ t.outcome }}</span></td>
-<td>{{ t.req | join(", ") or "none" }}</td><td>{{ t.reason }}</td></tr>
-{% endfor %}</table>
-{%- endif %}
-{%- if r.run.skipped_by_profile %}
-<h2>Not run in the {{ r.run.profile }} profile ({{ r.run.skipped_by_profile | length }})</h2>
-<table><tr><th>Test</th><th>Why not</th></tr>
-{% for t in r.run.skipped_by_profile %}<tr><td><code>{{ t.id }}</code></td><td>{{ t.reason }}</td>
-</tr>{% endfor %}</table>
-{%- endif %}
-<h2>Requirements</h2>
-<table>
-<tr><th>Id</th><th>Requirement</th><th>Status</th><th>Tests and evidence</th></tr>
-{% for q in rows %}
-<tr id="{{ q.id }}" class="row-{{ q.status }}">
-<td class="rid"><b>{{ q.id }}</b></td>
-<td>{{ q.title }}<div class="small">Audit report {{ q.source | join(", ") }} ·
- {{ q.legal_basis | join("; ") }}</div>
- <details><summary class="small">statement</summary><div class="small">{{ q.statement }}
- </div></details></td>
-<td><span class="badge s-{{ q.status }}">{% if q.status == "untested" and not q.tests
- %}no test{% else %}{{ q.status }}{% endif %}</span>
- <div class="small">{{ q.reason }}</div>
- {%- if q.waiver %}<div class="small"><b>Waiver</b>
- {%- if not q.waiver.active %} <b>(expired)</b>{% endif %}: {{ q.waiver.justification }}
- — approved by {{ q.waiver.approver }}, expires {{ q.waiver.expires }}</div>{% endif %}</td>
-<td>{% if q.tests %}<details{% if q.counts_as_failure or q.status == "waived" %} open{% endif %}>
- <summary>{{ q.tests | length }} test(s)</summary><ul class="tests">
- {% for t in q.tests %}<li><span class="badge o-{{ t.outcome }}">{{ t.outcome }}</span>
- <code>{{ t.id }}</code>{% if t.host %} <span class="small">on {{ t.host }}</span>{% endif %}
- {% for e in t.evidence %}<pre>{{ e }}</pre>{% endfor %}
- {% if t.message and t.outcome != "passed" %}<pre>{{ t.message }}</pre>{% endif %}</li>
- {% endfor %}</ul></details>{% else %}<span class="small">no test</span>{% endif %}</td>
-</tr>
-{% endfor %}
-</table>
-<h2>Waivers ({{ r.waivers | length }})</h2>
-{% if r.waivers %}<table><tr><th>Id</th><th>Justification</th><th>Approver</th>
-<th>Expires</th><th>State</th></tr>
-{% for w in r.waivers %}<tr><td>{{ w.id }}</td><td>{{ w.justification }}</td>
-<td>{{ w.approver }}</td><td>{{ w.expires }}</td>
-<td>{% if w.active %}active{% else %}<span class="badge s-fail">expired</span>{% endif %}</td>
-</tr>{% endfor %}</table>
-{% else %}<p>None.</p>{% endif %}
-</body>
-</html>
-"""
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader(__package__, "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained HTML page: verdict first, failing requirements first."""
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     rows = sorted(
         report["requirements"], key=lambda q: _ORDER.get(q["status"], len(_ORDER))
     )  # stable: catalogue order within a status
-    return env.from_string(_HTML).render(r=report, rows=rows)
+    return _environment().get_template(TEMPLATE).render(r=report, rows=rows)
 
 
 # --------------------------------------------------------------------------- files

@@ -17,9 +17,10 @@ from a field. An active waiver turns a failing requirement into "waived" in the 
 expired one waives nothing. Requirements the catalogue marks ``waivable: false`` (and the
 baseline of :data:`safemail.gate.catalogue.NEVER_WAIVABLE`) cannot be waived at all.
 
-:func:`parse_waivers` checks the shape (pure); :func:`check_signatures` checks lifetime and
-signatures against the approval policy (runs ssh-keygen). :func:`load_waivers` does both when
-given a policy.
+:func:`parse_waivers` checks the shape (pure: the JSON Schema
+``safemail/gate/schemas/waivers.schema.json``, then what a schema cannot say);
+:func:`check_signatures` checks lifetime and signatures against the approval policy (runs
+ssh-keygen). :func:`load_waivers` does both when given a policy.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from safemail.errors import SafeMailError
+from safemail.gate import schema
 
 if TYPE_CHECKING:
     from safemail.gate.approvals import Policy
@@ -92,13 +94,61 @@ def _as_date(value: Any) -> dt.date | None:
     return None
 
 
+def _json_view(value: Any) -> Any:
+    """The parsed YAML as JSON would have it: YAML's dates become YYYY-MM-DD text."""
+    if isinstance(value, dt.datetime):
+        return value.date().isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _json_view(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_view(v) for v in value]
+    return value
+
+
+def _entry_problems(where: str, entry: Any, found: list[schema.Violation]) -> list[str]:
+    """A waiver's violations of the schema, in the words the waiver's author needs."""
+    if not isinstance(entry, dict):
+        return [f"{where}: must be a mapping with {', '.join(_REQUIRED)}"]
+    out: list[str] = []
+    missing = {str(v.key) for v in found if v.kind == "required"}
+    for v in found:
+        name = v.path[1] if len(v.path) > 1 else None
+        if name is None:
+            continue
+        if entry.get(name) in (None, "", []):
+            missing.add(str(name))  # present but empty says the same as absent
+        elif name in ("granted", "expires"):
+            out.append(f"{where}: {name} {entry[name]!r} is not a date (write YYYY-MM-DD)")
+        elif name == "signatures":
+            out.append(f"{where}: signatures must be a list of armored SSH signatures")
+        else:
+            out.append(f"{where}: {name} must be text")
+    problems: list[str] = []
+    if missing:
+        what = ", ".join(f for f in _REQUIRED if f in missing)
+        if "signatures" in missing:
+            what += " (an unsigned waiver waives nothing: `safemail approval request --waiver`)"
+        problems.append(f"{where}: missing field(s): {what}")
+    unknown = sorted(str(v.key) for v in found if v.kind == "additionalProperties")
+    if unknown:
+        extra = " (who approved is read from the signatures)" if "approver" in unknown else ""
+        problems.append(f"{where}: unknown field(s): {', '.join(unknown)}{extra}")
+    return problems + list(dict.fromkeys(out))
+
+
 def parse_waivers(
     data: Any,
     origin: str = "<memory>",
     known_ids: Iterable[str] | None = None,
     never_waivable: Iterable[str] = (),
 ) -> list[Waiver]:
-    """Validate parsed YAML; raise WaiverError listing every problem."""
+    """Validate parsed YAML; raise WaiverError listing every problem.
+
+    The shape is ``schemas/waivers.schema.json``; this adds what a schema cannot say (catalogue
+    ids, one waiver per id, a written justification, real calendar dates in order).
+    """
     if data is None:
         return []
     if not isinstance(data, list):
@@ -106,33 +156,24 @@ def parse_waivers(
             f"{origin}: expected a YAML list of waivers, got {type(data).__name__}",
             "write `[]` when there are no waivers; see the header of verify/waivers.yml",
         )
+    by_entry: dict[int, list[schema.Violation]] = {}
+    for v in schema.violations("waivers", _json_view(data)):
+        by_entry.setdefault(int(v.path[0]), []).append(v)
     known = set(known_ids) if known_ids is not None else None
     forbidden = set(never_waivable)
     problems: list[str] = []
     waivers: list[Waiver] = []
     seen: set[str] = set()
-    for index, entry in enumerate(data, start=1):
-        where = f"{origin}: waiver {index}"
-        if not isinstance(entry, dict):
-            problems.append(f"{where}: must be a mapping with {', '.join(_REQUIRED)}")
+    for index, entry in enumerate(data):
+        where = f"{origin}: waiver {index + 1}"
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            where = f"{where} ({entry['id']})"
+        bad = by_entry.get(index, [])
+        problems.extend(_entry_problems(where, entry, bad))
+        if not isinstance(entry, dict) or any(v.kind == "required" for v in bad):
             continue
-        req_id = entry.get("id")
-        if isinstance(req_id, str):
-            where = f"{where} ({req_id})"
-        missing = [f for f in _REQUIRED if entry.get(f) in (None, "", [])]
-        if missing:
-            what = ", ".join(missing)
-            if "signatures" in missing:
-                what += " (an unsigned waiver waives nothing: `safemail approval request --waiver`)"
-            problems.append(f"{where}: missing field(s): {what}")
-        unknown = sorted(set(map(str, entry)) - set(_REQUIRED))
-        if unknown:
-            extra = " (who approved is read from the signatures)" if "approver" in unknown else ""
-            problems.append(f"{where}: unknown field(s): {', '.join(unknown)}{extra}")
-        if missing:
-            continue
-        if not isinstance(req_id, str):
-            problems.append(f"{where}: id must be text")
+        req_id = entry["id"]
+        if not isinstance(req_id, str) or not req_id:
             continue
         if known is not None and req_id not in known:
             problems.append(f"{where}: id {req_id} is not in the requirement catalogue")
@@ -143,7 +184,9 @@ def parse_waivers(
         if req_id in seen:
             problems.append(f"{where}: a second waiver for {req_id}; keep one")
         seen.add(req_id)
-        justification = " ".join(str(entry["justification"]).split())
+        if bad:
+            continue
+        justification = " ".join(entry["justification"].split())
         if len(justification) < MIN_JUSTIFICATION:
             problems.append(
                 f"{where}: justification too short ({len(justification)} characters); "
@@ -152,20 +195,17 @@ def parse_waivers(
         granted = _as_date(entry["granted"])
         expires = _as_date(entry["expires"])
         for name, value in (("granted", granted), ("expires", expires)):
-            if value is None:
+            if value is None:  # the schema saw YYYY-MM-DD; the calendar has no such day
                 problems.append(
                     f"{where}: {name} {entry[name]!r} is not a date (write YYYY-MM-DD)"
                 )
-        sigs = entry["signatures"]
-        if not isinstance(sigs, list) or not all(isinstance(s, str) for s in sigs):
-            problems.append(f"{where}: signatures must be a list of armored SSH signatures")
-            continue
         if granted is None or expires is None:
             continue
         if expires < granted:
             problems.append(f"{where}: expires {expires} lies before granted {granted}")
         waivers.append(
-            Waiver(req_id, justification, "unverified", expires, granted, tuple(sigs))
+            Waiver(req_id, justification, "unverified", expires, granted,
+                   tuple(entry["signatures"]))
         )
     if problems:
         raise WaiverError(

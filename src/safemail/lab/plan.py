@@ -48,7 +48,7 @@ MIRROR = ("mirror", "core", 5)
 INTERNET_SINK = ("internet", "internet", 10)
 
 # Groups every stage must have (docs/architecture.md#hosts-roles-and-the-network).
-SERVICE_GROUPS = ("relay", "store", "auth", "ca_ra", "ca_signer", "ca_dist")
+SERVICE_GROUPS = ("relay", "store", "auth", "ca_ra", "ca_signer", "ca_dist", "backup")
 LAB_GROUPS = ("participants",)
 HYPERVISORS = ("nspawn", "qemu")
 

@@ -24,7 +24,7 @@ def _hosts_arg(text: str) -> list[str]:
 def cmd_status(args: argparse.Namespace) -> int:
     project = Project.find()
     hosts = status.inventory_hosts(project.inventory(args.stage), args.hosts)
-    results = status.collect(hosts)
+    results = status.collect(hosts, repo=project.root)
     if args.json:
         print(json.dumps(status.to_json(results), indent=2))
     else:
@@ -46,7 +46,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         report = project.path(args.report)
         decision = promote.evaluate(repo, report, max_age_hours=args.max_age_hours)
         test_hosts = status.inventory_hosts(project.inventory("test"))
-        refusals = apply.production_refusals(decision, status.collect(test_hosts))
+        refusals = apply.production_refusals(decision,
+                                             status.collect(test_hosts, repo=project.root))
         if refusals:
             print("patching production refused:\n  - " + "\n  - ".join(refusals))
             return 3
@@ -67,6 +68,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_patch(sub)
+    register_backup(sub)
+
+
+def _register_patch(sub: argparse._SubParsersAction) -> None:
     patch = sub.add_parser("patch", help="patch status of every host; the manual patch run",
                            description="Patch watch results and manual, logged patch runs.")
     psub = patch.add_subparsers(dest="patch_command", metavar="ACTION")
@@ -95,3 +101,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-age-hours", type=float, default=promote.DEFAULT_MAX_AGE_HOURS,
                    help="oldest acceptable report (default %(default)s h)")
     p.set_defaults(func=cmd_apply)
+
+
+def cmd_backup_status(args: argparse.Namespace) -> int:
+    from safemail.ops import backup
+
+    if args.max_age_hours <= 0:
+        raise UsageError("--max-age-hours must be positive")
+    project = Project.find()
+    hosts = backup.inventory_clients(project.inventory(args.stage), args.hosts)
+    results = backup.collect(hosts, repo=project.root)
+    if args.json:
+        print(json.dumps([r.to_json(args.max_age_hours) for r in results], indent=2))
+    else:
+        print(backup.render_table(backup.rows(results, args.max_age_hours)))
+    return backup.exit_code(results, args.max_age_hours)
+
+
+def register_backup(sub: argparse._SubParsersAction) -> None:
+    from safemail.ops.backup import DEFAULT_STALE_HOURS
+
+    b = sub.add_parser("backup", help="backup state of every backup client (AV-01)",
+                       description="Backups (roles/backup, docs/availability.md).")
+    bsub = b.add_subparsers(dest="backup_command", metavar="ACTION")
+    bsub.required = True
+    p = bsub.add_parser(
+        "status",
+        help="per client: repository reachable, newest archive and its age (exit 3 if a "
+             "client or repository is unreachable, 4 if a backup is stale or missing)",
+        description="Asks each client's repository (through the client, with its key and "
+                    "passphrase) for its newest archive. Exit 0 all fresh, 3 unreachable, "
+                    "4 stale or missing.")
+    p.add_argument("--stage", choices=STAGES, default="test",
+                   help="which inventory (default: test)")
+    p.add_argument("--hosts", type=_hosts_arg, default=None,
+                   help="comma-separated client names (default: every backup client)")
+    p.add_argument("--max-age-hours", type=float, default=DEFAULT_STALE_HOURS,
+                   help="a newest archive older than this is stale (default %(default)s h)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_backup_status)

@@ -13,11 +13,13 @@ ansible-playbook runs, so the same ansible.cfg applies however this process was 
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,45 @@ def ssh_commands(repo: Path, hostvars: Mapping[str, Mapping[str, Any]]) -> dict[
         raise SafeMailError("cannot build the SSH commands with Ansible's ssh plugin: "
                             + (proc.stderr.strip().splitlines() or ["no message"])[-1])
     return json.loads(proc.stdout)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One host's answer: the remote command's exit code and output, or why SSH failed."""
+
+    host: str
+    rc: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    unreachable: str | None = None  # set when ssh itself failed (exit 255, timeout, no ssh)
+
+
+def run_everywhere(repo: Path, hosts: Mapping[str, Mapping[str, Any]],
+                   remote: Callable[[str, Mapping[str, Any]], str],
+                   timeout: float = 90) -> dict[str, Outcome]:
+    """Run ``remote(name, hostvars)`` on every host in parallel, over Ansible's ssh command
+    line for it plus ``BatchMode=yes`` (a host asking for a password fails, never waits)."""
+    if not hosts:
+        return {}
+    commands = ssh_commands(repo, hosts)
+
+    def one(name: str) -> Outcome:
+        argv = [*commands[name][:-1], "-o", "BatchMode=yes", commands[name][-1],
+                remote(name, hosts[name])]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                                  stdin=subprocess.DEVNULL, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Outcome(name, unreachable=f"no answer in {timeout:g} s")
+        except OSError as exc:
+            return Outcome(name, unreachable=f"cannot run ssh: {exc}")
+        if proc.returncode == 255:
+            why = (proc.stderr.strip().splitlines() or ["SSH failed"])[-1]
+            return Outcome(name, unreachable=f"SSH failed: {why}")
+        return Outcome(name, proc.returncode, proc.stdout, proc.stderr)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        return {o.host: o for o in pool.map(one, list(hosts))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

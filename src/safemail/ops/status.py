@@ -9,11 +9,9 @@ The table logic is pure (:func:`rows`, :func:`render_table`) and unit-tested.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import json
 import shlex
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,32 +75,23 @@ def collect(hosts: Sequence[Host], status_file: Path = DEFAULT_STATUS,
     """
     if not hosts:
         return []
-    commands = sshcmd.ssh_commands(repo or project_root(), {h.name: h.vars for h in hosts})
-    remote = f"test -e {shlex.quote(str(status_file))} || exit {NO_STATUS}; " \
-             f"cat {shlex.quote(str(status_file))}"
-
-    def read(host: Host) -> HostResult:
-        argv = [*commands[host.name][:-1], "-o", "BatchMode=yes", commands[host.name][-1],
-                remote]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                                  stdin=subprocess.DEVNULL, timeout=READ_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return HostResult(host.name, error=f"unreachable (no answer in {READ_TIMEOUT} s)")
-        except OSError as exc:
-            return HostResult(host.name, error=f"unreachable (cannot run ssh: {exc})")
-        if proc.returncode == 255:
-            why = (proc.stderr.strip().splitlines() or ["SSH failed"])[-1]
-            return HostResult(host.name, error=f"unreachable (SSH failed: {why})")
-        if proc.returncode == NO_STATUS:
-            return parse_status_text(host.name, None)
-        if proc.returncode != 0:
-            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            return HostResult(host.name, error=f"cannot read {status_file}: {why}")
-        return parse_status_text(host.name, proc.stdout)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
-        return list(pool.map(read, hosts))
+    path = shlex.quote(str(status_file))
+    outcomes = sshcmd.run_everywhere(
+        repo or project_root(), {h.name: h.vars for h in hosts},
+        lambda _name, _hv: f"test -e {path} || exit {NO_STATUS}; cat {path}", READ_TIMEOUT)
+    results = []
+    for h in hosts:
+        out = outcomes[h.name]
+        if out.unreachable:
+            results.append(HostResult(h.name, error=f"unreachable ({out.unreachable})"))
+        elif out.rc == NO_STATUS:
+            results.append(parse_status_text(h.name, None))
+        elif out.rc != 0:
+            why = (out.stderr.strip().splitlines() or [f"exit {out.rc}"])[-1]
+            results.append(HostResult(h.name, error=f"cannot read {status_file}: {why}"))
+        else:
+            results.append(parse_status_text(h.name, out.stdout))
+    return results
 
 
 def _age(checked_at: str, now: dt.datetime) -> str:
