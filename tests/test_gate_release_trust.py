@@ -1116,7 +1116,8 @@ def test_the_example_vault_decrypted_or_rekeyed_is_refused(
     reasons = _reasons(project, _report(project))
     expected = {"decrypted": "is not encrypted (no $ANSIBLE_VAULT; header",
                 "rekeyed": "holds secrets of the published example vault (values not shown): "
-                           "encrypted_storage_passphrase, safemail_ldap_cadist_password"}[walk]
+                           "encrypted_storage_passphrase, safemail_backup_passphrase_seed, "
+                           "safemail_ldap_cadist_password"}[walk]
     _only(reasons, expected)
     assert not any(value in reasons[0] for value in _example_values())
 
