@@ -117,3 +117,19 @@ def test_public_key_mode_for_hosts_that_must_not_see_the_key(
     (tmp_path / "d" / "x.der").write_bytes(forms(CA_KEY)["der-pkcs8"])
     assert keyscan.main(base) == 1
     assert "DER private key" in json.loads(capsys.readouterr()[0])["copies"][0]["forms"]
+
+
+# A PKCS#8 key of an algorithm cryptography cannot load (GOST R 34.10-2012, as in test data
+# some Debian packages ship): found on the lab's signer, it stopped the whole search.
+GOST_PEM = (b"-----BEGIN PRIVATE KEY-----\n"
+            b"MDMCAQAwCgYIKoUDBwEBAQIEIgQgAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n"
+            b"-----END PRIVATE KEY-----\n")
+
+
+def test_a_key_of_an_unknown_algorithm_does_not_stop_the_search(tmp_path: Path) -> None:
+    (tmp_path / "gost.pem").write_bytes(GOST_PEM)
+    (tmp_path / "gost.der").write_bytes(base64.b64decode(GOST_PEM.split(b"\n")[1]))
+    (tmp_path / "copy.pem").write_bytes(forms(CA_KEY)["pem-pkcs8"])
+    res = keyscan.scan([str(tmp_path)], CA_KEY)
+    assert res.complete
+    assert [h["path"] for h in res.hits] == [str(tmp_path / "copy.pem")]

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -111,14 +112,16 @@ def classify(data: bytes, target_pub: bytes) -> tuple[list[str], bool]:
             continue
         try:
             key = serialization.load_pem_private_key(m.group(0), password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            # Not loadable here (damaged, or an algorithm cryptography lacks, such as the
+            # GOST test keys some packages ship): not the CA key, which loads.
             continue
         if _public_der(key) == target_pub:
             forms.append(f"PEM {label}")
     if len(data) <= DER_MAX and not forms:
         try:
             key = serialization.load_der_private_key(data, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             key = None
         if key is not None and _public_der(key) == target_pub:
             forms.append("DER private key")
