@@ -470,8 +470,8 @@ def test_signer_refuses_what_a_compromised_ra_approves(lab, evidence, attack):
         finally:
             lab(lab.group("ca_ra")[0]).run(f"rm -f {STATE}/outbox/approved/{rid}.json")
         got = _http_get(p, _dist_url(lab, f"certs/{mailbox}.pem"), f"{d}/pub.pem")
-        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout
-        own = p.run(f"openssl pkey -in {d}/key.pem -pubout").stdout
+        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout.strip()
+        own = p.run(f"openssl pkey -in {d}/key.pem -pubout").stdout.strip()
     finally:
         p.run(f"rm -rf {d}")
     evidence(f"{attack} on {mailbox} ({number}): signer outcome for {rid}: {outcome}; "
@@ -515,10 +515,10 @@ def test_key_change_needs_the_participants_confirmation(lab, evidence):
         _put(ra, f"/tmp/{number}.kc", p.file(f"{d}/kc.json").content)
         confirmed = _signer_outcome(
             lab, submit("csr3.pem", "--renewal", f"--key-change /tmp/{number}.kc"))[0]
-        new_pub = p.check_output(f"openssl pkey -in {d}/key3.pem -pubout")
+        new_pub = p.check_output(f"openssl pkey -in {d}/key3.pem -pubout").strip()
         p.run_test(f"rm -f {d}/pub.pem")
         _http_get(p, _dist_url(lab, f"certs/{mailbox}.pem"), f"{d}/pub.pem")
-        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout
+        published = p.run(f"openssl x509 -in {d}/pub.pem -noout -pubkey").stdout.strip()
     finally:
         p.run(f"rm -rf {d}")
     evidence(f"{mailbox}: enrolment {first}; new key without confirmation {unconfirmed}; "

@@ -294,7 +294,7 @@ def test_expiry_report_lists_every_participant(lab, evidence):
     warning period longer than any certificate, every one is due (exit 3)."""
     relay = lab.first("relay")
     relay.run_test("systemctl start safemail-cert-expiry.service")
-    doc = json.loads(relay.check_output("cat /var/lib/safemail/cert-expiry.json"))
+    doc = json.loads(relay.check_output("cat /var/log/safemail/cert-expiry.json"))
     by_mailbox = {c["mailbox"]: c for c in doc["certificates"]}
     wide = relay.run("/opt/safemail/venv/bin/python -m safemail.ops.certexpiry --config "
                      "/etc/safemail/cert-expiry.json --status-file /tmp/verify-expiry.json "

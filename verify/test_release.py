@@ -92,16 +92,19 @@ def _report(out: Path, *, repo: Path = ROOT, failing: tuple[str, ...] = (),
     return json_path
 
 
-def _promote(report: Path, log: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _promote(report: Path, log: Path, cwd: Path = ROOT,
+             vault_pass: Path | None = None) -> subprocess.CompletedProcess:
     # --first-release: the throwaway clones below have no release tag (their own release/
     # approves); the checkout's tags, if any, are deleted in the clone.
+    vault_args = ["--vault-id", f"production@{vault_pass}"] if vault_pass else []
     return _safemail("promote", "--to", "production", "--dry-run", "--first-release",
-                     "--report", str(report), "--release-log", str(log), cwd=cwd)
+                     "--report", str(report), "--release-log", str(log), *vault_args, cwd=cwd)
 
 
-def _rekey_production_vault(clone: Path) -> None:
-    """The committed example vault opens with the published password, which the gate
-    refuses (a site makes its own): the clone's copy gets a password only this run knows."""
+def _site_production_vault(clone: Path, password_file: Path) -> None:
+    """The committed example vault opens with the published password and holds published
+    values, both of which the gate refuses (a site makes its own): the clone's copy gets new
+    values and a password only this run knows, in ``password_file``."""
     import secrets
 
     from ansible.parsing.vault import VaultLib, VaultSecret
@@ -110,9 +113,21 @@ def _rekey_production_vault(clone: Path) -> None:
 
     path = clone / "inventories" / "production" / vault.VAULT_FILE
     old = VaultLib([("production", VaultSecret(vault.EXAMPLE_PASSWORD.encode()))])
-    new = VaultSecret(secrets.token_urlsafe(24).encode())
+    data = yaml.safe_load(old.decrypt(path.read_bytes()))
+
+    def fresh(value):
+        if isinstance(value, dict):
+            return {k: fresh(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fresh(v) for v in value]
+        return secrets.token_urlsafe(24)
+
+    password = secrets.token_urlsafe(24)
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    new = VaultSecret(password.encode())
     path.write_bytes(VaultLib([("production", new)]).encrypt(
-        old.decrypt(path.read_bytes()), secret=new, vault_id="production"))
+        yaml.safe_dump(fresh(data)).encode(), secret=new, vault_id="production"))
 
 
 def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
@@ -141,7 +156,7 @@ def _checkout_with_approvers(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     for role, who in zip(roles, ("head", "security"), strict=True):
         policy["roles"][role]["principals"] = [f"{who}@verify.invalid"]
     (clone / "release" / "approvers.yml").write_text(yaml.safe_dump(policy))
-    _rekey_production_vault(clone)
+    _site_production_vault(clone, tmp_path / "vault-pass")
     git = ["git", "-C", str(clone), "-c", "user.name=verify", "-c", "user.email=v@invalid"]
     subprocess.run([*git, "commit", "-qam", "throwaway approvers"], check=True)
     return clone, keys
@@ -195,7 +210,7 @@ def test_promotion_needs_both_approvals_and_is_allowed_with_them(tmp_path, evide
         if who is not None:
             (signed / f"{who}.sig").write_text(
                 signing.sign(keys[who], approvals.RELEASE_NAMESPACE, message))
-        proc = _promote(report, log, cwd=clone)
+        proc = _promote(report, log, cwd=clone, vault_pass=tmp_path / "vault-pass")
         outcomes.append((who, proc.returncode, (proc.stdout + proc.stderr).strip()[-300:]))
     evidence(f"signatures added one by one: {outcomes}")
     assert [rc for _who, rc, _out in outcomes] == [3, 3, 0], outcomes

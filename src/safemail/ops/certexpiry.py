@@ -5,7 +5,7 @@ Runs on the relay from a daily systemd timer (role ``mailrelay``,
 from the directory with the relay's read-only bind account (StartTLS, server checked against
 the service TLS CA), and writes
 
-- ``/var/lib/safemail/cert-expiry.json``: every participant's mailbox, the certificate's
+- ``/var/log/safemail/cert-expiry.json``: every participant's mailbox, the certificate's
   serial and end of validity, days left, and a state (``ok``, ``expiring``, ``expired``,
   ``none``, ``unreadable``);
 - one line to syslog (tag ``safemail-cert-expiry``, which the admin log collects) naming the
@@ -38,7 +38,7 @@ from cryptography import x509
 
 SCHEMA = 1
 SYSLOG_TAG = "safemail-cert-expiry"
-DEFAULT_STATUS = Path("/var/lib/safemail/cert-expiry.json")
+DEFAULT_STATUS = Path("/var/log/safemail/cert-expiry.json")
 DEFAULT_WARN_DAYS = 30
 # At most this many participant entries in one search (asked of the server, checked by the
 # client): slapd's own limit for a bound user is 500 too (olcSizeLimit). More is an error.
