@@ -349,8 +349,12 @@ def test_admin_log_holds_no_mail_data(svc, evidence):
              f"mail service lines: {len(mail_lines)}")
     assert text.strip(), "the admin log is empty: nothing to judge"
     assert hits == [] and mail_lines == []
+    # Besides admin activity: the CA journal heads the sealer exports and the controller's
+    # journal check (docs/ca.md), and the certificate expiry counts (docs/lifecycle.md); none
+    # of them names a participant (checked above).
     assert set(programs) <= {"sshd", "sudo", "safemail-config", "safemail-ansible",
-                             "safemail-patch", "safemail-patch-check"}
+                             "safemail-patch", "safemail-patch-check", "safemail-ca-seal",
+                             "safemail-ca-journal-check", "safemail-cert-expiry"}
 
 
 # --- SYS-03: removing an admin from the inventory removes access -----------------------------
