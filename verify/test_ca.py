@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import shlex
 import subprocess
 import sys
@@ -559,18 +560,9 @@ def test_revocation_end_to_end(lab, evidence):
     passes `openssl verify -crl_check`, revoke it on the signer, and see distribution's CRL
     (fetched over HTTP by the participant host) list it and openssl call it revoked."""
     p_name = lab.group("participants")[0]
-    p, ra, signer = lab(p_name), lab(lab.group("ca_ra")[0]), lab(lab.group("ca_signer")[0])
-    number, mailbox = _throwaway(lab, "rev")
-    d = f"/tmp/verify-ca04-{number}"
-    p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
-    p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} --key {d}/key.pem "
-                      f"--csr {d}/csr.pem")
-    _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
-    rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                          "--operator verify").split()[0]
-    ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-    ra.run(f"rm -f /tmp/{number}.csr")
-    _cycle(lab)
+    p, signer = lab(p_name), lab(lab.group("ca_signer")[0])
+    d = f"/tmp/verify-ca04-{secrets.token_hex(6)}"
+    number, mailbox = _enrol_throwaway(lab, "rev", d)
 
     def fetch() -> None:
         for f in ("ca.pem", "crl.pem", f"certs/{mailbox}.pem"):
