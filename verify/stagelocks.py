@@ -28,7 +28,10 @@ reboots, instead of every worker waiting for it.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -134,11 +137,31 @@ def stage_locks(item: pytest.Item) -> Iterator[None]:
     else:
         exclusive, shared = declared
     LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+    asked = time.time()
     with contextlib.ExitStack() as stack:
         for host in sorted(exclusive | shared):
             stack.enter_context(
                 controller_lock(str(LOCK_DIR / f"{host}.lock"), host in exclusive, item))
-        yield
+        got = time.time()
+        try:
+            yield
+        finally:
+            _timeline(item, asked, got, exclusive, shared)
+
+
+def _timeline(item: pytest.Item, asked: float, got: float, exclusive: set[str],
+              shared: set[str]) -> None:
+    """With SAFEMAIL_VERIFY_TIMELINE=FILE, append one JSON line per test: when it asked for its
+    locks, got them and let them go, and which hosts it held how (bench/bench_stage.py reads
+    it to show the suite's critical path)."""
+    path = os.environ.get("SAFEMAIL_VERIFY_TIMELINE")
+    if not path:
+        return
+    line = {"test": item.nodeid, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+            "asked": round(asked, 2), "got": round(got, 2), "done": round(time.time(), 2),
+            "exclusive": sorted(exclusive), "shared": sorted(shared)}
+    with open(path, "a") as handle:  # one short append per test: atomic enough across workers
+        handle.write(json.dumps(line) + "\n")
 
 
 @pytest.fixture(autouse=True)
