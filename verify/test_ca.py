@@ -154,7 +154,8 @@ def _put(host, path: str, data: bytes) -> None:
 
 
 def _throwaway(lab, tag: str) -> tuple[str, str]:
-    stamp = f"{int(time.time() * 1000) % 10**11:011d}"
+    # Clock plus random digits: tests on two workers may register in the same millisecond.
+    stamp = f"{int(time.time() * 1000) % 10**9:09d}{secrets.randbelow(100):02d}"
     number = f"9{tag}{stamp}"
     domain = lab.policy["mail_domains"][0]
     mailbox = f"verify-{tag}-{stamp}@{domain}"
@@ -462,7 +463,9 @@ def test_signer_refuses_what_a_compromised_ra_approves(lab, evidence, attack):
     d = f"/tmp/verify-owner-{attack}"
     try:
         number, mailbox = _enrol_throwaway(lab, "own", d)
-        rid = f"{int(time.time() * 1000) % 16**16:016x}"
+        # Random, not the clock: the two attacks run on two workers and once drew the same
+        # millisecond, so one forged request overwrote the other in the RA's outbox.
+        rid = secrets.token_hex(8)
         if attack == "second-number":
             _forge_approved(lab, rid, f"9own{rid[-8:]}", mailbox, renewal=False)
             code = "mailbox-owned"
