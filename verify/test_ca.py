@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from waits import wait_for
 
 CA = "/usr/local/sbin/safemail-ca"
 STATE = "/var/lib/safemail-ca"
@@ -853,7 +854,11 @@ def test_journal_checks_are_scheduled(lab, evidence, ca_host):
     host = lab(ca_host)
     timer = host.service("safemail-ca-journal-check.timer")
     sock = host.service("safemail-ca-seal.socket")
-    props = "TriggeredBy,Result,ExecMainStatus,ExecMainExitTimestampMonotonic"
+    props = "TriggeredBy,Result,ExecMainStatus,ExecMainExitTimestampMonotonic,ActiveState"
+    # A timer just enabled (a restore, a fresh converge) may have fired a moment ago: judge
+    # the run it started once it has ended, not while it is still checking.
+    wait_for(lambda: _show(host, "safemail-ca-journal-check.service", "ActiveState")
+             .get("ActiveState") not in ("activating", "active", "deactivating"), 120, 2)
     last = _show(host, "safemail-ca-journal-check.service", props)
     fired = _show(host, "safemail-ca-journal-check.timer",
                   "LastTriggerUSec,NextElapseUSecRealtime")
