@@ -451,7 +451,7 @@ def test_table_and_json():
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["HOST", "STATE"]
     assert re.search(r"^relay1\s+UNHEALTHY\s+1/2/0\s+10 min\s+DOWN\s+ok\s+60 min\s+0 exp/0 soon"
-                     r"\s+0 \(0 sec\)", table, re.M), table
+                     r"\s+0 \(0 security\)", table, re.M), table
     assert re.search(r"^backup1\s+UNREACHABLE", table, re.M)
     assert "failover: single (relay1); no failover is configured" in table
     assert "relay1: S/MIME gate down: safemail-smime-gate.service inactive" in table
@@ -554,7 +554,7 @@ def test_alert_rules_shape_and_names():
         assert r["expr"].count("(") == r["expr"].count(")")
     # Every per-host check has an alert.
     used = {m for r in rules for m in re.findall(r"safemail_[a-z_]+", r["expr"])}
-    assert set(health.METRICS) - used <= {"safemail_host_problems", "safemail_relays",
+    assert set(health.METRICS) - used <= {"safemail_host_healthy", "safemail_relays",
                                           "safemail_backup_archives",
                                           "safemail_cert_expiry_earliest_timestamp_seconds",
                                           "safemail_patch_pending_updates"}

@@ -437,7 +437,7 @@ def _patch_cell(h: HostHealth) -> str:
     if not s.ok:
         return "FAILED"
     sec = sum(1 for p in s.pending if p.security)
-    return f"{len(s.pending)} ({sec} sec)" + (" reboot" if s.reboot_required else "")
+    return f"{len(s.pending)} ({sec} security)" + (", reboot" if s.reboot_required else "")
 
 
 def _backup_cell(h: HostHealth) -> str:
