@@ -34,22 +34,12 @@ NOW = dt.datetime(2026, 12, 6, 18, 0, tzinfo=dt.UTC)
 T = health.Thresholds()
 
 # ------------------------------------------------------------------ captured output
-# `postqueue -j` of Postfix 3.7.11 (Debian bookworm), captured in a throwaway nspawn machine
-# (--private-network): two mails to unreachable domains (deferred), one put on hold with
-# `postsuper -h`. Addresses are the test's own; the probe must never pass them on.
-POSTQUEUE_J = ""  # filled in below from tests/data
-# `systemctl show -p LoadState -p ActiveState -p SubState UNIT` (systemd 252, bookworm).
-SYSTEMCTL = {}
-MOUNTINFO = ""
-
-
-def _load_captured():
-    data = Path(__file__).with_name("data") / "health"
-    return (data / "postqueue-j.txt").read_text(), json.loads(
-        (data / "systemctl-show.json").read_text()), (data / "mountinfo.txt").read_text()
-
-
-POSTQUEUE_J, SYSTEMCTL, MOUNTINFO = _load_captured()
+# tests/data/health/README.md says where each file comes from (postqueue -j of Postfix 3.7.11,
+# systemctl show of systemd 252, the probe itself run in a booted bookworm machine).
+DATA = Path(__file__).with_name("data") / "health"
+POSTQUEUE_J = (DATA / "postqueue-j.txt").read_text()
+SYSTEMCTL = json.loads((DATA / "systemctl-show.json").read_text())
+MOUNTINFO = (DATA / "mountinfo.txt").read_text()
 
 
 # ------------------------------------------------------------------ the probe's parsers
@@ -85,12 +75,34 @@ def test_postqueue_garbage_is_an_error_not_a_count(bad):
         hp.parse_postqueue(bad, 2e9)
 
 
-@pytest.mark.parametrize("case, load, active", [
-    ("active", "loaded", "active"), ("inactive", "loaded", "inactive"),
-    ("failed", "loaded", "failed"), ("not-found", "not-found", "inactive")])
-def test_systemctl_show_states(case, load, active):
-    state = hp.parse_systemctl_show(SYSTEMCTL[case])
-    assert (state["load"], state["active"]) == (load, active)
+@pytest.mark.parametrize("case, load, active, sub", [
+    ("active", "loaded", "active", "running"), ("timer-waiting", "loaded", "active", "waiting"),
+    ("inactive", "loaded", "inactive", "dead"), ("failed", "loaded", "failed", "failed"),
+    ("not-found", "not-found", "inactive", "dead")])
+def test_systemctl_show_states(case, load, active, sub):
+    assert hp.parse_systemctl_show(SYSTEMCTL[case]) == {"load": load, "active": active,
+                                                        "sub": sub}
+    assert hp.parse_systemctl_show("") == {"load": "unknown", "active": "unknown",
+                                           "sub": "unknown"}
+
+
+def test_real_probe_output_of_a_bare_postfix_host_is_judged():
+    """The probe's own output from the booted machine (no gate, no volume, no reports): each
+    missing piece is named, the queue is counted, and no address reaches the verdict."""
+    facts = json.loads((DATA / "probe-running.json").read_text())
+    assert facts["queue"]["counts"]["deferred"] == 3 and facts["queue"]["counts"]["hold"] == 1
+    h = _judge(facts, Host("relay1", ("service", "relay"), {}), t=T)
+    for expected in ("S/MIME gate: safemail-smime-gate.service not installed",
+                     f"S/MIME gate socket {health.GATE_SOCKET} missing",
+                     "encrypted volume safemail-data locked (no /dev/mapper/safemail-data)",
+                     "1 mail(s) in the hold queue (limit 0)",
+                     "no patch status yet (is the patch_monitor role applied?)",
+                     "backup: no answer from the status helper (is roles/backup applied?)"):
+        assert expected in h.problems, (expected, h.problems)
+    assert "@" not in json.dumps(h.problems) and "praxis" not in json.dumps(h.facts)
+    stopped = json.loads((DATA / "probe-postfix-stopped.json").read_text())
+    assert stopped["units"]["postfix@-.service"]["active"] == "inactive"
+    assert stopped["queue"]["error"] is None  # root reads the queue without the master
 
 
 def test_mountinfo_volume_and_binds_from_the_mapping():
