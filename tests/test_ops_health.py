@@ -135,9 +135,17 @@ def test_mountinfo_escapes_and_read_only():
     assert v["paths"][0]["mounted"] and not v["paths"][0]["rw"]
 
 
+LEFT = {"ok": 200, "expiring": 10, "expired": -1}
+
+
 def _cert_report(states, checked=NOW - dt.timedelta(hours=3)):
+    def end(i, s):
+        if s not in LEFT:
+            return None
+        return (NOW + dt.timedelta(days=LEFT[s] + i, hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
     certs = [{"mailbox": f"dr.{i}@praxis.example", "state": s, "serial": "1f",
-              "not_after": "2027-01-01T00:00:00Z", "days_left": 10 + i if s != "none" else None}
+              "not_after": end(i, s), "days_left": LEFT[s] + i if s in LEFT else None}
              for i, s in enumerate(states)]
     return {"schema": 1, "checked_at": checked.strftime("%Y-%m-%dT%H:%M:%SZ"), "warn_days": 30,
             "attention": 0, "certificates": certs}
@@ -149,6 +157,12 @@ def test_cert_expiry_report_reduced_to_counts():
     assert c["counts"] == {"expired": 0, "expiring": 1, "unreadable": 0, "none": 1, "ok": 2}
     assert c["min_days_left"] == 10 and c["age_seconds"] == 3 * 3600 and c["warn_days"] == 30
     assert "@" not in json.dumps(c) and "praxis" not in json.dumps(c)
+    # A state edited by hand, or one that changed since the daily report, counts as it is now.
+    doc = _cert_report(["ok", "ok"])
+    doc["certificates"][0]["not_after"] = "2026-12-06T17:00:00Z"  # an hour before NOW
+    doc["certificates"][1]["not_after"] = "2026-12-20T00:00:00Z"  # within the 30 days
+    assert hp.cert_counts(doc, NOW)["counts"] | {} == {"expired": 1, "expiring": 1,
+                                                       "unreadable": 0, "none": 0, "ok": 0}
     with pytest.raises(ValueError):
         hp.cert_counts({"checked_at": "x"}, NOW)
 
@@ -523,7 +537,7 @@ def test_prometheus_textfile():
     assert value("safemail_failover_configured", stage="test") == 0
     assert value("safemail_status_collected_timestamp_seconds") == NOW.timestamp()
     assert value("safemail_cert_expiry_earliest_timestamp_seconds", host="relay1") == \
-        dt.datetime(2027, 1, 1, tzinfo=dt.UTC).timestamp()
+        (NOW + dt.timedelta(days=200, hours=1)).timestamp()
     assert value("safemail_unit_failed", host="relay1", unit=health.CERT_EXPIRY_SERVICE) == 0
     assert not [s for s in samples if s[0] == "safemail_unit_active"
                 and s[1]["unit"] == health.CERT_EXPIRY_SERVICE]  # a oneshot is not "down"

@@ -122,25 +122,32 @@ def volume_state(mounts: Sequence[dict], device: str | None, mount: str,
 
 def cert_counts(document: dict, now: dt.datetime) -> dict:
     """The certificate expiry report (safemail.ops.certexpiry) reduced to what may leave the
-    relay: counts per state, the fewest days left and the earliest end of validity (no mailbox),
-    the warning period and the report's age."""
+    relay: counts per state (each state recomputed from the end of validity and the warning
+    period, as of now), the fewest days left and the earliest end of validity (no mailbox), the
+    warning period and the report's age."""
     certs = document.get("certificates")
     if not isinstance(certs, list):
         raise ValueError("no certificates list")
     counts = dict.fromkeys(("expired", "expiring", "unreadable", "none", "ok"), 0)
+    warn = document.get("warn_days")
     days, ends = [], []
     for c in certs:
         state = str(c.get("state"))
-        counts[state] = counts.get(state, 0) + 1
-        if isinstance(c.get("days_left"), int):
-            days.append(c["days_left"])
-        if c.get("not_after"):
+        if c.get("not_after") and isinstance(warn, int):
+            # The state again from the end of validity, as of now: a certificate that expired
+            # since the daily report (or a state edited by hand) is counted as it is now.
+            end = dt.datetime.strptime(str(c["not_after"]), "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=dt.UTC)
+            state = ("expired" if end <= now else
+                     "expiring" if end - now <= dt.timedelta(days=warn) else "ok")
+            days.append((end - now).days)
             ends.append(str(c["not_after"]))
+        counts[state] = counts.get(state, 0) + 1
     checked = dt.datetime.strptime(str(document["checked_at"]),
                                    "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     return {"counts": counts, "min_days_left": min(days) if days else None,
             "earliest_not_after": min(ends) if ends else None,
-            "warn_days": document.get("warn_days"),
+            "warn_days": warn,
             "age_seconds": int((now - checked).total_seconds()), "error": None}
 
 
