@@ -659,6 +659,8 @@ def test_cli_help_and_bad_input(capsys, monkeypatch):
     assert exc.value.code == 2
     assert cli.main(["status", "--max-deferred", "-1"]) == UsageError.exit_code
     assert "--max-deferred must be 0 or more" in capsys.readouterr().err
+    assert cli.main(["status", "--textfile", "/nonexistent/dir/safemail.prom"]) == 2
+    assert "/nonexistent/dir is not a directory" in capsys.readouterr().err
 
 
 def test_cli_runs_end_to_end_with_collected_results(capsys, monkeypatch, tmp_path):

@@ -155,6 +155,9 @@ def cmd_stage_status(args: argparse.Namespace) -> int:
         backup_max_age_hours=args.backup_max_age_hours,
         report_max_age_hours=args.report_max_age_hours)
     thresholds.check()
+    if args.textfile and not args.textfile.parent.is_dir():  # before minutes of probing
+        raise UsageError(f"{args.textfile.parent} is not a directory",
+                         "node_exporter reads /var/lib/prometheus/node-exporter/*.prom")
     project = Project.find()
     everyone = read_inventory(project.inventory(args.stage))
     hosts = status.select_hosts(everyone, names=args.hosts)
