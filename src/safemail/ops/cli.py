@@ -10,6 +10,7 @@ from pathlib import Path
 from safemail import ansible
 from safemail.errors import SafeMailError, UsageError
 from safemail.gate import promote
+from safemail.inventory import read_inventory
 from safemail.ops import apply, status
 from safemail.project import STAGES, Project
 
@@ -68,6 +69,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    register_status(sub)
     _register_patch(sub)
     register_backup(sub)
 
@@ -140,3 +142,81 @@ def register_backup(sub: argparse._SubParsersAction) -> None:
                    help="a newest archive older than this is stale (default %(default)s h)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_backup_status)
+
+
+def cmd_stage_status(args: argparse.Namespace) -> int:
+    from safemail.ops import health
+
+    if args.json and args.prometheus:
+        raise UsageError("choose one of --json and --prometheus")
+    thresholds = health.Thresholds(
+        max_active=args.max_active, max_deferred=args.max_deferred, max_hold=args.max_hold,
+        max_deferred_age_hours=args.max_deferred_age_hours,
+        backup_max_age_hours=args.backup_max_age_hours,
+        report_max_age_hours=args.report_max_age_hours)
+    thresholds.check()
+    if args.textfile and not args.textfile.parent.is_dir():  # before minutes of probing
+        raise UsageError(f"{args.textfile.parent} is not a directory",
+                         "node_exporter reads /var/lib/prometheus/node-exporter/*.prom")
+    project = Project.find()
+    everyone = read_inventory(project.inventory(args.stage))
+    hosts = status.select_hosts(everyone, names=args.hosts)
+    now = dt.datetime.now(dt.UTC)
+    results = health.collect(hosts, thresholds, now, with_backup=not args.no_backup,
+                             repo=project.root)
+    fail = health.failover(status.select_hosts(everyone))
+    prom = health.to_prometheus(results, args.stage, now, fail)
+    if args.textfile:
+        health.write_textfile(prom, args.textfile)
+    if args.json:
+        print(json.dumps(health.to_json(results, args.stage, now, thresholds, fail), indent=2))
+    elif args.prometheus:
+        print(prom, end="")
+    else:
+        print(health.render_table(results, fail))
+    return health.exit_code(results)
+
+
+def register_status(sub: argparse._SubParsersAction) -> None:
+    from safemail.ops.backup import DEFAULT_STALE_HOURS
+    from safemail.ops.health import Thresholds
+
+    t = Thresholds()
+    p = sub.add_parser(
+        "status",
+        help="health of every service host: reachable, services, volume, queue, gate, "
+             "backups, certificates, patches, failover (exit 3 unreachable, 4 unhealthy)",
+        description="Probes every service host of the stage over SSH (Ansible's connection; "
+                    "a read-only probe sent on stdin, nothing installed) and names each "
+                    "problem per host. Exit 0 all healthy, 3 a host unreachable, 4 a host "
+                    "unhealthy. Forms: a table (default), --json, --prometheus (node_exporter "
+                    "textfile format; --textfile writes it atomically). Alert rules: "
+                    "monitoring/prometheus/safemail-rules.yml; docs/availability.md, "
+                    "'Monitoring'.")
+    p.add_argument("--stage", choices=STAGES, default="test",
+                   help="which inventory (default: test)")
+    p.add_argument("--hosts", type=_hosts_arg, default=None,
+                   help="comma-separated host names (default: every service host)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="machine-readable output")
+    form.add_argument("--prometheus", action="store_true",
+                      help="print the Prometheus textfile (safemail_* metrics)")
+    p.add_argument("--textfile", type=Path, default=None, metavar="PATH",
+                   help="also write the Prometheus textfile to PATH atomically, e.g. "
+                        "/var/lib/prometheus/node-exporter/safemail.prom")
+    p.add_argument("--no-backup", action="store_true",
+                   help="skip the backup check (it asks every client's repository: slowest)")
+    p.add_argument("--max-active", type=int, default=t.max_active,
+                   help="more mails in a relay's active queue are a problem (default %(default)s)")
+    p.add_argument("--max-deferred", type=int, default=t.max_deferred,
+                   help="more deferred mails are a problem (default %(default)s)")
+    p.add_argument("--max-hold", type=int, default=t.max_hold,
+                   help="more held mails are a problem (default %(default)s)")
+    p.add_argument("--max-deferred-age-hours", type=float, default=t.max_deferred_age_hours,
+                   help="an older deferred mail is a problem (default %(default)s h)")
+    p.add_argument("--backup-max-age-hours", type=float, default=DEFAULT_STALE_HOURS,
+                   help="an older newest archive is a problem (default %(default)s h)")
+    p.add_argument("--report-max-age-hours", type=float, default=t.report_max_age_hours,
+                   help="an older patch check or certificate expiry report is a problem "
+                        "(default %(default)s h)")
+    p.set_defaults(func=cmd_stage_status)

@@ -75,9 +75,11 @@ class Outcome:
 
 def run_everywhere(repo: Path, hosts: Mapping[str, Mapping[str, Any]],
                    remote: Callable[[str, Mapping[str, Any]], str],
-                   timeout: float = 90) -> dict[str, Outcome]:
+                   timeout: float = 90, stdin: str | None = None) -> dict[str, Outcome]:
     """Run ``remote(name, hostvars)`` on every host in parallel, over Ansible's ssh command
-    line for it plus ``BatchMode=yes`` (a host asking for a password fails, never waits)."""
+    line for it plus ``BatchMode=yes`` (a host asking for a password fails, never waits).
+    ``stdin``: text the remote command reads (`safemail status` sends its probe so); without
+    it the command reads nothing."""
     if not hosts:
         return {}
     commands = ssh_commands(repo, hosts)
@@ -86,8 +88,9 @@ def run_everywhere(repo: Path, hosts: Mapping[str, Mapping[str, Any]],
         argv = [*commands[name][:-1], "-o", "BatchMode=yes", commands[name][-1],
                 remote(name, hosts[name])]
         try:
+            feed = ({"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin})
             proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                                  stdin=subprocess.DEVNULL, timeout=timeout)
+                                  timeout=timeout, **feed)
         except subprocess.TimeoutExpired:
             return Outcome(name, unreachable=f"no answer in {timeout:g} s")
         except OSError as exc:
