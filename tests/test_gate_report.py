@@ -295,6 +295,28 @@ def test_partial_run_by_requirements() -> None:
     assert validate_report(rep) == []
 
 
+def test_production_profile_counts_only_what_it_could_check() -> None:
+    """The regular production check must be able to pass: a requirement none of whose tests
+    the profile may run is not-selected (named), one it ran is judged by those tests, and a
+    failure among them still fails the verdict."""
+    catalogue = parse_catalogue(
+        yaml.safe_load(_catalogue_yaml(["MAIL-01", "MAIL-02"])), origin="mini"
+    )
+    results = [TestResult("t::a", "passed", req_ids=["MAIL-01"])]
+    rep = build_report(results, catalogue, [], _meta(profile="production"), today=TODAY)
+    assert _row(rep, "MAIL-02")["status"] == "not-selected"
+    assert "production profile" in _row(rep, "MAIL-02")["reason"]
+    assert _row(rep, "MAIL-01")["status"] == "pass"
+    assert rep["verdict"] == "pass"
+    assert validate_report(rep) == []
+    broken = [TestResult("t::a", "failed", req_ids=["MAIL-01"])]
+    rep = build_report(broken, catalogue, [], _meta(profile="production"), today=TODAY)
+    assert rep["verdict"] == "fail" and rep["failing_requirements"] == ["MAIL-01"]
+    # the full profile still counts a requirement without tests as failing
+    rep = build_report(results, catalogue, [], _meta(), today=TODAY)
+    assert _row(rep, "MAIL-02")["status"] == "untested" and rep["verdict"] == "fail"
+
+
 def test_run_problem_fails_verdict() -> None:
     catalogue = parse_catalogue(yaml.safe_load(_catalogue_yaml(["MAIL-01"])), origin="mini")
     results = [TestResult("t::a", "passed", req_ids=["MAIL-01"])]

@@ -13,8 +13,11 @@ Per requirement, in this order of precedence:
 - ``pass``: it has tests and every one of them passed.
 - ``waived``: it would be fail/untested but an active waiver covers it. An expired waiver
   covers nothing: the requirement keeps its fail/untested status and the reason says so.
-- ``not-selected``: only in partial runs (``--requirements``): outside the selection, not
-  counted.
+- ``not-selected``: not counted. In partial runs (``--requirements``): outside the
+  selection. In the production profile: none of the requirement's tests is a read-only test
+  that runs without the lab, so the profile cannot check it (the report lists every test it
+  left out). A requirement of which the profile ran tests is judged by those tests; the
+  profile's report never releases, so its "pass" means "no drift in what it checks".
 
 The overall verdict is ``pass`` only if no counted requirement fails, no test names an
 unknown requirement (or none), and the run itself had no problems (e.g. pytest aborted).
@@ -294,6 +297,10 @@ def build_report(
         waiver = waiver_map.get(req.id)
         if selected_ids is not None and req.id not in selected_ids:
             status, reason = "not-selected", "outside this run's --requirements selection"
+        elif meta.profile == "production" and not tests:
+            status, reason = "not-selected", (
+                "not checked by the production profile: none of its tests is read-only and "
+                "free of lab hosts")
         else:
             status, reason = _status_for(tests)
             if waiver is not None:
