@@ -88,12 +88,9 @@ def test_manifest_round_trip_and_bad_lines(tmp_path):
         template.read_manifest("SHA1(a.ovf)= 00\n")
 
 
-@pytest.fixture
-def built(tmp_path):
-    """A template directory as `build` leaves it, around a tiny real streamOptimized VMDK."""
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img missing (Debian qemu-utils)")
-    out = tmp_path / "tpl"
+def tiny_template(out: Path) -> Path:
+    """A template directory as `build` leaves it, around a tiny real streamOptimized VMDK
+    (also tests/test_vmware_template_sim.py's upload)."""
     (out / "work").mkdir(parents=True)
     files = template.Files(out)
     raw = _disk(out / "work", mb=1)
@@ -106,6 +103,13 @@ def built(tmp_path):
         "golden_image": {"base_layer": "base-test", "rootfs_digest": "0" * 64},
         "disk": {"capacity_bytes": raw.stat().st_size}}))
     return out
+
+
+@pytest.fixture
+def built(tmp_path):
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img missing (Debian qemu-utils)")
+    return tiny_template(tmp_path / "tpl")
 
 
 def test_check_accepts_a_consistent_template(built):
