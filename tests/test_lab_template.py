@@ -238,3 +238,28 @@ def test_cli_check_of_a_missing_directory(tmp_path, capsys):
     code = cli.main(["lab", "template", "check", str(tmp_path / "nope")])
     assert code == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+def _growroot() -> dict:
+    namespace: dict = {"__name__": "growroot"}
+    exec(compile(template.GROWROOT_SCRIPT, "safemail-growroot", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def test_growroot_moves_the_last_partitions_end_to_the_disks_end():
+    import struct
+
+    grow = _growroot()["grow_entry"]
+    table = template.mbr(BOOT_IMG, 2048, 4096, 7)
+    grown = grow(table, 1, 2048 + 4096 + 1 << 20)
+    assert struct.unpack_from("<II", grown, 446 + 8) == (2048, (2048 + 4096 + 1 << 20) - 2048)
+    assert grown[:446] == table[:446] and grown[462:] == table[462:]  # nothing else changed
+    assert grow(table, 1, 2048 + 4096 + 2047) is None  # less than 1 MiB to gain: as is
+    assert grow(table, 2, 1 << 24) is None             # no such partition: as is
+    gpt = bytearray(table)
+    gpt[446 + 4] = 0xEE
+    assert grow(bytes(gpt), 1, 1 << 24) is None        # a GPT disk is not touched
+    assert grow(table[:510] + b"\0\0", 1, 1 << 24) is None
+    second = bytearray(table)
+    second[462:478] = b"\0" * 4 + b"\x83" + b"\0" * 3 + struct.pack("<II", 8192, 100)
+    assert grow(bytes(second), 1, 1 << 24) is None     # not the last partition

@@ -85,6 +85,81 @@ ExecStart=/usr/bin/ssh-keygen -A
 [Install]
 WantedBy=multi-user.target
 """
+# A clone gets the inventory's disk size (safemail_vm_disk_gb), bigger than the template's:
+# on every boot, grow the root partition (the last one, MBR) to the end of the disk and its
+# ext4 online. Python because the image has it (cloud-guest-utils' growpart would add
+# packages); partx and resize2fs are in the base image.
+GROWROOT_SCRIPT = '''#!/usr/bin/python3
+"""Grow the root partition and its ext4 to the end of the disk (SafeMail template)."""
+import os
+import struct
+import subprocess
+import sys
+
+
+def grow_entry(mbr, number, disk_sectors):
+    """The MBR with partition `number` reaching the end of the disk, or None (nothing to do)."""
+    if len(mbr) < 512 or mbr[510:512] != b"\\x55\\xaa" or not 1 <= number <= 4:
+        return None
+    if any(mbr[446 + 16 * i + 4] == 0xEE for i in range(4)):
+        return None  # GPT: not this script's
+    off = 446 + 16 * (number - 1)
+    start, count = struct.unpack_from("<II", mbr, off + 8)
+    for i in range(4):
+        s, c = struct.unpack_from("<II", mbr, 446 + 16 * i + 8)
+        if i != number - 1 and mbr[446 + 16 * i + 4] and s > start:
+            return None  # not the last partition
+    new = min(disk_sectors, 0xFFFFFFFF) - start
+    if new < count + 2048:  # less than 1 MiB to gain
+        return None
+    out = bytearray(mbr)
+    struct.pack_into("<I", out, off + 12, new)
+    return bytes(out)
+
+
+def main():
+    source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    part = os.path.basename(os.path.realpath(source))
+    sysdir = "/sys/class/block/" + part
+    with open(sysdir + "/partition") as f:
+        number = int(f.read())
+    disk = os.path.basename(os.path.realpath(sysdir + "/.."))
+    with open("/sys/class/block/%s/size" % disk) as f:
+        disk_sectors = int(f.read())
+    with open("/dev/" + disk, "r+b") as dev:
+        mbr = dev.read(512)
+        new = grow_entry(mbr, number, disk_sectors)
+        if new is None:
+            print("safemail-growroot: /dev/%s already fills /dev/%s" % (part, disk))
+            return 0
+        dev.seek(0)
+        dev.write(new)
+        dev.flush()
+        os.fsync(dev.fileno())
+    subprocess.run(["partx", "-u", "--nr", str(number), "/dev/" + disk], check=True)
+    subprocess.run(["resize2fs", "/dev/" + part], check=True)
+    print("safemail-growroot: grew /dev/%s to the end of /dev/%s" % (part, disk))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+GROWROOT_UNIT = """\
+[Unit]
+Description=SafeMail template: grow the root partition to the disk's size
+After=local-fs.target
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/safemail-growroot
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
 GRUB_DEFAULTS = f"""\
 # SafeMail template (src/safemail/lab/template.py): serial console, as the lab VMs have.
 GRUB_TIMEOUT=1
@@ -403,13 +478,17 @@ def _configure(root: Path, uuid_: str, authorized_keys: Path | None) -> str:
     (root / "boot/grub/grub.cfg").write_text(_grub_cfg(uuid_, kernel))
     (root / "etc/default/grub.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/default/grub.d/safemail.cfg").write_text(GRUB_DEFAULTS)
-    unit = root / "etc/systemd/system/safemail-ssh-hostkeys.service"
-    unit.write_text(SSH_HOSTKEY_UNIT)
+    script = root / "usr/local/sbin/safemail-growroot"
+    script.write_text(GROWROOT_SCRIPT)
+    script.chmod(0o755)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    link = wants / unit.name
-    if not link.is_symlink():
-        link.symlink_to(f"/etc/systemd/system/{unit.name}")
+    for name, text in (("safemail-ssh-hostkeys.service", SSH_HOSTKEY_UNIT),
+                       ("safemail-growroot.service", GROWROOT_UNIT)):
+        (root / "etc/systemd/system" / name).write_text(text)
+        link = wants / name
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{name}")
     if authorized_keys is not None:
         ssh = root / "root/.ssh"
         ssh.mkdir(mode=0o700, exist_ok=True)
@@ -596,23 +675,40 @@ BOOT_EVIDENCE = {
     "the root file system was mounted from the disk": re.compile(r"EXT4-fs \(sda1\): mounted"),
     "the vmxnet3 NIC was bound": re.compile(r"vmxnet3"),
     "systemd reached the multi-user target": re.compile(r"Reached target.*Multi-User"),
+    "the root partition grew to the bigger disk": re.compile(
+        r"safemail-growroot: grew /dev/sda1 to the end of /dev/sda"),
 }
 
 
 def boot(vmdk: Path, console_log: Path, *, timeout: float = QEMU_BOOT_TIMEOUT,
-         memory_mb: int = 1024) -> dict:
+         memory_mb: int = 1024, grow_mb: int = 1024) -> dict:
     """Boot the disk under QEMU on its own (no -kernel) with VMware's paravirtual devices.
 
-    The disk is opened read-only (snapshot=on); the NIC's user-mode network has restrict=on
-    (nothing leaves the VM). Waits for a login prompt on the serial console, at most `timeout`
-    seconds, then stops the QEMU it started. Returns seconds, evidence found and missing."""
-    runner.require_tools("qemu-system-x86_64")
+    The VMDK is only read: QEMU writes to a qcow2 overlay `grow_mb` larger (as a clone with a
+    bigger disk; removed afterwards), so the root partition must grow. The NIC's user-mode
+    network has restrict=on (nothing leaves the VM). Waits for a login prompt on the serial
+    console, at most `timeout` seconds, then stops the QEMU it started. Returns seconds and
+    the evidence found and missing on the console."""
+    runner.require_tools("qemu-system-x86_64", "qemu-img")
     fmt = "vmdk" if vmdk.suffix == ".vmdk" else "raw"
+    virtual = json.loads(runner.run(["qemu-img", "info", "--output=json", "-f", fmt,
+                                     str(vmdk)]).stdout)["virtual-size"]
+    overlay = console_log.with_name(console_log.name + ".overlay.qcow2")
+    overlay.unlink(missing_ok=True)
+    runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(vmdk.resolve()),
+                "-F", fmt, str(overlay), str(virtual + (grow_mb << 20))])
+    try:
+        return _boot(overlay, console_log, timeout, memory_mb)
+    finally:
+        overlay.unlink(missing_ok=True)
+
+
+def _boot(disk: Path, console_log: Path, timeout: float, memory_mb: int) -> dict:
     cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-smp", "2",
            "-m", str(memory_mb), "-display", "none", "-monitor", "none", "-no-reboot",
            "-serial", f"file:{console_log}",
            "-device", "pvscsi,id=pvscsi0",
-           "-drive", f"file={vmdk},format={fmt},if=none,id=disk0,snapshot=on",
+           "-drive", f"file={disk},format=qcow2,if=none,id=disk0",
            "-device", "scsi-hd,drive=disk0,bus=pvscsi0.0,bootindex=0",
            "-netdev", "user,id=net0,restrict=on", "-device", "vmxnet3,netdev=net0"]
     console_log.write_text("")
