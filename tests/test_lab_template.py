@@ -251,8 +251,9 @@ def test_growroot_moves_the_last_partitions_end_to_the_disks_end():
 
     grow = _growroot()["grow_entry"]
     table = template.mbr(BOOT_IMG, 2048, 4096, 7)
-    grown = grow(table, 1, 2048 + 4096 + 1 << 20)
-    assert struct.unpack_from("<II", grown, 446 + 8) == (2048, (2048 + 4096 + 1 << 20) - 2048)
+    disk = 2048 + 4096 + (1 << 20)
+    grown = grow(table, 1, disk)
+    assert struct.unpack_from("<II", grown, 446 + 8) == (2048, disk - 2048)
     assert grown[:446] == table[:446] and grown[462:] == table[462:]  # nothing else changed
     assert grow(table, 1, 2048 + 4096 + 2047) is None  # less than 1 MiB to gain: as is
     assert grow(table, 2, 1 << 24) is None             # no such partition: as is
