@@ -523,7 +523,8 @@ def build(paths: LabPaths, project: Path, out: Path, *,
             raise SafeMailError(f"the golden image is not built ({part} is missing)",
                                 hint="build it first: safemail lab image")
     files = Files(out)
-    if out.exists() and any(p for p in out.iterdir() if p.name != "work"):
+    # A failed build leaves only work/ and build.log behind: a rerun may reuse the directory.
+    if out.exists() and any(p for p in out.iterdir() if p.name not in ("work", "build.log")):
         raise SafeMailError(f"{out} is not empty", hint="give a new directory to --out")
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
