@@ -670,12 +670,15 @@ def check(out: Path, *, paths: LabPaths | None = None) -> list[str]:
     return problems
 
 
-BOOT_DONE = re.compile(r"^\S+ login: ?$", re.MULTILINE)
+# The prompt; kernel or service lines may follow on the same console line.
+BOOT_DONE = re.compile(r"^\S+ login: ", re.MULTILINE)
 BOOT_EVIDENCE = {
     "the paravirtual SCSI driver found the disk": re.compile(r"vmw_pvscsi"),
     "the root file system was mounted from the disk": re.compile(r"EXT4-fs \(sda1\): mounted"),
     "the vmxnet3 NIC was bound": re.compile(r"vmxnet3"),
-    "systemd reached the multi-user target": re.compile(r"Reached target.*Multi-User"),
+    # systemd's status lines stop once the serial getty owns the console: the login prompts'
+    # target is the last one it prints (measured; multi-user.target comes later, unprinted).
+    "systemd reached the login prompts target": re.compile(r"Reached target.*Login Prompts"),
     "the root partition grew to the bigger disk": re.compile(
         r"safemail-growroot: grew /dev/sda1 to the end of /dev/sda"),
 }
