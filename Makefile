@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help setup venv lock demo test lint unit integration integration-full converge lab-up \
-	lab-down bench-gate bench-stage molecule-stage molecule-role mutate
+	lab-down bench-gate bench-stage molecule-stage molecule-role mutate template
 
 # The venv is current when its stamp for this pyproject.toml and constraints.txt exists
 # (scripts/setup-venv.sh writes it); lint and unit depend on it, not on the host setup.
@@ -28,6 +28,7 @@ help:
 	@echo "make mutate - the mutation run on the running, converged lab (docs/mutations.md)"
 	@echo "make bench-gate - S/MIME gate in Postfix: with/null/without, VM and native relay (lab up)"
 	@echo "make bench-stage - stage rerun and verify against their floors (lab up, converged)"
+	@echo "make template - the VMware template from the golden image, checked and booted under QEMU"
 
 setup:
 	@bash scripts/setup-host.sh
@@ -64,6 +65,16 @@ integration: setup
 # Also the --check run of site.yml on the converged stage (adds ~15 min).
 integration-full: setup
 	SAFEMAIL_FULL=1 $(BIN)/pytest -v -m lab tests/integration
+
+# The VMware template (docs/production.md, "The template"): built from the golden image's base
+# layer (`safemail lab image` first), checked, then booted under QEMU with pvscsi and vmxnet3
+# and no external kernel until a login prompt. Root; about 3 min build + 1-2 min boot; does not
+# touch a running lab. TEMPLATE_OUT must not exist yet (or be empty).
+TEMPLATE_OUT ?= build/template
+TEMPLATE_ARGS ?=
+template: setup
+	$(BIN)/safemail lab template build --out $(TEMPLATE_OUT) $(TEMPLATE_ARGS)
+	$(BIN)/safemail lab template check --boot $(TEMPLATE_OUT)
 
 converge: setup
 	$(BIN)/ansible-playbook playbooks/site.yml

@@ -9,6 +9,8 @@ DEB_PACKAGES=(
   debootstrap systemd-container qemu-system-x86 qemu-utils e2fsprogs
   nftables cryptsetup-bin iproute2 openssh-client apt-utils dpkg-dev
   make git python3-venv
+  # sfdisk reads the VMware template's partition table (tests/test_lab_template.py).
+  fdisk
   # The vSphere API simulator for tests/test_vmware_provision_sim.py (tools/vsphere-sim).
   golang-go golang-github-vmware-govmomi-dev
   # python-ldap (pyproject, controller extra) compiles against OpenLDAP's libldap; the

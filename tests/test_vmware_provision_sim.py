@@ -111,7 +111,9 @@ def _certificate(directory: Path) -> tuple[Path, Path]:
 
 
 class Simulator:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, template: str | None = None) -> None:
+        """`template`: the name of the template the simulator makes (default: the inventory's;
+        tests/test_vmware_template_sim.py uploads that one itself)."""
         build = subprocess.run(["bash", str(SIM / "build.sh")], capture_output=True, text=True,
                                timeout=600, check=False)
         assert build.returncode == 0, build.stderr
@@ -131,7 +133,7 @@ class Simulator:
                  "-datastore-dir", str(tmp / "datastore"),
                  "-dvswitch", v["safemail_vsphere_dvswitch"],
                  "-folder", v["safemail_vsphere_folder"],
-                 "-template", v["safemail_vsphere_template"]],
+                 "-template", template or v["safemail_vsphere_template"]],
                 stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()  # the SDK URL once the inventory is made
         found = re.match(r"https://[^@]+@127\.0\.0\.1:(\d+)/sdk$", line.strip())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from safemail.errors import SafeMailError
 from safemail.lab import image as image_mod
@@ -72,6 +73,48 @@ def _ssh(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _template_build(args: argparse.Namespace) -> int:
+    from safemail.lab import template
+
+    meta = template.build(LabPaths.default(), project_root(), args.out.resolve(),
+                          authorized_keys=args.authorized_keys)
+    files = template.Files(args.out)
+    print(f"template {meta['name']} from {meta['golden_image']['base_layer']} "
+          f"(rootfs {meta['golden_image']['rootfs_digest'][:16]}) in {meta['build_seconds']} s")
+    for f in (files.ova, files.ovf, files.mf, files.vmdk, files.metadata):
+        print(f)
+    return 0
+
+
+def _template_check(args: argparse.Namespace) -> int:
+    from safemail.lab import template
+
+    out = args.dir.resolve()
+    if not out.is_dir():
+        raise SafeMailError(f"{out} is not a directory",
+                            hint="give the --out directory of `safemail lab template build`")
+    problems = template.check(out, paths=None if args.no_golden else LabPaths.default())
+    for p in problems:
+        print(f"problem: {p}")
+    if not problems:
+        print(f"{out}: manifest, OVF, VMDK and golden image digest agree")
+    if args.boot and not problems:
+        console = args.console or out / "boot-console.log"
+        result = template.boot(template.Files(out).vmdk, console, timeout=args.timeout)
+        print(f"boot: {'login prompt' if result['login_prompt'] else 'NO login prompt'} "
+              f"after {result['seconds']} s (serial console: {console})")
+        for e in result["evidence"]:
+            print(f"  seen: {e}")
+        for m in result["missing"]:
+            problems.append(f"boot: not seen on the console: {m}")
+            print(f"problem: boot: not seen on the console: {m}")
+        if not result["login_prompt"]:
+            problems.append("boot: no login prompt")
+            if result["qemu_stderr"]:
+                print(f"qemu: {result['qemu_stderr']}")
+    return 1 if problems else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="the local test stage: image, up, status, ssh, down",
                          description="Build and run the local test stage (needs root).")
@@ -100,4 +143,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("host", help="inventory name, e.g. relay or practice1")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of a shell")
     p.set_defaults(func=_ssh)
+    t = lsub.add_parser("template", help="the VMware template (OVA/OVF + VMDK) from the "
+                                         "golden image (docs/production.md)",
+                        description="Build the VMware VM template from the golden image's base "
+                                    "layer, or check one (needs root to build).")
+    tsub = t.add_subparsers(dest="template_command", metavar="STEP")
+    tsub.required = True
+    p = tsub.add_parser("build", help="build the template into a new directory (root; "
+                                      "about 3 min; Debian mirror for GRUB)")
+    p.add_argument("--out", type=Path, required=True, help="new or empty directory")
+    p.add_argument("--authorized-keys", type=Path, metavar="FILE",
+                   help="root's authorized_keys in the template (the named admins' keys; "
+                        "Ansible logs in as root)")
+    p.set_defaults(func=_template_build)
+    p = tsub.add_parser("check", help="check a built template: manifest, OVF, VMDK, the golden "
+                                      "image's digest; --boot boots it under QEMU")
+    p.add_argument("dir", type=Path, help="the --out directory of `template build`")
+    p.add_argument("--boot", action="store_true",
+                   help="boot the VMDK under QEMU (pvscsi, vmxnet3, no external kernel) until "
+                        "a login prompt (about 1-2 min)")
+    p.add_argument("--timeout", type=float, default=240, help="boot time limit, s (240)")
+    p.add_argument("--console", type=Path, help="serial console log (DIR/boot-console.log)")
+    p.add_argument("--no-golden", action="store_true",
+                   help="skip comparing with the golden image in the cache (another machine)")
+    p.set_defaults(func=_template_check)
     updates.register(lsub)
