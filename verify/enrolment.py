@@ -29,15 +29,24 @@ def cycle(signer) -> None:
         "journalctl -u safemail-ca-cycle -n 30 --no-pager").stdout
 
 
-def enrol(participant, ra, signer, number: str, mailbox: str, key_dir: str) -> None:
-    """Enrol the registered participant ``number``: key and CSR in ``key_dir`` (made anew,
-    0700) on ``participant``, submitted and approved at ``ra``, issued by ``signer``."""
-    participant.run_test(f"rm -rf {key_dir} && mkdir -m 0700 {key_dir}")
-    participant.run_expect([0], f"{SAFEMAIL} participant keygen --mailbox {mailbox} "
-                                f"--key {key_dir}/key.pem --csr {key_dir}/csr.pem")
-    put(ra, f"/tmp/{number}.csr", participant.file(f"{key_dir}/csr.pem").content)
+def submit(participant, ra, signer, number: str, csr: str, *options: str) -> str:
+    """The CSR file ``csr`` on ``participant`` submitted at ``ra`` for ``number`` (with the
+    submit ``options``, e.g. ``--renewal``), approved, and the signer's cycle run; the
+    request id."""
+    put(ra, f"/tmp/{number}.csr", participant.file(csr).content)
     rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                          "--operator verify").split()[0]
+                          f"--operator verify {' '.join(options)}").split()[0]
     ra.run_expect([0], f"{CA} approve {rid} --operator verify")
     ra.run(f"rm -f /tmp/{number}.csr")
     cycle(signer)
+    return rid
+
+
+def enrol(participant, ra, signer, number: str, mailbox: str, key_dir: str) -> str:
+    """Enrol the registered participant ``number``: key and CSR in ``key_dir`` (made anew,
+    0700) on ``participant``, submitted and approved at ``ra``, issued by ``signer``; the
+    request id."""
+    participant.run_test(f"rm -rf {key_dir} && mkdir -m 0700 {key_dir}")
+    participant.run_expect([0], f"{SAFEMAIL} participant keygen --mailbox {mailbox} "
+                                f"--key {key_dir}/key.pem --csr {key_dir}/csr.pem")
+    return submit(participant, ra, signer, number, f"{key_dir}/csr.pem")

@@ -480,18 +480,14 @@ def test_key_change_needs_the_participants_confirmation(lab, evidence):
     confirmation is refused by the signer (the RA cannot know the registered key); the same
     with the confirmation signed by the current key on the participant host is issued."""
     p = lab(lab.group("participants")[0])
-    ra = lab(lab.group("ca_ra")[0])
+    ra, signer = lab(lab.group("ca_ra")[0]), lab(lab.group("ca_signer")[0])
     number, mailbox = _throwaway(lab, "key")
     d = f"/tmp/verify-keychange-{number}"
     p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
 
     def submit(csr: str, *extra: str) -> str:
-        _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/{csr}").content)
-        rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                              f"--operator verify {' '.join(extra)}").split()[0]
-        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-        ra.run(f"rm -f /tmp/{number}.csr /tmp/{number}.kc")
-        _cycle(lab)
+        rid = enrolment.submit(p, ra, signer, number, f"{d}/{csr}", *extra)
+        ra.run(f"rm -f /tmp/{number}.kc")
         return rid
 
     try:
@@ -646,15 +642,7 @@ def test_revoked_certificate_leaves_the_directory(lab, evidence):
     auth.run_expect([0], f"printf {shlex.quote(entry)} | ldapadd -Q -Y EXTERNAL -H ldapi:///")
     d = f"/tmp/verify-ca04-ldap-{number}"
     try:
-        p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
-        p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} "
-                          f"--key {d}/key.pem --csr {d}/csr.pem")
-        _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
-        rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                              "--operator verify").split()[0]
-        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-        ra.run(f"rm -f /tmp/{number}.csr")
-        _cycle(lab)
+        enrolment.enrol(p, ra, signer, number, mailbox, d)
         published = _wait_directory_cert(lab, number, True)
         signer.run_expect([0], f"{CA} revoke --mailbox {mailbox} --reason key-compromise "
                                "--operator verify")
