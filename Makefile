@@ -38,9 +38,10 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP):
 	@VENV=$(VENV) bash scripts/setup-venv.sh
 
-# Keeps the header comment of constraints.txt; the rest is pip freeze of the venv.
+# Keeps the header comment of constraints.txt; the rest is the resolved dependency set
+# (scripts/lock.py), not a freeze of the venv (which may hold packages nothing needs now).
 lock: $(VENV_STAMP)
-	@{ grep '^#' constraints.txt; $(BIN)/pip freeze --all --exclude-editable; } > constraints.txt.new
+	@{ grep '^#' constraints.txt; $(BIN)/python scripts/lock.py; } > constraints.txt.new
 	@mv constraints.txt.new constraints.txt
 	@VENV=$(VENV) bash scripts/setup-venv.sh
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -51,3 +52,22 @@ def test_the_lock_holds_the_tools_and_no_editable_install() -> None:
     for tool in ("pip", "setuptools", "wheel", "ruff", "pre-commit", "ansible-core"):
         assert tool in locked, tool
     assert "safemail" not in locked  # the project itself is installed editable, not pinned
+
+
+def _lock_module():  # scripts/ is not a package
+    spec = importlib.util.spec_from_file_location("lock", REPO / "scripts" / "lock.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_is_exactly_the_resolved_dependency_set() -> None:
+    """Nothing more (a dropped dependency such as pyinfra and what it pulled in) and nothing
+    less (a new transitive dependency floats) than pyproject.toml resolves to in this venv."""
+    locked = constraints()
+    resolved = _lock_module().resolved(REPO / "pyproject.toml")
+    extra = sorted(set(locked) - set(resolved))
+    missing = sorted(set(resolved) - set(locked))
+    differ = {n: (locked[n], v) for n, v in resolved.items() if n in locked and locked[n] != v}
+    assert (extra, missing, differ) == ([], [], {}), "run make lock (scripts/lock.py)"

@@ -19,7 +19,7 @@ ROOT_PACKAGE = "safemail"
 # Bottom first. A name is a module or a subpackage of safemail ("" is safemail/__init__.py).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("", "errors"),                     # the package's face (__version__) and its errors
-    ("project", "vault"),               # the checkout's paths and stages; the vault client
+    ("project", "vault", "schemacheck"),  # the checkout; the vault client; JSON Schema files
     ("ansible",),                       # finding and running ansible-* programs
     ("inventory", "rolevars"),          # hosts from ansible-inventory; role variables
     ("smime", "network", "ca"),         # libraries: S/MIME gate, flow matrix, the CA

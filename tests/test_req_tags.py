@@ -24,21 +24,9 @@ TAG = re.compile(r"^req_([a-z]{2,8})_([0-9]{2,3})$")
 BLOCK_KEYS = ("block", "rescue", "always")
 PLAY_TASK_KEYS = ("pre_tasks", "tasks", "post_tasks", "handlers")
 
-# Violations in roles another change owns (issue 20: the lifecycle work on mailrelay and
-# mailstore). Listed so this test guards everything else now; an entry that is fixed makes
-# the test fail until it is taken out of this list.
-KNOWN: set[tuple[str, str, str]] = {
-    ("roles/mailrelay/tasks/postfix.yml",
-     "MAIL-01 | postfix | Write master.cf (submission only, no SMTP client)",
-     "tag without its id in the name: MAIL-02, MAIL-05"),
-    ("roles/mailrelay/tasks/postfix.yml",
-     "MAIL-02 | postfix | Write main.cf (known mailboxes only, LMTP to the store only, gate "
-     "fail-closed)",
-     "tag without its id in the name: MAIL-01, MAIL-03, MAIL-05"),
-    ("roles/mailstore/tasks/main.yml",
-     "MAIL-01 | Write the Dovecot configuration (TLS only, directory users only)",
-     "tag without its id in the name: MAIL-05"),
-}
+# Known violations, each to be fixed: an entry that is fixed makes the test fail until it is
+# taken out of this list. None left.
+KNOWN: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)

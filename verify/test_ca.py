@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
+import enrolment
 import pytest
 import testinfra
 import yaml
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from waits import wait_for
 
-CA = "/usr/local/sbin/safemail-ca"
+CA = enrolment.CA
 STATE = "/var/lib/safemail-ca"
 SEAL = "/var/lib/safemail-ca-seal"
 PDIR = "/var/lib/safemail-participant"
@@ -104,13 +105,8 @@ def _function(host) -> str:
 
 
 def _cycle(lab) -> None:
-    """Run the signer's exchange cycle (twice: the second is always a fresh run)."""
-    signer = lab(lab.group("ca_signer")[0])
-    for _ in range(2):
-        signer.run_test("systemctl start safemail-ca-cycle.service")
-    out = signer.run("systemctl is-failed safemail-ca-cycle.service")
-    assert out.stdout.strip() != "failed", signer.run(
-        "journalctl -u safemail-ca-cycle -n 30 --no-pager").stdout
+    """Run the signer's exchange cycle (enrolment.cycle on the lab's signer)."""
+    enrolment.cycle(lab(lab.group("ca_signer")[0]))
 
 
 def _run(host, command: str):
@@ -149,9 +145,7 @@ def _csr(key, mailbox: str, *, san: bool = True) -> bytes:
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
-def _put(host, path: str, data: bytes) -> None:
-    b64 = base64.b64encode(data).decode()
-    host.run_test(f"echo {b64} | base64 -d > {path} && chmod 0644 {path}")
+_put = enrolment.put
 
 
 def _throwaway(lab, tag: str) -> tuple[str, str]:
@@ -437,17 +431,9 @@ def _signer_outcome(lab, rid: str) -> tuple[dict, list[dict]]:
 def _enrol_throwaway(lab, tag: str, d: str) -> tuple[str, str]:
     """Register and enrol a throw-away participant through the real RA -> signer path, its key
     in ``d`` on participant host 1 (practice1/practice2 keep theirs untouched)."""
-    p, ra = lab(lab.group("participants")[0]), lab(lab.group("ca_ra")[0])
     number, mailbox = _throwaway(lab, tag)
-    p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
-    p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} --key {d}/key.pem "
-                      f"--csr {d}/csr.pem")
-    _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
-    rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                          "--operator verify").split()[0]
-    ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-    ra.run(f"rm -f /tmp/{number}.csr")
-    _cycle(lab)
+    enrolment.enrol(lab(lab.group("participants")[0]), lab(lab.group("ca_ra")[0]),
+                    lab(lab.group("ca_signer")[0]), number, mailbox, d)
     return number, mailbox
 
 
@@ -498,18 +484,14 @@ def test_key_change_needs_the_participants_confirmation(lab, evidence):
     confirmation is refused by the signer (the RA cannot know the registered key); the same
     with the confirmation signed by the current key on the participant host is issued."""
     p = lab(lab.group("participants")[0])
-    ra = lab(lab.group("ca_ra")[0])
+    ra, signer = lab(lab.group("ca_ra")[0]), lab(lab.group("ca_signer")[0])
     number, mailbox = _throwaway(lab, "key")
     d = f"/tmp/verify-keychange-{number}"
     p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
 
     def submit(csr: str, *extra: str) -> str:
-        _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/{csr}").content)
-        rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                              f"--operator verify {' '.join(extra)}").split()[0]
-        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-        ra.run(f"rm -f /tmp/{number}.csr /tmp/{number}.kc")
-        _cycle(lab)
+        rid = enrolment.submit(p, ra, signer, number, f"{d}/{csr}", *extra)
+        ra.run(f"rm -f /tmp/{number}.kc")
         return rid
 
     try:
@@ -664,15 +646,7 @@ def test_revoked_certificate_leaves_the_directory(lab, evidence):
     auth.run_expect([0], f"printf {shlex.quote(entry)} | ldapadd -Q -Y EXTERNAL -H ldapi:///")
     d = f"/tmp/verify-ca04-ldap-{number}"
     try:
-        p.run_test(f"rm -rf {d} && mkdir -m 0700 {d}")
-        p.run_expect([0], f"safemail participant keygen --mailbox {mailbox} "
-                          f"--key {d}/key.pem --csr {d}/csr.pem")
-        _put(ra, f"/tmp/{number}.csr", p.file(f"{d}/csr.pem").content)
-        rid = ra.check_output(f"{CA} submit /tmp/{number}.csr --participant {number} "
-                              "--operator verify").split()[0]
-        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-        ra.run(f"rm -f /tmp/{number}.csr")
-        _cycle(lab)
+        enrolment.enrol(p, ra, signer, number, mailbox, d)
         published = _wait_directory_cert(lab, number, True)
         signer.run_expect([0], f"{CA} revoke --mailbox {mailbox} --reason key-compromise "
                                "--operator verify")

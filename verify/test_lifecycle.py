@@ -22,7 +22,6 @@ accepted before and refused after, login works before and fails after.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import random
@@ -32,6 +31,7 @@ import time
 import uuid
 from functools import cache
 
+import enrolment
 import pytest
 import testinfra
 from cryptography import x509
@@ -43,8 +43,8 @@ from safemail.project import project_root
 # Sends mail and runs playbooks from the lab's participant hosts (verify/profiles.py).
 pytestmark = pytest.mark.lab_participants
 
-CA = "/usr/local/sbin/safemail-ca"
-SAFEMAIL = "/opt/safemail/venv/bin/safemail"
+CA = enrolment.CA
+SAFEMAIL = enrolment.SAFEMAIL
 PDIR = "/var/lib/safemail-participant"
 CAFILE = "/etc/safemail/tls/ca.crt"
 NOTICE_WARNING = ("DER BETREFF WIRD NICHT VERSCHLUESSELT", "KEINE PATIENTENDATEN",
@@ -150,9 +150,7 @@ def _rcpt(lab: Lab, mailbox: str) -> tuple[int, str]:
     return _reply(_probe(host, user, password, [mailbox]), "rcpt")
 
 
-def _put(host, path: str, data: bytes) -> None:
-    b64 = base64.b64encode(data).decode()
-    host.run_test(f"echo {b64} | base64 -d > {path} && chmod 0644 {path}")
+_put = enrolment.put
 
 
 def _suffix(lab: Lab) -> str:
@@ -198,18 +196,8 @@ class Throwaway:
         auth.run_expect([0], f"printf {shlex.quote(entry)} | ldapadd -Q -Y EXTERNAL -H ldapi:///")
         auth.run_expect([0], f"ldappasswd -Q -Y EXTERNAL -H ldapi:/// "
                              f"-s {shlex.quote(self.password)} {shlex.quote(self.dn)}")
-        p = self.host
-        p.run_test(f"rm -rf {self.dir} && mkdir -m 0700 {self.dir}")
-        p.run_expect([0], f"{SAFEMAIL} participant keygen --mailbox {self.mailbox} "
-                          f"--key {self.dir}/key.pem --csr {self.dir}/csr.pem")
-        _put(ra, f"/tmp/{self.number}.csr", p.file(f"{self.dir}/csr.pem").content)
-        rid = ra.check_output(f"{CA} submit /tmp/{self.number}.csr --participant {self.number} "
-                              "--operator verify").split()[0]
-        ra.run_expect([0], f"{CA} approve {rid} --operator verify")
-        ra.run(f"rm -f /tmp/{self.number}.csr")
-        signer = lab.first("ca_signer")
-        for _ in range(2):  # the second start is always a fresh cycle
-            signer.run_test("systemctl start safemail-ca-cycle.service")
+        enrolment.enrol(self.host, ra, lab.first("ca_signer"), self.number, self.mailbox,
+                        self.dir)
         assert wait_for(lambda: _directory_has_cert(lab, self.dn), 90), (
             f"{self.dn}: distribution never put the certificate into the directory")
 

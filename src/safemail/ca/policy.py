@@ -1,7 +1,8 @@
 """The CA policy: what the CA is and what it may issue.
 
 Loaded from a plain dict (the ``ca_policy`` YAML in group_vars, rendered to a file on each CA
-host). Unknown keys are refused so that a typo never silently falls back to a default.
+host) and checked against ``ca/schemas/policy.schema.json``. Unknown keys are refused so that
+a typo never silently falls back to a default.
 
 Participant keys default to RSA only: the S/MIME tooling of this project (``cryptography``'s
 ``PKCS7EnvelopeBuilder``) encrypts to RSA recipients only, so an EC participant certificate
@@ -14,19 +15,16 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from safemail import schemacheck
 from safemail.ca.errors import PolicyError
 
-CA_KEY_TYPES = ("rsa-4096", "ec-p384")
-PARTICIPANT_KEY_TYPES = ("rsa", "ec")
 EC_CURVES = ("P-256", "P-384")
-RSA_ABSOLUTE_MIN_BITS = 2048
 
 DEFAULT_SPECIALTY_GROUPS = (
     "GP",
@@ -58,8 +56,8 @@ SUBJECT_ATTRS = {
     "CN": NameOID.COMMON_NAME,
 }
 
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_SPECIALTY_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+# The schema of the policy file (package data of safemail.ca).
+POLICY_SCHEMA = "schemas/policy.schema.json"
 
 
 @dataclass(frozen=True)
@@ -90,95 +88,52 @@ class CaPolicy:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaPolicy:
-        """Validate ``data`` and return a policy; raise :class:`PolicyError` naming the field."""
+        """Validate ``data`` and return a policy; raise :class:`PolicyError` naming the field.
+
+        The schema file ``ca/schemas/policy.schema.json`` says what each setting may be; this
+        method adds what a schema cannot say (one setting bounded by another, a pattern that
+        compiles). The same check runs on the controller (tests, the role's ``validate:``
+        input) and on the CA hosts, which load the policy file with Debian bookworm's
+        python3-jsonschema 4.10 (roles/safemail_runtime installs it): the schema keeps to
+        draft 2020-12 keywords that 4.10 knows (safemail/schemacheck.py).
+        """
         if not isinstance(data, dict):
             raise PolicyError("the CA policy must be a mapping of settings")
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(data) - known)
-        if unknown:
+        found = schemacheck.violations(__package__, POLICY_SCHEMA, data)
+        if found:
+            unknown = [v.key for v in found if v.kind == "additionalProperties" and not v.path]
             raise PolicyError(
-                f"unknown CA policy setting(s): {', '.join(unknown)}",
-                f"allowed settings: {', '.join(sorted(known))}",
+                "CA policy refused: " + "; ".join(v.where("ca_policy") + ": " + v.what
+                                                    for v in found),
+                f"allowed settings: {', '.join(sorted(_SETTINGS))}" if unknown else
+                "fix it in the ca_policy of the inventory (group_vars)",
             )
-        for required in ("ca_subject", "mail_domains", "crl_distribution_point"):
-            if data.get(required) in (None, "", [], {}):
-                raise PolicyError(
-                    f"CA policy setting '{required}' is required and has no default",
-                    "set it in the ca_policy of the inventory (group_vars)",
-                )
-        kw: dict[str, Any] = {}
-        kw["ca_subject"] = _subject(data["ca_subject"])
-        kw["mail_domains"] = _domains(data["mail_domains"])
-        kw["crl_distribution_point"] = _url(data["crl_distribution_point"])
-        if "ca_key_type" in data:
-            kw["ca_key_type"] = _choice("ca_key_type", data["ca_key_type"], CA_KEY_TYPES)
-        if "ca_validity_days" in data:
-            kw["ca_validity_days"] = _int("ca_validity_days", data["ca_validity_days"], 365, 10950)
-        if "ca_path_length" in data:
-            if data["ca_path_length"] != 0 or isinstance(data["ca_path_length"], bool):
-                raise PolicyError(
-                    f"ca_path_length must be 0, got {data['ca_path_length']!r}",
-                    "this CA issues participant certificates only, never sub-CAs",
-                )
-            kw["ca_path_length"] = 0
+        kw: dict[str, Any] = {k: v for k, v in data.items() if k in _SETTINGS}
+        kw["ca_subject"] = tuple((k, v) for k, v in data["ca_subject"].items())
+        domains = data["mail_domains"]
+        kw["mail_domains"] = (domains,) if isinstance(domains, str) else tuple(domains)
+        for name in ("participant_key_types", "participant_ec_curves", "specialty_groups"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
         ca_days = kw.get("ca_validity_days", cls.ca_validity_days)
-        if "ee_validity_days" in data:
-            kw["ee_validity_days"] = _int("ee_validity_days", data["ee_validity_days"], 1, 1095)
-        if kw.get("ee_validity_days", cls.ee_validity_days) >= ca_days:
+        ee_days = kw.get("ee_validity_days", cls.ee_validity_days)
+        if ee_days >= ca_days:
             raise PolicyError(
-                "ee_validity_days must be shorter than ca_validity_days "
-                f"({kw.get('ee_validity_days', cls.ee_validity_days)} >= {ca_days})"
+                f"ee_validity_days must be shorter than ca_validity_days ({ee_days} >= {ca_days})"
             )
-        if "renewal_window_days" in data:
-            ee_days = kw.get("ee_validity_days", cls.ee_validity_days)
-            kw["renewal_window_days"] = _int(
-                "renewal_window_days", data["renewal_window_days"], 1, ee_days
+        window = kw.get("renewal_window_days", cls.renewal_window_days)
+        if window > ee_days:
+            raise PolicyError(
+                f"renewal_window_days must be between 1 and {ee_days} (ee_validity_days), "
+                f"got {window}"
             )
-        if "participant_key_types" in data:
-            kw["participant_key_types"] = _choices(
-                "participant_key_types", data["participant_key_types"], PARTICIPANT_KEY_TYPES
-            )
-        if "participant_rsa_min_bits" in data:
-            bits = _int("participant_rsa_min_bits", data["participant_rsa_min_bits"], 0, 16384)
-            if bits < RSA_ABSOLUTE_MIN_BITS:
-                raise PolicyError(
-                    f"participant_rsa_min_bits must be at least {RSA_ABSOLUTE_MIN_BITS}, "
-                    f"got {bits}",
-                    "RSA keys below 2048 bits are not safe for confidentiality",
-                )
-            kw["participant_rsa_min_bits"] = bits
-        if "participant_ec_curves" in data:
-            kw["participant_ec_curves"] = _choices(
-                "participant_ec_curves", data["participant_ec_curves"], EC_CURVES
-            )
-        if "crl_validity_hours" in data:
-            kw["crl_validity_hours"] = _int(
-                "crl_validity_hours", data["crl_validity_hours"], 1, 24 * 31
-            )
-        if "specialty_groups" in data:
-            groups = data["specialty_groups"]
-            if not isinstance(groups, list) or not groups:
-                raise PolicyError("specialty_groups must be a non-empty list of group codes")
-            for g in groups:
-                if not isinstance(g, str) or not _SPECIALTY_RE.match(g):
-                    raise PolicyError(
-                        f"specialty group {g!r} is not a valid code",
-                        "use upper-case codes such as GP, ENT, LAB, HOSPITAL",
-                    )
-            if len(set(groups)) != len(groups):
-                raise PolicyError("specialty_groups lists a group twice")
-            kw["specialty_groups"] = tuple(groups)
-        if "participant_number_pattern" in data:
-            pattern = data["participant_number_pattern"]
+        if "participant_number_pattern" in kw:
             try:
-                re.compile(pattern)
-            except (re.error, TypeError) as exc:
+                re.compile(kw["participant_number_pattern"])
+            except re.error as exc:
                 raise PolicyError(
                     f"participant_number_pattern is not a valid regular expression: {exc}"
                 ) from exc
-            if not (pattern.startswith("^") and pattern.endswith("$")):
-                raise PolicyError("participant_number_pattern must be anchored with ^ and $")
-            kw["participant_number_pattern"] = pattern
         return cls(**kw)
 
     # ----------------------------------------------------------------- derived values
@@ -194,6 +149,11 @@ class CaPolicy:
 
     def participant_number_valid(self, number: str) -> bool:
         return bool(self._number_re.match(number))
+
+
+# The settings a policy may have: CaPolicy's fields (tests/test_ca_policy.py checks that the
+# schema's properties are the same).
+_SETTINGS = frozenset(f.name for f in fields(CaPolicy) if f.init)
 
 
 def load_policy(path: Path) -> CaPolicy:
@@ -213,72 +173,3 @@ def load_policy(path: Path) -> CaPolicy:
         return CaPolicy.from_dict(data)
     except PolicyError as exc:
         raise PolicyError(f"{path}: {exc.message}", exc.hint) from exc
-
-
-# --------------------------------------------------------------------- validators
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(f"{name} must be a whole number, got {value!r}")
-    if not lo <= value <= hi:
-        raise PolicyError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise PolicyError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return str(value)
-
-
-def _choices(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise PolicyError(f"{name} must be a non-empty list drawn from {', '.join(allowed)}")
-    return tuple(_choice(name, v, allowed) for v in value)
-
-
-def _subject(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, dict):
-        raise PolicyError(
-            "ca_subject must be a mapping such as {C: DE, O: Example Association, CN: SafeMail CA}"
-        )
-    out: list[tuple[str, str]] = []
-    for key, val in value.items():
-        if key not in SUBJECT_ATTRS:
-            raise PolicyError(
-                f"ca_subject attribute {key!r} is not supported",
-                f"use {', '.join(SUBJECT_ATTRS)}",
-            )
-        if not isinstance(val, str) or not val.strip() or len(val) > 64:
-            raise PolicyError(f"ca_subject {key} must be a non-empty text of at most 64 characters")
-        if key == "C" and not re.fullmatch(r"[A-Z]{2}", val):
-            raise PolicyError(f"ca_subject C must be a two-letter country code, got {val!r}")
-        out.append((key, val))
-    if "CN" not in value:
-        raise PolicyError("ca_subject must contain a CN (the CA's name)")
-    return tuple(out)
-
-
-def _domains(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise PolicyError("mail_domains must be a non-empty list of domain names")
-    for d in value:
-        if not isinstance(d, str) or not _DOMAIN_RE.match(d):
-            raise PolicyError(
-                f"mail domain {d!r} is not a valid lower-case domain name",
-                "write domains in lower case without a trailing dot, e.g. safemail.example",
-            )
-    return tuple(value)
-
-
-def _url(value: Any) -> str:
-    if not isinstance(value, str):
-        raise PolicyError("crl_distribution_point must be a URL")
-    parsed = urlparse(value)
-    if parsed.scheme not in ("http", "ldap") or not parsed.netloc:
-        raise PolicyError(
-            f"crl_distribution_point must be an http:// or ldap:// URL, got {value!r}",
-            "CRLs are signed, so they are fetched over plain http/ldap (RFC 5280 4.2.1.13)",
-        )
-    return value

@@ -19,9 +19,8 @@ import math
 import sys
 from pathlib import Path
 
-from safemail import ansible, vault
 from safemail.errors import SafeMailError, UsageError
-from safemail.gate import approvals, promote, release_chain, stage
+from safemail.gate import approvals, promote, release, stage
 from safemail.gate.catalogue import load_catalogue, relative_to
 from safemail.gate.report import (
     CREATED_BY_REPORT,
@@ -451,92 +450,24 @@ def _existing_metadata(path: Path) -> RunMetadata | None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    repo = _repo()
-    report_path = _rel(repo, args.report)
-    vault_env = {}  # the vault options given, for the gate's look into the production vault
-    if args.vault_id:
-        vault_env["ANSIBLE_VAULT_IDENTITY_LIST"] = ",".join(args.vault_id)
-    if args.vault_password_file:
-        vault_env["ANSIBLE_VAULT_PASSWORD_FILE"] = args.vault_password_file
-    decision = promote.evaluate(repo, report_path, max_age_hours=args.max_age_hours,
-                                first_release=args.first_release, vault_env=vault_env)
-    print(decision.summary())
-    project = Project(repo)
-    inventory = project.inventory(args.to)
-    playbook = project.playbook("site.yml")
-    options = _playbook_options(args)
-    if not any(o in options for o in ("--vault-id", "--vault-password-file", "--ask-vault-pass")):
-        options += vault.vault_args(repo, inventory)  # an encrypted vault.yml: its client
-    cmd = [ansible.command("ansible-playbook"), "-i", str(inventory), str(playbook), *options]
-    if args.preview:
-        for needed in (inventory, playbook):
-            if not needed.exists():
-                raise SafeMailError(f"{needed} does not exist", "nothing to preview yet")
-        cmd += ["--check", "--diff"]
-        print("preview (check mode, nothing changes, nothing is recorded): " + " ".join(cmd),
-              flush=True)
-        return ansible.run(cmd, repo, echo=False)
-    if not decision.allowed:
-        return 3
-    if args.dry_run:
-        print(f"operator (the releasing approver, from the signature): {decision.operator}")
-        print("dry run: nothing recorded, nothing deployed")
-        return 0
-    for needed in (inventory, playbook):
-        if not needed.exists():
-            raise SafeMailError(f"{needed} does not exist", "nothing to deploy yet")
-    report = load_report(report_path)
-    now = dt.datetime.now(dt.UTC)
-    tag = promote.tag_release(repo, decision, report, now)
-    print(f"release tagged {tag} (operator {decision.operator}); publish it: "
-          f"git push origin {tag}")
-    log = _rel(repo, args.release_log)
-    state = promote.current_state(repo)
-    common = {
-        "operator": decision.operator or "unknown",
-        "revision": decision.revision or state.revision,
-        "report_digest": decision.report_digest or "",
-        "stage": args.to,
-        "report_path": str(report_path),
-        "content_hash": state.content_hash,
-    }
-    approvers = [f"{s.role}: {s.principal} {s.key_fingerprint}" for s in decision.approvers]
-    promote.append_release_log(
-        log, **common, extra={"tested_on": promote.TESTED_STAGE, "tag": tag,
-                               "approvers": approvers}, when=now
+    opts = release.ReleaseOptions(
+        target=args.to,
+        report=args.report,
+        release_log=args.release_log,
+        max_age_hours=args.max_age_hours,
+        first_release=args.first_release,
+        dry_run=args.dry_run,
+        preview=args.preview,
+        limit=args.limit,
+        vault_ids=tuple(args.vault_id),
+        vault_password_file=args.vault_password_file,
+        ask_vault_pass=args.ask_vault_pass,
     )
-    print(f"release recorded in {log}")
-    print("running: " + " ".join(cmd), flush=True)
-    rc = ansible.run(cmd, repo, echo=False)
-    promote.append_release_log(
-        log, **common, event="deploy-finished", extra={"exit_code": rc, "tag": tag}
-    )
-    if rc != 0:
-        raise SafeMailError(
-            f"ansible-playbook failed with exit code {rc}; the release is recorded as failed",
-            "fix the cause, verify again on the test stage, then promote again",
-        )
-    print("deployed to production")
-    if decision.policy_source == release_chain.FIRST_RELEASE:
-        pin = release_chain.write_pin(repo, tag, decision.revision or state.revision)
-        print(f"first release pinned in {pin}: commit it and push it with the tag, before the "
-              f"next release:\n  git add {release_chain.PIN} && git commit -m 'release: pin "
-              f"the first release {tag}' && git push origin HEAD {tag}")
-    return 0
+    return release.promote_release(_repo(), opts, say=_say)
 
 
-def _playbook_options(args: argparse.Namespace) -> list[str]:
-    """Options passed through to ansible-playbook (limit and vault)."""
-    out: list[str] = []
-    if args.limit:
-        out += ["--limit", args.limit]
-    for vault_id in args.vault_id:
-        out += ["--vault-id", vault_id]
-    if args.vault_password_file:
-        out += ["--vault-password-file", args.vault_password_file]
-    if args.ask_vault_pass:
-        out.append("--ask-vault-pass")
-    return out
+def _say(line: str) -> None:
+    print(line, flush=True)  # before ansible-playbook's own output
 
 
 def cmd_approval(args: argparse.Namespace) -> int:
