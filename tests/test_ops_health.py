@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_ops_patchcheck import top_level_imports
 
 from safemail import cli
 from safemail.errors import UsageError
@@ -171,12 +172,7 @@ def test_probe_is_standard_library_only_and_writes_nothing():
     """It runs as `python3 -` on hosts (no safemail package there) and must change nothing:
     no writing open(), no file/system-changing calls, no syslog/logging."""
     tree = ast.parse(Path(hp.__file__).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
+    names = top_level_imports(Path(hp.__file__))
     assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
     assert not names & {"syslog", "logging", "shutil", "tempfile"}, names
     changing = {"remove", "unlink", "rename", "replace", "mkdir", "makedirs", "chmod",

@@ -128,15 +128,19 @@ def test_main_writes_status_with_fake_apt(tmp_path, monkeypatch, capsys):
     assert json.loads(target.read_text())["error"] == "E: boom"
 
 
-@pytest.mark.parametrize("module", ["patchcheck", "configwatch"])
-def test_host_side_scripts_use_only_the_standard_library(module):
-    """They run on hosts as standalone scripts with Debian's python3 (no safemail package)."""
-    path = Path(pc.__file__).with_name(f"{module}.py")
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level package of every absolute import in the Python file ``path``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("module", ["patchcheck", "configwatch"])
+def test_host_side_scripts_use_only_the_standard_library(module):
+    """They run on hosts as standalone scripts with Debian's python3 (no safemail package)."""
+    names = top_level_imports(Path(pc.__file__).with_name(f"{module}.py"))
     assert names <= set(sys.stdlib_module_names) | {"__future__"}, names

@@ -23,6 +23,7 @@ runs of 6 hosts and the API checks); the first build adds about 30 s.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -199,8 +200,9 @@ def runs(sim, tmp_path_factory):
     return first, second
 
 
-@pytest.fixture(scope="module")
-def api(sim, runs):
+@contextlib.contextmanager
+def connected(sim):
+    """The simulator's API content over a verified TLS session (also for the template test)."""
     from pyVim.connect import Disconnect, SmartConnect
 
     context = ssl.create_default_context(cafile=str(sim.cert))
@@ -210,6 +212,12 @@ def api(sim, runs):
         yield si.RetrieveContent()
     finally:
         Disconnect(si)
+
+
+@pytest.fixture(scope="module")
+def api(sim, runs):
+    with connected(sim) as content:
+        yield content
 
 
 def _all(content, vimtype) -> list:

@@ -17,7 +17,6 @@ Time: about 20 s on this machine with the simulator already built.
 from __future__ import annotations
 
 import os
-import ssl
 import subprocess
 from pathlib import Path
 
@@ -88,15 +87,8 @@ def uploads(sim, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(sim, uploads):
-    from pyVim.connect import Disconnect, SmartConnect
-
-    context = ssl.create_default_context(cafile=str(sim.cert))
-    si = SmartConnect(host="127.0.0.1", port=sim.port, user=sim.user, pwd=sim.password,
-                      sslContext=context)
-    try:
-        yield si.RetrieveContent()
-    finally:
-        Disconnect(si)
+    with provision_sim.connected(sim) as content:
+        yield content
 
 
 def test_the_first_run_uploads_and_the_second_changes_nothing(uploads):
