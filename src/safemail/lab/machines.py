@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -151,6 +153,52 @@ def start_qemu(host: HostPlan, image: Image, mdir: Path, index: int, bridge_ns: 
     ]
     runner.run(cmd, timeout=60)
     return int(pidfile.read_text().strip())
+
+
+# What an emulated guest kernel prints when it hangs during boot. Seen once (session 11, store1
+# under a loaded host): systemd and modprobe stuck for minutes in an audit netlink loop, "soft
+# lockup" and "rcu_preempt detected stalls" repeated on the console, no SSH ever. A reset of
+# the VM (same disks, nothing written yet by Ansible) boots it normally.
+KERNEL_HANG_MARKERS = ("watchdog: BUG: soft lockup", "detected stalls on CPUs/tasks")
+
+
+def console_hang(console: Path, offset: int = 0) -> bool:
+    """True if the console log, from byte `offset` on, shows the guest kernel hung."""
+    try:
+        with console.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(marker in text for marker in KERNEL_HANG_MARKERS)
+
+
+def qmp(sock: Path, command: str, timeout: float = 10.0) -> dict:
+    """Run one QMP command on a lab VM (the `-qmp unix:` socket start_qemu gives it)."""
+    def read(stream) -> dict:
+        while True:
+            line = stream.readline()
+            if not line:
+                raise SafeMailError(f"QMP socket {sock} closed before answering {command}")
+            message = json.loads(line)
+            if "event" not in message:      # events may come in between; skip them
+                return message
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock))
+            stream = s.makefile("rwb")
+            read(stream)                    # the greeting
+            for execute in ("qmp_capabilities", command):
+                stream.write(json.dumps({"execute": execute}).encode() + b"\n")
+                stream.flush()
+                answer = read(stream)
+                if "error" in answer:
+                    raise SafeMailError(f"QMP {execute} on {sock}: {answer['error']}")
+            return answer
+    except (OSError, ValueError) as exc:
+        raise SafeMailError(f"QMP {command} on {sock} failed: {exc}") from exc
 
 
 def process_alive(pid: int, marker: str) -> bool:

@@ -56,6 +56,8 @@ INTERNET_NS = f"{PREFIX}-internet"
 CONTROLLER_LINK = f"{PREFIX}-ctl"
 GENERATED_INVENTORY = "zz_lab_generated.yml"
 SSH_WAIT_SECONDS = 300
+# A VM that has not answered after this long and whose console shows a hung kernel is reset.
+VM_HANG_GRACE_SECONDS = 60
 
 
 def vm_hosts(plan: LabPlan) -> dict[str, tuple[str, ...]]:
@@ -328,25 +330,51 @@ class Stage:
 
     def _wait(self, plan: LabPlan) -> None:
         pending = {h.name: str(h.mgmt.address) for h in plan.hosts}
+        vms = {h.name for h in plan.hosts if h.spec.hypervisor == "qemu"}
         start = time.monotonic()
+        # A VM whose kernel hangs at boot is reset once (machines.KERNEL_HANG_MARKERS); its
+        # wait starts again then.
+        since = dict.fromkeys(pending, start)
+        reset: set[str] = set()
         last_report = 0.0
         while pending:
             for name, addr in list(pending.items()):
                 if self.answers(addr):
                     del pending[name]
                     runner.info(f"  {name} answers ({time.monotonic() - start:.0f} s)")
-            elapsed = time.monotonic() - start
+            now = time.monotonic()
+            elapsed = now - start
             if not pending:
                 break
-            if elapsed > SSH_WAIT_SECONDS:
-                logs = ", ".join(str(self.paths.machines / n / "console.log") for n in pending)
+            for name in sorted((set(pending) & vms) - reset):
+                if now - since[name] >= VM_HANG_GRACE_SECONDS and self._reset_if_hung(name):
+                    reset.add(name)
+                    since[name] = time.monotonic()
+            late = [n for n in pending if time.monotonic() - since[n] > SSH_WAIT_SECONDS]
+            if late:
+                logs = ", ".join(str(self._console(n)) for n in late)
+                was_reset = [n for n in late if n in reset]
                 raise SafeMailError(
-                    f"no SSH answer after {SSH_WAIT_SECONDS} s from: {', '.join(pending)}",
+                    f"no SSH answer after {SSH_WAIT_SECONDS} s from: {', '.join(late)}"
+                    + (f" (reset once after a hung boot: {', '.join(was_reset)})"
+                       if was_reset else ""),
                     hint=f"look at the console logs: {logs}")
             if elapsed - last_report >= 15:
                 runner.info(f"  waiting for {', '.join(sorted(pending))} ({elapsed:.0f} s)")
                 last_report = elapsed
             time.sleep(2)
+
+    def _console(self, name: str) -> Path:
+        return self.paths.machines / name / "console.log"
+
+    def _reset_if_hung(self, name: str) -> bool:
+        """Reset a VM whose console shows a hung kernel; True if it was reset."""
+        if not machines.console_hang(self._console(name)):
+            return False
+        runner.info(f"  {name}: the guest kernel hung at boot ({self._console(name)} shows "
+                    "a soft lockup or RCU stall); resetting the VM once")
+        machines.qmp(self.paths.machines / name / "qmp.sock", "system_reset")
+        return True
 
     def _write_inventory(self, plan: LabPlan) -> None:
         data = generated_inventory(plan, str(self.paths.key_file), str(self.paths.known_hosts),
