@@ -134,10 +134,14 @@ def network_namespace():
     simulator can take 127.0.0.1:443 without taking the machine's port 443); deleted on the
     way out, also when the test fails."""
     name = f"smvsim-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=True)
+
+    def ip(*args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
+
+    ip("netns", "add", name)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], capture_output=True,
-                       text=True, check=True)
+        ip("-n", name, "link", "set", "lo", "up")
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True,
