@@ -20,8 +20,7 @@ the playbook gets what an operator sets (host name, account, CA file), no port. 
 `ip netns` (skipped, saying why, without them).
 
 Time: about 20 s on this machine (2 cores) with the simulator already built, 33 s while the lab
-runs (three playbook
-runs and the API checks).
+runs (three playbook runs and the API checks).
 """
 
 from __future__ import annotations
