@@ -18,12 +18,13 @@ disk.EnableUUID, its two vmxnet3 NICs on the right port groups; and the port gro
 segment, on the switch, with the VLAN of the network plan, nothing else).
 
 Time: about 14 s on this machine (2 cores) with the simulator already built (two playbook
-runs of 6 hosts and the API checks); the first build adds about 30 s.
+runs of 7 hosts and the API checks); the first build adds about 30 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import ipaddress
 import os
@@ -111,22 +112,81 @@ def _certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+CLONE_NEWNET = 0x40000000  # <sched.h>; os.setns is Python 3.12
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot give a test its own network namespace (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root: the test makes its own network namespace (ip netns add)"
+    if shutil.which("ip") is None:
+        return "ip is missing (Debian iproute2): the test makes its own network namespace"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           check=False)
+    if probe.returncode != 0:
+        return f"ip netns is unavailable: {probe.stderr.strip()}"
+    return None
+
+
+@contextlib.contextmanager
+def network_namespace():
+    """A network namespace of this test's own, `smvsim-<pid>`, with its loopback up (so the
+    simulator can take 127.0.0.1:443 without taking the machine's port 443); deleted on the
+    way out, also when the test fails."""
+    name = f"smvsim-{os.getpid()}"
+
+    def ip(*args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
+
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True,
+                       check=False)
+
+
+@contextlib.contextmanager
+def _inside(netns: str | None):
+    """This thread in `netns` while the block runs (sockets made there stay there)."""
+    if netns is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net", "rb") as home, \
+            open(f"/run/netns/{netns}", "rb") as there:
+        if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {netns}")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
 class Simulator:
-    def __init__(self, tmp: Path, template: str | None = None) -> None:
+    def __init__(self, tmp: Path, template: str | None = None, netns: str | None = None) -> None:
         """`template`: the name of the template the simulator makes (default: the inventory's;
-        tests/test_vmware_template_sim.py uploads that one itself)."""
+        tests/test_vmware_template_sim.py uploads that one itself). `netns`: run in that
+        network namespace on 127.0.0.1:443, as a vCenter listens (default: here, on a free
+        loopback port)."""
         build = subprocess.run(["bash", str(SIM / "build.sh")], capture_output=True, text=True,
                                timeout=600, check=False)
         assert build.returncode == 0, build.stderr
         binary = build.stdout.strip().splitlines()[-1]
         v = _vsphere()
+        self.netns = netns
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.cert, key = _certificate(tmp)
         self.user = "sim-operator@vsphere.local"
         self.password = secrets.token_urlsafe(16)
         self.log = tmp / "vsphere-sim.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [binary, "-listen", "127.0.0.1:0", "-username", self.user,
+                [*self.prefix, binary, "-listen", "127.0.0.1:443" if netns else "127.0.0.1:0",
+                 "-username", self.user,
                  "-password", self.password, "-tls-cert", str(self.cert), "-tls-key", str(key),
                  "-datacenter", v["safemail_vsphere_datacenter"],
                  "-cluster", v["safemail_vsphere_cluster"],
@@ -138,7 +198,9 @@ class Simulator:
                 stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()  # the SDK URL once the inventory is made
         found = re.match(r"https://[^@]+@127\.0\.0\.1:(\d+)/sdk$", line.strip())
-        assert found, f"simulator did not start: {line!r}\n{self.log.read_text()}"
+        if not found:
+            self.stop()
+            raise AssertionError(f"simulator did not start: {line!r}\n{self.log.read_text()}")
         self.port = int(found.group(1))
 
     def stop(self) -> None:
@@ -202,16 +264,18 @@ def runs(sim, tmp_path_factory):
 
 @contextlib.contextmanager
 def connected(sim):
-    """The simulator's API content over a verified TLS session (also for the template test)."""
+    """The simulator's API content over a verified TLS session (also for the template test),
+    in the simulator's network namespace if it has one (this thread enters it for the block)."""
     from pyVim.connect import Disconnect, SmartConnect
 
     context = ssl.create_default_context(cafile=str(sim.cert))
-    si = SmartConnect(host="127.0.0.1", port=sim.port, user=sim.user, pwd=sim.password,
-                      sslContext=context)
-    try:
-        yield si.RetrieveContent()
-    finally:
-        Disconnect(si)
+    with _inside(sim.netns):
+        si = SmartConnect(host="127.0.0.1", port=sim.port, user=sim.user, pwd=sim.password,
+                          sslContext=context)
+        try:
+            yield si.RetrieveContent()
+        finally:
+            Disconnect(si)
 
 
 @pytest.fixture(scope="module")
