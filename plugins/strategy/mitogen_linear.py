@@ -12,10 +12,27 @@ default `linear` strategy (ANSIBLE_STRATEGY=linear) everything runs as before.
 
 from __future__ import annotations
 
+import ansible_mitogen.connection
 import ansible_mitogen.loaders
 import ansible_mitogen.strategy
+import ansible_mitogen.utils.unsafe
 
 Base = ansible_mitogen.loaders.strategy_loader.get("linear", class_only=True)
+
+# Ad-hoc commands on localhost (`ansible localhost -m ...`, the local connection) failed with
+# "cannot unpickle ... _AnsibleTaggedStr": ansible.cfg's `playbook_dir` becomes the loader's
+# base directory, ansible-core 2.19 keeps it as a tagged string, and Mitogen sends it to the
+# local target as the module's working directory without casting it (it casts everything
+# else). Playbooks were not affected (their base directory is the playbook's, a plain str).
+_on_action_run = ansible_mitogen.connection.Connection.on_action_run
+
+
+def _on_action_run_plain_basedir(self, task_vars, delegate_to_hostname, loader_basedir):
+    return _on_action_run(self, task_vars, delegate_to_hostname,
+                          ansible_mitogen.utils.unsafe.cast(loader_basedir))
+
+
+ansible_mitogen.connection.Connection.on_action_run = _on_action_run_plain_basedir
 
 
 class StrategyModule(ansible_mitogen.strategy.StrategyMixin, Base):
