@@ -116,8 +116,10 @@ def _hosts(root: Path) -> tuple[RegistrationAuthority, Signer, Distribution]:
     ra = RegistrationAuthority(
         root / "ca-ra", POLICY, journal=journal("ca-ra"), published_dir=root / "ca-ra" / "published"
     )
-    return ra, Signer(root / "ca-signer", POLICY, journal=journal("ca-signer")), Distribution(
-        root / "ca-dist", journal=journal("ca-dist")
+    return (
+        ra,
+        Signer(root / "ca-signer", POLICY, journal=journal("ca-signer")),
+        Distribution(root / "ca-dist", journal=journal("ca-dist")),
     )
 
 
@@ -144,7 +146,9 @@ def build_history(root: Path, n: int, log: Callable[[str], None]) -> None:
         ra.register_participant(number, "Praxis Bench", mailbox, "GP", actor="bench")
         compromised = i % 80 == 3
         key = (
-            rsa.generate_private_key(public_exponent=65537, key_size=3072) if compromised else shared
+            rsa.generate_private_key(public_exponent=65537, key_size=3072)
+            if compromised
+            else shared
         )
         csr = _csr(key, mailbox)
         req = ra.submit(csr, number, actor="bench")
