@@ -135,8 +135,9 @@ class _SetupSigner(Signer):
 
 
 def build_history(root: Path, n: int, log: Callable[[str], None]) -> None:
-    """A lab-like state after ``n`` prior requests, published once, with one spare participant
-    registered (each round submits and approves its new request)."""
+    """A lab-like state after ``n`` prior requests, exchanged and published once (so every
+    host holds its last transfer, as on the lab), with one spare participant registered (each
+    round submits and approves its new request)."""
     ra, _signer, dist = _hosts(root)
     signer = _SetupSigner(root / "ca-signer", POLICY, journal=_signer.journal)
     signer.init(actor="bench")
@@ -166,7 +167,17 @@ def build_history(root: Path, n: int, log: Callable[[str], None]) -> None:
             log(f"  N={n}: {i} requests")
     ra.register_participant(SPARE, "Praxis Spare", f"spare@{DOMAIN}", "GP", actor="bench")
     signer.generate_crl(actor="bench")
-    dist.publish(root / "ca-signer", actor="bench", dn_template=DN_TEMPLATE)
+    # the transfers of the last cycle, as the lab's hosts hold them
+    exchange.unpack(
+        exchange.pack(ra._dirs["approved"], exchange.APPROVED),
+        signer.state_dir / "exchange" / "approved",
+        exchange.APPROVED,
+    )
+    incoming = dist.state_dir / "incoming"
+    exchange.unpack(
+        exchange.pack(signer.state_dir, exchange.SIGNER_OUTPUT), incoming, exchange.SIGNER_OUTPUT
+    )
+    dist.publish(incoming, actor="bench", dn_template=DN_TEMPLATE)
     exchange.unpack(
         exchange.pack(dist.published, exchange.PUBLISHED), ra.published_dir, exchange.PUBLISHED
     )
