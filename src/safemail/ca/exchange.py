@@ -11,7 +11,10 @@ account on the RA or distribution host, whose forced command either writes a bun
 A bundle is ``{"version": 1, "files": {"<relative path>": "<base64>"}}``: regular files only,
 no links, no modes, no owners. The receiver accepts only names that match its own list of
 patterns component by component (no ``..``, no hidden files, no absolute paths) and replaces
-the target directory as a whole, so a half-received bundle never shows.
+the target directory as a whole, so a half-received bundle never shows. A file the target
+already holds with the same bytes (a plain 0644 file) is hard-linked into the new tree instead
+of written and fsynced again: the signer's output and the RA's outbox carry the CA's whole
+history, and only what changed since the last transfer costs a write (issue 14).
 """
 
 from __future__ import annotations
