@@ -144,3 +144,13 @@ def test_a_file_is_kept_only_if_it_is_a_plain_0644_file(tmp_path: Path) -> None:
     assert (dest / "ca.pem").stat().st_ino != outside.stat().st_ino
     assert (dest / "crl.pem").stat().st_mode & 0o777 == 0o644
     assert outside.read_bytes() == b"CA" and outside.stat().st_nlink == 1
+
+
+def test_a_file_that_shares_its_inode_with_another_name_is_written_anew(tmp_path: Path) -> None:
+    dest = tmp_path / "incoming"
+    exchange.unpack(_bundle({"ca.pem": b"CA"}), dest, exchange.SIGNER_OUTPUT)
+    elsewhere = tmp_path / "elsewhere.pem"
+    os.link(dest / "ca.pem", elsewhere)  # changed in place there later, it would change here
+    exchange.unpack(_bundle({"ca.pem": b"CA"}), dest, exchange.SIGNER_OUTPUT)
+    assert (dest / "ca.pem").stat().st_ino != elsewhere.stat().st_ino
+    assert (dest / "ca.pem").stat().st_nlink == 1 and (dest / "ca.pem").read_bytes() == b"CA"

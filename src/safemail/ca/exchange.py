@@ -148,7 +148,7 @@ def unpack(data: bytes, dest: Path, patterns: Sequence[str]) -> list[str]:
 
 def _reuse(current: Path, target: Path, content: bytes) -> bool:
     """Hard-link ``current`` (the receiver's file from the last transfer) as ``target`` if it
-    is a regular 0644 file with exactly ``content``; return whether it did.
+    is a regular 0644 file with one name and exactly ``content``; return whether it did.
 
     The signer's output and the RA's outbox carry every certificate and every approved
     request ever made, and a fresh file costs two fsyncs: writing only what changed keeps a
@@ -164,6 +164,7 @@ def _reuse(current: Path, target: Path, content: bytes) -> bool:
         if (
             not stat.S_ISREG(st.st_mode)
             or stat.S_IMODE(st.st_mode) != 0o644
+            or st.st_nlink != 1  # shared with a name outside the tree: never adopt it
             or st.st_size != len(content)
         ):
             return False
