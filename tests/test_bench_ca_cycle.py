@@ -33,9 +33,12 @@ def test_bad_arguments_are_refused(
 
 def test_one_round_reports_every_part_and_the_ratio(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    assert bench_ca_cycle.main(
-        ["--sizes", "0,2", "--rounds", "1", "--dir", str(tmp_path), "--out", str(out)]
-    ) == 0
+    assert (
+        bench_ca_cycle.main(
+            ["--sizes", "0,2", "--rounds", "1", "--dir", str(tmp_path), "--out", str(out)]
+        )
+        == 0
+    )
     [path] = out.glob("ca_cycle-*.json")
     result = json.loads(path.read_text())
     assert set(result["sizes"]) == {"0", "2"}
