@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help setup venv lock demo test lint unit integration integration-full converge lab-up \
-	lab-down bench-gate bench-stage molecule-stage molecule-role mutate template
+	lab-down bench-gate bench-stage bench-ca-cycle molecule-stage molecule-role mutate template
 
 # The venv is current when its stamp for this pyproject.toml and constraints.txt exists
 # (scripts/setup-venv.sh writes it); lint and unit depend on it, not on the host setup.
@@ -28,6 +28,7 @@ help:
 	@echo "make mutate - the mutation run on the running, converged lab (docs/mutations.md)"
 	@echo "make bench-gate - S/MIME gate in Postfix: with/null/without, VM and native relay (lab up)"
 	@echo "make bench-stage - stage rerun and verify against their floors (lab up, converged)"
+	@echo "make bench-ca-cycle - the CA signer's exchange cycle against the CA's history (no lab)"
 	@echo "make template - the VMware template from the golden image, checked and booted under QEMU"
 
 setup:
@@ -97,6 +98,12 @@ bench-gate: setup
 BENCH_ARGS ?= --rows rerun,rerun-nspawn --rounds 10
 bench-stage: setup
 	$(BIN)/python bench/bench_stage.py $(BENCH_ARGS)
+
+# The CA signer's exchange cycle after N = 0, 50, 200, 500 prior requests (issue 14), in-process
+# on temporary state directories, no lab; about 5 minutes. E.g. BENCH_CA_ARGS="--rounds 3".
+BENCH_CA_ARGS ?=
+bench-ca-cycle: setup
+	$(BIN)/python bench/bench_ca_cycle.py $(BENCH_CA_ARGS)
 
 # Molecule (docs/molecule.md). The stage scenario: starts the lab, converges site.yml,
 # second run changed=0, --check, verify of every built requirement, stops the lab.

@@ -104,3 +104,53 @@ def test_cli_bundle_and_unbundle(
     monkeypatch.setattr("sys.stdin", type("S", (), {"buffer": io.BytesIO(data)}))
     assert main(["ca", "unbundle", "signer-output", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "ca.pem").read_text() == "CA"
+
+
+# ------------------------------------------------ issue 14: unchanged files are not rewritten
+def _bundle(files: dict[str, bytes]) -> bytes:
+    encoded = {name: base64.b64encode(data).decode() for name, data in files.items()}
+    return json.dumps({"version": 1, "files": encoded}).encode()
+
+
+def test_unchanged_files_are_kept_changed_ones_written(tmp_path: Path) -> None:
+    dest = tmp_path / "incoming"
+    first = {"ca.pem": b"CA", "issued/01.pem": b"ONE", "issued/02.pem": b"TWO"}
+    exchange.unpack(_bundle(first), dest, exchange.SIGNER_OUTPUT)
+    inode = {n: (dest / n).stat().st_ino for n in first}
+    second = {"ca.pem": b"CA", "issued/01.pem": b"ONE", "issued/02.pem": b"2WO"}
+    second["issued/03.pem"] = b"THREE"
+    exchange.unpack(_bundle(second), dest, exchange.SIGNER_OUTPUT)
+    for name, data in second.items():
+        assert (dest / name).read_bytes() == data
+        assert (dest / name).stat().st_mode & 0o777 == 0o644
+    assert (dest / "ca.pem").stat().st_ino == inode["ca.pem"]  # kept, not rewritten
+    assert (dest / "issued/01.pem").stat().st_ino == inode["issued/01.pem"]
+    assert (dest / "issued/02.pem").stat().st_ino != inode["issued/02.pem"]  # same size, new
+    assert (dest / "issued/01.pem").stat().st_nlink == 1  # the old tree is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["incoming"]
+
+
+def test_a_file_is_kept_only_if_it_is_a_plain_0644_file(tmp_path: Path) -> None:
+    dest = tmp_path / "incoming"
+    exchange.unpack(_bundle({"ca.pem": b"CA", "crl.pem": b"CRL"}), dest, exchange.SIGNER_OUTPUT)
+    outside = tmp_path / "outside.pem"
+    outside.write_bytes(b"CA")
+    os.chmod(outside, 0o644)
+    (dest / "ca.pem").unlink()
+    os.symlink(outside, dest / "ca.pem")  # same content behind a link: written anew
+    os.chmod(dest / "crl.pem", 0o600)  # same content, other mode: written anew
+    exchange.unpack(_bundle({"ca.pem": b"CA", "crl.pem": b"CRL"}), dest, exchange.SIGNER_OUTPUT)
+    assert not (dest / "ca.pem").is_symlink()
+    assert (dest / "ca.pem").stat().st_ino != outside.stat().st_ino
+    assert (dest / "crl.pem").stat().st_mode & 0o777 == 0o644
+    assert outside.read_bytes() == b"CA" and outside.stat().st_nlink == 1
+
+
+def test_a_file_that_shares_its_inode_with_another_name_is_written_anew(tmp_path: Path) -> None:
+    dest = tmp_path / "incoming"
+    exchange.unpack(_bundle({"ca.pem": b"CA"}), dest, exchange.SIGNER_OUTPUT)
+    elsewhere = tmp_path / "elsewhere.pem"
+    os.link(dest / "ca.pem", elsewhere)  # changed in place there later, it would change here
+    exchange.unpack(_bundle({"ca.pem": b"CA"}), dest, exchange.SIGNER_OUTPUT)
+    assert (dest / "ca.pem").stat().st_ino != elsewhere.stat().st_ino
+    assert (dest / "ca.pem").stat().st_nlink == 1 and (dest / "ca.pem").read_bytes() == b"CA"
