@@ -74,7 +74,6 @@ def test_combine_merges_duplicates_and_keeps_both_purposes():
     ({"from": "a", "to": "b", "proto": "tcp", "port": "22", "purpose": "x"}, "port '22'"),
     ({"from": "a", "to": "b", "proto": "tcp", "port": 70000, "purpose": "x"}, "port 70000"),
     ({"from": "a", "to": "b", "proto": "tcp", "port": 22}, "lacks purpose"),
-    ({"from": "a", "to": "a", "proto": "tcp", "port": 22, "purpose": "x"}, "to itself"),
 ])
 def test_combine_refuses_bad_flows(flow, message):
     with pytest.raises(matrix.MatrixError, match=message):
@@ -106,6 +105,37 @@ def test_host_rules_in_and_out():
     assert [(r.port, r.networks) for r in auth["input"]] == [
         (22, ("10.0.0.1/32",)), (389, ("10.0.2.12/32", "10.0.3.11/32"))]
     assert [r.port for r in auth["output"]] == [80]
+
+
+def test_a_flow_inside_a_group_connects_its_hosts_and_no_host_to_itself():
+    """AV-02: auth -> auth tcp/389 (replica pulls from provider). One auth host: no rule at
+    all (its ruleset stays as before); two: each accepts and reaches only the other."""
+    flows = matrix.combine([*NETWORK["safemail_site_flows"], *FLOWS, {
+        "from": "auth", "to": "auth", "proto": "tcp", "port": 389, "purpose": "repl"}])
+
+    def shape(rules: dict) -> dict:
+        return {k: [(r.proto, r.port, r.networks) for r in v] for k, v in rules.items()}
+
+    assert shape(matrix.host_rules(flows, _topo(), "auth1")) == shape(
+        matrix.host_rules(_flows(), _topo(), "auth1"))
+    topo = _topo()
+    topo.nodes["auth2"] = matrix.Node("auth2", ("auth", "service"), "back", "10.0.3.20",
+                                      "10.0.0.20")
+    two = matrix.host_rules(flows, topo, "auth1")
+    assert [(r.port, r.networks) for r in two["input"]] == [
+        (22, ("10.0.0.1/32",)), (389, ("10.0.2.12/32", "10.0.3.11/32", "10.0.3.20/32"))]
+    assert [(r.port, r.networks) for r in two["output"]] == [
+        (80, ("10.0.4.5/32",)), (389, ("10.0.3.20/32",))]
+    assert [(p.dst, p.port) for p in matrix.probes(flows, topo, "store1", ["auth1"], [389])
+            if p.expect] == [("auth1", 389)]
+
+
+@pytest.mark.parametrize("name", ["back", "mirror"])
+def test_a_segment_or_endpoint_to_itself_is_refused(name):
+    flows = matrix.combine([{"from": name, "to": name, "proto": "tcp", "port": 22,
+                             "purpose": "x"}])
+    with pytest.raises(matrix.MatrixError, match="to itself"):
+        matrix.check(flows, _topo())
 
 
 def test_uncovered_finds_a_missing_admin_rule():

@@ -273,9 +273,9 @@ def combine(raw: Iterable[Mapping[str, Any]]) -> tuple[Flow, ...]:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: port {port!r} "
                               "is not a number from 1 to 65535")
-        if item["from"] == item["to"]:
-            raise MatrixError(f"{where}: flow from {item['from']} to itself",
-                              hint="traffic inside one host is loopback; it needs no flow")
+        # from == to is a flow between the hosts of one group (AV-02: a directory replica
+        # and its provider); :func:`check` refuses it for a segment or an endpoint, and
+        # :func:`host_rules` drops a host's own address, so a one-host group gets no rule.
         key = (str(item["from"]), str(item["to"]), proto, port)
         purposes = merged.setdefault(key, [])
         purpose = " ".join(str(item["purpose"]).split())
@@ -318,6 +318,10 @@ def check(flows: Sequence[Flow], topo: Topology) -> None:
     for f in flows:
         topo.kind(f.src)
         topo.kind(f.dst)
+        if f.src == f.dst and topo.kind(f.src) != "group":
+            raise MatrixError(f"flow from {f.src} to itself",
+                              hint="only the hosts of one group reach each other this way; "
+                                   "traffic inside one host is loopback and needs no flow")
         if topo.kind(f.dst) == "segment" and f.dst == MGMT_SEGMENT:
             raise MatrixError(f"flow {f.src} -> {f.dst}: nothing is offered on the mgmt segment")
     for node in topo.nodes.values():
