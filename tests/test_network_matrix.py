@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -136,6 +137,67 @@ def test_a_segment_or_endpoint_to_itself_is_refused(name):
                              "purpose": "x"}])
     with pytest.raises(matrix.MatrixError, match="to itself"):
         matrix.check(flows, _topo())
+
+
+@pytest.mark.parametrize(("flow", "message"), [
+    ({"from": "relay", "to": "relay", "proto": "vrrp", "port": 112, "purpose": "x"},
+     "no ports"),
+    ({"from": "relay", "to": "relay", "proto": "tcp", "purpose": "x"}, "lacks port"),
+])
+def test_vrrp_has_no_port_and_tcp_needs_one(flow, message):
+    with pytest.raises(matrix.MatrixError, match=message):
+        matrix.combine([flow])
+
+
+def _two_relays() -> matrix.Topology:
+    topo = _topo()
+    topo.nodes["relay2"] = matrix.Node("relay2", ("relay", "service"), "front", "10.0.2.13",
+                                       "10.0.0.18")
+    return topo
+
+
+VRRP = {"from": "relay", "to": "relay", "proto": "vrrp", "purpose": "VRRP between the relays"}
+
+
+def test_vrrp_between_the_relays_only(tmp_path):
+    """AV-02: VRRP (IP protocol 112) in and out only to the other relay; the rendered
+    nftables ruleset says so and nft accepts it (check mode: nothing is loaded)."""
+    import shutil
+    import subprocess
+
+    import jinja2
+
+    flows = matrix.combine([*NETWORK["safemail_site_flows"], *FLOWS, VRRP])
+    assert [f.service for f in flows if f.proto == "vrrp"] == ["vrrp"]
+    one = matrix.host_rules(flows, _topo(), "relay1")
+    assert not [r for rs in one.values() for r in rs if r.proto == "vrrp"]  # one relay: none
+    rules = matrix.host_rules(flows, _two_relays(), "relay1")
+    assert [(r.proto, r.networks) for r in rules["input"] if r.proto == "vrrp"] == [
+        ("vrrp", ("10.0.2.13/32",))]
+    assert [(r.proto, r.networks) for r in rules["output"] if r.proto == "vrrp"] == [
+        ("vrrp", ("10.0.2.13/32",))]
+    assert not [r for r in matrix.host_rules(flows, _two_relays(), "store1")["input"]
+                if r.proto == "vrrp"]
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(
+        str(REPO / "roles/firewall/templates")), undefined=jinja2.StrictUndefined,
+        trim_blocks=True)  # as Ansible's template module
+    env.filters["comment"] = lambda text: f"# {text}"
+    text = env.get_template("etc/nftables.conf.j2").render(
+        ansible_managed="test", inventory_hostname="relay1", firewall_table="safemail",
+        firewall_admin_sources=["10.0.0.1"], firewall_admin_port=22, firewall_log_drops=False,
+        firewall_log_rate="10/minute",
+        __firewall_rules={k: [r.as_dict() for r in v] for k, v in rules.items()})
+    assert "ip saddr { 10.0.2.13/32 } ip protocol vrrp accept" in text
+    assert "ip daddr { 10.0.2.13/32 } ip protocol vrrp accept" in text
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    if not Path(nft).exists() or os.geteuid() != 0:
+        pytest.skip("nft check needs nftables and root")
+    (tmp_path / "rules.nft").write_text(text)
+    # `nft -c` in a fresh network namespace: it parses and checks, and even a bug could
+    # touch nothing but that throwaway namespace.
+    proc = subprocess.run(["unshare", "--net", nft, "-c", "-f", str(tmp_path / "rules.nft")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_uncovered_finds_a_missing_admin_rule():

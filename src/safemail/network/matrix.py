@@ -32,7 +32,10 @@ import yaml
 from safemail.errors import SafeMailError
 from safemail.project import Project
 
-PROTOCOLS = ("tcp", "udp")
+PROTOCOLS = ("tcp", "udp", "vrrp")
+# IP protocols without ports (AV-02: VRRP between the relays, IP protocol 112). A flow of one
+# gives no port, or port 0; the firewall matches the protocol alone.
+PORTLESS = ("vrrp",)
 NETWORK_FILE = Path("group_vars") / "all" / "network.yml"
 # The role wiring beside the playbooks (relative to the checkout): holds FLOW_ROLES_VAR.
 WIRING_FILE = Path("playbooks") / "group_vars" / "all.yml"
@@ -69,7 +72,7 @@ class Flow:
 
     @property
     def service(self) -> str:
-        return f"{self.proto}/{self.port}"
+        return self.proto if self.proto in PORTLESS else f"{self.proto}/{self.port}"
 
 
 @dataclass(frozen=True)
@@ -261,16 +264,22 @@ def combine(raw: Iterable[Mapping[str, Any]]) -> tuple[Flow, ...]:
         where = item.get("_origin", "flow")
         if not isinstance(item, Mapping):
             raise MatrixError(f"{where}: a flow must be a mapping, not {item!r}")
-        missing = [k for k in ("from", "to", "proto", "port", "purpose") if k not in item]
+        proto = str(item.get("proto", "")).lower()
+        missing = [k for k in ("from", "to", "proto", "port", "purpose") if k not in item
+                   and not (k == "port" and proto in PORTLESS)]
         if missing:
             raise MatrixError(f"{where}: flow {dict(item)} lacks {', '.join(missing)}",
                               hint="a flow is {from, to, proto, port, purpose}")
-        proto = str(item["proto"]).lower()
         if proto not in PROTOCOLS:
             raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: protocol "
-                              f"{item['proto']!r} (use tcp or udp)")
-        port = item["port"]
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                              f"{item['proto']!r} (use tcp, udp or vrrp)")
+        port = item.get("port", 0)
+        if proto in PORTLESS:
+            if port not in (0, None) or isinstance(port, bool):
+                raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: {proto} has "
+                                  f"no ports, not {port!r}", hint="leave port out (or 0)")
+            port = 0
+        elif isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: port {port!r} "
                               "is not a number from 1 to 65535")
         # from == to is a flow between the hosts of one group (AV-02: a directory replica
