@@ -13,7 +13,10 @@ with the reason (marker ``redundant_stage``).
   (Postfix's own ldap table, through the replica), an unknown address still resolves to
   nothing, and the store still authenticates a participant's IMAP password (Dovecot).
 
-Relay failover behind one service address (VRRP) is not built yet: no test here claims it.
+- The relays' service address (keepalived): with the active relay's S/MIME gate stopped,
+  then keepalived stopped on the next active relay, the address moves within
+  FAILOVER_SECONDS each time and mail sent to the service name is accepted and delivered;
+  the relay whose gate is down, asked directly, refuses (twin).
 """
 
 from __future__ import annotations
@@ -210,3 +213,112 @@ def test_relays_and_store_use_the_replica_while_the_provider_is_stopped(request,
     up = _wait(lambda: _ldap(provider, stage["vars"]["safemail_ldap_uri"], "ldapwhoami",
                              bind=_account(stage, "relay")).rc == 0, 30)
     assert up is not None, "slapd on the provider did not come back"
+
+
+# -- the relays' service address (roles/relay_vrrp, keepalived) --------------------------------
+
+PDIR = "/var/lib/safemail-participant"
+SAFEMAIL = "/opt/safemail/venv/bin/safemail"
+FAILOVER_SECONDS = 30  # measured locally: 5 s after a failed check, 1 s after a stop
+
+
+def _holders(relays: dict, address: str) -> list[str]:
+    return [name for name, h in relays.items()
+            if f" {address}/" in h.run("ip -4 -o addr show").stdout]
+
+
+def _participant(request, stage: dict, index: int):
+    entry = stage["vars"]["safemail_participants"][index]
+    password = stage["vars"]["safemail_participant_passwords"][str(entry["number"])]
+    return _host(request.config, entry["lab_host"]), entry["mailbox"], password
+
+
+def _send(sender, to: str, host: str, subject: str, body: str, dist_uri: str):
+    h, mailbox, password = sender
+    path = f"/tmp/body-{uuid.uuid4().hex}"
+    h.run(f"cat > {path} <<'EOF_BODY'\n{body}\nEOF_BODY")
+    res = h.run(f"SAFEMAIL_PASSWORD={shlex.quote(password)} {SAFEMAIL} participant send "
+                f"--from {mailbox} --to {to} --subject {shlex.quote(subject)} --body-file {path} "
+                f"--directory {dist_uri} --smime-ca {PDIR}/ca.pem --host {host} "
+                f"--cafile {SERVICE_CA}")
+    h.run(f"rm -f {path}")
+    return res
+
+
+def _fetch(recipient, host: str, subject: str) -> str:
+    h, mailbox, password = recipient
+    env = f"SAFEMAIL_PASSWORD={shlex.quote(password)}"
+    listing = h.run(f"{env} {SAFEMAIL} participant fetch --list --mailbox {mailbox} "
+                    f"--host {host} --cafile {SERVICE_CA}")
+    for line in listing.stdout.splitlines():
+        uid, _, header = line.partition("\t")
+        if subject in header:
+            return h.run(f"{env} {SAFEMAIL} participant fetch --mailbox {mailbox} --uid {uid} "
+                         f"--key {PDIR}/key.pem --cert {PDIR}/cert.pem --host {host} "
+                         f"--cafile {SERVICE_CA}").stdout
+    return ""
+
+
+@pytest.mark.req("AV-02")
+@pytest.mark.redundant_stage
+@pytest.mark.lab_participants
+@pytest.mark.disruptive
+@pytest.mark.stage_hosts("relay", also=("participants", "store", "ca_dist"))
+def test_the_service_address_moves_and_mail_is_still_accepted(request, stage, evidence):
+    """The active relay's S/MIME gate stops (health check) and then keepalived on the next
+    active relay stops: each time the service address moves within FAILOVER_SECONDS and a
+    participant's mail sent to the service name is accepted and delivered. Twin: the relay
+    whose gate is down, asked directly, does not accept the mail."""
+    service = stage["vars"]["safemail_relay_service"]
+    name, address = service["name"], service["address"]
+    relays = {n: _host(request.config, n) for n in stage["relays"]}
+    p1, p2 = _participant(request, stage, 0), _participant(request, stage, 1)
+    dist_host = _host(request.config, _groups(request.config)["ca_dist"][0])
+    dist = f"http://{dist_host.ansible.get_variables()['safemail_address']}/"  # as test_mail
+    holders = _holders(relays, address)
+    evidence(f"{address} ({name}) held by {holders}")
+    assert len(holders) == 1, f"the service address is held by {holders}, not one relay"
+    first = holders[0]
+
+    def moved_from(old: str) -> tuple[str, float]:
+        start = time.monotonic()
+        while time.monotonic() - start < FAILOVER_SECONDS:
+            now = _holders(relays, address)
+            if len(now) == 1 and now[0] != old:
+                return now[0], time.monotonic() - start
+            time.sleep(0.5)
+        raise AssertionError(f"{address} did not leave {old} within {FAILOVER_SECONDS} s "
+                             f"(holders: {_holders(relays, address)})")
+
+    def delivered(label: str) -> None:
+        subject, body = f"AV-02 {label} {uuid.uuid4().hex[:8]}", f"Befund {uuid.uuid4().hex}"
+        sent = _send(p1, p2[1], name, subject, body, dist)
+        evidence(f"{label}: send to {name} rc={sent.rc} {sent.stderr.strip()[-200:]!r}")
+        assert sent.rc == 0, f"mail to the service name refused ({label}): {sent.stderr}"
+        got = ""
+        deadline = time.monotonic() + 120
+        while not got and time.monotonic() < deadline:
+            got = _fetch(p2, name, subject)
+            time.sleep(2)
+        assert body in got, f"mail sent {label} not delivered and decrypted within 120 s"
+
+    delivered("before any fault")
+    gate = relays[first].run("systemctl stop safemail-smime-gate.service")
+    assert gate.rc == 0, gate.stderr
+    try:
+        second, took = moved_from(first)
+        evidence(f"S/MIME gate stopped on {first}: {address} on {second} after {took:.1f} s")
+        direct = _send(p1, p2[1], first, "AV-02 direct", "x", dist)
+        evidence(f"twin: send directly to {first} (gate down) rc={direct.rc}")
+        assert direct.rc != 0, f"{first} accepted mail with its gate down"
+        delivered(f"gate down on {first}")
+    finally:
+        relays[first].run("systemctl start safemail-smime-gate.service")
+    stop = relays[second].run("systemctl stop keepalived")
+    assert stop.rc == 0, stop.stderr
+    try:
+        third, took = moved_from(second)
+        evidence(f"keepalived stopped on {second}: {address} on {third} after {took:.1f} s")
+        delivered(f"keepalived stopped on {second}")
+    finally:
+        relays[second].run("systemctl start keepalived")
