@@ -220,6 +220,7 @@ def test_relays_and_store_use_the_replica_while_the_provider_is_stopped(request,
 PDIR = "/var/lib/safemail-participant"
 SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 FAILOVER_SECONDS = 30  # measured locally: 5 s after a failed check, 1 s after a stop
+CHECK = "/usr/local/sbin/safemail-relay-vrrp-check"  # roles/relay_vrrp's health check
 
 
 def _holders(relays: dict, address: str) -> list[str]:
@@ -314,6 +315,13 @@ def test_the_service_address_moves_and_mail_is_still_accepted(request, stage, ev
         delivered(f"gate down on {first}")
     finally:
         relays[first].run("systemctl start safemail-smime-gate.service")
+    # The address stays on `second` (equal priorities); `first` must be healthy again before
+    # `second` is taken away, or the next mail would meet a relay whose gate is still starting.
+    healthy = _wait(lambda: relays[first].run(CHECK).rc == 0, FAILOVER_SECONDS)
+    evidence(f"{first} healthy again after {healthy} s; {address} stays on "
+             f"{_holders(relays, address)}")
+    assert healthy is not None, f"{first}'s health check still fails after the gate restart"
+    assert _holders(relays, address) == [second], "the recovered relay took the address back"
     stop = relays[second].run("systemctl stop keepalived")
     assert stop.rc == 0, stop.stderr
     try:
