@@ -364,6 +364,11 @@ class Rule:
 def _rules(pairs: Iterable[tuple[Flow, list[str]]]) -> list[Rule]:
     by_service: dict[tuple[str, int], tuple[set[str], list[str]]] = {}
     for flow, nets in pairs:
+        if not nets:
+            # A flow that admits nobody here (AV-02: auth -> auth with one auth host, whose
+            # own address is dropped) must not reach the rule's comment either, or a
+            # single-host stage's ruleset changes (its text, so the firewall reloads).
+            continue
         entry = by_service.setdefault((flow.proto, flow.port), (set(), []))
         entry[0].update(nets)
         for p in flow.purposes:
