@@ -549,3 +549,49 @@ def test_a_statement_that_is_not_a_relays_is_refused(text: str, message: str) ->
         total.parse_statement("relay1", text)
     with pytest.raises(SafeMailError, match="no relay statement"):
         total.combine({}, POLICY)
+
+
+def test_a_relay_billed_at_other_rates_or_with_edited_counts_is_refused(
+        two_relays: dict[str, str]) -> None:
+    """The relays' own payouts must follow the site's policy: a relay left at other rates (or
+    billed before a rate change), or counts lowered without the payout, is not summed."""
+    from safemail.accounting import total
+
+    statements = {r: total.parse_statement(r, t) for r, t in two_relays.items()}
+    assert total.combine(statements, POLICY)
+    with pytest.raises(SafeMailError, match="relay1, participant 100002: the relay billed 6.00"):
+        total.combine(statements, Policy(40, 25, 1000))
+    edited = two_relays["relay1"].replace("100002,LAB,12,0,6.00,no", "100002,LAB,11,0,6.00,no")
+    assert edited != two_relays["relay1"]
+    with pytest.raises(SafeMailError, match="relay1, participant 100002"):
+        total.combine({**statements, "relay1": total.parse_statement("relay1", edited)}, POLICY)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # the same participant in other digits would be a second participant in the sum
+    ("number,specialty,sent,received,payout_eur,capped\n１００００２,LAB,1,0,0.50,no\n",
+     "not digits"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,١,0,0.50,no\n",
+     "not a whole number"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,1,0,0.5,no\n",
+     "not euros.cents"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,1,0,0.50,maybe\n",
+     "not yes or no"),
+])
+def test_a_statement_in_other_digits_or_forms_is_refused(text: str, message: str) -> None:
+    from safemail.accounting import total
+
+    with pytest.raises(SafeMailError, match=message):
+        total.parse_statement("relay1", text)
+
+
+@pytest.mark.parametrize("rate", [2.5, "2.5", True, -1])
+def test_total_command_refuses_a_rate_that_is_not_a_whole_number(
+        rate: object, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from safemail.accounting import total
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({
+        "policy": {"rate_sent_cents": rate, "rate_received_cents": 25, "cap_cents": 1000},
+        "statements": {"relay1": "number,specialty,sent,received,payout_eur,capped\n"}})))
+    assert total.main([]) == 2
+    assert "rate_sent_cents" in capsys.readouterr().err

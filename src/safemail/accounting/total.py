@@ -38,6 +38,10 @@ class RelayLine:
     specialty: str
     sent: int
     received: int
+    # What the relay billed for its own counts (cents) and whether its cap cut it: checked
+    # against the site's policy in :func:`combine`, then not used.
+    payout_cents: int = -1
+    capped: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,22 @@ class TotalLine:
     relays: tuple[str, ...]
 
 
+def _digits(value: str) -> bool:
+    # ASCII only: str.isdigit() also takes '١٢' or '²', and a participant number written
+    # in other digits would be a second participant in the sum (a cap walked around).
+    return value.isascii() and value.isdigit()
+
+
+def _cents(value: str, where: str) -> int:
+    euros, dot, cents = value.partition(".")
+    if not (_digits(euros) and dot and len(cents) == 2 and _digits(cents)):
+        raise SafeMailError(f"{where}: payout_eur {value!r} is not euros.cents",
+                            "use the statement exactly as the relay printed it")
+    return int(euros) * 100 + int(cents)
+
+
 def _count(value: str, what: str, where: str) -> int:
-    if not value.isdigit():
+    if not _digits(value):
         raise SafeMailError(f"{where}: {what} {value!r} is not a whole number >= 0",
                             "use the statement exactly as the relay printed it")
     return int(value)
@@ -69,15 +87,18 @@ def parse_statement(relay: str, text: str) -> list[RelayLine]:
         where = f"statement of {relay}, line {n}"
         if len(row) != len(HEADER):
             raise SafeMailError(f"{where}: {len(row)} fields, not {len(HEADER)}")
-        number, specialty, sent, received = row[:4]
-        if not number.isdigit():
+        number, specialty, sent, received, payout, capped = row
+        if not _digits(number):
             raise SafeMailError(f"{where}: participant number {number!r} is not digits")
         if number in seen:
             raise SafeMailError(f"{where}: participant {number} appears twice",
                                 "a relay's statement has one line per participant")
         seen.add(number)
+        if capped not in ("yes", "no"):
+            raise SafeMailError(f"{where}: capped {capped!r} is not yes or no")
         lines.append(RelayLine(number, specialty, _count(sent, "sent", where),
-                               _count(received, "received", where)))
+                               _count(received, "received", where), _cents(payout, where),
+                               capped == "yes"))
     return lines
 
 
@@ -91,6 +112,18 @@ def combine(statements: Mapping[str, list[RelayLine]], policy: Policy) -> list[T
     relays: dict[str, list[str]] = {}
     for relay in sorted(statements):
         for line in statements[relay]:
+            # The relay billed its own counts with its own copy of the rates: it must be the
+            # site's policy (a relay left at old rates, a quarter billed there before a rate
+            # change, or counts edited without the payout are refused, not summed).
+            if line.payout_cents >= 0 and (line.payout_cents, line.capped) != policy.payout(
+                    line.sent, line.received):
+                raise SafeMailError(
+                    f"statement of {relay}, participant {line.number}: the relay billed "
+                    f"{_euro(line.payout_cents)} EUR for sent {line.sent}, received "
+                    f"{line.received}; the site's rates and cap give "
+                    f"{_euro(policy.payout(line.sent, line.received)[0])} EUR",
+                    "every relay must bill with the site's safemail_subsidy: compare "
+                    "/etc/safemail/accounting.yml on that relay; do not edit statements")
             total = sums.setdefault(line.number, [0, 0])
             total[0] += line.sent
             total[1] += line.received
@@ -132,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = json.load(sys.stdin)
         p = data["policy"]
-        policy = Policy(int(p["rate_sent_cents"]), int(p["rate_received_cents"]),
-                        int(p["cap_cents"]))
+        # Whole numbers (or their digits, as the accounting role's int options take them);
+        # int() alone would quietly turn a rate of 2.5 into 2. Policy refuses the rest.
+        policy = Policy(*(int(v) if isinstance(v, str) and _digits(v) else v for v in (
+            p["rate_sent_cents"], p["rate_received_cents"], p["cap_cents"])))
         statements = {str(relay): parse_statement(str(relay), str(text))
                       for relay, text in dict(data["statements"]).items()}
         print(render_csv(combine(statements, policy)), end="")
