@@ -595,3 +595,36 @@ def test_total_command_refuses_a_rate_that_is_not_a_whole_number(
         "statements": {"relay1": "number,specialty,sent,received,payout_eur,capped\n"}})))
     assert total.main([]) == 2
     assert "rate_sent_cents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("relay2", "refused"), [
+    ({"safemail_address": "198.18.2.10", "ansible_port": 9}, True),   # a copied entry
+    ({"safemail_address": "198.18.2.11", "ansible_port": 9}, True),   # same host:port
+    ({"safemail_address": "198.18.2.11", "ansible_port": 7}, False),  # two machines
+])
+def test_bill_play_refuses_two_inventory_names_for_one_relay(
+        tmp_path: Path, relay2: dict, refused: bool) -> None:
+    """AV-02: accounting-bill.yml sums one ledger per inventory name; two names for one
+    machine would pay its counts twice (up to the cap). Refused before anything runs on a
+    host; the twin (two machines) passes the check and fails only at the first connection
+    (closed ports on 127.0.0.1: nothing is billed anywhere)."""
+    import subprocess
+    import sys
+
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    if not playbook.exists():
+        pytest.skip("ansible is not installed in this environment")
+    root = Path(__file__).resolve().parents[1]
+    common = {"ansible_host": "127.0.0.1", "ansible_user": "nobody"}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"relay": {
+        "hosts": {"relay1": {**common, "safemail_address": "198.18.2.10", "ansible_port": 9},
+                  "relay2": {**common, **relay2}}}}}}))
+    proc = subprocess.run(
+        [str(playbook), "-i", str(tmp_path / "hosts.yml"), "playbooks/accounting-bill.yml",
+         "-e", "accounting_quarter=2026Q1", "-e", "accounting_operator=test"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ANSIBLE_CONFIG": str(root / "ansible.cfg")})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("are the same machine" in out) is refused, out[-2000:]
+    assert ("UNREACHABLE" in out) is not refused, out[-2000:]
