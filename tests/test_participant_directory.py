@@ -473,10 +473,21 @@ def test_a_replica_answers_when_the_provider_is_down(
 
 
 def test_the_provider_is_used_while_it_answers(server: Slapd, tmp_path: Path, pki: Pki) -> None:
-    """Provider up: the replica (here a port nobody listens on) is never needed."""
-    config = _config(server, tmp_path, pki,
-                     replica_uris=(f"ldap://127.0.0.1:{free_port()}",))
-    assert directory.LdapCertificateDirectory(config).certificates_for(RECIPIENT)
+    """Provider up: the replica is never contacted. The replica here is a socket that
+    listens and never answers: a client that tried it first (or at all) leaves a connection
+    in its queue (it would then time out and still reach the provider, so the lookup alone
+    could not tell)."""
+    import socket
+
+    with socket.socket() as replica:
+        replica.bind(("127.0.0.1", 0))
+        replica.listen(4)
+        replica.setblocking(False)
+        config = _config(server, tmp_path, pki, timeout=2,
+                         replica_uris=(f"ldap://127.0.0.1:{replica.getsockname()[1]}",))
+        assert directory.LdapCertificateDirectory(config).certificates_for(RECIPIENT)
+        with pytest.raises(BlockingIOError):
+            replica.accept()
 
 
 def test_a_tls_failure_does_not_fall_over_to_a_replica(
