@@ -235,3 +235,147 @@ def test_the_script_says_how_to_use_it():
     proc = subprocess.run(["python3", str(REPO / "verify/faultload.py")], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 2 and "usage: faultload.py send" in proc.stderr
+
+
+# ------------------------------------------------------------------ the sender, against a local server
+
+
+class _Server:
+    """A small SMTP submission server (STARTTLS, AUTH PLAIN) on localhost that answers each
+    message's final dot from a script: "ok" (250), "tempfail" (451) or "drop" (the message is
+    kept, the connection closed without a reply, as when a relay loses power after its queue
+    file is written)."""
+
+    def __init__(self, tmp_path: Path, script: list[str]) -> None:
+        import datetime
+        import socket
+        import ssl
+        import threading
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(1)
+                .not_valid_before(now - datetime.timedelta(minutes=1))
+                .not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                .sign(key, hashes.SHA256()))
+        self.cafile = tmp_path / "server.pem"
+        self.cafile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        keyfile = tmp_path / "server.key"
+        keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(self.cafile, keyfile)
+        self.script = list(script)
+        self.stored: list[bytes] = []
+        self.sessions = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sessions += 1
+            try:
+                self._session(conn)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _session(self, conn) -> None:
+        f = conn.makefile("rwb")
+
+        def say(line: str) -> None:
+            f.write(line.encode() + b"\r\n")
+            f.flush()
+
+        say("220 localhost ESMTP")
+        while line := f.readline():
+            cmd = line.strip().upper()
+            if cmd.startswith(b"EHLO"):
+                say("250-localhost\r\n250-STARTTLS\r\n250 AUTH PLAIN")
+            elif cmd == b"STARTTLS":
+                say("220 go ahead")
+                conn = self.context.wrap_socket(conn, server_side=True)
+                f = conn.makefile("rwb")
+            elif cmd.startswith(b"AUTH PLAIN"):
+                say("235 ok")
+            elif cmd.startswith((b"MAIL", b"RCPT", b"RSET")):
+                say("250 ok")
+            elif cmd == b"DATA":
+                say("354 go on")
+                data = b""
+                while (chunk := f.readline()) != b".\r\n":
+                    data += chunk
+                what = self.script.pop(0) if self.script else "ok"
+                if what == "tempfail":
+                    say("451 4.3.0 try again later")
+                    continue
+                self.stored.append(data)
+                if what == "drop":
+                    conn.close()
+                    return
+                say("250 2.0.0 Ok: queued")
+            elif cmd == b"QUIT":
+                say("221 bye")
+                return
+            else:
+                say("502 no")
+
+
+def test_the_sender_batches_retries_and_its_resend_shows_as_a_duplicate(tmp_path):
+    """The real sender (build and encrypt with safemail.participant.message, one session per
+    batch) against the local server: the 2nd mail is refused with 451 once, the 4th is kept by
+    the server but its reply never comes. Both are resent; the accounting finds the 4th
+    twice, named as resent after an unanswered dot, and everything else exactly once."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from certs import self_signed
+    from safemail.participant import message
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = self_signed("p2@safemail.test", key)
+    from cryptography.hazmat.primitives import serialization
+
+    (tmp_path / "rcpt.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "stop").write_text("")
+    server = _Server(tmp_path, ["ok", "tempfail", "ok", "drop"])
+    cfg = {"sender": "p1@safemail.test", "recipient": "p2@safemail.test",
+           "cert": str(tmp_path / "rcpt.pem"), "host": "localhost", "port": server.port,
+           "cafile": str(server.cafile), "tag": "fault-t1", "marker": MARKER,
+           "domain": "safemail.test", "quota": 6, "max": 6, "rate": 1000.0,
+           "batch_seconds": 0.05, "retry_seconds": 0.05, "batch_max": 50, "seconds": 60,
+           "stop_file": str(tmp_path / "stop"), "timeout": 5}
+    doc = fl.send(cfg, "secret")
+    assert doc["status"] == "done" and len(doc["messages"]) == 6
+    sent = fl.parse_sender_file(doc)
+    outcomes = [[a.outcome.split(":")[0].split()[0] for a in m.attempts] for m in sent]
+    assert outcomes[1] == ["451", "250"], outcomes
+    assert outcomes[3][0] == "unconfirmed" and outcomes[3][-1] == "250", outcomes
+    assert server.sessions < 6 + 2  # batched: fewer sessions than attempts
+    stored = []
+    for raw in server.stored:
+        raw = raw.replace(b"\n..", b"\n.")
+        mid = next(line.split(b":", 1)[1].strip().decode() for line in raw.splitlines()
+                   if line.lower().startswith(b"message-id:"))
+        assert MARKER.encode() not in raw  # encrypted on the way
+        assert MARKER.encode() in message.decrypt_message(raw, cert, key)
+        stored.append(fl.StoredCopy(mid, "p2@safemail.test", 0.0, "application/pkcs7-mime"))
+    result = fl.account(sent, stored)
+    assert result.lost == [] and result.delivered_once == 5
+    assert list(result.duplicates) == [sent[3].message_id]
+    assert result.duplicates_after_unconfirmed == [sent[3].message_id]

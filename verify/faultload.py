@@ -361,7 +361,6 @@ def maildir_listing(root: str, tag: str) -> Iterable[dict]:
 def _session(cfg: Mapping, password: str, batch: list[dict], log: Callable[[str], None]) -> None:
     """One SMTP session (STARTTLS, AUTH) for ``batch``; each message gets one attempt."""
     import smtplib
-    import socket
 
     from safemail.participant import transport
 
@@ -400,7 +399,7 @@ def _session(cfg: Mapping, password: str, batch: list[dict], log: Callable[[str]
                 outcome = f"{code} {text.decode('utf-8', 'replace')}"[:200]
                 if code != 250:
                     smtp.rset()
-            except (smtplib.SMTPException, OSError, socket.timeout) as exc:
+            except (TimeoutError, smtplib.SMTPException, OSError) as exc:
                 kind = "unconfirmed" if stage == "after the final dot" else "failed"
                 m["attempts"].append([start, time.time(), f"{kind}: {stage}: {exc}"[:200]])
                 # The rest of the batch was not tried: it stays pending for the next session.

@@ -60,8 +60,8 @@ import testinfra
 from faultload import (
     Deadline,
     TimeLimitReached,
-    account,
     acceptance_gap,
+    account,
     delay_stats,
     marker_needles,
     parse_maildir_lines,
