@@ -186,6 +186,8 @@ def test_acceptance_gap_is_the_longest_time_without_a_250_in_the_window():
     assert fl.acceptance_gap([1, 2, 3, 10, 11], 0, 12) == 7
     assert fl.acceptance_gap([], 5, 65) == 60  # nothing accepted in the window at all
     assert fl.acceptance_gap([1, 100], 10, 20) == 10
+    assert fl.acceptance_gap([5, 8], 0, 10) == 5  # from the start of the fault to the first 250
+    assert fl.acceptance_gap([2, 3], 0, 10) == 7  # from the last 250 to the end
 
 
 def test_pacing_makes_what_is_due_and_never_more_than_the_limit():
