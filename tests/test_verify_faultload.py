@@ -239,7 +239,7 @@ def test_the_script_says_how_to_use_it():
     assert proc.returncode == 2 and "usage: faultload.py send" in proc.stderr
 
 
-# ------------------------------------------------------------------ the sender, against a local server
+# ------------------------------------------------------------------ the sender, local server
 
 
 class _Server:
@@ -344,9 +344,9 @@ def test_the_sender_batches_retries_and_its_resend_shows_as_a_duplicate(tmp_path
     batch) against the local server: the 2nd mail is refused with 451 once, the 4th is kept by
     the server but its reply never comes. Both are resent; the accounting finds the 4th
     twice, named as resent after an unanswered dot, and everything else exactly once."""
+    from certs import self_signed
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from certs import self_signed
     from safemail.participant import message
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

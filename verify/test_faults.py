@@ -216,32 +216,19 @@ def _faulted_test(request, evidence):
     tag, marker = f"fault-{run}", f"FAULTBODY-{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
     needles = marker_needles(marker)
     quota = -(-MAILS // 2)
-    senders = []
-    for me, other in ((people[0], people[1]), (people[1], people[0])):
-        h = _host(config, me["lab_host"])
-        password = hv["safemail_participant_passwords"][str(me["number"])]
-        cert = h.run(f"{SAFEMAIL} participant lookup --mailbox {other['mailbox']} "
-                     f"--directory {dist} --smime-ca {PDIR}/ca.pem")
-        assert cert.rc == 0, f"lookup of {other['mailbox']} on {me['lab_host']}: {cert.stderr}"
-        h.run_test(f"rm -rf {WORK} && mkdir -m 0700 {WORK}")
-        _put(h, f"{WORK}/faultload.py", Path(__file__).with_name("faultload.py").read_bytes())
-        _put(h, f"{WORK}/rcpt.pem", cert.stdout.encode())
-        cfg = {"sender": me["mailbox"], "recipient": other["mailbox"], "cert": f"{WORK}/rcpt.pem",
-               "host": service["name"], "port": 587, "cafile": CAFILE, "tag": tag,
-               "marker": marker, "domain": hv["safemail_mail_domain"], "quota": quota,
-               "max": 2 * quota, "rate": quota / PLANNED_SECONDS, "batch_seconds": 5,
-               "batch_max": 50, "seconds": deadline.remaining() - 60,
-               "stop_file": f"{WORK}/stop", "out": f"{WORK}/result.json"}
-        _put(h, f"{WORK}/config.json", json.dumps(cfg).encode())
-        pid = h.check_output(
-            f"cd {WORK} && SAFEMAIL_PASSWORD={shlex.quote(password)} setsid nohup "
-            f"{VENV_PYTHON} {WORK}/faultload.py send {WORK}/config.json > {WORK}/sender.log "
-            "2>&1 < /dev/null & echo $!")
-        senders.append({"host": h, "name": me["lab_host"], "pid": pid.strip(),
-                        "offset": _clock_offset(h)})
+    senders: list[dict] = []
     faults = Faults()
     late = ""
     try:
+        for me, other in ((people[0], people[1]), (people[1], people[0])):
+            cfg = {"sender": me["mailbox"], "recipient": other["mailbox"],
+                   "host": service["name"], "port": 587, "cafile": CAFILE, "tag": tag,
+                   "marker": marker, "domain": hv["safemail_mail_domain"], "quota": quota,
+                   "max": 2 * quota, "rate": quota / PLANNED_SECONDS, "batch_seconds": 5,
+                   "batch_max": 50, "seconds": deadline.remaining() - 60}
+            password = hv["safemail_participant_passwords"][str(me["number"])]
+            senders.append(_start_sender(_host(config, me["lab_host"]), me["lab_host"], cfg,
+                                         password, dist))
         deadline.check("the first minute of sending")
         time.sleep(SETTLE_SECONDS)
         _run_faults(relays, provider, store, service, faults, deadline, evidence)
@@ -317,6 +304,26 @@ def _faulted_test(request, evidence):
     assert not late, late
 
 
+def _start_sender(h, name: str, cfg: dict, password: str, dist: str) -> dict:
+    """Fetch the recipient's certificate on the participant host (distribution point, checked
+    against the SafeMail CA), put faultload.py and its configuration there and start it in
+    the background; its pid and the host's clock offset."""
+    cert = h.run(f"{SAFEMAIL} participant lookup --mailbox {cfg['recipient']} "
+                 f"--directory {dist} --smime-ca {PDIR}/ca.pem")
+    assert cert.rc == 0, f"lookup of {cfg['recipient']} on {name}: {cert.stderr}"
+    h.run_test(f"rm -rf {WORK} && mkdir -m 0700 {WORK}")
+    _put(h, f"{WORK}/faultload.py", Path(__file__).with_name("faultload.py").read_bytes())
+    _put(h, f"{WORK}/rcpt.pem", cert.stdout.encode())
+    cfg = {**cfg, "cert": f"{WORK}/rcpt.pem", "stop_file": f"{WORK}/stop",
+           "out": f"{WORK}/result.json"}
+    _put(h, f"{WORK}/config.json", json.dumps(cfg).encode())
+    pid = h.check_output(
+        f"cd {WORK} && SAFEMAIL_PASSWORD={shlex.quote(password)} setsid nohup {VENV_PYTHON} "
+        f"{WORK}/faultload.py send {WORK}/config.json > {WORK}/sender.log 2>&1 < /dev/null "
+        "& echo $!")
+    return {"host": h, "name": name, "pid": pid.strip(), "offset": _clock_offset(h)}
+
+
 def _run_faults(relays, provider, store, service, faults: Faults, deadline: Deadline,
                 evidence) -> None:
     address = service["address"]
@@ -339,7 +346,9 @@ def _run_faults(relays, provider, store, service, faults: Faults, deadline: Dead
     deadline.check("the store lock")
 
     # 2. The relay holding the address loses power (QMP stop), comes back with a cold boot.
-    active = _holders(relays, address)[0]
+    holders = _holders(relays, address)
+    assert len(holders) == 1, f"{address} is held by {holders} before the power-off"
+    active = holders[0]
     survivors = {n: h for n, h in relays.items() if n != active}
     start = time.time()
     _qmp(_qmp_socket(active), "stop")
@@ -369,7 +378,9 @@ def _run_faults(relays, provider, store, service, faults: Faults, deadline: Dead
     deadline.check("the directory stop")
 
     # 4. The S/MIME gate restarted on the relay now holding the address.
-    active = _holders(relays, address)[0]
+    holders = _holders(relays, address)
+    assert len(holders) == 1, f"{address} is held by {holders} before the gate restart"
+    active = holders[0]
     start = time.time()
     faults.gate_stopped = active
     relays[active].check_output(f"systemctl restart {GATE}")
