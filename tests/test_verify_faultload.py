@@ -381,3 +381,45 @@ def test_the_sender_batches_retries_and_its_resend_shows_as_a_duplicate(tmp_path
     assert result.lost == [] and result.delivered_once == 5
     assert list(result.duplicates) == [sent[3].message_id]
     assert result.duplicates_after_unconfirmed == [sent[3].message_id]
+
+
+# ------------------------------------------------------------------ the plaintext scan, locally
+
+
+def test_the_plaintext_scan_finds_clear_and_base64_copies_and_proves_it_can_see(tmp_path,
+                                                                                monkeypatch):
+    """verify/test_faults.py's scan with local hosts and temporary directories: a relay with
+    the marker base64-encoded in a queue file and one in clear in a log is reported, a clean
+    store is not, both canaries are found; a host whose scan cannot see its canary (here: the
+    canary written outside the scanned directories) is reported blind."""
+    import warnings
+
+    import testinfra
+
+    with warnings.catch_warnings():  # verify/'s markers are registered by verify/conftest.py
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        import test_faults as tf
+
+    relay_dir, store_dir, canaries, needles_dir = (tmp_path / n for n in
+                                                   ("relay", "store", "canary", "needles"))
+    for d in (relay_dir, store_dir, canaries, needles_dir):
+        d.mkdir()
+    monkeypatch.setattr(tf, "SCAN", {"relay": [str(relay_dir), str(canaries)],
+                                     "store": [str(store_dir), str(canaries)]})
+    monkeypatch.setattr(tf, "CANARY_DIR", str(canaries))
+    monkeypatch.setattr(tf, "NEEDLES_DIR", str(needles_dir))
+    (relay_dir / "df").mkdir()
+    (relay_dir / "df/4F2A1").write_bytes(base64.encodebytes(b"Text: " + MARKER.encode()))
+    (relay_dir / "mail.log").write_text(f"something {MARKER} here\n")
+    (store_dir / "1.M1P1.store1").write_text("Content-Type: application/pkcs7-mime\n\nMIIB\n")
+    local = testinfra.get_host("local://")
+    hosts = {"relay1": ("relay", local), "store1": ("store", local)}
+    needles = fl.marker_needles(MARKER)
+    hits, blind = tf._plaintext_scan(hosts, needles, MARKER)
+    assert blind == []
+    assert sorted(hits) == ["relay1"]
+    assert sorted(Path(p).name for p in hits["relay1"]) == ["4F2A1", "mail.log"]
+    assert list(needles_dir.iterdir()) == [] and list(canaries.iterdir()) == []  # cleaned up
+    monkeypatch.setattr(tf, "CANARY_DIR", str(tmp_path))  # not scanned
+    hits, blind = tf._plaintext_scan(hosts, needles, MARKER)
+    assert blind == ["relay1", "store1"]

@@ -49,6 +49,7 @@ import base64
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -92,15 +93,16 @@ CHECK = "/usr/local/sbin/safemail-relay-vrrp-check"
 GATE = "safemail-smime-gate.service"
 MAIL_ROOT = "/var/mail/vmail"
 WORK = "/tmp/safemail-faults"
-# Where mail or its traces live on each kind of host (roles/mailrelay, roles/mailstore).
+# Where mail or its traces live on each kind of host (roles/mailrelay, roles/mailstore); the
+# scan's canary goes to CANARY_DIR (scanned), its pattern file to NEEDLES_DIR (not scanned).
+CANARY_DIR = "/var/tmp"
+NEEDLES_DIR = "/run"
 SCAN = {"relay": ["/var/spool/postfix", "/var/log", "/var/lib/postfix", "/tmp", "/var/tmp"],
         "store": [MAIL_ROOT, "/var/log", "/tmp", "/var/tmp"]}
 
 
 def _qmp_local(sock: Path, command: str, timeout: float = 10.0) -> dict:
     """One QMP command (what src/safemail/lab/machines.qmp does on main)."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(sock))
@@ -198,7 +200,8 @@ def _faulted_test(request, evidence):
     groups = _groups(config)
     relays = {n: _host(config, n) for n in groups["relay"]}
     provider = _host(config, groups["auth"][0])  # the wiring's provider: the first auth host
-    store = _host(config, groups["store"][0])
+    store_name = groups["store"][0]
+    store = _host(config, store_name)
     hv = store.ansible.get_variables()
     service = hv["safemail_relay_service"]
     people = [e for e in hv["safemail_participants"] if e.get("lab_host")][:2]
@@ -264,7 +267,8 @@ def _faulted_test(request, evidence):
         except TimeLimitReached as exc:
             waited, late = None, str(exc)  # count what arrived: the lost mails are the news
         result = account(sent, listing())
-        hits, canaries = _plaintext_scan(relays, store, needles, marker)
+        scanned = {**{n: ("relay", h) for n, h in relays.items()}, store_name: ("store", store)}
+        hits, canaries = _plaintext_scan(scanned, needles, marker)
     finally:
         for s in senders:
             s["host"].run(f"kill {s['pid']} 2>/dev/null; touch {WORK}/stop")
@@ -281,7 +285,7 @@ def _faulted_test(request, evidence):
         "minutes": round(deadline.elapsed() / 60, 1), "limit_minutes": MINUTES,
         "delivery_wait_s": None if waited is None else round(waited, 1),
         "clock_offsets_s": {**{s["name"]: round(s["offset"], 3) for s in senders},
-                            store.backend.host: round(store_offset, 3)},
+                            store_name: round(store_offset, 3)},
     }
     accepted = sorted(t for m in sent if (t := m.accepted_at) is not None)
     for w in faults.windows:
@@ -350,6 +354,7 @@ def _run_faults(relays, provider, store, service, faults: Faults, deadline: Dead
     assert len(holders) == 1, f"{address} is held by {holders} before the power-off"
     active = holders[0]
     survivors = {n: h for n, h in relays.items() if n != active}
+    boot_before = _boot_id(relays[active])
     start = time.time()
     _qmp(_qmp_socket(active), "stop")
     faults.frozen = active
@@ -359,11 +364,12 @@ def _run_faults(relays, provider, store, service, faults: Faults, deadline: Dead
                              f"{FAILOVER_SECONDS} s"
     time.sleep(max(0.0, min(OFF_SECONDS - (time.time() - start), deadline.remaining())))
     off_for = time.time() - start
-    _power_on(active, relays[active], deadline, "the relay power-on")
+    _power_on(active, relays[active], deadline, "the relay power-on", boot_before)
     faults.frozen = None
     back = time.time() - start
     window("active relay powered off", start, relay=active, failover_s=round(took, 1),
            off_s=round(off_for, 1), healthy_again_after_s=round(back, 1),
+           boot_ids=[boot_before, _boot_id(relays[active])],
            holder_after=_holders(relays, address))
     deadline.check("the relay power-off")
 
@@ -392,23 +398,36 @@ def _run_faults(relays, provider, store, service, faults: Faults, deadline: Dead
            holder_after=_holders(relays, address))
 
 
-def _power_on(name: str, host, deadline: Deadline | None, phase: str) -> None:
-    """Cold boot of a VM stopped with QMP `stop`: reset while stopped, then run."""
+def _boot_id(host) -> str:
+    return host.check_output("cat /proc/sys/kernel/random/boot_id").strip()
+
+
+def _power_on(name: str, host, deadline: Deadline | None, phase: str,
+              boot_before: str | None = None) -> None:
+    """Cold boot of a VM stopped with QMP `stop`: reset while stopped, then run; wait until it
+    answers on a new boot (boot id changed, when known) and its health check passes."""
     sock = _qmp_socket(name)
     _qmp(sock, "system_reset")
     _qmp(sock, "cont")
     status = _qmp(sock, "query-status")["return"]
     assert status.get("running"), f"{name} does not run after system_reset + cont: {status}"
+    address = host.ansible.get_variables()["ansible_host"]
 
     def healthy() -> bool:
+        # Port 22 first, 1 s at most (as test_storage's reboot test): an SSH login to a VM
+        # that is still booting waits out its connect timeout. The control master of the old
+        # boot dies at its first use (the new kernel resets the connection): one ssh error.
         try:
-            return host.run(CHECK).rc == 0
-        except Exception:  # noqa: BLE001 - SSH is refused while the VM boots
+            socket.create_connection((address, 22), timeout=1).close()
+            res = host.run(f"cat /proc/sys/kernel/random/boot_id && {CHECK}")
+        except (OSError, RuntimeError):
             return False
+        return res.rc == 0 and (boot_before is None or res.stdout.split()[:1] != [boot_before])
 
     # Undoing after the hard limit gets a bound of its own.
     took = (deadline or Deadline(BOOT_SECONDS + 30)).wait_for(healthy, BOOT_SECONDS, phase, 3)
-    assert took is not None, f"{name} not healthy {BOOT_SECONDS} s after power-on"
+    assert took is not None, f"{name} not back on a new boot and healthy {BOOT_SECONDS} s " \
+                             "after power-on"
 
 
 def _undo(relays, provider, store, faults: Faults, evidence) -> None:
@@ -437,29 +456,31 @@ def _undo(relays, provider, store, faults: Faults, evidence) -> None:
 REV = ("python3 -c 'import sys\nfor line in sys.stdin: print(line.rstrip(chr(10))[::-1])'")
 
 
-def _plaintext_scan(relays, store, needles: list[str], marker: str):
-    """Hosts (with where) on which a needle is found; hosts whose canary was not found."""
+def _plaintext_scan(hosts: dict, needles: list[str], marker: str):
+    """{name: (kind, host)} scanned: hosts (with where) on which a needle is found, and hosts
+    whose canary was not found (a scan that cannot see proves nothing)."""
     hits: dict[str, list[str]] = {}
     blind: list[str] = []
-    # Outside every scanned directory. The needles and the canary travel reversed (`rev`): a
-    # command line with the marker would land in the host's audit and admin logs.
-    pattern_file = "/run/safemail-faults-needles"
-    for kind, hosts in (("relay", relays), ("store", {store.backend.host: store})):
-        for name, h in hosts.items():
-            canary = f"/var/tmp/safemail-faults-canary-{uuid.uuid4().hex}"
-            _put(h, pattern_file + ".rev", "\n".join(n[::-1] for n in needles).encode())
-            h.run_test(f"{REV} < {pattern_file}.rev > {pattern_file} && rm {pattern_file}.rev")
-            h.run_test(f"echo {shlex.quote(marker[::-1])} | {REV} > {canary}")
-            files = h.run(f"grep -rlaF -D skip -f {pattern_file} {' '.join(SCAN[kind])}")
-            journal = h.run(f"journalctl -q --no-pager -o cat | grep -cF -f {pattern_file}")
-            h.run(f"rm -f {canary} {pattern_file}")
-            found = [f for f in files.stdout.split() if f != canary]
-            if canary not in files.stdout.split():
-                blind.append(name)
-            if int(journal.stdout.strip() or 0):
-                found.append(f"journal ({journal.stdout.strip()} lines)")
-            if found:
-                hits[name] = found
+    for name, (kind, h) in hosts.items():
+        # The pattern file outside every scanned directory; it and the canary (in one that is
+        # scanned) travel reversed: a command line with the marker would land in the host's
+        # audit and admin logs and be found there.
+        patterns = f"{NEEDLES_DIR}/safemail-faults-needles-{uuid.uuid4().hex}"
+        canary = f"{CANARY_DIR}/safemail-faults-canary-{uuid.uuid4().hex}"
+        _put(h, f"{patterns}.rev", "\n".join(n[::-1] for n in needles).encode())
+        h.run_test(f"{REV} < {patterns}.rev > {patterns} && rm {patterns}.rev")
+        h.run_test(f"echo {shlex.quote(marker[::-1])} | {REV} > {canary}")
+        files = h.run(f"grep -rlaF -D skip -f {patterns} {' '.join(SCAN[kind])}")
+        journal = h.run(f"journalctl -q --no-pager -o cat | grep -cF -f {patterns}")
+        h.run(f"rm -f {canary} {patterns}")
+        listed = files.stdout.split()
+        found = [f for f in listed if f != canary]
+        if canary not in listed:
+            blind.append(name)
+        if int(journal.stdout.strip() or 0):
+            found.append(f"journal ({journal.stdout.strip()} lines)")
+        if found:
+            hits[name] = found
     return hits, blind
 
 
