@@ -423,3 +423,41 @@ def test_the_plaintext_scan_finds_clear_and_base64_copies_and_proves_it_can_see(
     monkeypatch.setattr(tf, "CANARY_DIR", str(tmp_path))  # not scanned
     hits, blind = tf._plaintext_scan(hosts, needles, MARKER)
     assert blind == ["relay1", "store1"]
+
+
+def test_the_sender_script_stops_on_sigterm_and_still_writes_its_record(tmp_path):
+    """What the test's finally does to a sender that is still running: `kill PID`. The script
+    (run as on the participant host) ends and writes what it sent, status "stopped"."""
+    import os
+    import signal
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from certs import self_signed
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "rcpt.pem").write_bytes(
+        self_signed("p2@safemail.test", key).public_bytes(serialization.Encoding.PEM))
+    server = _Server(tmp_path, [])
+    cfg = {"sender": "p1@safemail.test", "recipient": "p2@safemail.test",
+           "cert": str(tmp_path / "rcpt.pem"), "host": "localhost", "port": server.port,
+           "cafile": str(server.cafile), "tag": "fault-t2", "marker": MARKER,
+           "domain": "safemail.test", "quota": 10000, "max": 10000, "rate": 20.0,
+           "batch_seconds": 0.2, "batch_max": 50, "seconds": 120,
+           "stop_file": str(tmp_path / "stop"), "out": str(tmp_path / "result.json")}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "SAFEMAIL_PASSWORD": "secret", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, str(REPO / "verify/faultload.py"), "send",
+                             str(tmp_path / "config.json")], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(server.stored) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    doc = json.loads((tmp_path / "result.json").read_text())
+    assert doc["status"] == "stopped"
+    accepted = [m for m in doc["messages"] if m["attempts"] and
+                m["attempts"][-1][2].startswith("250")]
+    assert len(accepted) >= 3 and len(doc["messages"]) < 10000
