@@ -432,10 +432,9 @@ def test_the_sender_script_stops_on_sigterm_and_still_writes_its_record(tmp_path
     import signal
     import time
 
+    from certs import self_signed
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-
-    from certs import self_signed
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (tmp_path / "rcpt.pem").write_bytes(
