@@ -460,3 +460,12 @@ def test_the_sender_script_stops_on_sigterm_and_still_writes_its_record(tmp_path
     accepted = [m for m in doc["messages"] if m["attempts"] and
                 m["attempts"][-1][2].startswith("250")]
     assert len(accepted) >= 3 and len(doc["messages"]) < 10000
+
+
+def test_queued_since_counts_only_the_runs_queue_entries():
+    lines = "\n".join(json.dumps({"queue_name": q, "arrival_time": t, "queue_id": i})
+                      for q, t, i in (("deferred", 1000, "A"), ("active", 2000, "B"),
+                                      ("deferred", 2500, "C")))
+    assert fl.queued_since(lines + "\n", 2000) == 2
+    assert fl.queued_since(lines, 3000) == 0
+    assert fl.queued_since("", 0) == 0

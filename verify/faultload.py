@@ -288,6 +288,17 @@ def acceptance_gap(accepted: Iterable[float], start: float, end: float) -> float
     return max(b - a for a, b in zip(edges, edges[1:], strict=False))
 
 
+def queued_since(postqueue_json: str, since: float) -> int:
+    """Messages in a relay's queue (``postqueue -j``: one JSON object a line) that arrived at or
+    after ``since`` (the relay's clock): the run's own mail while the test holds the relays
+    alone; older entries (another test's leftovers) do not keep the run waiting."""
+    count = 0
+    for line in postqueue_json.splitlines():
+        if line.strip() and float(json.loads(line).get("arrival_time", 0)) >= since:
+            count += 1
+    return count
+
+
 def due(elapsed: float, rate: float, made: int, limit: int) -> int:
     """How many new mails to make now: the pace ``rate`` per second from the start, never more
     than ``limit`` in all."""
