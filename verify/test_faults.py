@@ -291,6 +291,7 @@ def _faulted_test(request, evidence):
         "clock_offsets_s": {**{s["name"]: round(s["offset"], 3) for s in senders},
                             store_name: round(store_offset, 3)},
     }
+    figures["failover_s"] = [w["failover_s"] for w in faults.windows if "failover_s" in w]
     accepted = sorted(t for m in sent if (t := m.accepted_at) is not None)
     for w in faults.windows:
         w["longest_without_acceptance_s"] = round(
