@@ -162,24 +162,9 @@ def _outside_declared_hosts(config: pytest.Config, items: list[pytest.Item]) -> 
 
 def _group_sizes(config: pytest.Config) -> dict[str, int]:
     """Hosts per inventory group of the stage under test (ansible-inventory, as testinfra)."""
-    import json
-    import subprocess
-    import sys
+    import stagegroups
 
-    from safemail.inventory import parse_inventory_list
-    from safemail.project import project_root
-
-    inventory = config.getoption("ansible_inventory", None) or "inventories/test"
-    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i",
-                           inventory, "--list"], capture_output=True, text=True, check=False,
-                          cwd=project_root())
-    if proc.returncode != 0:
-        return {}
-    sizes: dict[str, int] = {}
-    for h in parse_inventory_list(json.loads(proc.stdout)):
-        for g in h.groups:
-            sizes[g] = sizes.get(g, 0) + 1
-    return sizes
+    return {g: len(hosts) for g, hosts in stagegroups.groups(config, strict=False).items()}
 
 
 def _not_on_this_stage(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:

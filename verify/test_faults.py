@@ -50,14 +50,11 @@ import json
 import os
 import shlex
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import testinfra
 from faultload import (
     Deadline,
     TimeLimitReached,
@@ -71,9 +68,8 @@ from faultload import (
     shift,
     shift_mail,
 )
-
-from safemail.inventory import parse_inventory_list
-from safemail.project import project_root
+from stagegroups import groups as _groups
+from stagegroups import host as _host
 
 FAULTS_ENV = "SAFEMAIL_FAULTS"
 MAILS = int(os.environ.get("SAFEMAIL_FAULTS_MAILS", "1000"))
@@ -139,26 +135,6 @@ def _qmp_socket(host: str) -> Path:
     from safemail.lab.config import LabPaths
 
     return LabPaths.default().machines / host / "qmp.sock"
-
-
-def _inventory(config) -> str:
-    return config.getoption("ansible_inventory") or "inventories/test"
-
-
-def _groups(config) -> dict[str, list[str]]:
-    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i",
-                           _inventory(config), "--list"], capture_output=True, text=True,
-                          check=False, cwd=project_root())
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, list[str]] = {}
-    for h in parse_inventory_list(json.loads(proc.stdout)):
-        for g in h.groups:
-            out.setdefault(g, []).append(h.name)
-    return out
-
-
-def _host(config, name: str):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=_inventory(config))
 
 
 def _put(host, path: str, data: bytes, mode: str = "0600") -> None:

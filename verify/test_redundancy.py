@@ -21,45 +21,19 @@ with the reason (marker ``redundant_stage``).
 
 from __future__ import annotations
 
-import json
 import shlex
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-import testinfra
-
-from safemail.inventory import parse_inventory_list
-from safemail.project import project_root
+from stagegroups import groups as _groups
+from stagegroups import host as _host
 
 SERVICE_CA = "/etc/safemail/tls/ca.crt"
 # refreshAndPersist pushes a change at once (0.1 s measured on a local pair of slapd 2.5);
 # the bound leaves room for an emulated VM under load.
 REPLICATION_SECONDS = 15
 MAILBOX_TABLE = "ldap:/etc/postfix/ldap-mailboxes.cf"
-
-
-def _inventory(config) -> str:
-    return config.getoption("ansible_inventory") or "inventories/test"
-
-
-def _groups(config) -> dict[str, list[str]]:
-    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i",
-                           _inventory(config), "--list"], capture_output=True, text=True,
-                          check=False, cwd=project_root())
-    assert proc.returncode == 0, proc.stderr
-    out: dict[str, list[str]] = {}
-    for h in parse_inventory_list(json.loads(proc.stdout)):
-        for g in h.groups:
-            out.setdefault(g, []).append(h.name)
-    return out
-
-
-def _host(config, name: str):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=_inventory(config))
 
 
 @pytest.fixture(scope="module")
