@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 from pathlib import Path
@@ -456,3 +457,174 @@ def test_bill_command_opens_an_encrypted_vault_with_the_client(tmp_path: Path,
         f"production@{tmp_path / 'scripts' / 'vault-pass-client'}")
     plain = control.bill_command(Project(tmp_path), "test", "2026q3", "ops", program="a-p")
     assert "--vault-id" not in plain
+
+
+# -- AV-02: the cap over every relay ---------------------------------------------------------
+
+
+def _relay_statement(tmp_path: Path, name: str, lines: list[str], capsys) -> str:
+    """A relay's real statement CSV: its own ledger collects its own log, bills, prints."""
+    root = tmp_path / name
+    (root / "acc").mkdir(parents=True)
+    _write(root / "mail.log", lines)
+    conf = root / "accounting.yml"
+    conf.write_text(yaml.safe_dump({
+        "log": str(root / "mail.log"), "ledger": str(root / "acc" / "ledger.sqlite"),
+        "directory": {"uri": "ldap://auth1", "base": "ou=p", "bind_dn": "cn=r", "password": "x"},
+        "policy": {"rate_sent_cents": 50, "rate_received_cents": 25, "cap_cents": 1000},
+    }))
+    assert cli.main(["--config", str(conf), "bill", "--quarter", "2026Q3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--config", str(conf), "statement", "--quarter", "2026Q3",
+                     "--format", "csv"]) == 0
+    return capsys.readouterr().out
+
+
+def _lab_mails(first: int, count: int) -> list[str]:
+    lines: list[str] = []
+    for i in range(first, first + count):
+        lines += _mail(f"R{i:04d}", f"Aug {1 + i % 28:2d} 10:{i % 60:02d}:00",
+                       "lab@safemail.example", "gp@safemail.example")
+    return lines
+
+
+@pytest.fixture
+def two_relays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> dict[str, str]:
+    """The lab (100002) sends 12 mails through relay1 and 12 through relay2: 600 ct on each
+    relay, under the 1000 ct cap there, 1200 ct together, over it."""
+    monkeypatch.setattr(cli, "directory_resolver", lambda settings: _resolver())
+    monkeypatch.setattr(cli, "_now", lambda: NOW)
+    return {"relay1": _relay_statement(tmp_path, "relay1", _lab_mails(0, 12), capsys),
+            "relay2": _relay_statement(tmp_path, "relay2", _lab_mails(100, 12)
+                                       + _mail("E1", "Sep  1 08:00:00", "ent@safemail.example",
+                                               "gp@safemail.example"), capsys)}
+
+
+def test_each_relay_alone_stays_under_the_cap(two_relays: dict[str, str]) -> None:
+    """The premise: per relay the cap does not bite, so capping per relay would pay 1200."""
+    for text in two_relays.values():
+        assert "100002,LAB,12,0,6.00,no" in text
+
+
+def test_the_cap_applies_to_the_sum_over_the_relays(two_relays: dict[str, str]) -> None:
+    from safemail.accounting import total
+
+    lines = total.combine({r: total.parse_statement(r, t) for r, t in two_relays.items()},
+                          POLICY)
+    got = {t.number: (t.sent, t.received, t.payout_cents, t.capped, t.relays) for t in lines}
+    assert got["100002"] == (24, 0, 1000, True, ("relay1", "relay2"))
+    # the GP received on both relays: 24 + 1 received at 25 ct
+    assert got["100001"] == (0, 25, 625, False, ("relay1", "relay2"))
+    assert got["100003"] == (1, 0, 50, False, ("relay2",))
+    assert sum(t.payout_cents for t in lines) == 1000 + 625 + 50
+
+
+def test_total_command_reads_json_and_prints_the_statement(
+        two_relays: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from safemail.accounting import total
+
+    policy = {"rate_sent_cents": 50, "rate_received_cents": 25, "cap_cents": 1000}
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(
+        {"policy": policy, "statements": two_relays})))
+    assert total.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "number,specialty,sent,received,payout_eur,capped,relays"
+    assert "100002,LAB,24,0,10.00,yes,relay1 relay2" in out.splitlines()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("number,sent\n", "first line"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,-3,0,0.00,no\n",
+     "not a whole number"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,1,0,0.50,no\n"
+     "100002,LAB,1,0,0.50,no\n", "appears twice"),
+    ("number,specialty,sent,received,payout_eur,capped\nx1,LAB,1,0,0.50,no\n", "not digits"),
+])
+def test_a_statement_that_is_not_a_relays_is_refused(text: str, message: str) -> None:
+    """A hand-edited statement (a line split in two to halve the counts under the cap, a
+    negative count) is refused rather than summed."""
+    from safemail.accounting import total
+
+    with pytest.raises(SafeMailError, match=message):
+        total.parse_statement("relay1", text)
+    with pytest.raises(SafeMailError, match="no relay statement"):
+        total.combine({}, POLICY)
+
+
+def test_a_relay_billed_at_other_rates_or_with_edited_counts_is_refused(
+        two_relays: dict[str, str]) -> None:
+    """The relays' own payouts must follow the site's policy: a relay left at other rates (or
+    billed before a rate change), or counts lowered without the payout, is not summed."""
+    from safemail.accounting import total
+
+    statements = {r: total.parse_statement(r, t) for r, t in two_relays.items()}
+    assert total.combine(statements, POLICY)
+    with pytest.raises(SafeMailError, match="relay1, participant 100002: the relay billed 6.00"):
+        total.combine(statements, Policy(40, 25, 1000))
+    edited = two_relays["relay1"].replace("100002,LAB,12,0,6.00,no", "100002,LAB,11,0,6.00,no")
+    assert edited != two_relays["relay1"]
+    with pytest.raises(SafeMailError, match="relay1, participant 100002"):
+        total.combine({**statements, "relay1": total.parse_statement("relay1", edited)}, POLICY)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # the same participant in other digits would be a second participant in the sum
+    ("number,specialty,sent,received,payout_eur,capped\n１００００２,LAB,1,0,0.50,no\n",
+     "not digits"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,١,0,0.50,no\n",
+     "not a whole number"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,1,0,0.5,no\n",
+     "not euros.cents"),
+    ("number,specialty,sent,received,payout_eur,capped\n100002,LAB,1,0,0.50,maybe\n",
+     "not yes or no"),
+])
+def test_a_statement_in_other_digits_or_forms_is_refused(text: str, message: str) -> None:
+    from safemail.accounting import total
+
+    with pytest.raises(SafeMailError, match=message):
+        total.parse_statement("relay1", text)
+
+
+@pytest.mark.parametrize("rate", [2.5, "2.5", True, -1])
+def test_total_command_refuses_a_rate_that_is_not_a_whole_number(
+        rate: object, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from safemail.accounting import total
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({
+        "policy": {"rate_sent_cents": rate, "rate_received_cents": 25, "cap_cents": 1000},
+        "statements": {"relay1": "number,specialty,sent,received,payout_eur,capped\n"}})))
+    assert total.main([]) == 2
+    assert "rate_sent_cents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("relay2", "refused"), [
+    ({"safemail_address": "198.18.2.10", "ansible_port": 9}, True),   # a copied entry
+    ({"safemail_address": "198.18.2.11", "ansible_port": 9}, True),   # same host:port
+    ({"safemail_address": "198.18.2.11", "ansible_port": 7}, False),  # two machines
+])
+def test_bill_play_refuses_two_inventory_names_for_one_relay(
+        tmp_path: Path, relay2: dict, refused: bool) -> None:
+    """AV-02: accounting-bill.yml sums one ledger per inventory name; two names for one
+    machine would pay its counts twice (up to the cap). Refused before anything runs on a
+    host; the twin (two machines) passes the check and fails only at the first connection
+    (closed ports on 127.0.0.1: nothing is billed anywhere)."""
+    import subprocess
+    import sys
+
+    playbook = Path(sys.executable).parent / "ansible-playbook"
+    if not playbook.exists():
+        pytest.skip("ansible is not installed in this environment")
+    root = Path(__file__).resolve().parents[1]
+    common = {"ansible_host": "127.0.0.1", "ansible_user": "nobody"}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"relay": {
+        "hosts": {"relay1": {**common, "safemail_address": "198.18.2.10", "ansible_port": 9},
+                  "relay2": {**common, **relay2}}}}}}))
+    proc = subprocess.run(
+        [str(playbook), "-i", str(tmp_path / "hosts.yml"), "playbooks/accounting-bill.yml",
+         "-e", "accounting_quarter=2026Q1", "-e", "accounting_operator=test"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ANSIBLE_CONFIG": str(root / "ansible.cfg")})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("are the same machine" in out) is refused, out[-2000:]
+    assert ("UNREACHABLE" in out) is not refused, out[-2000:]

@@ -147,3 +147,92 @@ def test_vm_boot_settings_mask_the_lab_only_units(tmp_path):
     for unit in machines.VM_MASKED_UNITS:
         assert (system / unit).is_symlink()
         assert str((system / unit).readlink()) == "/dev/null"
+
+
+# --- AV-02: `lab up --redundant` ----------------------------------------------------------------
+
+
+def test_default_plan_has_no_second_relay_or_directory(inventory):
+    """`lab up` without --redundant: the same hosts and addresses as the committed inventory
+    (CI's stage and time unchanged)."""
+    specs = P.hosts_from_inventory(inventory)
+    assert not any(s.added for s in specs)
+    assert [s.name for s in specs if "relay" in s.groups] == ["relay1"]
+    assert [s.name for s in specs if "auth" in s.groups] == ["auth1"]
+
+
+def test_redundant_adds_relay2_and_auth2_like_the_first(inventory):
+    specs = P.redundant_hosts(P.hosts_from_inventory(inventory))
+    by_name = {s.name: s for s in specs}
+    assert {n for n, s in by_name.items() if s.added} == {"relay2", "auth2"}
+    for new, old in (("relay2", "relay1"), ("auth2", "auth1")):
+        assert (by_name[new].groups, by_name[new].segment, by_name[new].hypervisor) == (
+            by_name[old].groups, by_name[old].segment, by_name[old].hypervisor)
+    assert by_name["relay2"].hypervisor == "qemu"  # LUKS for the queue, as relay1
+    plan = P.make_plan(specs)
+    P.check_plan(plan)
+    assert plan.host("relay2").data.segment == "front"
+    assert plan.host("auth2").data.segment == "back"
+    # --redundant with --all-vms: both stay copies of their group's host
+    vms = {s.name: s for s in P.redundant_hosts(P.hosts_from_inventory(inventory, all_vms=True))}
+    assert vms["auth2"].hypervisor == "qemu"
+
+
+def test_redundant_leaves_a_group_with_two_hosts_alone_and_refuses_odd_names(inventory):
+    specs = P.redundant_hosts(P.hosts_from_inventory(inventory))
+    assert P.redundant_hosts(specs) == specs  # twice: nothing more is added
+    odd = copy.deepcopy(inventory)
+    relay = odd["all"]["children"]["service"]["children"]["relay"]["hosts"]
+    relay["relay-main"] = relay.pop("relay1")
+    with pytest.raises(SafeMailError, match="must end in a number"):
+        P.redundant_hosts(P.hosts_from_inventory(odd))
+    clash = copy.deepcopy(inventory)
+    clash["all"]["children"]["participants"]["hosts"]["relay2"] = {
+        "safemail_segment": "safenet"}
+    with pytest.raises(SafeMailError, match="has a host relay2 already"):
+        P.redundant_hosts(P.hosts_from_inventory(clash))
+
+
+def test_generated_inventory_puts_the_added_hosts_in_their_groups(inventory, tmp_path):
+    """What Ansible itself makes of hosts.yml plus the generated part: relay2 and auth2 in
+    relay/auth and, through hosts.yml's nesting, in service; auth2 a replica of auth1."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    plan = P.make_plan(P.redundant_hosts(P.hosts_from_inventory(inventory)))
+    inv = tmp_path / "test"
+    inv.mkdir()
+    (inv / "hosts.yml").write_text((ROOT / "inventories/test/hosts.yml").read_text())
+    (inv / "zz_lab_generated.yml").write_text(
+        yaml.safe_dump(P.generated_inventory(plan, "/k", "/kh", "ssh-ed25519 AAAA lab")))
+    out = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i",
+                          str(inv), "--list"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")},
+                         cwd=ROOT)
+    data = json.loads(out.stdout)
+    assert sorted(data["relay"]["hosts"]) == ["relay1", "relay2"]
+    assert sorted(data["auth"]["hosts"]) == ["auth1", "auth2"]
+    hv = data["_meta"]["hostvars"]
+    assert hv["relay2"]["lab_hypervisor"] == "qemu"
+    assert hv["relay2"]["ansible_host"] == str(plan.host("relay2").mgmt.address)
+    assert hv["auth2"]["safemail_segment"] == "back"
+    default = P.generated_inventory(P.make_plan(P.hosts_from_inventory(inventory)), "/k",
+                                    "/kh", "ssh-ed25519 AAAA lab")
+    assert "children" not in default["all"]
+
+
+def test_stage_plan_follows_the_running_lab(inventory, tmp_path):
+    """`lab ssh relay2`, `lab status`: the plan of a lab started with --redundant."""
+    import json
+
+    from safemail.lab.config import LabPaths
+    from safemail.lab.stage import Stage
+
+    stage = Stage(LabPaths(state=tmp_path / "state", images=tmp_path / "img"), ROOT)
+    assert "relay2" not in {h.name for h in stage.plan().hosts}
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.json").write_text(json.dumps({"redundant": True}))
+    assert stage.plan().host("relay2").spec.added
+    assert "auth2" not in {h.name for h in stage.plan(redundant=False).hosts}

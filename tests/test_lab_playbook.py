@@ -26,3 +26,17 @@ def test_site_gives_the_relay_no_directory_server():
     roles = playbook.roles_for("relay1", ["service", "relay"], plays)
     assert "common" in roles
     assert "auth" not in roles
+
+
+def test_keepalived_is_in_the_mirror_but_not_preinstalled_on_a_relay():
+    """AV-02: a single-relay lab's relay1 image carries no keepalived (the role is skipped
+    there); the mirror has it for relay2 of `lab up --redundant`."""
+    from safemail.lab import image
+
+    root = Path(__file__).resolve().parents[1]
+    plays = playbook.read_plays(root / "playbooks" / "site.yml")
+    assert "relay_vrrp" in playbook.roles_for("relay1", ("relay", "service"), plays)
+    layer = image.role_packages(root / "roles", playbook.roles_for("relay1", ("relay", "service"),
+                                                                   plays))
+    assert "keepalived" not in layer
+    assert "keepalived" in image.role_packages(root / "roles", optional=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -74,7 +75,6 @@ def test_combine_merges_duplicates_and_keeps_both_purposes():
     ({"from": "a", "to": "b", "proto": "tcp", "port": "22", "purpose": "x"}, "port '22'"),
     ({"from": "a", "to": "b", "proto": "tcp", "port": 70000, "purpose": "x"}, "port 70000"),
     ({"from": "a", "to": "b", "proto": "tcp", "port": 22}, "lacks purpose"),
-    ({"from": "a", "to": "a", "proto": "tcp", "port": 22, "purpose": "x"}, "to itself"),
 ])
 def test_combine_refuses_bad_flows(flow, message):
     with pytest.raises(matrix.MatrixError, match=message):
@@ -106,6 +106,101 @@ def test_host_rules_in_and_out():
     assert [(r.port, r.networks) for r in auth["input"]] == [
         (22, ("10.0.0.1/32",)), (389, ("10.0.2.12/32", "10.0.3.11/32"))]
     assert [r.port for r in auth["output"]] == [80]
+
+
+def test_a_flow_inside_a_group_connects_its_hosts_and_no_host_to_itself():
+    """AV-02: auth -> auth tcp/389 (replica pulls from provider). One auth host: no rule at
+    all (its ruleset stays as before); two: each accepts and reaches only the other."""
+    flows = matrix.combine([*NETWORK["safemail_site_flows"], *FLOWS, {
+        "from": "auth", "to": "auth", "proto": "tcp", "port": 389, "purpose": "repl"}])
+
+    def shape(rules: dict) -> dict:
+        # purposes too: they are the rule's comment in nftables.conf, so a purpose of a flow
+        # that admits nobody on this host would still change a single-auth host's ruleset.
+        return {k: [(r.proto, r.port, r.networks, r.purposes) for r in v]
+                for k, v in rules.items()}
+
+    assert shape(matrix.host_rules(flows, _topo(), "auth1")) == shape(
+        matrix.host_rules(_flows(), _topo(), "auth1"))
+    topo = _topo()
+    topo.nodes["auth2"] = matrix.Node("auth2", ("auth", "service"), "back", "10.0.3.20",
+                                      "10.0.0.20")
+    two = matrix.host_rules(flows, topo, "auth1")
+    assert [(r.port, r.networks) for r in two["input"]] == [
+        (22, ("10.0.0.1/32",)), (389, ("10.0.2.12/32", "10.0.3.11/32", "10.0.3.20/32"))]
+    assert [(r.port, r.networks) for r in two["output"]] == [
+        (80, ("10.0.4.5/32",)), (389, ("10.0.3.20/32",))]
+    assert [(p.dst, p.port) for p in matrix.probes(flows, topo, "store1", ["auth1"], [389])
+            if p.expect] == [("auth1", 389)]
+
+
+@pytest.mark.parametrize("name", ["back", "mirror"])
+def test_a_segment_or_endpoint_to_itself_is_refused(name):
+    flows = matrix.combine([{"from": name, "to": name, "proto": "tcp", "port": 22,
+                             "purpose": "x"}])
+    with pytest.raises(matrix.MatrixError, match="to itself"):
+        matrix.check(flows, _topo())
+
+
+@pytest.mark.parametrize(("flow", "message"), [
+    ({"from": "relay", "to": "relay", "proto": "vrrp", "port": 112, "purpose": "x"},
+     "no ports"),
+    ({"from": "relay", "to": "relay", "proto": "tcp", "purpose": "x"}, "lacks port"),
+])
+def test_vrrp_has_no_port_and_tcp_needs_one(flow, message):
+    with pytest.raises(matrix.MatrixError, match=message):
+        matrix.combine([flow])
+
+
+def _two_relays() -> matrix.Topology:
+    topo = _topo()
+    topo.nodes["relay2"] = matrix.Node("relay2", ("relay", "service"), "front", "10.0.2.13",
+                                       "10.0.0.18")
+    return topo
+
+
+VRRP = {"from": "relay", "to": "relay", "proto": "vrrp", "purpose": "VRRP between the relays"}
+
+
+def test_vrrp_between_the_relays_only(tmp_path):
+    """AV-02: VRRP (IP protocol 112) in and out only to the other relay; the rendered
+    nftables ruleset says so and nft accepts it (check mode: nothing is loaded)."""
+    import shutil
+    import subprocess
+
+    import jinja2
+
+    flows = matrix.combine([*NETWORK["safemail_site_flows"], *FLOWS, VRRP])
+    assert [f.service for f in flows if f.proto == "vrrp"] == ["vrrp"]
+    one = matrix.host_rules(flows, _topo(), "relay1")
+    assert not [r for rs in one.values() for r in rs if r.proto == "vrrp"]  # one relay: none
+    rules = matrix.host_rules(flows, _two_relays(), "relay1")
+    assert [(r.proto, r.networks) for r in rules["input"] if r.proto == "vrrp"] == [
+        ("vrrp", ("10.0.2.13/32",))]
+    assert [(r.proto, r.networks) for r in rules["output"] if r.proto == "vrrp"] == [
+        ("vrrp", ("10.0.2.13/32",))]
+    assert not [r for r in matrix.host_rules(flows, _two_relays(), "store1")["input"]
+                if r.proto == "vrrp"]
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(
+        str(REPO / "roles/firewall/templates")), undefined=jinja2.StrictUndefined,
+        trim_blocks=True)  # as Ansible's template module
+    env.filters["comment"] = lambda text: f"# {text}"
+    text = env.get_template("etc/nftables.conf.j2").render(
+        ansible_managed="test", inventory_hostname="relay1", firewall_table="safemail",
+        firewall_admin_sources=["10.0.0.1"], firewall_admin_port=22, firewall_log_drops=False,
+        firewall_log_rate="10/minute",
+        __firewall_rules={k: [r.as_dict() for r in v] for k, v in rules.items()})
+    assert "ip saddr { 10.0.2.13/32 } ip protocol vrrp accept" in text
+    assert "ip daddr { 10.0.2.13/32 } ip protocol vrrp accept" in text
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    if not Path(nft).exists() or os.geteuid() != 0:
+        pytest.skip("nft check needs nftables and root")
+    (tmp_path / "rules.nft").write_text(text)
+    # `nft -c` in a fresh network namespace: it parses and checks, and even a bug could
+    # touch nothing but that throwaway namespace.
+    proc = subprocess.run(["unshare", "--net", nft, "-c", "-f", str(tmp_path / "rules.nft")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_uncovered_finds_a_missing_admin_rule():

@@ -455,3 +455,78 @@ def test_certificate_expiry_report_reads_every_participant(
     monkeypatch.setattr(certexpiry, "SIZE_LIMIT", 1 + CROWD_SIZE)  # one entry too few
     with pytest.raises(SafeMailError, match=f"more than {1 + CROWD_SIZE} entries"):
         certexpiry.read_directory(config)
+
+
+# --- AV-02: read-only replicas ---------------------------------------------------------------
+
+
+def test_a_replica_answers_when_the_provider_is_down(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    """The provider's port has no listener: the client binds to the replica instead (the
+    module's slapd plays the replica), and the lookup works as usual."""
+    down = f"ldap://127.0.0.1:{free_port()}"
+    before = server.binds()
+    config = _config(server, tmp_path, pki, uri=down, replica_uris=(server.uri,))
+    assert directory.LdapCertificateDirectory(config).certificates_for(RECIPIENT)
+    assert len(_new_binds(server, before)) == 1
+
+
+def test_the_provider_is_used_while_it_answers(server: Slapd, tmp_path: Path, pki: Pki) -> None:
+    """Provider up: the replica is never contacted. The replica here is a socket that
+    listens and never answers: a client that tried it first (or at all) leaves a connection
+    in its queue (it would then time out and still reach the provider, so the lookup alone
+    could not tell)."""
+    import socket
+
+    with socket.socket() as replica:
+        replica.bind(("127.0.0.1", 0))
+        replica.listen(4)
+        replica.setblocking(False)
+        config = _config(server, tmp_path, pki, timeout=2,
+                         replica_uris=(f"ldap://127.0.0.1:{replica.getsockname()[1]}",))
+        assert directory.LdapCertificateDirectory(config).certificates_for(RECIPIENT)
+        with pytest.raises(BlockingIOError):
+            replica.accept()
+
+
+def test_a_tls_failure_does_not_fall_over_to_a_replica(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    """A provider that fails verification is a fault to fix: the client stops there instead
+    of quietly binding elsewhere (and sends the replica no password either)."""
+    before = server.binds()
+    config = _config(server, tmp_path, pki, uri=f"ldap://localhost:{server.port}",
+                     replica_uris=(server.uri,))
+    with pytest.raises(SafeMailError, match="TLS with the directory ldap://localhost"):
+        directory.LdapCertificateDirectory(config).connect()
+    assert _new_binds(server, before) == []
+
+
+def test_no_directory_reachable_names_every_uri(tmp_path: Path, pki: Pki) -> None:
+    first, second = (f"ldap://127.0.0.1:{free_port()}" for _ in range(2))
+    config = directory.DirectoryConfig(first, BIND_DN, PASSWORD,
+                                       write_pem(tmp_path / "ca.pem", pki.ca), timeout=2,
+                                       replica_uris=(second,))
+    with pytest.raises(SafeMailError, match="neither the provider nor a replica") as err:
+        directory.LdapCertificateDirectory(config).connect()
+    assert first in str(err.value) and second in str(err.value)
+
+
+def test_a_replica_uri_must_be_an_ldap_uri(tmp_path: Path, pki: Pki) -> None:
+    for bad in ("http://auth2", "ldap://auth2 ldap://auth3", "ldap://"):
+        with pytest.raises(SafeMailError, match="is not an ldap"):
+            directory.LdapCertificateDirectory(directory.DirectoryConfig(
+                "ldap://auth1", BIND_DN, PASSWORD, tmp_path / "ca.pem", replica_uris=(bad,)))
+
+
+def test_accounting_reads_the_replicas_from_its_settings(
+    server: Slapd, tmp_path: Path, pki: Pki
+) -> None:
+    cafile = write_pem(tmp_path / "ca.pem", pki.ca)
+    settings = {"uri": f"ldap://127.0.0.1:{free_port()}", "base": BASE, "bind_dn": BIND_DN,
+                "password": PASSWORD, "cafile": str(cafile), "replica_uris": [server.uri]}
+    assert accounting_cli.directory_resolver(settings)([SENDER]) == {
+        SENDER: Participant("100001", "GP")}
+    with pytest.raises(SafeMailError, match="replica_uris must be a list"):
+        accounting_cli.directory_resolver({**settings, "replica_uris": "ldap://auth2"})

@@ -43,6 +43,10 @@ pytest_plugins = (
 
 _catalogue_key = pytest.StashKey[Catalogue]()
 _problems_key = pytest.StashKey[list[str]]()
+_not_redundant_key = pytest.StashKey[list[str]]()
+# AV-02: tests marked `redundant_stage` need two relays and two directory hosts
+# (`safemail lab up --redundant`); on any other stage they are deselected and listed.
+REDUNDANT_GROUPS = ("relay", "auth")
 _item_error_key = pytest.StashKey[str]()
 
 
@@ -64,6 +68,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "req(*ids): requirement id(s) of verify/requirements.yml this test proves"
+    )
+    config.addinivalue_line(
+        "markers",
+        "redundant_stage: AV-02; the test needs two relays and two directory hosts "
+        "(`safemail lab up --redundant`); deselected, with the reason, on other stages",
     )
     config.addinivalue_line(
         "markers",
@@ -151,9 +160,36 @@ def _outside_declared_hosts(config: pytest.Config, items: list[pytest.Item]) -> 
     return outside
 
 
+def _group_sizes(config: pytest.Config) -> dict[str, int]:
+    """Hosts per inventory group of the stage under test (ansible-inventory, as testinfra)."""
+    import stagegroups
+
+    return {g: len(hosts) for g, hosts in stagegroups.groups(config, strict=False).items()}
+
+
+def _not_on_this_stage(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:
+    """Items marked redundant_stage when the stage lacks a second relay or directory host."""
+    marked = [i for i in items if i.get_closest_marker("redundant_stage") is not None]
+    if not marked:
+        return []
+    sizes = _group_sizes(config)
+    short = [f"{g}: {sizes.get(g, 0)} host(s)" for g in REDUNDANT_GROUPS if sizes.get(g, 0) < 2]
+    if not short:
+        return []
+    reason = ("needs a redundant stage (two relays, two directory hosts: `safemail lab up "
+              f"--redundant`); this one has {', '.join(short)}")
+    config.stash[_not_redundant_key] = [f"{i.nodeid}: {reason}" for i in marked]
+    return marked
+
+
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    not_here = _not_on_this_stage(config, items)
+    if not_here:
+        config.hook.pytest_deselected(items=not_here)
+        ids = {id(i) for i in not_here}
+        items[:] = [i for i in items if id(i) not in ids]
     outside = _outside_declared_hosts(config, items)
     if outside:
         config.hook.pytest_deselected(items=outside)
@@ -215,6 +251,12 @@ def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:
     del exitstatus
+    not_here = config.stash.get(_not_redundant_key, [])
+    if not_here:
+        terminalreporter.section(f"SafeMail: {len(not_here)} AV-02 test(s) not selected",
+                                 sep="=", bold=True)
+        for line in not_here:
+            terminalreporter.write_line(line)
     problems = list(config.stash.get(_problems_key, []))
     # Under xdist the workers collect; their setup errors carry the message instead.
     for report in terminalreporter.stats.get("error", []):

@@ -31,10 +31,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-import testinfra
+import stagegroups
+from stagegroups import host as _host
+from stagegroups import inventory as _inventory
 from waits import wait_for
 
-from safemail.inventory import parse_inventory_list
 from safemail.project import project_root
 
 STATUS_HELPER = "/usr/local/sbin/safemail-backup-status"
@@ -50,20 +51,8 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _inventory(config) -> str:
-    return config.getoption("ansible_inventory") or "inventories/test"
-
-
 def _groups(config) -> dict[str, list[str]]:
-    proc = subprocess.run([_bin("ansible-inventory"), "-i", _inventory(config), "--list"],
-                          capture_output=True, text=True, check=False, cwd=project_root())
-    if proc.returncode != 0:
-        return {}
-    out: dict[str, list[str]] = {}
-    for h in parse_inventory_list(json.loads(proc.stdout)):
-        for g in h.groups:
-            out.setdefault(g, []).append(h.name)
-    return out
+    return stagegroups.groups(config, strict=False)
 
 
 def _clients(config) -> list[str]:
@@ -75,10 +64,6 @@ def _clients(config) -> list[str]:
 def pytest_generate_tests(metafunc):
     if "client_name" in metafunc.fixturenames:
         metafunc.parametrize("client_name", _clients(metafunc.config), scope="module")
-
-
-def _host(config, name: str):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=_inventory(config))
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,7 @@ def opens_with(path: Path, password: str) -> bool:
 # the committed example's values.
 EXAMPLE_VALUE_SHA256 = frozenset({
     "043a0755c044d1f38f2e9b0b53855b0c7d2481d4c084d2c8e8093c8c85d98908",
+    "2b805129383b2093178350ed1af2f41ef6cdcb0c23f0422dbea933c8c82e1895",  # AV-02 replicator
     "1cf3a48930fc0e8cd20534e31254be2fdcd447fff8948400a956a6a7982247d0",
     "22d6f7c69304823d217a299533c94e1af7b6314a3ea179fdadc48e02e94b3393",
     "36aed7b73272c62bc0023920df68296884c559041018cc2ae93b6f4076ce5e25",

@@ -85,6 +85,15 @@ def _int_setting(config: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
+def _replica_uris(settings: dict[str, Any]) -> tuple[str, ...]:
+    """AV-02: the directory's read-only replicas (optional list of URIs)."""
+    value = settings.get("replica_uris") or []
+    if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
+        raise SafeMailError(f"directory replica_uris must be a list of URIs, not {value!r}",
+                            "run the accounting role (it writes this file)")
+    return tuple(value)
+
+
 def directory_resolver(settings: dict[str, Any]):  # type: ignore[no-untyped-def]
     """Addresses -> participants, from the directory (mail -> employeeNumber,
     businessCategory), one connection per run."""
@@ -98,6 +107,7 @@ def directory_resolver(settings: dict[str, Any]):  # type: ignore[no-untyped-def
     config = DirectoryConfig(
         uri=settings["uri"], bind_dn=settings["bind_dn"], password=settings["password"],
         base=settings["base"], cafile=Path(settings["cafile"]),
+        replica_uris=_replica_uris(settings),
     )
 
     def resolve(addresses: Iterable[str]) -> dict[str, Participant]:

@@ -39,9 +39,11 @@ def cmd_bill(args: argparse.Namespace) -> int:
         raise SafeMailError(f"billing failed (ansible-playbook exit {rc})",
                             "read the output above: a running quarter is refused")
     if not args.check:
-        print(f"statements: {repo / 'reports' / 'accounting'}/"
-              f"{normalise_quarter(args.quarter)}-<relay>.csv (participant numbers: keep them "
-              "for the paying office only)")
+        quarter = normalise_quarter(args.quarter)
+        print(f"statement to pay from (every relay's counts summed, the cap applied to the "
+              f"sum): {repo / 'reports' / 'accounting'}/{quarter}.csv; per relay (counts on "
+              f"that relay only): {quarter}-<relay>.csv (participant numbers: keep them for "
+              "the paying office only)")
     return 0
 
 

@@ -21,7 +21,7 @@ def _stage() -> Stage:
 
 def _image(args: argparse.Namespace) -> int:
     stage = _stage()
-    plan = stage.plan(all_vms=args.all_vms)
+    plan = stage.plan(all_vms=args.all_vms, redundant=args.redundant)
     img = image_mod.build(stage.paths, stage.project, vm_hosts(plan), force=args.rebuild)
     for part in img.parts():
         print(part)
@@ -41,7 +41,7 @@ def _mirror(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    return _stage().up(all_vms=args.all_vms)
+    return _stage().up(all_vms=args.all_vms, redundant=args.redundant)
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -124,11 +124,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     p.add_argument("--all-vms", action="store_true",
                    help="also build the VM layers `lab up --all-vms` needs")
+    p.add_argument("--redundant", action="store_true",
+                   help="also the hosts `lab up --redundant` adds")
     p.set_defaults(func=_image)
     p = lsub.add_parser("up", help="start the lab (builds the image if needed)")
     p.add_argument("--all-vms", action="store_true",
                    help="run every service host as a QEMU VM (slow; default: only the "
                         "hosts the inventory marks qemu)")
+    p.add_argument("--redundant", action="store_true",
+                   help="AV-02: add a second relay and a second directory host (relay2, a "
+                        "QEMU VM like relay1; auth2, a replica) for the availability tests; "
+                        "slower, so the default stage and CI leave them out")
     p.set_defaults(func=_up)
     p = lsub.add_parser("mirror", help="publish the roles' current package lists to the "
                                        "running lab's mirror (after a role gains a package)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ INTERNET_SINK = ("internet", "internet", 10)
 SERVICE_GROUPS = ("relay", "store", "auth", "ca_ra", "ca_signer", "ca_dist", "backup")
 LAB_GROUPS = ("participants",)
 HYPERVISORS = ("nspawn", "qemu")
+# AV-02: `lab up --redundant` gives these groups a second host (docs/availability.md).
+REDUNDANT_GROUPS = ("relay", "auth")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class HostSpec:
     groups: tuple[str, ...]
     segment: str
     hypervisor: str
+    # Added by `lab up --redundant` (not in the committed inventory): the generated
+    # inventory must also put it in its group.
+    added: bool = False
 
     @property
     def is_service(self) -> bool:
@@ -160,6 +166,35 @@ def hosts_from_inventory(inventory: Mapping[str, Any], all_vms: bool = False) ->
     return sorted(specs, key=lambda s: s.name)
 
 
+def redundant_hosts(specs: Iterable[HostSpec]) -> list[HostSpec]:
+    """AV-02: the specs plus a second host for each of REDUNDANT_GROUPS that has only one.
+
+    The new host copies the group's host (groups, segment, hypervisor: relay1 is a QEMU VM
+    for LUKS, so relay2 is one too) and takes its name with the next number (relay1 ->
+    relay2). A group that already has two hosts in the committed inventory is left alone.
+    """
+    specs = list(specs)
+    names = {s.name for s in specs}
+    added = []
+    for group in REDUNDANT_GROUPS:
+        members = sorted((s for s in specs if group in s.groups), key=lambda s: s.name)
+        if len(members) != 1:
+            continue
+        first = members[0]
+        match = re.fullmatch(r"(.*?)(\d+)", first.name)
+        if match is None:
+            raise SafeMailError(f"host {first.name}: --redundant names the second {group} host "
+                                "after the first, which must end in a number (e.g. relay1)",
+                                hint="rename it in inventories/test/hosts.yml")
+        name = f"{match.group(1)}{int(match.group(2)) + 1}"
+        if name in names:
+            raise SafeMailError(f"--redundant would add {name} to {group}, but the inventory "
+                                f"has a host {name} already")
+        added.append(HostSpec(name, first.groups, first.segment, first.hypervisor, added=True))
+        names.add(name)
+    return sorted([*specs, *added], key=lambda s: s.name)
+
+
 def mac_for(host: str, segment: str) -> str:
     """A stable, locally administered unicast MAC for a host interface."""
     digest = hashlib.sha256(f"{host}/{segment}".encode()).digest()
@@ -244,14 +279,23 @@ def generated_inventory(plan: LabPlan, key_file: str, known_hosts: str,
                         public_key: str) -> dict[str, Any]:
     """The part of inventories/test that `lab up` writes (addresses, hypervisor, ssh)."""
     hosts = {}
+    children: dict[str, Any] = {}
     for h in plan.hosts:
         hosts[h.name] = {
             "ansible_host": str(h.mgmt.address),
             "safemail_address": str(h.data.address),
             "lab_machine": h.spec.hypervisor,
         }
+        if h.spec.added:
+            # A --redundant host: in its group (which hosts.yml nests under `service`), with
+            # what hosts.yml says of the group's first host.
+            group = next(g for g in REDUNDANT_GROUPS if g in h.spec.groups)
+            children.setdefault(group, {"hosts": {}})["hosts"][h.name] = {
+                "safemail_segment": h.spec.segment, "lab_hypervisor": h.spec.hypervisor}
+    extra = {"children": children} if children else {}
     return {
         "all": {
+            **extra,
             "vars": {
                 "ansible_user": "root",
                 "ansible_ssh_private_key_file": key_file,

@@ -45,6 +45,7 @@ from safemail.lab.plan import (
     generated_inventory,
     hosts_from_inventory,
     make_plan,
+    redundant_hosts,
     route_conflicts,
 )
 from safemail.project import Project
@@ -75,13 +76,19 @@ class Stage:
         return Project(self.project).inventory("test")
 
     # -- reading ---------------------------------------------------------------------------
-    def plan(self, all_vms: bool = False) -> LabPlan:
+    def plan(self, all_vms: bool = False, redundant: bool | None = None) -> LabPlan:
+        """The lab's plan; ``redundant`` None: as the running lab was started (AV-02:
+        `lab up --redundant` adds relay2 and auth2, which shifts addresses)."""
         hosts_file = self.inventory_dir / "hosts.yml"
         try:
             inventory = yaml.safe_load(hosts_file.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise SafeMailError(f"cannot read the test inventory {hosts_file}: {exc}") from exc
-        return make_plan(hosts_from_inventory(inventory, all_vms=all_vms))
+        if redundant is None:
+            state = self.load_state()
+            redundant = bool(state and state.get("redundant"))
+        specs = hosts_from_inventory(inventory, all_vms=all_vms)
+        return make_plan(redundant_hosts(specs) if redundant else specs)
 
     def load_state(self) -> dict | None:
         try:
@@ -138,34 +145,36 @@ class Stage:
             yield
 
     # -- up --------------------------------------------------------------------------------
-    def up(self, all_vms: bool = False) -> int:
+    def up(self, all_vms: bool = False, redundant: bool = False) -> int:
         runner.require_root()
         with self.locked():
-            return self._up(all_vms)
+            return self._up(all_vms, redundant)
 
-    def _up(self, all_vms: bool) -> int:
+    def _up(self, all_vms: bool, redundant: bool = False) -> int:
         runner.require_tools("ip", "systemd-nspawn", "qemu-system-x86_64", "mkfs.ext4",
                              "ssh", "ssh-keygen", "apt-ftparchive", "debootstrap")
         state = self.load_state()
         if state is not None:
             alive = self.processes_alive(state)
             if state.get("complete") and all(alive.values()) and \
-                    state.get("all_vms", False) == all_vms:
+                    state.get("all_vms", False) == all_vms and \
+                    state.get("redundant", False) == redundant:
                 # This checkout may not have the generated inventory yet (the lab was
                 # started from another one): write it, nothing else.
-                self._write_inventory(self.plan(all_vms=all_vms))
+                self._write_inventory(self.plan(all_vms=all_vms, redundant=redundant))
                 runner.info("lab is already up (nothing to do); `safemail lab status` shows it")
                 return 0
             runner.info("lab: found remains of an earlier lab; cleaning them first")
             self._down()
-        plan = self.plan(all_vms=all_vms)
+        plan = self.plan(all_vms=all_vms, redundant=redundant)
         self._preflight()
         started = time.monotonic()
         runner.info(f"lab: {len(plan.hosts)} hosts "
                     f"({sum(h.spec.hypervisor == 'qemu' for h in plan.hosts)} QEMU VMs)")
         runner.info("[1/5] image")
         img = image_mod.build(self.paths, self.project, vm_hosts(plan))
-        state = {"complete": False, "all_vms": all_vms, "namespaces": [], "processes": {},
+        state = {"complete": False, "all_vms": all_vms, "redundant": redundant,
+                 "namespaces": [], "processes": {},
                  "root_links": [], "root_routes": [], "image": [p.name for p in img.parts()]}
         self.save_state(state)
         try:

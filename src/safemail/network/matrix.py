@@ -32,7 +32,10 @@ import yaml
 from safemail.errors import SafeMailError
 from safemail.project import Project
 
-PROTOCOLS = ("tcp", "udp")
+PROTOCOLS = ("tcp", "udp", "vrrp")
+# IP protocols without ports (AV-02: VRRP between the relays, IP protocol 112). A flow of one
+# gives no port, or port 0; the firewall matches the protocol alone.
+PORTLESS = ("vrrp",)
 NETWORK_FILE = Path("group_vars") / "all" / "network.yml"
 # The role wiring beside the playbooks (relative to the checkout): holds FLOW_ROLES_VAR.
 WIRING_FILE = Path("playbooks") / "group_vars" / "all.yml"
@@ -69,7 +72,7 @@ class Flow:
 
     @property
     def service(self) -> str:
-        return f"{self.proto}/{self.port}"
+        return self.proto if self.proto in PORTLESS else f"{self.proto}/{self.port}"
 
 
 @dataclass(frozen=True)
@@ -261,21 +264,27 @@ def combine(raw: Iterable[Mapping[str, Any]]) -> tuple[Flow, ...]:
         where = item.get("_origin", "flow")
         if not isinstance(item, Mapping):
             raise MatrixError(f"{where}: a flow must be a mapping, not {item!r}")
-        missing = [k for k in ("from", "to", "proto", "port", "purpose") if k not in item]
+        proto = str(item.get("proto", "")).lower()
+        missing = [k for k in ("from", "to", "proto", "port", "purpose") if k not in item
+                   and not (k == "port" and proto in PORTLESS)]
         if missing:
             raise MatrixError(f"{where}: flow {dict(item)} lacks {', '.join(missing)}",
                               hint="a flow is {from, to, proto, port, purpose}")
-        proto = str(item["proto"]).lower()
         if proto not in PROTOCOLS:
             raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: protocol "
-                              f"{item['proto']!r} (use tcp or udp)")
-        port = item["port"]
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                              f"{item['proto']!r} (use tcp, udp or vrrp)")
+        port = item.get("port", 0)
+        if proto in PORTLESS:
+            if port not in (0, None) or isinstance(port, bool):
+                raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: {proto} has "
+                                  f"no ports, not {port!r}", hint="leave port out (or 0)")
+            port = 0
+        elif isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise MatrixError(f"{where}: flow {item['from']} -> {item['to']}: port {port!r} "
                               "is not a number from 1 to 65535")
-        if item["from"] == item["to"]:
-            raise MatrixError(f"{where}: flow from {item['from']} to itself",
-                              hint="traffic inside one host is loopback; it needs no flow")
+        # from == to is a flow between the hosts of one group (AV-02: a directory replica
+        # and its provider); :func:`check` refuses it for a segment or an endpoint, and
+        # :func:`host_rules` drops a host's own address, so a one-host group gets no rule.
         key = (str(item["from"]), str(item["to"]), proto, port)
         purposes = merged.setdefault(key, [])
         purpose = " ".join(str(item["purpose"]).split())
@@ -318,6 +327,10 @@ def check(flows: Sequence[Flow], topo: Topology) -> None:
     for f in flows:
         topo.kind(f.src)
         topo.kind(f.dst)
+        if f.src == f.dst and topo.kind(f.src) != "group":
+            raise MatrixError(f"flow from {f.src} to itself",
+                              hint="only the hosts of one group reach each other this way; "
+                                   "traffic inside one host is loopback and needs no flow")
         if topo.kind(f.dst) == "segment" and f.dst == MGMT_SEGMENT:
             raise MatrixError(f"flow {f.src} -> {f.dst}: nothing is offered on the mgmt segment")
     for node in topo.nodes.values():
@@ -351,6 +364,11 @@ class Rule:
 def _rules(pairs: Iterable[tuple[Flow, list[str]]]) -> list[Rule]:
     by_service: dict[tuple[str, int], tuple[set[str], list[str]]] = {}
     for flow, nets in pairs:
+        if not nets:
+            # A flow that admits nobody here (AV-02: auth -> auth with one auth host, whose
+            # own address is dropped) must not reach the rule's comment either, or a
+            # single-host stage's ruleset changes (its text, so the firewall reloads).
+            continue
         entry = by_service.setdefault((flow.proto, flow.port), (set(), []))
         entry[0].update(nets)
         for p in flow.purposes:

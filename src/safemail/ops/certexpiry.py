@@ -132,6 +132,8 @@ def read_directory(config: dict) -> list[tuple[str, list[bytes]]]:
     cfg = DirectoryConfig(
         uri=config["ldap_uri"], bind_dn=config["bind_dn"], password=config["bind_password"],
         base=config["base_dn"], cafile=Path(config["cafile"]),
+        # AV-02: the directory's read-only replicas, tried when the provider is down.
+        replica_uris=tuple(config.get("ldap_replica_uris") or ()),
     )
     with LdapCertificateDirectory(cfg) as directory:
         found = directory.search("objectClass", "inetOrgPerson", ["mail", CERT_ATTRIBUTE],

@@ -99,12 +99,24 @@ class DirectoryConfig:
     password: str
     cafile: Path
     base: str | None = None  # default: the bind DN's parent (ou=participants,...)
+    # AV-02: read-only replicas, tried in order when ``uri`` cannot be reached (connection
+    # refused, no route, no answer). Not on a TLS or bind failure: that is a fault to fix,
+    # not an outage to ride out.
+    replica_uris: tuple[str, ...] = ()
     timeout: float = 30.0
     size_limit: int = DEFAULT_SIZE_LIMIT
 
     @property
     def search_base(self) -> str:
         return self.base or parent_dn(self.bind_dn)
+
+
+class _Unreachable(Exception):
+    """One URI could not be reached (the next replica may be)."""
+
+    def __init__(self, error: SafeMailError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _info(exc: ldap.LDAPError) -> tuple[int | None, str, bool]:
@@ -131,13 +143,16 @@ class LdapCertificateDirectory:
         self.config = config
         self.issuer = issuer
         self._conn: ldap.ldapobject.LDAPObject | None = None
-        parts = urlsplit(config.uri)
-        if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in (
-                "", "/"):
-            raise SafeMailError(
-                f"{config.uri!r} is not an ldap:// or ldaps:// URI",
-                "give the directory as ldap://HOST (StartTLS) or ldaps://HOST",
-            )
+        self._uris = (config.uri, *config.replica_uris)
+        for uri in self._uris:
+            parts = urlsplit(uri)
+            if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in (
+                    "", "/") or any(c.isspace() for c in uri):
+                raise SafeMailError(
+                    f"{uri!r} is not an ldap:// or ldaps:// URI",
+                    "give the directory as ldap://HOST (StartTLS) or ldaps://HOST",
+                )
+        self._uri = config.uri
         if not config.cafile:
             raise SafeMailError(
                 f"no CA file to verify {self._where()}",
@@ -146,7 +161,7 @@ class LdapCertificateDirectory:
             )
         if not 0 < config.size_limit:
             raise SafeMailError(f"size limit must be at least 1, not {config.size_limit}")
-        self._ldaps = parts.scheme == "ldaps"
+        self._ldaps = urlsplit(self._uri).scheme == "ldaps"
 
     # context manager: close the connection after the lookups
     def __enter__(self) -> LdapCertificateDirectory:
@@ -156,7 +171,7 @@ class LdapCertificateDirectory:
         self.close()
 
     def _where(self) -> str:
-        return f"the directory {self.config.uri}"
+        return f"the directory {self._uri}"
 
     def _error(self, exc: ldap.LDAPError, what: str) -> SafeMailError:
         """A SafeMailError for a failed ``what`` (connect, StartTLS, bind, search)."""
@@ -205,9 +220,27 @@ class LdapCertificateDirectory:
         return limit
 
     def connect(self) -> None:
-        """Connect, start TLS (verified against ``cafile``), bind."""
+        """Connect, start TLS (verified against ``cafile``), bind: to ``uri``, or to the
+        first replica that can be reached when it cannot (AV-02)."""
         if self._conn is not None:
             return
+        unreachable: list[SafeMailError] = []
+        for uri in self._uris:
+            self._uri = uri
+            self._ldaps = urlsplit(uri).scheme == "ldaps"
+            try:
+                self._connect_one()
+                return
+            except _Unreachable as exc:
+                unreachable.append(exc.error)
+        if len(unreachable) == 1:
+            raise unreachable[0]
+        raise SafeMailError(
+            "no directory could be reached, neither the provider nor a replica: "
+            + "; ".join(e.message for e in unreachable),
+            "is the directory reachable from this host?")
+
+    def _connect_one(self) -> None:
         cafile = Path(self.config.cafile)
         try:
             cafile.read_bytes()
@@ -217,7 +250,7 @@ class LdapCertificateDirectory:
         timeout = self.config.timeout
         what = "connect"
         try:
-            conn = ldap.initialize(self.config.uri)
+            conn = ldap.initialize(self._uri)
             self._conn = conn
             conn.set_option(ldap.OPT_PROTOCOL_VERSION, ldap.VERSION3)
             conn.set_option(ldap.OPT_REFERRALS, 0)
@@ -243,7 +276,11 @@ class LdapCertificateDirectory:
                 what = "connect"  # ldaps:// connects (and shakes hands) with the first request
             if what == "StartTLS" and isinstance(exc, ldap.SERVER_DOWN):
                 what = "connect"  # the StartTLS request is the first one on the wire
-            raise self._error(exc, what) from exc
+            error = self._error(exc, what)
+            if what == "connect" and (isinstance(exc, ldap.TIMEOUT) or (
+                    isinstance(exc, ldap.SERVER_DOWN) and str(error).startswith("cannot reach"))):
+                raise _Unreachable(error) from exc
+            raise error from exc
 
     def close(self) -> None:
         if self._conn is None:

@@ -1,0 +1,41 @@
+"""The stage under test as its inventory describes it: groups and their hosts.
+
+One reader for the verify modules that parametrize or select by group (availability,
+redundancy, faults, the `redundant_stage` selection in conftest.py): `ansible-inventory --list`
+on the stage's inventory, as testinfra reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import testinfra
+
+from safemail import ansible
+from safemail.inventory import parse_inventory_list
+from safemail.project import project_root
+
+
+def inventory(config: pytest.Config) -> str:
+    return config.getoption("ansible_inventory", default=None) or "inventories/test"
+
+
+def groups(config: pytest.Config, strict: bool = True) -> dict[str, list[str]]:
+    """Group -> host names. An unreadable inventory fails (strict) or gives {}."""
+    proc = subprocess.run([ansible.command("ansible-inventory"), "-i", inventory(config),
+                           "--list"], capture_output=True, text=True, check=False,
+                          cwd=project_root())
+    if proc.returncode != 0:
+        assert not strict, f"ansible-inventory -i {inventory(config)}: {proc.stderr}"
+        return {}
+    out: dict[str, list[str]] = {}
+    for h in parse_inventory_list(json.loads(proc.stdout)):
+        for g in h.groups:
+            out.setdefault(g, []).append(h.name)
+    return out
+
+
+def host(config: pytest.Config, name: str):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory(config))
