@@ -141,7 +141,11 @@ def test_collection_timer_runs_and_succeeds(acc, evidence):
     timer = relay.service("safemail-accounting-collect.timer")
     result = relay.run("systemctl show -p Result -p ExecMainStatus "
                        "safemail-accounting-collect.service").stdout.split()
-    evidence(f"timer enabled={timer.is_enabled} running={timer.is_running}; last run {result}")
+    failed = "" if "Result=success" in result else relay.run(
+        "journalctl -u safemail-accounting-collect.service --no-pager -o short-iso -n 15"
+    ).stdout  # what the failed run said, for the report
+    evidence(f"timer enabled={timer.is_enabled} running={timer.is_running}; last run {result}"
+             + (f"; its journal:\n{failed}" if failed else ""))
     assert timer.is_enabled and timer.is_running
     assert "Result=success" in result
 

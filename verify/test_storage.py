@@ -281,6 +281,27 @@ def _unlock(host) -> None:
     host.check_output(f"{HELPER} unlock")
 
 
+# The relay's timed job on the volume (encrypted_storage_lock_stops in playbooks/group_vars/
+# relay.yml): the mail counting, every 5 minutes.
+TIMED_JOB = "safemail-accounting-collect"
+_FAST_TIMER = f"/run/systemd/system/{TIMED_JOB}.timer.d/verify-fast.conf"
+
+
+def _fast_timer(host, on: bool) -> None:
+    """Fire the timed job every 2 s (runtime drop-in) or back to its schedule. Under this
+    pressure a `lock` that does not hold the timer lost the race within a few tries: a job
+    started between its stop and the unmount made the unmount fail ("target is busy") or
+    failed itself ("not mounted"), and stopping a running job killed it (Result=signal)."""
+    if on:
+        host.check_output(
+            f"mkdir -p {shlex.quote(_FAST_TIMER.rsplit('/', 1)[0])} && printf "
+            f"'[Timer]\\nOnCalendar=\\nOnCalendar=*:*:0/2\\nAccuracySec=1s\\n' > {_FAST_TIMER}"
+            f" && systemctl daemon-reload && systemctl restart {TIMED_JOB}.timer")
+    else:
+        host.run(f"rm -f {_FAST_TIMER} && systemctl daemon-reload && "
+                 f"systemctl restart {TIMED_JOB}.timer")
+
+
 def _start_refused(host, unit: str) -> tuple[bool, str]:
     """Try to start `unit` with the volume locked: it must not become active. The start job
     (and the mount jobs it pulled in) stay queued, as after an operator's `systemctl start`
@@ -378,16 +399,26 @@ def test_store_locked_mail_waits_on_the_relay_and_arrives_once(stage, evidence):
 def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
     relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
     marker = f"STORE02R-{uuid.uuid4().hex}"
+    job = f"{TIMED_JOB}.service"
     with exclusive():
         try:
+            # Lock while the timed job runs and its timer keeps firing: `lock` must let the
+            # running job finish, start no new one and still unmount.
+            _fast_timer(relay, True)
+            relay.run(f"systemctl reset-failed {job}")
+            running = wait_for(lambda: relay.run(f"systemctl is-active {job}").stdout.strip()
+                               == "activating", 30, 0.5)
             _lock(relay)
+            job_result = relay.run(f"systemctl show -p Result --value {job}").stdout.strip()
             closed = relay.run(f"test -e {MAPPER}").rc != 0
             refused, how = _start_refused(relay, "postfix@-.service")
             postfix_state = relay.run("systemctl is-active postfix@-.service").stdout.strip()
             locked_try = probe_send(stage, f"Befund {marker}")
             plain = _plain_listing(relay, PATHS["relay"])
         finally:
+            _fast_timer(relay, False)
             _unlock(relay)
+        timer = relay.run(f"systemctl is-active {TIMED_JOB}.timer").stdout.strip()
         jobs = _jobs_left(relay, SERVICES["relay"])
         active = wait_for(lambda: relay.run("systemctl is-active postfix@-.service")
                            .stdout.strip() == "active", 60)
@@ -399,11 +430,14 @@ def test_relay_locked_send_fails_temporarily_then_succeeds(stage, evidence):
             t = probe_send(stage, f"Befund {marker}")
             code, text = data_reply(t)
         count = wait_for(lambda: mailbox_count(store, marker), 120)
-    evidence(f"relay locked (volume closed: {closed}); {how}; postfix@-: {postfix_state}; "
+    evidence(f"locked while {job} ran: {running}, its result {job_result}, its timer after "
+             f"unlock {timer}; "
+             f"relay locked (volume closed: {closed}); {how}; postfix@-: {postfix_state}; "
              f"participant while locked: {locked_try.get('error') or locked_try['steps']}; "
              f"plain dirs while locked: {plain}; after unlock postfix active: {active}, "
              f"jobs left {jobs}, DATA {code} {text}, copies delivered: {count}")
     assert closed and refused and postfix_state != "active"
+    assert running and job_result == "success" and timer == "active"
     assert jobs == []
     # No SMTP answer at all: the client's send fails temporarily (it retries), nothing stored.
     assert locked_try["error"].startswith("connect:") and not locked_try["steps"]
