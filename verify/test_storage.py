@@ -71,8 +71,15 @@ def _current_item(request) -> Iterator[None]:
 
 
 def exclusive():
-    """One storage test at a time across xdist workers (they lock volumes, reboot VMs)."""
+    """A storage test that locks volumes or reboots VMs: alone among the storage tests, across
+    xdist workers (on top of its exclusive per-host stage locks, verify/stagelocks.py)."""
     return controller_lock(LOCK_FILE, True, _current[-1] if _current else None)
+
+
+def shared():
+    """A storage test that only reads: beside the other readers, never during a lock or a
+    reboot (each reads through its own root view, `root_view`)."""
+    return controller_lock(LOCK_FILE, False, _current[-1] if _current else None)
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +136,15 @@ def mailbox_count(store, marker: str) -> int:
 
 @contextmanager
 def root_view(host) -> Iterator[str]:
-    """A non-recursive bind of / : the plain root filesystem without anything mounted on it."""
-    host.check_output(f"mkdir -p {ROOT_VIEW} && mount --bind / {ROOT_VIEW}")
+    """A non-recursive bind of / : the plain root filesystem without anything mounted on it.
+    One per use (readers run side by side); under /run, which no check of the plain root
+    filesystem reads (PLAIN_DIRS)."""
+    view = f"{ROOT_VIEW}-{uuid.uuid4().hex[:12]}"
+    host.check_output(f"mkdir -p {view} && mount --bind / {view}")
     try:
-        yield ROOT_VIEW
+        yield view
     finally:
-        host.run(f"umount {ROOT_VIEW} && rmdir {ROOT_VIEW}")
+        host.run(f"umount {view} && rmdir {view}")
 
 
 def plain_hits(host, needle: str) -> list[str]:
@@ -182,7 +192,7 @@ def storage_hosts() -> list[str]:
 @pytest.mark.parametrize("group", storage_hosts())
 def test_volume_is_an_open_luks2_volume_on_the_data_disk(stage, evidence, group):
     host = stage["hosts"][group]
-    with exclusive():
+    with shared():
         status = host.run(f"cryptsetup status {NAME}")
         disk = host.check_output(f"readlink -f {DEVICE}")
         luks = host.run(f"cryptsetup luksDump {DEVICE}")
@@ -198,7 +208,7 @@ def test_volume_is_an_open_luks2_volume_on_the_data_disk(stage, evidence, group)
                          [(g, p) for g, paths in PATHS.items() for p in paths])
 def test_mail_path_resolves_to_the_dm_crypt_volume(stage, evidence, group, path):
     host = stage["hosts"][group]
-    with exclusive():
+    with shared():
         source = host.check_output(f"findmnt -n -o SOURCE -T {path}")
         chain = host.check_output(f"lsblk -n -s -o NAME,TYPE {MAPPER} || true")
         with root_view(host) as view:
@@ -215,7 +225,7 @@ def test_mail_path_resolves_to_the_dm_crypt_volume(stage, evidence, group, path)
 def test_mail_traces_only_on_the_encrypted_volume(stage, evidence):
     relay, store = stage["hosts"]["relay"], stage["hosts"]["store"]
     marker = f"STORE01-{uuid.uuid4().hex}"
-    with exclusive():
+    with shared():
         t = probe_send(stage, f"Befund {marker}")
         code, text = data_reply(t)
         evidence(f"DATA: {code} {text}")
@@ -255,7 +265,7 @@ def test_mail_traces_only_on_the_encrypted_volume(stage, evidence):
 def test_no_mail_log_lines_on_the_plain_disk(stage, evidence, group):
     """No participant's address in /var/log of the root disk or in the journal."""
     host = stage["hosts"][group]
-    with exclusive():
+    with shared():
         on_volume = {m: host.run(f"grep -rlF {shlex.quote(m)} /var/log/safemail").stdout.split()
                      for m in stage["mailboxes"]}
         with root_view(host) as view:
