@@ -330,6 +330,40 @@ def test_unknown_host_is_refused_before_anything_runs(tmp_path):
     assert fake.calls == []
 
 
+def test_a_redundant_lab_mutation_is_left_out_where_its_host_is_missing_and_said_so(tmp_path):
+    fake = Fake(verdicts=[{"MAIL-03": "fail"}])
+    muts = [_mutation("gate-off"), _mutation("relay2-gate-off", host="relay2", redundant=True)]
+    run = _run(tmp_path, muts, fake, baseline=False)
+    assert [o.mutation.id for o in run.outcomes] == ["gate-off"]
+    assert run.left_out == ["relay2-gate-off"] and run.all_caught
+    assert ("apply", "relay2") not in fake.calls
+    written = json.loads((tmp_path / "reports" / "mutate.json").read_text())
+    assert written["left_out_no_host"] == ["relay2-gate-off"]
+    assert "1 left out (redundant lab only: relay2-gate-off)" in mutate.format_summary(run)
+
+
+def test_a_run_of_only_redundant_lab_mutations_needs_the_redundant_lab(tmp_path):
+    fake = Fake()
+    with pytest.raises(MutationError, match="need host.*relay2") as info:
+        _run(tmp_path, [_mutation("relay2-gate-off", host="relay2", redundant=True)], fake)
+    assert "lab up --redundant" in info.value.hint
+    assert fake.calls == []
+
+
+def test_an_unknown_host_without_the_redundant_flag_is_still_refused(tmp_path):
+    muts = [_mutation("a"), _mutation("b", host="relay2")]
+    with pytest.raises(MutationError, match="relay2 of the mutation catalogue"):
+        _run(tmp_path, muts, Fake())
+
+
+def test_the_catalogue_marks_the_redundant_lab_mutations():
+    catalogue = load_catalogue(REPO / "verify" / "requirements.yml")
+    muts = {m.id: m for m in mutate.load_mutations(REPO / "verify" / "mutations.yml", catalogue)}
+    for mid, host in (("replica-not-replicating", "auth2"), ("second-relay-gate-off", "relay2")):
+        assert muts[mid].redundant and muts[mid].host == host
+    assert not muts["smime-gate-off"].redundant
+
+
 # --- command line ---------------------------------------------------------------------------
 
 

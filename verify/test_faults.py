@@ -71,6 +71,8 @@ from faultload import (
 from stagegroups import groups as _groups
 from stagegroups import host as _host
 
+from safemail.lab.machines import qmp as _qmp
+
 FAULTS_ENV = "SAFEMAIL_FAULTS"
 MAILS = int(os.environ.get("SAFEMAIL_FAULTS_MAILS", "1000"))
 MINUTES = float(os.environ.get("SAFEMAIL_FAULTS_MINUTES", "20"))
@@ -98,37 +100,6 @@ SCAN = {"relay": ["/var/spool/postfix", "/var/log", "/var/lib/postfix", "/tmp", 
         "store": [MAIL_ROOT, "/var/log", "/tmp", "/var/tmp"]}
 
 
-def _qmp_local(sock: Path, command: str, timeout: float = 10.0) -> dict:
-    """One QMP command (what src/safemail/lab/machines.qmp does on main)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        stream = s.makefile("rwb")
-
-        def read() -> dict:
-            while True:
-                line = stream.readline()
-                if not line:
-                    raise AssertionError(f"QMP socket {sock} closed before answering {command}")
-                message = json.loads(line)
-                if "event" not in message:
-                    return message
-
-        read()
-        answer: dict = {}
-        for execute in ("qmp_capabilities", command):
-            stream.write(json.dumps({"execute": execute}).encode() + b"\n")
-            stream.flush()
-            answer = read()
-            if "error" in answer:
-                raise AssertionError(f"QMP {execute} on {sock}: {answer['error']}")
-        return answer
-
-
-try:
-    from safemail.lab.machines import qmp as _qmp
-except ImportError:  # older checkouts: the same few lines here
-    _qmp = _qmp_local
 
 
 def _qmp_socket(host: str) -> Path:
@@ -174,6 +145,11 @@ class Faults:
 def _faulted_test(request, evidence):
     config = request.config
     deadline = Deadline(MINUTES * 60)
+
+    def phase(name: str) -> None:
+        # Where the run's time goes (a run that hit its limit says in which step).
+        evidence(f"phase: {name} at {deadline.elapsed():.0f} s")
+
     groups = _groups(config)
     relays = {n: _host(config, n) for n in groups["relay"]}
     provider = _host(config, groups["auth"][0])  # the wiring's provider: the first auth host
@@ -191,6 +167,7 @@ def _faulted_test(request, evidence):
                                   "needs the relays as QEMU VMs of `safemail lab up --redundant`")
         assert relays[name].run(CHECK).rc == 0, f"{name} is not healthy before the faults"
     assert len(_holders(relays, service["address"])) == 1, "no single holder of the address"
+    phase("hosts checked")
 
     # Each relay's clock at the start: queue entries from then on are the run's (postqueue -j).
     relay_start = {n: float(h.check_output("date +%s")) - 1 for n, h in relays.items()}
@@ -211,15 +188,18 @@ def _faulted_test(request, evidence):
             password = hv["safemail_participant_passwords"][str(me["number"])]
             senders.append(_start_sender(_host(config, me["lab_host"]), me["lab_host"], cfg,
                                          password, dist))
+        phase("senders started")
         deadline.check("the first minute of sending")
         time.sleep(SETTLE_SECONDS)
         _run_faults(relays, provider, store, service, faults, deadline, evidence)
+        phase("faults done")
         for s in senders:
             s["host"].run(f"touch {WORK}/stop")
         for s in senders:
             done = deadline.wait_for(lambda s=s: s["host"].run(f"test -e {WORK}/result.json")
                                      .rc == 0, deadline.remaining(), "the end of sending", 5)
             assert done is not None, f"the sender on {s['name']} did not finish"
+        phase("sending ended")
         sent = []
         for s in senders:
             doc = json.loads(s["host"].check_output(f"cat {WORK}/result.json"))
@@ -246,6 +226,7 @@ def _faulted_test(request, evidence):
                                        10)
         except TimeLimitReached as exc:
             waited, late = None, str(exc)  # count what arrived: the lost mails are the news
+        phase("delivery waited for")
         result = account(sent, listing())
         scanned = {**{n: ("relay", h) for n, h in relays.items()}, store_name: ("store", store)}
         hits, canaries = _plaintext_scan(scanned, needles, marker)
@@ -318,7 +299,8 @@ def _run_faults(relays, provider, store, service, faults: Faults, deadline: Dead
     address = service["address"]
 
     def window(name: str, start: float, **extra) -> None:
-        faults.windows.append({"fault": name, "start": start, "end": time.time(), **extra})
+        faults.windows.append({"fault": name, "start": start, "end": time.time(),
+                               "ended_at_run_s": round(deadline.elapsed(), 1), **extra})
         evidence(f"fault {name}: {json.dumps(faults.windows[-1])}")
         time.sleep(SETTLE_SECONDS)
 
