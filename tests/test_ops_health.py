@@ -22,7 +22,7 @@ import yaml
 from test_ops_patchcheck import top_level_imports
 
 from safemail import cli
-from safemail.errors import UsageError
+from safemail.errors import SafeMailError, UsageError
 from safemail.inventory import Host
 from safemail.ops import backup, health, sshcmd
 from safemail.ops import healthprobe as hp
@@ -41,6 +41,7 @@ DATA = Path(__file__).with_name("data") / "health"
 POSTQUEUE_J = (DATA / "postqueue-j.txt").read_text()
 SYSTEMCTL = json.loads((DATA / "systemctl-show.json").read_text())
 MOUNTINFO = (DATA / "mountinfo.txt").read_text()
+IP_ADDR_VIP = (DATA / "ip-addr-vip.txt").read_text()
 
 
 # ------------------------------------------------------------------ the probe's parsers
@@ -194,7 +195,8 @@ def test_probe_is_standard_library_only_and_writes_nothing():
     # The programs it runs only read: systemctl show, postqueue -j, the backup helper.
     runs = [ast.unparse(n.args[0]) for n in ast.walk(tree) if isinstance(n, ast.Call)
             and getattr(n.func, "id", "") == "_run"]
-    assert sorted(runs) == ["['postqueue', '-j']", "['systemctl', 'show', '-p', 'LoadState', "
+    assert sorted(runs) == ["['ip', '-4', '-o', 'addr', 'show']", "['postqueue', '-j']",
+                            "['systemctl', 'show', '-p', 'LoadState', "
                             "'-p', 'ActiveState', '-p', 'SubState', unit]", "[helper]"], runs
 
 
@@ -355,7 +357,7 @@ def test_each_broken_property_is_named(name):
     h = _judge(facts)
     assert not h.healthy and health.exit_code([h]) == 4
     assert len(h.problems) == 1 and h.problems[0].startswith(expected), h.problems
-    table = health.render_table([h], health.failover([RELAY]))
+    table = health.render_table([h], health.failover([h], [RELAY]))
     assert f"relay1: {h.problems[0]}" in table and "UNHEALTHY" in table
 
 
@@ -436,10 +438,229 @@ def test_volume_binds_match_the_playbooks_group_vars():
         assert tuple(b["path"] for b in gv["encrypted_storage_binds"]) == expected, kind
 
 
-def test_failover_says_none_is_configured():
-    f = health.failover([RELAY, STORE])
+def test_single_relay_stage_has_no_failover_and_no_problem():
+    """One relay: roles/relay_vrrp does not run (site.yml), status asks nothing of VRRP and
+    judges nothing, even if a relay's facts say keepalived is down."""
+    h = _judge(_healthy_relay_facts())
+    f = health.failover([h], [RELAY, STORE])
     assert f["configured"] is False and f["mode"] == "single" and f["relays"] == ["relay1"]
-    assert "AV-02" in f["note"]
+    assert f["holders"] == [] and f["address"] is None and "one relay" in f["note"]
+    assert h.problems == [] and health.exit_code([h]) == 0
+    assert health.service_address([RELAY, STORE]) is None
+    assert "--service-address" not in health.probe_args(RELAY)
+    assert health.failover([], [STORE])["note"] == "no relay"
+
+
+# ------------------------------------------------------------------ failover (AV-02)
+VIP = "198.18.2.100"
+# As ansible-inventory --list shows a redundant stage: the site data, and relay_vrrp_address
+# as playbooks/group_vars/relay.yml wires it (unrendered).
+_SERVICE = {"safemail_relay_service": {"name": "mail", "address": VIP},
+            "relay_vrrp_address": "{{ safemail_relay_service.address }}"}
+R1 = Host("relay1", ("service", "relay"), {"ansible_user": "root", **_SERVICE})
+R2 = Host("relay2", ("service", "relay"), {"ansible_user": "root", **_SERVICE})
+STAGE = [R1, R2, STORE]
+
+
+def test_parse_ip_addr_on_captured_output():
+    """iproute2 6.1.0 with the service address added as keepalived adds it (secondary)."""
+    addresses = hp.parse_ip_addr(IP_ADDR_VIP)
+    assert addresses == ["127.0.0.1", "198.18.2.10", VIP]
+    active = {"load": "loaded", "active": "active", "sub": "running"}
+    assert hp.vrrp_state(addresses, VIP, active) == {
+        "address": VIP, "holds_address": True, "keepalived": "active", "error": None}
+    # Without the secondary line it is not held, and an address that is a prefix of another
+    # (198.18.2.10 of .100, .1 of .10) is not taken for it.
+    without = "".join(line for line in IP_ADDR_VIP.splitlines(True) if VIP not in line)
+    assert hp.vrrp_state(hp.parse_ip_addr(without), VIP, active)["holds_address"] is False
+    assert hp.vrrp_state(["198.18.2.100"], "198.18.2.10", active)["holds_address"] is False
+    assert hp.vrrp_state(["198.18.2.10"], "198.18.2.1", active)["holds_address"] is False
+    gone = {"load": "not-found", "active": "inactive", "sub": "dead"}
+    assert hp.vrrp_state([], VIP, gone)["keepalived"] == "not-found"
+    with pytest.raises(ValueError):
+        hp.parse_ip_addr("3: eth0    link/ether 52:54:00:12:34:56\n")
+
+
+def test_service_address_is_decided_as_site_yml_decides():
+    assert health.service_address(STAGE) == VIP
+    assert health.service_address([R1, STORE]) is None  # one relay: the role does not run
+    literal = Host("relay2", R2.groups, {**_SERVICE, "relay_vrrp_address": "198.18.2.200"})
+    with pytest.raises(SafeMailError, match="no single service address.*relay2: 198.18.2.200"):
+        health.service_address([R1, literal])
+    both = Host("relay1", R1.groups, {**_SERVICE, "relay_vrrp_address": "198.18.2.200"})
+    assert health.service_address([both, literal]) == "198.18.2.200"
+    bare = Host("relay2", R2.groups, {})
+    with pytest.raises(SafeMailError, match="relay2: none"):
+        health.service_address([R1, bare])
+    args = health.probe_args(R1, address=VIP)
+    assert args[-2:] == ["--service-address", VIP]
+    assert health.remote_command(STORE, address=VIP).endswith(f"--service-address {VIP}")
+
+
+def _vrrp_relay(host, holds, keepalived="active", address=VIP):
+    facts = _healthy_relay_facts()
+    facts["vrrp"] = {"address": address, "holds_address": holds, "keepalived": keepalived,
+                     "error": None}
+    return _judge(facts, host)
+
+
+def _store(holds=False):
+    facts = _healthy_relay_facts()
+    for key in ("queue", "cert_expiry", "sockets"):
+        facts.pop(key)
+    facts["units"] = {u: {"load": "loaded", "active": "active", "sub": "running"} for u in
+                      ("dovecot.service", "safemail-patch-check.timer", "safemail-backup.timer")}
+    facts["vrrp"] = {"address": VIP, "holds_address": holds, "keepalived": "not-found",
+                     "error": None}
+    return _judge(facts, STORE)
+
+
+def test_failover_one_holder_is_healthy():
+    results = [_vrrp_relay(R1, True), _vrrp_relay(R2, False), _store()]
+    f = health.failover(results, STAGE)
+    assert f["configured"] is True and f["mode"] == "vrrp" and f["address"] == VIP
+    assert f["relays"] == ["relay1", "relay2"] and f["holders"] == ["relay1"]
+    assert all(r.healthy for r in results) and health.exit_code(results) == 0
+    table = health.render_table(results, f)
+    assert f"failover: vrrp, service address {VIP}, holder relay1 (relays relay1, relay2); " \
+           "held by relay1" in table and "all 3 host(s) healthy" in table
+    doc = health.to_json(results, "test", NOW, T, f)
+    assert doc["failover"]["holders"] == ["relay1"] and doc["exit_code"] == 0
+    assert doc["hosts"][0]["vrrp"]["holds_address"] is True
+
+
+def test_failover_no_holder_is_a_problem_of_every_relay():
+    results = [_vrrp_relay(R1, False), _vrrp_relay(R2, False), _store()]
+    f = health.failover(results, STAGE)
+    msg = f"no relay holds the service address {VIP}: participants cannot send"
+    assert results[0].problems == [msg] and results[1].problems == [msg]
+    assert results[2].problems == [] and health.exit_code(results) == 4
+    assert f["holders"] == [] and "holder NONE" in health.render_table(results, f)
+    assert health.to_json(results, "test", NOW, T, f)["healthy"] is False
+
+
+def test_failover_two_holders_are_split_brain():
+    results = [_vrrp_relay(R1, True), _vrrp_relay(R2, True), _store()]
+    f = health.failover(results, STAGE)
+    msg = f"split brain: relay1 and relay2 both hold {VIP}"
+    assert results[0].problems == [msg] and results[1].problems == [msg]
+    assert f["holders"] == ["relay1", "relay2"] and health.exit_code(results) == 4
+    assert "SPLIT BRAIN" in health.render_table(results, f)
+    # A probe that says it holds another address is not a holder of this one.
+    results = [_vrrp_relay(R1, True), _vrrp_relay(R2, True, address="198.18.2.200"), _store()]
+    f = health.failover(results, STAGE)
+    assert f["holders"] == ["relay1"]
+    assert results[1].problems == [f"failover: probed for 198.18.2.200, not {VIP}"]
+
+
+def test_failover_keepalived_inactive_is_a_problem_of_that_relay():
+    results = [_vrrp_relay(R1, True), _vrrp_relay(R2, False, keepalived="inactive"), _store()]
+    f = health.failover(results, STAGE)
+    assert f["holders"] == ["relay1"] and results[0].problems == []
+    assert results[1].problems == [f"keepalived inactive: this relay cannot take over the "
+                                   f"service address {VIP}"]
+    assert health.exit_code(results) == 4
+    # On a host that is not a relay keepalived is not expected (not-found) and not judged.
+    assert results[2].problems == []
+
+
+def test_failover_unreachable_relay_is_not_counted():
+    down = health.judge(R2, sshcmd.Outcome("relay2", unreachable="SSH failed: timeout"), T, NOW)
+    # Whatever a down relay's stale facts might say, it does not count.
+    down.facts = {"vrrp": {"address": VIP, "holds_address": True, "keepalived": "active"}}
+    results = [_vrrp_relay(R1, True), down, _store()]
+    f = health.failover(results, STAGE)
+    assert f["holders"] == ["relay1"] and results[0].problems == []
+    assert f["unanswered"] == ["relay2"] and "not counted (no answer): relay2" in f["note"]
+    assert health.exit_code(results) == 3
+    # The relay that answered does not hold it: a problem, with the doubt named; 3 still wins.
+    results = [_vrrp_relay(R1, False), down, _store()]
+    f = health.failover(results, STAGE)
+    assert f["holders"] == [] and results[0].problems == [
+        f"no relay holds the service address {VIP}: participants cannot send (no answer "
+        "from relay2: it may hold it)"]
+    assert health.exit_code(results) == 3
+    # A relay whose probe failed (no facts) is not a holder either.
+    failed = health.judge(R2, sshcmd.Outcome("relay2", 1, "", "sudo: a password is required"),
+                          T, NOW)
+    results = [_vrrp_relay(R1, True), failed, _store()]
+    assert health.failover(results, STAGE)["holders"] == ["relay1"]
+    assert health.exit_code(results) == 4
+
+
+def test_failover_non_relay_holding_the_address_is_a_problem():
+    results = [_vrrp_relay(R1, True), _vrrp_relay(R2, False), _store(holds=True)]
+    f = health.failover(results, STAGE)
+    assert f["holders"] == ["relay1"] and f["others"] == ["store1"]
+    assert results[2].problems == [f"holds the relays' service address {VIP} but is not a "
+                                   "relay (participants' mail may go to it: a hijack or a "
+                                   "wrong address)"]
+    assert health.exit_code(results) == 4
+
+
+def test_failover_with_a_relay_left_out_by_hosts():
+    """`--hosts relay1`: relay2 is not probed; no holder among relay1 is not proof of none."""
+    results = [_vrrp_relay(R1, False)]
+    f = health.failover(results, STAGE)
+    assert f["unprobed"] == ["relay2"] and results[0].problems == []
+    assert "not probed (--hosts): relay2" in f["note"]
+    # Missing VRRP facts from a relay that answered are named.
+    facts = _healthy_relay_facts()
+    silent = _judge(facts, R2)
+    health.failover([_vrrp_relay(R1, True), silent], STAGE)
+    assert silent.problems == [f"failover state not reported (service address {VIP})"]
+
+
+def test_failover_metrics_and_rule():
+    results = [_vrrp_relay(R1, True), _vrrp_relay(R2, True, keepalived="failed"), _store()]
+    f = health.failover(results, STAGE)
+    families, samples = _parse_prom(health.to_prometheus(results, "test", NOW, f))
+
+    def value(name, **labels):
+        found = [v for n, lab, v in samples if n == name and labels.items() <= lab.items()]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+    assert value("safemail_failover_holders", stage="test", address=VIP) == 2
+    assert value("safemail_failover_configured") == 1
+    assert value("safemail_relays") == 2
+    assert value("safemail_relay_holds_service_address", host="relay1", address=VIP) == 1
+    assert value("safemail_relay_holds_service_address", host="store1") == 0
+    assert value("safemail_unit_active", host="relay1", unit=health.KEEPALIVED_UNIT) == 1
+    assert value("safemail_unit_active", host="relay2", unit=health.KEEPALIVED_UNIT) == 0
+    assert not [s for s in samples if s[1].get("host") == "store1"
+                and s[1].get("unit") == health.KEEPALIVED_UNIT]
+    f = health.failover([_vrrp_relay(R1, True), _vrrp_relay(R2, False)], STAGE)
+    _, samples = _parse_prom(health.to_prometheus([], "test", NOW, f))
+    assert value("safemail_failover_holders") == 1
+    # Single relay: no holders gauge (nothing to hold), failover_configured 0.
+    _, samples = _parse_prom(health.to_prometheus([], "test", NOW,
+                                                  health.failover([], [RELAY])))
+    assert value("safemail_failover_configured") == 0
+    assert not [s for s in samples if s[0] == "safemail_failover_holders"]
+    # The alert: holders other than exactly one, for long enough to span two collections.
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"]
+             for r in g["rules"]}
+    rule = rules["SafeMailRelayServiceAddressNotHeldOnce"]
+    assert rule["expr"] == "safemail_failover_holders != 1"
+    assert rule["labels"]["severity"] == "critical" and rule["for"] == "10m"
+    assert rules["SafeMailServiceDown"]["expr"] == "safemail_unit_active == 0"
+
+
+def test_real_probe_reports_whether_this_machine_holds_an_address(tmp_path):
+    """The real probe through sshcmd (only ssh replaced): this machine's loopback holds
+    127.0.0.1 and no interface holds 192.0.2.254 (TEST-NET-1, never assigned here)."""
+    ssh = _fake_ssh(tmp_path, 'for last; do :; done; exec sh -c "$last"')
+    host = Host("backup1", ("service", "backup"), {
+        "ansible_host": "backup1.invalid", "ansible_user": "root",
+        "ansible_ssh_executable": ssh})
+    [held] = health.collect([host], T, NOW, repo=REPO, address="127.0.0.1")
+    assert held.facts["vrrp"]["holds_address"] is True, held.facts.get("vrrp")
+    assert held.facts["vrrp"]["error"] is None and held.facts["vrrp"]["keepalived"]
+    [free] = health.collect([host], T, NOW, repo=REPO, address="192.0.2.254")
+    assert free.facts["vrrp"]["holds_address"] is False
+    [none] = health.collect([host], T, NOW, repo=REPO)
+    assert "vrrp" not in none.facts
 
 
 def test_thresholds_are_checked():
@@ -468,14 +689,14 @@ def _results():
 
 def test_table_and_json():
     results = _results()
-    fail = health.failover([RELAY, STORE, BACKUP])
+    fail = health.failover(results, [RELAY, STORE, BACKUP])
     table = health.render_table(results, fail)
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["HOST", "STATE"]
     assert re.search(r"^relay1\s+UNHEALTHY\s+1/2/0\s+10 min\s+DOWN\s+ok\s+60 min\s+0 exp/0 soon"
                      r"\s+0 \(0 security\)", table, re.M), table
     assert re.search(r"^backup1\s+UNREACHABLE", table, re.M)
-    assert "failover: single (relay1); no failover is configured" in table
+    assert "failover: single (relay1); one relay: no failover" in table
     assert "relay1: S/MIME gate down: safemail-smime-gate.service inactive" in table
     doc = health.to_json(results, "test", NOW, T, fail)
     assert doc["healthy"] is False and doc["exit_code"] == 3
@@ -509,7 +730,7 @@ def _parse_prom(text):
 
 def test_prometheus_textfile():
     results = _results()
-    text = health.to_prometheus(results, "test", NOW, health.failover([RELAY]))
+    text = health.to_prometheus(results, "test", NOW, health.failover(results, [RELAY]))
     families, samples = _parse_prom(text)
     assert all(f.get("type") == "gauge" for f in families.values())
     assert set(families) <= set(health.METRICS)
@@ -542,7 +763,7 @@ def test_prometheus_textfile():
 
 def test_prometheus_label_values_are_escaped():
     h = health.HostHealth('we"ird\\host\n', ("auth",), facts={"units": {}})
-    text = health.to_prometheus([h], "test", NOW, health.failover([]))
+    text = health.to_prometheus([h], "test", NOW, health.failover([h], []))
     assert 'host="we\\"ird\\\\host\\n"' in text
     _parse_prom(text)
 
@@ -553,7 +774,8 @@ def test_promtool_accepts_rules_and_metrics():
     proc = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    text = health.to_prometheus(_results(), "test", NOW, health.failover([RELAY]))
+    results = _results()
+    text = health.to_prometheus(results, "test", NOW, health.failover(results, [RELAY]))
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -577,6 +799,7 @@ def test_alert_rules_shape_and_names():
     # Every per-host check has an alert.
     used = {m for r in rules for m in re.findall(r"safemail_[a-z_]+", r["expr"])}
     assert set(health.METRICS) - used <= {"safemail_host_healthy", "safemail_relays",
+                                          "safemail_relay_holds_service_address",
                                           "safemail_backup_archives",
                                           "safemail_cert_expiry_earliest_timestamp_seconds",
                                           "safemail_patch_pending_updates"}
@@ -664,7 +887,8 @@ def test_cli_runs_end_to_end_with_collected_results(capsys, monkeypatch, tmp_pat
 
     results = _results()
     monkeypatch.setattr(ops_cli, "read_inventory", lambda _inv: [RELAY, STORE, BACKUP])
-    monkeypatch.setattr(health, "collect", lambda hosts, t, now, with_backup, repo: results)
+    monkeypatch.setattr(health, "collect",
+                        lambda hosts, t, now, with_backup, repo, address: results)
     prom = tmp_path / "safemail.prom"
     assert cli.main(["status", "--json", "--textfile", str(prom)]) == 3
     doc = json.loads(capsys.readouterr().out)
@@ -674,6 +898,33 @@ def test_cli_runs_end_to_end_with_collected_results(capsys, monkeypatch, tmp_pat
     assert "relay1: S/MIME gate down" in capsys.readouterr().out
     assert cli.main(["status", "--prometheus"]) == 3
     _parse_prom(capsys.readouterr().out)
+
+
+def test_cli_redundant_stage_asks_for_the_service_address(capsys, monkeypatch):
+    """The mode is the whole stage's (also with --hosts); collect gets the address; a relay
+    pair with no holder fails with 4; relays without one address are a clear error."""
+    from safemail.ops import cli as ops_cli
+
+    asked = {}
+
+    def collect(hosts, t, now, with_backup, repo, address):
+        asked.update(hosts=[h.name for h in hosts], address=address)
+        return [_vrrp_relay(R1, False)] if len(hosts) == 1 else \
+            [_vrrp_relay(R1, False), _vrrp_relay(R2, False), _store()]
+
+    monkeypatch.setattr(ops_cli, "read_inventory", lambda _inv: STAGE)
+    monkeypatch.setattr(health, "collect", collect)
+    assert cli.main(["status"]) == 4
+    out = capsys.readouterr().out
+    assert asked["address"] == VIP and asked["hosts"] == ["relay1", "relay2", "store1"]
+    assert f"relay2: no relay holds the service address {VIP}" in out
+    assert cli.main(["status", "--hosts", "relay1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert asked["address"] == VIP and doc["failover"]["unprobed"] == ["relay2"]
+    bad = Host("relay2", R2.groups, {})
+    monkeypatch.setattr(ops_cli, "read_inventory", lambda _inv: [R1, bad, STORE])
+    assert cli.main(["status"]) != 0
+    assert "no single service address" in capsys.readouterr().err
 
 
 def test_patch_parser_is_the_one_patch_status_uses():

@@ -251,7 +251,14 @@ def test_stage_status_reports_every_host_healthy(request, evidence):
         assert h["queue"]["error"] is None
     for name in _clients(request.config):
         assert hosts[name]["backup"]["reachable"] and not hosts[name]["backup"]["stale"], name
-    assert doc["failover"]["configured"] is False  # AV-02 not built: said, not faked
+    # The failover state (AV-02): one relay, "single"; two or more, VRRP with exactly one
+    # relay holding the service address (status makes any other count a problem, above).
+    fail = doc["failover"]
+    if len(relays) == 1:
+        assert fail["mode"] == "single" and fail["configured"] is False, fail
+    else:
+        assert fail["mode"] == "vrrp" and len(fail["holders"]) == 1, fail
+        assert all(h["vrrp"]["keepalived"] == "active" for h in relays), fail
 
 
 # Defined only when asked for: a skipped test would leave AV-01 "untested" in every default

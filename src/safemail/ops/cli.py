@@ -161,10 +161,12 @@ def cmd_stage_status(args: argparse.Namespace) -> int:
     project = Project.find()
     everyone = read_inventory(project.inventory(args.stage))
     hosts = status.select_hosts(everyone, names=args.hosts)
+    stage_hosts = status.select_hosts(everyone)  # the failover mode is the whole stage's
+    address = health.service_address(stage_hosts)
     now = dt.datetime.now(dt.UTC)
     results = health.collect(hosts, thresholds, now, with_backup=not args.no_backup,
-                             repo=project.root)
-    fail = health.failover(status.select_hosts(everyone))
+                             repo=project.root, address=address)
+    fail = health.failover(results, stage_hosts)
     prom = health.to_prometheus(results, args.stage, now, fail)
     if args.textfile:
         health.write_textfile(prom, args.textfile)

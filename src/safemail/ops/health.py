@@ -4,8 +4,14 @@ Per service host (the stage's inventory, the same reader as `safemail patch stat
 over SSH; its services; on relay and store the LUKS volume unlocked and its paths mounted from
 it; on relays the Postfix queue (active, deferred, hold) and the oldest deferred mail, the
 S/MIME gate's unit and socket, the certificate expiry report; on every host the patch watch's
-status; on every backup client the newest archive's age. Plus the stage's failover state,
-reported as it is: no failover is configured (AV-02 is not built).
+status; on every backup client the newest archive's age. Plus the stage's failover state
+(:func:`failover`): with one relay, mode ``single`` (no failover, not a problem); with two or
+more relays, mode ``vrrp`` (roles/relay_vrrp, applied by site.yml exactly when the inventory's
+relay group has more than one host): every probed host says whether it holds the service
+address (``safemail_relay_service.address``) and each relay whether keepalived is active.
+Exactly one relay must hold it: none (participants cannot send) or two or more (split brain),
+keepalived not active on a relay, or a host that is not a relay holding it are problems of the
+hosts concerned (exit 4). A relay that did not answer is not counted as a holder.
 
 One SSH connection per host, in parallel, with the command line Ansible's own ssh plugin builds
 (:mod:`safemail.ops.sshcmd`, as `patch status` and `backup status`). It sends the stdlib-only
@@ -25,6 +31,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -32,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemail.errors import SafeMailError
 from safemail.inventory import Host
 from safemail.ops import backup, healthprobe, sshcmd
 from safemail.ops import status as patchstatus
@@ -69,6 +77,7 @@ UNIT_LABELS = {GATE_UNIT: "S/MIME gate", "postfix@-.service": "Postfix",
                "safemail-backup.timer": "backup timer",
                "safemail-cert-expiry.timer": "certificate expiry timer",
                CERT_EXPIRY_SERVICE: "certificate expiry report"}
+KEEPALIVED_UNIT = "keepalived.service"  # roles/relay_vrrp
 PROBE_TIMEOUT = 240  # one host, connection and the backup helper's borg call included
 PYTHON = "/usr/bin/python3"
 EXIT_UNREACHABLE = 3
@@ -131,8 +140,49 @@ def _oneshots(k: Sequence[str]) -> list[str]:
     return [u for kind in k for u in ONESHOTS.get(kind, ())]
 
 
-def probe_args(host: Host, with_backup: bool = True) -> list[str]:
-    """The probe's arguments for this host (which units, volume, queue, reports)."""
+_IPV4 = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
+
+
+def relays(hosts: Sequence[Host]) -> list[Host]:
+    return sorted((h for h in hosts if "relay" in h.groups), key=lambda h: h.name)
+
+
+def _relay_address(host: Host) -> str | None:
+    """The service address this relay's keepalived holds, as site.yml gives it to
+    roles/relay_vrrp: ``relay_vrrp_address`` when the inventory sets it to an address, else
+    the site data it is wired to (playbooks/group_vars/relay.yml:
+    ``safemail_relay_service.address``; ansible-inventory shows that wiring unrendered)."""
+    own = host.vars.get("relay_vrrp_address")
+    if isinstance(own, str) and _IPV4.fullmatch(own):
+        return own
+    service = host.vars.get("safemail_relay_service")
+    address = service.get("address") if isinstance(service, Mapping) else None
+    return str(address) if address else None
+
+
+def service_address(hosts: Sequence[Host]) -> str | None:
+    """The relays' service address when the stage has failover (roles/relay_vrrp runs: the
+    relay group has more than one host, site.yml's condition), else None. ``hosts``: the
+    stage's whole inventory (not a --hosts selection: the mode is the stage's). Relays whose
+    inventory names different addresses, or none, are an inventory error."""
+    group = relays(hosts)
+    if len(group) <= 1:
+        return None
+    found = {h.name: _relay_address(h) for h in group}
+    distinct = set(found.values())
+    if len(distinct) != 1 or None in distinct or not _IPV4.fullmatch(str(next(iter(distinct)))):
+        raise SafeMailError(
+            "the relays have no single service address in the inventory: "
+            + ", ".join(f"{n}: {a or 'none'}" for n, a in found.items()),
+            "set safemail_relay_service: {name, address} in the stage's group_vars "
+            "(docs/availability.md, 'Two relays behind one service address')")
+    return str(next(iter(distinct)))
+
+
+def probe_args(host: Host, with_backup: bool = True,
+               address: str | None = None) -> list[str]:
+    """The probe's arguments for this host (which units, volume, queue, reports; with
+    ``address``, the relays' service address, whether it holds it)."""
     k = kinds(host)
     hv = host.vars
     args: list[str] = ["--patch", str(PATCH_STATUS_FILE)]
@@ -150,12 +200,14 @@ def probe_args(host: Host, with_backup: bool = True) -> list[str]:
                  "--cert-expiry", CERT_EXPIRY_REPORT]
     if with_backup and "client" in k:
         args += ["--backup-helper", backup.HELPER]
+    if address:
+        args += ["--service-address", address]
     return args
 
 
-def remote_command(host: Host, with_backup: bool = True) -> str:
+def remote_command(host: Host, with_backup: bool = True, address: str | None = None) -> str:
     sudo = "" if str(host.vars.get("ansible_user", "root")) == "root" else "sudo -n "
-    return f"{sudo}{PYTHON} - {shlex.join(probe_args(host, with_backup))}"
+    return f"{sudo}{PYTHON} - {shlex.join(probe_args(host, with_backup, address))}"
 
 
 def probe_source() -> str:
@@ -163,14 +215,16 @@ def probe_source() -> str:
 
 
 def collect(hosts: Sequence[Host], thresholds: Thresholds, now: dt.datetime,
-            with_backup: bool = True, repo: Path | None = None) -> list[HostHealth]:
-    """Probe every host in parallel and judge each (see the module text)."""
+            with_backup: bool = True, repo: Path | None = None,
+            address: str | None = None) -> list[HostHealth]:
+    """Probe every host in parallel and judge each (see the module text). ``address``: the
+    relays' service address (:func:`service_address`), asked of every host."""
     if not hosts:
         return []
     by_name = {h.name: h for h in hosts}
     outcomes = sshcmd.run_everywhere(
         repo or project_root(), {h.name: h.vars for h in hosts},
-        lambda name, _hv: remote_command(by_name[name], with_backup), PROBE_TIMEOUT,
+        lambda name, _hv: remote_command(by_name[name], with_backup, address), PROBE_TIMEOUT,
         stdin=probe_source())
     return [judge(h, outcomes[h.name], thresholds, now, with_backup) for h in hosts]
 
@@ -370,13 +424,79 @@ def _backup_problems(b: backup.BackupResult, t: Thresholds) -> list[str]:
     return []
 
 
-def failover(hosts: Sequence[Host]) -> dict[str, Any]:
-    """The stage's failover state. No redundancy mechanism exists yet (AV-02 is not built), so
-    this says so rather than guessing from the number of relays."""
-    relays = sorted(h.name for h in hosts if "relay" in h.groups)
-    return {"configured": False, "mode": "single" if len(relays) <= 1 else "none",
-            "relays": relays,
-            "note": "no failover is configured: redundant relays (AV-02) are not built"}
+def failover(results: Sequence[HostHealth], hosts: Sequence[Host]) -> dict[str, Any]:
+    """The stage's failover state from the probed hosts (``results``) and the stage's whole
+    inventory (``hosts``: which relays exist and the service address, :func:`service_address`).
+
+    Mode ``single`` (one relay): nothing to check, never a problem. Mode ``vrrp``: holders are
+    the relays that answered and hold the address; exactly one is healthy. Each problem is
+    added to the hosts it concerns (so :func:`exit_code` counts it, 4; 3 still wins): no
+    holder, to every relay that answered; split brain, to each holder; keepalived not active,
+    to that relay; a non-relay holding the address, to that host. A relay left out by
+    ``--hosts`` is not probed: no holder then is a note, not a problem (it may hold it)."""
+    group = [h.name for h in relays(hosts)]
+    address = service_address(hosts)
+    if address is None:
+        return {"configured": False, "mode": "single", "relays": group, "holders": [],
+                "address": None,
+                "note": ("one relay: no failover (AV-02 needs two relays behind one service "
+                         "address; docs/availability.md)") if group else "no relay"}
+    by_name = {r.host: r for r in results}
+    answered = [by_name[n] for n in group if n in by_name and by_name[n].reachable
+                and isinstance(by_name[n].facts.get("vrrp"), dict)]
+    unknown = [n for n in group if n in by_name and by_name[n] not in answered]
+    unprobed = [n for n in group if n not in by_name]
+
+    def holds(r: HostHealth) -> bool:
+        v = r.facts.get("vrrp")
+        return isinstance(v, dict) and v.get("holds_address") is True and \
+            v.get("address") == address
+
+    holders = [r.host for r in answered if holds(r)]
+    others = [r.host for r in results if r.host not in group and r.reachable and holds(r)]
+    for r in answered:
+        v = r.facts["vrrp"]
+        if v.get("error"):
+            r.problems.append(f"failover state unreadable: {v['error']}")
+        if v.get("address") != address:
+            r.problems.append(f"failover: probed for {v.get('address')}, not {address}")
+        if v.get("keepalived") != "active":
+            r.problems.append(f"keepalived {v.get('keepalived')}: this relay cannot take over "
+                              f"the service address {address}")
+    for name in unknown:
+        r = by_name[name]
+        if r.reachable and r.facts:  # the probe answered but said nothing of the address
+            r.problems.append(f"failover state not reported (service address {address})")
+    for name in others:
+        by_name[name].problems.append(
+            f"holds the relays' service address {address} but is not a relay (participants' "
+            "mail may go to it: a hijack or a wrong address)")
+    if len(holders) >= 2:
+        for name in holders:
+            by_name[name].problems.append(
+                f"split brain: {', '.join(holders)} all hold {address}" if len(holders) > 2
+                else f"split brain: {' and '.join(holders)} both hold {address}")
+    elif not holders and not unprobed:
+        why = f" (no answer from {', '.join(unknown)}: it may hold it)" if unknown else ""
+        for r in answered:
+            r.problems.append(f"no relay holds the service address {address}: participants "
+                              f"cannot send{why}")
+    parts = []
+    if len(holders) == 1:
+        parts.append(f"held by {holders[0]}")
+    elif not holders:
+        parts.append("held by no relay that answered")
+    else:
+        parts.append(f"SPLIT BRAIN: held by {', '.join(holders)}")
+    if unknown:
+        parts.append(f"not counted (no answer): {', '.join(unknown)}")
+    if unprobed:
+        parts.append(f"not probed (--hosts): {', '.join(unprobed)}")
+    if others:
+        parts.append(f"also held by non-relay {', '.join(others)}")
+    return {"configured": True, "mode": "vrrp", "relays": group, "holders": holders,
+            "address": address, "others": others, "unanswered": unknown,
+            "unprobed": unprobed, "note": "; ".join(parts)}
 
 
 def exit_code(results: Sequence[HostHealth]) -> int:
@@ -471,8 +591,13 @@ def render_table(results: Sequence[HostHealth], fail: Mapping[str, Any]) -> str:
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in COLUMNS).rstrip()]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in COLUMNS).rstrip() for r in table]
     lines.append("")
-    lines.append(f"failover: {fail['mode']} ({', '.join(fail['relays']) or 'no relay'}); "
-                 f"{fail['note']}")
+    if fail["mode"] == "vrrp":
+        lines.append(f"failover: vrrp, service address {fail['address']}, holder "
+                     f"{', '.join(fail['holders']) or 'NONE'} (relays "
+                     f"{', '.join(fail['relays'])}); {fail['note']}")
+    else:
+        lines.append(f"failover: {fail['mode']} ({', '.join(fail['relays']) or 'no relay'}); "
+                     f"{fail['note']}")
     for h in results:
         for p in h.problems:
             lines.append(f"{h.host}: {p}")
@@ -500,7 +625,8 @@ def to_json(results: Sequence[HostHealth], stage: str, now: dt.datetime, t: Thre
             "healthy": h.healthy, "problems": h.problems, "notes": h.notes, "error": h.error,
             "units": h.facts.get("units"), "sockets": h.facts.get("sockets"),
             "volume": h.facts.get("volume"), "queue": h.facts.get("queue"),
-            "cert_expiry": h.facts.get("cert_expiry"), "patch": patch,
+            "cert_expiry": h.facts.get("cert_expiry"), "vrrp": h.facts.get("vrrp"),
+            "patch": patch,
             "backup": h.backup.to_json(t.backup_max_age_hours) if h.backup else None,
         })
     return {"stage": stage, "checked_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -548,8 +674,12 @@ METRICS: Mapping[str, tuple[str, str]] = {
     "safemail_patch_security_updates": ("gauge", "Pending security updates."),
     "safemail_patch_reboot_required": ("gauge", "1 if the host asks for a reboot."),
     "safemail_failover_configured": (
-        "gauge", "1 if relay failover is configured; 0: none (AV-02 not built)."),
+        "gauge", "1 if relay failover (VRRP, two or more relays) is configured; 0: one relay."),
     "safemail_relays": ("gauge", "Relays in the stage's inventory."),
+    "safemail_failover_holders": (
+        "gauge", "Relays that answered and hold the service address (healthy: exactly 1)."),
+    "safemail_relay_holds_service_address": (
+        "gauge", "1 if the host holds the relays' service address on an interface."),
 }
 
 
@@ -564,6 +694,9 @@ def _samples(results: Sequence[HostHealth], stage: str, now: dt.datetime,
     s["safemail_status_collected_timestamp_seconds"].append((st, int(now.timestamp())))
     s["safemail_failover_configured"].append((st, 1 if fail["configured"] else 0))
     s["safemail_relays"].append((st, len(fail["relays"])))
+    if fail["mode"] == "vrrp":
+        s["safemail_failover_holders"].append(
+            ({**st, "address": str(fail["address"])}, len(fail["holders"])))
     for h in results:
         lab = {**st, "host": h.host}
         s["safemail_host_up"].append((lab, 1 if h.reachable and h.facts else 0))
@@ -579,6 +712,16 @@ def _samples(results: Sequence[HostHealth], stage: str, now: dt.datetime,
                     ({**lab, "unit": unit}, 1 if state.get("active") == "active" else 0))
             s["safemail_unit_failed"].append(
                 ({**lab, "unit": unit}, 1 if state.get("active") == "failed" else 0))
+        vr = f.get("vrrp")
+        if isinstance(vr, dict):
+            if vr.get("holds_address") is not None:
+                s["safemail_relay_holds_service_address"].append(
+                    ({**lab, "address": str(vr.get("address"))},
+                     1 if vr.get("holds_address") else 0))
+            if "relay" in h.kinds:  # SafeMailServiceDown covers keepalived on relays
+                s["safemail_unit_active"].append(
+                    ({**lab, "unit": KEEPALIVED_UNIT}, 1 if vr.get("keepalived") == "active"
+                     else 0))
         for path, ok in sorted((f.get("sockets") or {}).items()):
             s["safemail_smime_gate_socket_present"].append(({**lab, "path": path},
                                                             1 if ok else 0))

@@ -20,7 +20,12 @@ What it reports (each part only when asked for by an argument):
   fewest days left and the report's age. The report names participants; this output does not;
 - ``patch``: the patch watch's status file, as it is (package names, no participant data);
 - ``backup``: the last line of the backup status helper's output, as it is (archive name,
-  time, counts).
+  time, counts);
+- ``vrrp`` (AV-02, only when the stage has two or more relays behind one service address):
+  whether an IPv4 address of one of the host's interfaces (``ip -4 -o addr show``) is the
+  service address (``holds_address``), and keepalived's state (``systemctl show``'s
+  ActiveState, as ``systemctl is-active`` prints it; its LoadState when not loaded, e.g.
+  ``not-found``). Booleans and the address asked about: no interface list leaves the host.
 
 Facts only: the thresholds and the verdict live on the controller (safemail.ops.health). The
 parsers are pure and unit-tested with captured output (tests/test_ops_health.py).
@@ -151,6 +156,30 @@ def cert_counts(document: dict, now: dt.datetime) -> dict:
             "age_seconds": int((now - checked).total_seconds()), "error": None}
 
 
+def parse_ip_addr(text: str) -> list[str]:
+    """The IPv4 addresses (without prefix length) of ``ip -4 -o addr show``: one line per
+    address, ``N: IFNAME    inet A.B.C.D/LEN ...``. A line without ``inet ADDRESS`` raises
+    ValueError: a wrong "holds no address" is worse than a failed check."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = line.split()
+        if "inet" not in fields or fields.index("inet") + 1 >= len(fields):
+            raise ValueError(f"not an ip -4 -o addr line: {line[:80]!r}")
+        out.append(fields[fields.index("inet") + 1].partition("/")[0])
+    return out
+
+
+def vrrp_state(addresses: Sequence[str], address: str, keepalived: dict) -> dict:
+    """The service address held or not (exact match: 198.18.2.10 does not hold .100), and
+    keepalived as ``systemctl is-active`` names it (the LoadState if not loaded)."""
+    state = keepalived.get("active") if keepalived.get("load") == "loaded" else \
+        keepalived.get("load")
+    return {"address": address, "holds_address": address in addresses,
+            "keepalived": state or "unknown", "error": None}
+
+
 # ------------------------------------------------------------------ reading the host
 def _run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -225,6 +254,28 @@ def read_cert_expiry(path: str) -> dict:
         return {"error": f"unreadable report {path}: {exc}"[:300]}
 
 
+def read_vrrp(address: str) -> dict:
+    keepalived = read_units(["keepalived.service"])["keepalived.service"]
+    try:
+        proc = _run(["ip", "-4", "-o", "addr", "show"], 30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"address": address, "holds_address": None,
+                "error": f"ip did not run: {exc}"[:300], **_keepalived(keepalived)}
+    if proc.returncode != 0:
+        return {"address": address, "holds_address": None,
+                "error": _last_line(proc.stderr, f"ip exited {proc.returncode}"),
+                **_keepalived(keepalived)}
+    try:
+        return vrrp_state(parse_ip_addr(proc.stdout), address, keepalived)
+    except ValueError as exc:
+        return {"address": address, "holds_address": None,
+                "error": f"unreadable ip output: {exc}"[:300], **_keepalived(keepalived)}
+
+
+def _keepalived(state: dict) -> dict:
+    return {"keepalived": vrrp_state([], "", state)["keepalived"]}
+
+
 def read_patch(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -257,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cert-expiry", default=None, help="the certificate expiry report")
     parser.add_argument("--patch", default=None, help="the patch watch's status file")
     parser.add_argument("--backup-helper", default=None, help="the backup status helper")
+    parser.add_argument("--service-address", default=None,
+                        help="the relays' service address (AV-02): held here? keepalived?")
     args = parser.parse_args(argv)
     out: dict = {"schema": SCHEMA, "units": read_units(args.unit),
                  "sockets": read_sockets(args.socket)}
@@ -270,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["patch"] = read_patch(args.patch)
     if args.backup_helper:
         out["backup"] = read_backup(args.backup_helper)
+    if args.service_address:
+        out["vrrp"] = read_vrrp(args.service_address)
     print(json.dumps(out, sort_keys=True))
     return 0
 
