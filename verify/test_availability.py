@@ -239,7 +239,8 @@ def test_stage_status_reports_every_host_healthy(request, evidence):
     evidence(f"safemail status rc={proc.returncode}; hosts {sorted(hosts)}; problems {problems}; "
              f"notes {notes}; relay queues "
              f"{[(h['host'], (h['queue'] or {}).get('counts')) for h in relays]}; "
-             f"failover {doc.get('failover', {}).get('mode')}")
+             f"failover {doc.get('failover', {}).get('mode')} "
+             f"holders {doc.get('failover', {}).get('holders')}")
     assert doc, f"no JSON from safemail status (rc={proc.returncode}): {proc.stderr[-2000:]}"
     expected = set(_groups(request.config).get("service", []))
     assert set(hosts) == expected, "status must report every service host"
