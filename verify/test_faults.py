@@ -287,10 +287,14 @@ def _start_sender(h, name: str, cfg: dict, password: str, dist: str) -> dict:
     cfg = {**cfg, "cert": f"{WORK}/rcpt.pem", "stop_file": f"{WORK}/stop",
            "out": f"{WORK}/result.json"}
     _put(h, f"{WORK}/config.json", json.dumps(cfg).encode())
+    # Only the sender goes to the background, with every stream redirected: with the `&`
+    # after the whole `cd && ...` list, a subshell holding the SSH session's output waited for
+    # the sender, so this call returned only when the sender ended (the first run of the
+    # test spent its whole time limit here, before the first fault).
     pid = h.check_output(
-        f"cd {WORK} && SAFEMAIL_PASSWORD={shlex.quote(password)} setsid nohup {VENV_PYTHON} "
+        f"cd {WORK} && {{ SAFEMAIL_PASSWORD={shlex.quote(password)} setsid nohup {VENV_PYTHON} "
         f"{WORK}/faultload.py send {WORK}/config.json > {WORK}/sender.log 2>&1 < /dev/null "
-        "& echo $!")
+        "& echo $!; }")
     return {"host": h, "name": name, "pid": pid.strip(), "offset": _clock_offset(h)}
 
 
