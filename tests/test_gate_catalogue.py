@@ -191,6 +191,17 @@ def test_built_lists_every_requirement_not_marked_unbuilt() -> None:
     assert "MAIL-03" in real.built
 
 
+def test_a_redundant_lab_requirement_is_built_there_and_not_on_the_default_lab() -> None:
+    cat = parse_catalogue({"requirements": [_entry(), _entry(id="AV-02", lab="redundant"),
+                                            _entry(id="AV-01", built=False)]}, origin="cat.yml")
+    assert cat.built == cat.built_on("default") == ("MAIL-01",)
+    assert cat.built_on("redundant") == ("MAIL-01", "AV-02")
+    real = load_catalogue(REPO / "verify" / "requirements.yml")
+    assert "AV-02" in real.built_on("redundant") and "AV-02" not in real.built_on("default")
+    with pytest.raises(CatalogueError, match="lab"):
+        parse_catalogue({"requirements": [_entry(lab="cluster")]}, origin="cat.yml")
+
+
 def test_requirements_built_expands_to_the_catalogues_list(tmp_path: Path) -> None:
     from safemail.gate.cli import _expand_built
 

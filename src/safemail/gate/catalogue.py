@@ -55,7 +55,7 @@ BASELINE_IDS: tuple[str, ...] = (
 NEVER_WAIVABLE: tuple[str, ...] = ("MAIL-03", "NET-01", "NET-02", "STORE-01", "CA-02", "CA-06")
 
 _FIELDS = ("id", "title", "source", "legal_basis", "statement")
-_OPTIONAL = ("waivable", "built")
+_OPTIONAL = ("waivable", "built", "lab")
 
 
 class CatalogueError(SafeMailError):
@@ -73,6 +73,9 @@ class Requirement:
     # False while its roles or verify tests are still missing: the report still judges it
     # ("no test" fails the gate); Molecule's stage and the integration test run only built ids.
     built: bool = True
+    # "redundant": its tests need `safemail lab up --redundant` (a second relay and directory)
+    # and deselect themselves elsewhere; `built` (the default lab's scope) leaves it out.
+    lab: str = "default"
 
     @property
     def area(self) -> str:
@@ -109,8 +112,15 @@ class Catalogue:
 
     @property
     def built(self) -> tuple[str, ...]:
-        """Ids whose roles and tests exist (``built: false`` marks the others)."""
-        return tuple(r.id for r in self.requirements if r.built)
+        """Ids whose roles and tests exist (``built: false`` marks the others) and that the
+        default lab can prove (``lab: redundant`` marks those only the redundant lab can)."""
+        return self.built_on("default")
+
+    def built_on(self, lab: str) -> tuple[str, ...]:
+        """The built ids a lab can prove: the default lab's, or every built id on the redundant
+        lab (a superset of the default lab's hosts)."""
+        return tuple(r.id for r in self.requirements
+                     if r.built and (lab == "redundant" or r.lab == "default"))
 
     @property
     def never_waivable(self) -> tuple[str, ...]:
@@ -201,6 +211,7 @@ def parse_catalogue(data: Any, origin: str = "<memory>", sha256: str = "") -> Ca
                 statement=" ".join(entry["statement"].split()),
                 waivable=entry.get("waivable", True),
                 built=entry.get("built", True),
+                lab=entry.get("lab", "default"),
             )
         )
     if problems:
