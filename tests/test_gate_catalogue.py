@@ -202,6 +202,15 @@ def test_a_redundant_lab_requirement_is_built_there_and_not_on_the_default_lab()
         parse_catalogue({"requirements": [_entry(lab="cluster")]}, origin="cat.yml")
 
 
+def test_only_the_redundancy_requirement_leaves_the_default_labs_scope() -> None:
+    """`lab: redundant` takes a requirement out of CI's scope (`built`): an edit of the
+    catalogue alone must not do that to another one quietly. The report still judges every
+    requirement, so the gate is not weakened, but CI would stop proving it on every change."""
+    real = load_catalogue(REPO / "verify" / "requirements.yml")
+    assert sorted(set(real.ids) - set(real.built_on("default"))
+                  - {r.id for r in real if not r.built}) == ["AV-02"]
+
+
 def test_requirements_built_expands_to_the_catalogues_list(tmp_path: Path) -> None:
     from safemail.gate.cli import _expand_built
 
