@@ -39,3 +39,9 @@ def groups(config: pytest.Config, strict: bool = True) -> dict[str, list[str]]:
 
 def host(config: pytest.Config, name: str):
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory(config))
+
+
+def holders(relays: dict, address: str) -> list[str]:
+    """The relays (name -> testinfra host) holding ``address`` on an interface now."""
+    return [name for name, h in relays.items()
+            if f" {address}/" in h.run("ip -4 -o addr show").stdout]

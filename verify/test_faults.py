@@ -69,6 +69,7 @@ from faultload import (
     shift_mail,
 )
 from stagegroups import groups as _groups
+from stagegroups import holders as _holders
 from stagegroups import host as _host
 
 from safemail.lab.machines import qmp as _qmp
@@ -119,11 +120,6 @@ def _clock_offset(host) -> float:
     remote = float(host.check_output("date +%s.%N"))
     after = time.time()
     return remote - (before + after) / 2
-
-
-def _holders(relays: dict, address: str, skip: str | None = None) -> list[str]:
-    return [n for n, h in relays.items() if n != skip
-            and f" {address}/" in h.run("ip -4 -o addr show").stdout]
 
 
 class Faults:

@@ -27,6 +27,7 @@ import uuid
 
 import pytest
 from stagegroups import groups as _groups
+from stagegroups import holders as _holders
 from stagegroups import host as _host
 
 SERVICE_CA = "/etc/safemail/tls/ca.crt"
@@ -195,11 +196,6 @@ PDIR = "/var/lib/safemail-participant"
 SAFEMAIL = "/opt/safemail/venv/bin/safemail"
 FAILOVER_SECONDS = 30  # measured locally: 5 s after a failed check, 1 s after a stop
 CHECK = "/usr/local/sbin/safemail-relay-vrrp-check"  # roles/relay_vrrp's health check
-
-
-def _holders(relays: dict, address: str) -> list[str]:
-    return [name for name, h in relays.items()
-            if f" {address}/" in h.run("ip -4 -o addr show").stdout]
 
 
 def _participant(request, stage: dict, index: int):

@@ -28,10 +28,10 @@ of the collected facts and the thresholds (tests/test_ops_health.py).
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import math
 import os
-import re
 import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -140,7 +140,12 @@ def _oneshots(k: Sequence[str]) -> list[str]:
     return [u for kind in k for u in ONESHOTS.get(kind, ())]
 
 
-_IPV4 = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
+def _is_ipv4(text: object) -> bool:
+    try:
+        ipaddress.IPv4Address(str(text))
+    except ValueError:
+        return False
+    return True
 
 
 def relays(hosts: Sequence[Host]) -> list[Host]:
@@ -153,7 +158,7 @@ def _relay_address(host: Host) -> str | None:
     the site data it is wired to (playbooks/group_vars/relay.yml:
     ``safemail_relay_service.address``; ansible-inventory shows that wiring unrendered)."""
     own = host.vars.get("relay_vrrp_address")
-    if isinstance(own, str) and _IPV4.fullmatch(own):
+    if isinstance(own, str) and _is_ipv4(own):
         return own
     service = host.vars.get("safemail_relay_service")
     address = service.get("address") if isinstance(service, Mapping) else None
@@ -170,7 +175,7 @@ def service_address(hosts: Sequence[Host]) -> str | None:
         return None
     found = {h.name: _relay_address(h) for h in group}
     distinct = set(found.values())
-    if len(distinct) != 1 or None in distinct or not _IPV4.fullmatch(str(next(iter(distinct)))):
+    if len(distinct) != 1 or None in distinct or not _is_ipv4(next(iter(distinct))):
         raise SafeMailError(
             "the relays have no single service address in the inventory: "
             + ", ".join(f"{n}: {a or 'none'}" for n, a in found.items()),

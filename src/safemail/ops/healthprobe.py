@@ -174,10 +174,14 @@ def parse_ip_addr(text: str) -> list[str]:
 def vrrp_state(addresses: Sequence[str], address: str, keepalived: dict) -> dict:
     """The service address held or not (exact match: 198.18.2.10 does not hold .100), and
     keepalived as ``systemctl is-active`` names it (the LoadState if not loaded)."""
-    state = keepalived.get("active") if keepalived.get("load") == "loaded" else \
-        keepalived.get("load")
     return {"address": address, "holds_address": address in addresses,
-            "keepalived": state or "unknown", "error": None}
+            "keepalived": _keepalived(keepalived), "error": None}
+
+
+def _keepalived(state: dict) -> str:
+    """keepalived as ``systemctl is-active`` names it (the LoadState if not loaded)."""
+    return (state.get("active") if state.get("load") == "loaded" else state.get("load")) \
+        or "unknown"
 
 
 # ------------------------------------------------------------------ reading the host
@@ -256,24 +260,21 @@ def read_cert_expiry(path: str) -> dict:
 
 def read_vrrp(address: str) -> dict:
     keepalived = read_units(["keepalived.service"])["keepalived.service"]
+
+    def unknown(error: str) -> dict:  # whether the address is held: not known
+        return {"address": address, "holds_address": None, "error": error[:300],
+                "keepalived": _keepalived(keepalived)}
+
     try:
         proc = _run(["ip", "-4", "-o", "addr", "show"], 30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"address": address, "holds_address": None,
-                "error": f"ip did not run: {exc}"[:300], **_keepalived(keepalived)}
+        return unknown(f"ip did not run: {exc}")
     if proc.returncode != 0:
-        return {"address": address, "holds_address": None,
-                "error": _last_line(proc.stderr, f"ip exited {proc.returncode}"),
-                **_keepalived(keepalived)}
+        return unknown(_last_line(proc.stderr, f"ip exited {proc.returncode}"))
     try:
         return vrrp_state(parse_ip_addr(proc.stdout), address, keepalived)
     except ValueError as exc:
-        return {"address": address, "holds_address": None,
-                "error": f"unreadable ip output: {exc}"[:300], **_keepalived(keepalived)}
-
-
-def _keepalived(state: dict) -> dict:
-    return {"keepalived": vrrp_state([], "", state)["keepalived"]}
+        return unknown(f"unreadable ip output: {exc}")
 
 
 def read_patch(path: str) -> str | None:
