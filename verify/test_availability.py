@@ -11,6 +11,9 @@ the backup host never has.
   the backup host (tried with the real key; the twin lists its own repository);
 - on the backup host the repository opens for nobody without the passphrase and holds no
   plaintext of the client's data;
+- a mail delivered twice (the same Message-ID from the same sender) lands in the mailbox once,
+  and another sender's mail with that Message-ID still lands (the store's duplicate filter,
+  which keeps a relay's redelivery after a lost LMTP reply from making a second copy);
 - opt-in (it re-converges the store, about 5 minutes): the store's volume is wiped, its backup
   client forgotten, `playbooks/restore.yml` rebuilds and restores it; mail count and checksums
   before and after are equal and the recipient fetches and decrypts mail sent before the loss.
@@ -37,6 +40,7 @@ from stagegroups import inventory as _inventory
 from waits import wait_for
 
 from safemail.project import project_root
+from safemail.smime import samples
 
 STATUS_HELPER = "/usr/local/sbin/safemail-backup-status"
 BORG = "/usr/local/sbin/safemail-borg"
@@ -181,6 +185,96 @@ def test_repository_contents_are_unreadable_on_the_backup_host(request, backup_h
     assert mode, "repokey mode: the encrypted key should be in the repository config"
     assert all(not v.strip() for v in found.values()), f"plaintext in the repository: {found}"
     assert "No such file" in passfiles.stdout, passfiles.stdout
+
+
+# --- a mail delivered twice lands once -------------------------------------------------------
+
+SM = "/opt/safemail/venv/bin/safemail"
+CAFILE = "/etc/safemail/tls/ca.crt"
+
+
+def _participants(config) -> tuple[list[dict], object, str]:
+    """The lab's first two participants with a host (host, mailbox, password env) and the relay
+    they submit to (testinfra host, its name)."""
+    relay_name = _groups(config)["relay"][0]
+    relay = _host(config, relay_name)
+    hv = relay.ansible.get_variables()
+    people = []
+    for e in [e for e in hv["safemail_participants"] if e.get("lab_host")][:2]:
+        pw = hv["safemail_participant_passwords"][e["number"]]
+        people.append({"host": _host(config, e["lab_host"]), "mailbox": e["mailbox"],
+                       "env": f"SAFEMAIL_PASSWORD={shlex.quote(pw)}"})
+    assert len(people) == 2, "the lab needs two participants with a lab_host"
+    return people, relay, relay.backend.host
+
+
+def _submit(who: dict, to: str, message: bytes, relay_addr: str) -> str:
+    """Submit `message` as `who` through the relay's submission port; the relay's queue id."""
+    path = f"/tmp/av-dup-{uuid.uuid4().hex}.eml"
+    who["host"].run(f"cat > {path} <<'EOF_MSG'\n{message.decode('latin-1')}\nEOF_MSG")
+    args = [SM, "participant", "smtp-probe", "--host", relay_addr, "--port", "587",
+            "--cafile", CAFILE, "--from", who["mailbox"], "--to", to, "--user", who["mailbox"],
+            "--message", path]
+    out = who["host"].check_output(f"{who['env']} {shlex.join(args)}; rm -f {path}")
+    for step in json.loads(out)["steps"]:
+        if step["step"].startswith("data"):
+            assert step["code"] == 250, step
+            return step["text"].rsplit(" ", 1)[-1]
+    raise AssertionError(f"no DATA step: {out}")
+
+
+def _delivered(relay, log: str, qids: list[str]) -> bool:
+    """Every queue id left the relay's queue with status=sent in its mail log."""
+    queued = relay.run("postqueue -j").stdout
+    if any(q in queued for q in qids):
+        return False
+    sent = relay.run(f"grep -hF status=sent {shlex.quote(log)}").stdout
+    return all(f" {q}: " in sent for q in qids)
+
+
+@pytest.mark.req("AV-01")
+@pytest.mark.lab_participants
+@pytest.mark.stage_hosts("relay", "store", "participants")
+def test_a_mail_delivered_twice_lands_once_and_another_senders_copy_lands(request, evidence):
+    """A relay delivers a mail again when the store's LMTP reply was lost (the store locked or
+    restarted mid-delivery, the relay powered off before it updated its queue, its queue
+    restored from an older archive). The store keeps one copy (roles/mailstore, the duplicate
+    filter): here practice1 submits the same mail (same Message-ID) twice, the relay delivers
+    both, practice2's mailbox holds it once. The key includes the envelope sender, which the
+    relay binds to the login: practice2's own mail with the same Message-ID still lands, so
+    one participant cannot suppress another's mail by reusing its Message-ID."""
+    config = request.config
+    (p1, p2), relay, relay_addr = _participants(config)
+    store = _host(config, _groups(config)["store"][0])
+    log = relay.ansible.get_variables().get("mailrelay_log_path", "/var/log/safemail/mail.log")
+    marker = f"AVDUP-{uuid.uuid4().hex[:12]}"
+    mid = f"<{marker}@safenet.test>"
+
+    def message(sender: dict, subject: str) -> bytes:
+        return samples.with_from(samples.smime_message(
+            samples.enveloped_der(), subject=f"{subject} {marker}", message_id=mid),
+            sender["mailbox"])
+
+    twice = message(p1, "Zweimal")
+    qids = [_submit(p1, p2["mailbox"], twice, relay_addr),
+            _submit(p1, p2["mailbox"], twice, relay_addr),
+            _submit(p2, p2["mailbox"], message(p2, "Eigene"), relay_addr)]
+    assert len(set(qids)) == 3, qids
+    assert wait_for(lambda: _delivered(relay, log, qids), 180), \
+        f"the relay did not deliver all of {qids}"
+
+    def copies(subject: str) -> int:
+        out = store.run(f"grep -rlF {shlex.quote(f'{subject} {marker}')} /var/mail/vmail "
+                        "| grep -cE '/Maildir/(new|cur)/'")
+        return int(out.stdout.strip() or 0)
+
+    twice_n, own_n = copies("Zweimal"), copies("Eigene")
+    dropped = store.run(f"grep -cF {shlex.quote(marker)} /var/log/safemail/dovecot.log").stdout
+    evidence(f"Message-ID {mid}: queue ids {qids} all status=sent; practice2's mailbox holds "
+             f"practice1's mail {twice_n}x (submitted twice), practice2's own mail with the "
+             f"same Message-ID {own_n}x; store log lines naming it: {dropped.strip()}")
+    assert twice_n == 1, "the same mail delivered twice must land once"
+    assert own_n == 1, "another sender's mail with the same Message-ID must land"
 
 
 # --- the restore on a wiped store (opt-in) ---------------------------------------------------

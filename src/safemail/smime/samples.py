@@ -14,6 +14,7 @@ Standard library and asn1crypto only, like :mod:`safemail.smime.classify`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -364,14 +365,21 @@ def mime_message(
     transfer_encoding: str | None = "base64",
     subject: str = "Befund",
     extra_headers: Sequence[tuple[str, str]] = (),
+    message_id: str | None = None,
 ) -> bytes:
-    """An RFC 5322 message with the given top-level headers and (already encoded) body."""
+    """An RFC 5322 message with the given top-level headers and (already encoded) body.
+
+    The Message-ID (unless `message_id` sets one) is derived from everything else, so a sample
+    is the same bytes every time and two different messages never share one: the store keeps
+    one copy of a mail delivered twice with the same Message-ID from the same sender
+    (roles/mailstore, the duplicate filter), so a fixed one would make every test mail after
+    the first disappear."""
     headers = [
         ("From", "praxis1@safenet.test"),
         ("To", "praxis2@safenet.test"),
         ("Subject", subject),
         ("Date", "Mon, 03 Mar 2025 10:00:00 +0100"),
-        ("Message-ID", "<sample@safenet.test>"),
+        ("Message-ID", message_id or "<sample-{}@safenet.test>"),
         ("MIME-Version", "1.0"),
     ]
     if content_type is not None:
@@ -380,6 +388,9 @@ def mime_message(
         headers.append(("Content-Transfer-Encoding", transfer_encoding))
     headers.extend(extra_headers)
     head = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
+    if message_id is None:
+        digest = hashlib.sha256(head + b"\r\n" + body).hexdigest()[:24]
+        head = head.replace(b"<sample-{}@", f"<sample-{digest}@".encode(), 1)
     return head + b"\r\n" + body
 
 
