@@ -14,10 +14,15 @@ the backup host never has.
 - a mail delivered twice (the same Message-ID from the same sender) lands in the mailbox once,
   and another sender's mail with that Message-ID still lands (the store's duplicate filter,
   which keeps a relay's redelivery after a lost LMTP reply from making a second copy);
-- opt-in (it re-converges the store, about 5 minutes): the store's volume is wiped, its backup
-  client forgotten, `playbooks/restore.yml` rebuilds and restores it; mail count and checksums
-  before and after are equal and the recipient fetches and decrypts mail sent before the loss.
-  Run it with ``SAFEMAIL_VERIFY_RESTORE=1 safemail verify --stage test --requirements AV-01``.
+- opt-in (each case re-converges a host, minutes): the store, the relay and the CA signer, one
+  at a time, lose their machine (`safemail lab replace`: a brand-new machine from the golden
+  image, blank data disk, new SSH host key) after a backup, and `playbooks/restore.yml` rebuilds
+  and restores it. Store: mail count and checksums equal, the recipient decrypts mail sent
+  before the loss. Relay: a deferred mail survives and is delivered, the accounting ledger's
+  counts carry on, a new mail is delivered and counted. CA signer: the same CA certificate,
+  the journal check passes, a new participant is enrolled, the journal check passes again.
+  Run them with ``SAFEMAIL_VERIFY_RESTORE=1 safemail verify --stage test --requirements AV-01
+  -k restore`` (the lab only: `lab replace` needs it).
 
 How each test was shown to fail: docs/availability.md, "Fault checks".
 """
@@ -63,11 +68,6 @@ def _clients(config) -> list[str]:
     g = _groups(config)
     backup = set(g.get("backup", []))
     return [h for h in g.get("service", []) if h not in backup] or ["<no backup clients>"]
-
-
-def pytest_generate_tests(metafunc):
-    if "client_name" in metafunc.fixturenames:
-        metafunc.parametrize("client_name", _clients(metafunc.config), scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -193,21 +193,6 @@ SM = "/opt/safemail/venv/bin/safemail"
 CAFILE = "/etc/safemail/tls/ca.crt"
 
 
-def _participants(config) -> tuple[list[dict], object, str]:
-    """The lab's first two participants with a host (host, mailbox, password env) and the relay
-    they submit to (testinfra host, its name)."""
-    relay_name = _groups(config)["relay"][0]
-    relay = _host(config, relay_name)
-    hv = relay.ansible.get_variables()
-    people = []
-    for e in [e for e in hv["safemail_participants"] if e.get("lab_host")][:2]:
-        pw = hv["safemail_participant_passwords"][e["number"]]
-        people.append({"host": _host(config, e["lab_host"]), "mailbox": e["mailbox"],
-                       "env": f"SAFEMAIL_PASSWORD={shlex.quote(pw)}"})
-    assert len(people) == 2, "the lab needs two participants with a lab_host"
-    return people, relay, relay.backend.host
-
-
 def _submit(who: dict, to: str, message: bytes, relay_addr: str) -> str:
     """Submit `message` as `who` through the relay's submission port; the relay's queue id."""
     path = f"/tmp/av-dup-{uuid.uuid4().hex}.eml"
@@ -244,7 +229,9 @@ def test_a_mail_delivered_twice_lands_once_and_another_senders_copy_lands(reques
     relay binds to the login: practice2's own mail with the same Message-ID still lands, so
     one participant cannot suppress another's mail by reusing its Message-ID."""
     config = request.config
-    (p1, p2), relay, relay_addr = _participants(config)
+    relay = _host(config, _groups(config)["relay"][0])
+    relay_addr = relay.backend.host
+    p1, p2 = _participants(config, relay)
     store = _host(config, _groups(config)["store"][0])
     log = relay.ansible.get_variables().get("mailrelay_log_path", "/var/log/safemail/mail.log")
     marker = f"AVDUP-{uuid.uuid4().hex[:12]}"
@@ -356,78 +343,367 @@ def test_stage_status_reports_every_host_healthy(request, evidence):
         assert all(h["vrrp"]["keepalived"] == "active" for h in relays), fail
 
 
+# --- the restore of a lost host on a new machine (opt-in) ----------------------------------
+
+# The host kinds restore.yml restores that the test rebuilds, each on a brand-new machine.
+RESTORE_KINDS = ("store", "relay", "ca_signer")
+# Per kind: (groups held exclusively, groups only used). Exclusive: the replaced host, the
+# backup host (the rebuild replaces the client's line in its authorized_keys) and what the case
+# stops (the relay case stops the store's Dovecot). Used: the participants that send, fetch or
+# enrol, the hosts mail and enrolment pass through, the signer that signs the rebuilt host's
+# service TLS certificate (restore.yml runs in a subprocess: only the testinfra commands are
+# checked against these).
+RESTORE_HOSTS = {
+    "store": (("store", "backup"), ("participants", "relay", "ca_dist", "ca_signer")),
+    "relay": (("relay", "store", "backup"),
+              ("participants", "ca_dist", "ca_signer", "auth")),
+    "ca_signer": (("ca_signer", "backup"), ("participants", "ca_ra", "ca_dist", "auth")),
+}
+PDIR = "/var/lib/safemail-participant"
+DATA_DISK = "/dev/disk/by-id/virtio-safemail-data"
+CA_STATE = "/var/lib/safemail-ca"
+TLS_CA = "/var/lib/safemail-tls-ca/ca.crt"
+SEAL_PUB = "/var/lib/safemail-ca-seal/journal-seal.pub"
+
+
+def _restore_params(config) -> list:
+    present = _groups(config)
+    return [pytest.param(kind, id=kind, marks=pytest.mark.stage_hosts(
+                *RESTORE_HOSTS[kind][0], also=RESTORE_HOSTS[kind][1]))
+            for kind in RESTORE_KINDS if present.get(kind)]
+
+
+def _participants(config, relay) -> list[dict]:
+    """The two lab participants: host, mailbox, password env, fetch command (through the relay,
+    as the participants' clients fetch)."""
+    hv = relay.ansible.get_variables()
+    people = [e for e in hv["safemail_participants"] if e.get("lab_host")][:2]
+    assert len(people) == 2, "the lab needs two participants with a lab_host"
+    out = []
+    for e in people:
+        pw = hv["safemail_participant_passwords"][e["number"]]
+        out.append({"host": _host(config, e["lab_host"]), "mailbox": e["mailbox"],
+                    "number": e["number"], "pdir": PDIR,
+                    "env": f"SAFEMAIL_PASSWORD={shlex.quote(pw)}",
+                    "fetch": f"{SM} participant fetch --mailbox {e['mailbox']} "
+                             f"--host {relay.backend.host} --cafile {CAFILE}"})
+    return out
+
+
+def _send(config, p: list[dict], relay, subject: str, body: str) -> None:
+    """practice1 -> practice2, S/MIME-encrypted to practice2's published certificate."""
+    groups = _groups(config)
+    dist = _host(config, groups["ca_dist"][0]).ansible.get_variables()["safemail_address"]
+    tmp = f"/tmp/av01-body-{uuid.uuid4().hex[:8]}"
+    p[0]["host"].run(f"echo {body} > {tmp}")
+    sent = p[0]["host"].run(
+        f"{p[0]['env']} {SM} participant send --from {p[0]['mailbox']} --to {p[1]['mailbox']} "
+        f"--subject {shlex.quote(subject)} --body-file {tmp} --directory "
+        f"http://{dist}/ --smime-ca {PDIR}/ca.pem --host {relay.backend.host} --cafile {CAFILE}"
+        f"; rc=$?; rm -f {tmp}; exit $rc")
+    assert sent.rc == 0, sent.stderr
+
+
+def _backup(host) -> float:
+    """A backup run now (the service the timer starts); its seconds."""
+    t0 = time.monotonic()
+    run = host.run("systemctl start safemail-backup.service")
+    assert run.rc == 0, host.run("journalctl -u safemail-backup.service -n 20").stdout
+    return time.monotonic() - t0
+
+
+def _client_key(backup_host, name: str) -> list[str]:
+    """The key fields of the backup host's authorized_keys lines for client `name`."""
+    out = backup_host.run(f"grep -F ' safemail-backup:{name}' ~borg/.ssh/authorized_keys")
+    return [" ".join(line.split()[-3:-1]) for line in out.stdout.splitlines()
+            if line.endswith(f" safemail-backup:{name}")]
+
+
+def _close_ssh_masters(host) -> None:
+    """End the controller's SSH master connection to the host before its machine goes: a
+    master to a VM that vanished hangs every command through it until its keepalive gives up
+    (ansible.cfg's ControlPath, as testinfra uses it). Best effort."""
+    address = host.ansible.get_variables().get("ansible_host")
+    if address:
+        subprocess.run(["ssh", "-o", f"ControlPath={Path('~/.ansible/cp/%C').expanduser()}",
+                        "-O", "exit", f"root@{address}"], capture_output=True, timeout=30,
+                       check=False)
+
+
+def _replace(config, name: str, host) -> float:
+    """`safemail lab replace NAME` (the lab's test inventory only); its seconds, once the new
+    machine answers through testinfra."""
+    inv = Path(_inventory(config))
+    inv = inv if inv.is_absolute() else project_root() / inv
+    lab_inventory = project_root() / "inventories" / "test"
+    assert inv.resolve() == lab_inventory.resolve(), (
+        f"the restore test replaces machines with `safemail lab replace`, which only the lab "
+        f"can do; the inventory under test is {inv}, not the lab's {lab_inventory}")
+    _close_ssh_masters(host)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "safemail.cli", "lab", "replace", name],
+                          cwd=project_root(), capture_output=True, text=True, timeout=900,
+                          check=False)
+    assert proc.returncode == 0, f"lab replace {name}: {proc.stderr[-3000:]}"
+
+    def answers() -> bool:
+        try:
+            return host.run("true").rc == 0
+        except Exception:  # noqa: BLE001 - a stale connection or a new host key: ask again
+            return False
+
+    assert wait_for(answers, 180, 5), f"{name} does not answer testinfra after lab replace"
+    return time.monotonic() - t0
+
+
+def _restore(config, name: str) -> tuple[float, subprocess.CompletedProcess]:
+    """restore.yml for `name` as docs/availability.md gives it (--limit NAME: the backup host's
+    authorized_keys line is written by the client's own run, delegated to the backup host)."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [_bin("ansible-playbook"), "-i", _inventory(config), "playbooks/restore.yml",
+         "-e", f"restore_host={name}", "--limit", name],
+        cwd=project_root(), capture_output=True, text=True, timeout=2400, check=False)
+    return time.monotonic() - t0, proc
+
+
+def _blank(host) -> str:
+    """What the new machine has on its data disk (a VM) and whether the backup client is there:
+    proof that it is new."""
+    disk = host.run(f"test -e {DATA_DISK} && (blkid -p -o value -s TYPE {DATA_DISK} || "
+                    f"echo blank) || echo no-data-disk").stdout.strip()
+    client = host.run("test -e /root/.ssh/safemail-backup").rc == 0
+    return f"data disk {disk}; backup key {'present' if client else 'absent'}"
+
+
+def _restore_store(config, name: str, evidence) -> None:
+    groups = _groups(config)
+    store, relay = _host(config, name), _host(config, groups["relay"][0])
+    backup_host = _host(config, groups["backup"][0])
+    p = _participants(config, relay)
+    # 1. Mail before the loss: sent by practice1, decrypted by practice2.
+    subject = f"Befund vor dem Ausfall {uuid.uuid4().hex[:8]}"
+    body = f"AV01-{uuid.uuid4().hex}"
+    _send(config, p, relay, subject, body)
+    assert body in wait_for(lambda: _fetch(p[1], subject), 90), "not delivered before the test"
+    before = _maildir_sums(store)
+    old_key = _client_key(backup_host, name)
+    # 2. Backup now.
+    backup_s = _backup(store)
+    # 3. Loss: a brand-new VM in its place (blank data disk: the LUKS volume is gone).
+    replace_s = _replace(config, name, store)
+    blank = _blank(store)
+    gone = _maildir_sums(store) if store.run("test -d /var/mail/vmail").rc == 0 else {}
+    # 4. Rebuild and restore.
+    restore_s, proc = _restore(config, name)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = _maildir_sums(store)
+    plain = wait_for(lambda: _fetch(p[1], subject), 60)
+    new_key = _client_key(backup_host, name)
+    missing = sorted(set(before) - set(after))
+    changed = sorted(k for k in before if k in after and before[k] != after[k])
+    evidence(f"{name}: backup {backup_s:.0f} s; lab replace {replace_s:.0f} s (new machine: "
+             f"{blank}); restore.yml {restore_s / 60:.1f} min; mail files before {len(before)}, "
+             f"on the new machine before the restore {len(gone)}, after restore {len(after)}; "
+             f"missing {missing[:3]}, changed {changed[:3]}; backup host's line for {name}: "
+             f"{len(old_key)} before, {len(new_key)} after, key replaced: {old_key != new_key}; "
+             f"practice2 decrypted the mail sent before the loss: {body in plain}")
+    assert "crypto_LUKS" not in blank and "backup key absent" in blank, blank
+    assert not gone, "the new machine held mail before the restore: the test proves nothing"
+    assert len(after) == len(before) and not missing and not changed
+    assert len(new_key) == 1 and new_key != old_key, (old_key, new_key)
+    assert body in plain
+
+
+def _queued_to(relay, mailbox: str, queues: tuple[str, ...] = ("deferred",)) -> set[str]:
+    """Queue ids of the relay's mail to `mailbox` in `queues` (postqueue -j)."""
+    ids = set()
+    out = relay.run("postqueue -j")
+    for line in (out.stdout if out.rc == 0 else "").splitlines():
+        entry = json.loads(line)
+        if entry.get("queue_name") in queues and any(
+                r.get("address") == mailbox for r in entry.get("recipients", [])):
+            ids.add(entry["queue_id"])
+    return ids
+
+
+def _restore_relay(config, name: str, evidence) -> None:
+    from test_accounting import _collect, _counts  # the ACC-01 helpers: the deployed job
+
+    groups = _groups(config)
+    relay = _host(config, name)
+    store = _host(config, groups["store"][0])
+    backup_host = _host(config, groups["backup"][0])
+    p = _participants(config, relay)
+    n1, n2 = p[0]["number"], p[1]["number"]
+    tag = uuid.uuid4().hex[:8]
+    try:
+        # 1. A mail that must survive in the relay's deferred queue: the store's LMTP is down.
+        store.check_output("systemctl stop dovecot.service")
+        waiting = _queued_to(relay, p[1]["mailbox"])
+        subject, body = f"Befund in der Warteschlange {tag}", f"AV01Q-{uuid.uuid4().hex}"
+        _send(config, p, relay, subject, body)
+        queued = wait_for(lambda: _queued_to(relay, p[1]["mailbox"]) - waiting, 120, 3)
+        assert queued, "practice1's mail did not wait in the relay's deferred queue"
+        # 2. The ledger's counts now (the deployed collection job first), then the backup.
+        _collect(relay)
+        counts_before = _counts(relay)
+        old_key = _client_key(backup_host, name)
+        backup_s = _backup(relay)
+        # 3. Loss and rebuild.
+        replace_s = _replace(config, name, relay)
+        blank = _blank(relay)
+        restore_s, proc = _restore(config, name)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        new_key = _client_key(backup_host, name)
+        # `postsuper -s` may give the restored file a new queue id; any queue counts.
+        requeued = _queued_to(relay, p[1]["mailbox"],
+                              ("deferred", "active", "incoming", "hold"))
+        # The collection job on the new relay (its mail log is new: the ledger starts reading
+        # it from the beginning); a failure shows in the counts below.
+        relay.run("systemctl start safemail-accounting-collect.service")
+        counts_restored = _counts(relay)
+        # 4. The store takes mail again: the restored deferred mail is delivered.
+        store.check_output("systemctl start dovecot.service")
+        relay.run("postqueue -f")
+        plain = wait_for(lambda: _fetch(p[1], subject), 240, 5)
+        # 5. A new mail after the restore, delivered and counted.
+        subject2, body2 = f"Befund nach der Wiederherstellung {tag}", f"AV01N-{uuid.uuid4().hex}"
+        _send(config, p, relay, subject2, body2)
+        plain2 = wait_for(lambda: _fetch(p[1], subject2), 120)
+        assert wait_for(lambda: relay.run("postqueue -j").stdout.strip() == "", 120, 3)
+        _collect(relay)
+        counts_after = _counts(relay)
+    finally:
+        store.run("systemctl start dovecot.service")
+        relay.run("postqueue -f")
+    zero = (0, 0)
+    behind = {n: (counts_restored.get(n, zero), c) for n, c in counts_before.items()
+              if any(a < b for a, b in zip(counts_restored.get(n, zero), c, strict=True))}
+    delta = {n: tuple(a - b for a, b in zip(counts_after.get(n, zero),
+                                            counts_before.get(n, zero), strict=True))
+             for n in (n1, n2)}
+    evidence(f"{name}: deferred before the loss {sorted(queued)}; backup {backup_s:.0f} s; "
+             f"lab replace {replace_s:.0f} s (new machine: {blank}); restore.yml "
+             f"{restore_s / 60:.1f} min; queued after the restore {sorted(requeued)}; counts "
+             f"(sent, received) before {counts_before}, after the restore {counts_restored}, "
+             f"after delivery and a new mail {counts_after}, delta {delta}; behind: {behind}; "
+             f"backup host's line for {name} replaced: {old_key != new_key} ({len(new_key)}); "
+             f"practice2 decrypted the deferred mail: {body in plain}, the new one: "
+             f"{body2 in plain2}")
+    assert "crypto_LUKS" not in blank and "backup key absent" in blank, blank
+    assert requeued, "the deferred mail is not in the restored relay's queue"
+    assert not behind, f"the restored ledger counts less than before the loss: {behind}"
+    assert body in plain, "the deferred mail was not delivered after the restore"
+    assert body2 in plain2, "a new mail after the restore was not delivered"
+    # The deferred mail and the new one: each counted once, p1 -> p2.
+    assert delta == {n1: (2, 0), n2: (0, 2)}, (
+        f"expected practice1 +2 sent and practice2 +2 received, got {delta}")
+    assert len(new_key) == 1 and new_key != old_key, (old_key, new_key)
+
+
+def _journal_check(config, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_bin("ansible-playbook"), "-i", _inventory(config), "playbooks/ca-journal-check.yml",
+         "--limit", name], cwd=project_root(), capture_output=True, text=True, timeout=900,
+        check=False)
+
+
+def _ca_facts(signer) -> dict:
+    def read(path: str) -> str:
+        out = signer.run(f"cat {path}")
+        return out.stdout if out.rc == 0 else f"<missing: {out.stderr.strip()}>"
+
+    journal = signer.run(f"cat {CA_STATE}/journal.jsonl").stdout.splitlines()
+    return {"ca": read(f"{CA_STATE}/ca.pem"), "tls_ca": read(TLS_CA), "seal": read(SEAL_PUB),
+            "journal": journal}
+
+
+def _restore_ca_signer(config, name: str, evidence) -> None:
+    from test_lifecycle import Lab, Throwaway  # enrolment through the real CA path
+
+    groups = _groups(config)
+    signer = _host(config, name)
+    backup_host = _host(config, groups["backup"][0])
+    # 1. The journal as the controller's check sees it, the public CA state, then the backup.
+    check_before = _journal_check(config, name)
+    assert check_before.returncode == 0, (
+        "ca-journal-check.yml fails before the loss (a first collection needs -e "
+        f"ca_journal_first_use=true, docs/ca.md): {check_before.stdout[-2000:]}")
+    before = _ca_facts(signer)
+    old_key = _client_key(backup_host, name)
+    backup_s = _backup(signer)
+    # 2. Loss and rebuild.
+    replace_s = _replace(config, name, signer)
+    blank = _blank(signer)
+    new_ca_key = signer.run(f"test -e {CA_STATE}/private/ca.key").rc == 0
+    restore_s, proc = _restore(config, name)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = _ca_facts(signer)
+    check_restored = _journal_check(config, name)
+    # 3. The CA issues: a participant of this test enrolled through RA -> signer ->
+    #    distribution, then the journal checked again.
+    t = Throwaway(Lab(_inventory(config)), "restore")
+    try:
+        enrol_error = ""
+        try:
+            t.enrol()
+            serial = t.serial()
+        except AssertionError as exc:  # reported with the rest below
+            enrol_error, serial = str(exc)[-1000:], None
+    finally:
+        t.cleanup()
+    check_after = _journal_check(config, name)
+    grown = signer.run(f"cat {CA_STATE}/journal.jsonl").stdout.splitlines()
+    kept = after["journal"][:len(before["journal"])] == before["journal"]
+    new_key = _client_key(backup_host, name)
+    evidence(f"{name}: backup {backup_s:.0f} s; lab replace {replace_s:.0f} s (new machine: "
+             f"{blank}, CA key before the restore: {new_ca_key}); restore.yml "
+             f"{restore_s / 60:.1f} min; CA certificate unchanged: {before['ca'] == after['ca']}"
+             f"; service TLS CA unchanged: {before['tls_ca'] == after['tls_ca']}; seal key "
+             f"unchanged: {before['seal'] == after['seal']}; journal {len(before['journal'])} "
+             f"entries before, {len(after['journal'])} restored (prefix kept: {kept}), "
+             f"{len(grown)} after the enrolment; ca-journal-check.yml rc before "
+             f"{check_before.returncode}, after the restore {check_restored.returncode}, after "
+             f"the enrolment {check_after.returncode}; enrolled {t.mailbox} serial "
+             f"{serial if serial is None else hex(serial)} {enrol_error!r}; backup host's line "
+             f"for {name} replaced: {old_key != new_key} ({len(new_key)})")
+    assert "backup key absent" in blank and not new_ca_key, blank
+    assert before["ca"] == after["ca"], "a new CA, not the restored one (ca.pem differs)"
+    assert before["tls_ca"] == after["tls_ca"], (
+        f"the service TLS CA on {name} ({TLS_CA}) is a new one: every host's certificate and "
+        "every participant's trust anchor would change at their next converge")
+    assert kept and len(after["journal"]) >= len(before["journal"]), "journal not restored"
+    assert check_restored.returncode == 0, check_restored.stdout[-3000:]
+    assert not enrol_error and serial is not None, f"the restored CA did not issue: {enrol_error}"
+    assert check_after.returncode == 0, check_after.stdout[-3000:]
+    assert len(grown) > len(after["journal"]), "the enrolment wrote nothing to the journal"
+    assert len(new_key) == 1 and new_key != old_key, (old_key, new_key)
+
+
+_RESTORE_CASES = {"store": _restore_store, "relay": _restore_relay,
+                  "ca_signer": _restore_ca_signer}
+
+
+def pytest_generate_tests(metafunc):
+    if "client_name" in metafunc.fixturenames:
+        metafunc.parametrize("client_name", _clients(metafunc.config), scope="module")
+    if "restore_kind" in metafunc.fixturenames:
+        metafunc.parametrize("restore_kind", _restore_params(metafunc.config))
+
+
 # Defined only when asked for: a skipped test would leave AV-01 "untested" in every default
 # report (the report counts a skip as not passed), so the default run does not collect it.
 @pytest.mark.req("AV-01")
 @pytest.mark.disruptive
 @pytest.mark.lab_participants
-def _restore_test(request, evidence):
-    config = request.config
-    groups = _groups(config)
-    store_name, relay_name = groups["store"][0], groups["relay"][0]
-    store, relay = _host(config, store_name), _host(config, relay_name)
-    hv = relay.ansible.get_variables()
-    people = [e for e in hv["safemail_participants"] if e.get("lab_host")][:2]
-    pdir, cafile = "/var/lib/safemail-participant", "/etc/safemail/tls/ca.crt"
-    sm = "/opt/safemail/venv/bin/safemail"
-    relay_addr = relay.backend.host
-    p = []
-    for e in people:
-        pw = hv["safemail_participant_passwords"][e["number"]]
-        p.append({"host": _host(config, e["lab_host"]), "mailbox": e["mailbox"], "pdir": pdir,
-                  "env": f"SAFEMAIL_PASSWORD={shlex.quote(pw)}",
-                  "fetch": f"{sm} participant fetch --mailbox {e['mailbox']} "
-                           f"--host {relay_addr} --cafile {cafile}"})
-    dist = _host(config, groups["ca_dist"][0]).ansible.get_variables()["safemail_address"]
-    # 1. Mail before the loss: sent by practice1, decrypted by practice2.
-    subject = f"Befund vor dem Ausfall {uuid.uuid4().hex[:8]}"
-    body = f"AV01-{uuid.uuid4().hex}"
-    p[0]["host"].run(f"echo {body} > /tmp/av01-body")
-    sent = p[0]["host"].run(
-        f"{p[0]['env']} {sm} participant send --from {p[0]['mailbox']} --to {p[1]['mailbox']} "
-        f"--subject {shlex.quote(subject)} --body-file /tmp/av01-body --directory "
-        f"http://{dist}/ --smime-ca {pdir}/ca.pem --host {relay_addr} --cafile {cafile}")
-    assert sent.rc == 0, sent.stderr
-    assert body in wait_for(lambda: _fetch(p[1], subject), 90), "not delivered before the test"
-    before = _maildir_sums(store)
-    # 2. Backup now (the service the timer starts).
-    t0 = time.monotonic()
-    run = store.run("systemctl start safemail-backup.service")
-    backup_s = time.monotonic() - t0
-    assert run.rc == 0, store.run("journalctl -u safemail-backup.service -n 20").stdout
-    # 3. Loss: the volume locked and zeroed (a new blank disk), the backup client forgotten
-    #    (new machine: no key, no passphrase, no borg cache).
-    store.check_output("safemail-storage lock")
-    wipe = store.run(
-        "set -e; dev=/dev/disk/by-id/virtio-safemail-data; "
-        "dd if=/dev/zero of=$dev bs=1M count=64 conv=fsync status=none; wipefs -a $dev; "
-        # `lock` holds the volume closed with a runtime mask; a new machine has none.
-        "find /run/systemd/system -maxdepth 1 -name 'systemd-cryptsetup@*' -lname /dev/null "
-        "-delete; systemctl daemon-reload; "
-        "rm -rf /etc/safemail/backup /root/.ssh/safemail-backup* /var/lib/safemail-backup")
-    assert wipe.rc == 0, wipe.stderr
-    gone = _maildir_sums(store) if store.run("test -d /var/mail/vmail").rc == 0 else {}
-    # 4. Rebuild and restore.
-    t1 = time.monotonic()
-    proc = subprocess.run(
-        [_bin("ansible-playbook"), "-i", _inventory(config), "playbooks/restore.yml",
-         "-e", f"restore_host={store_name}", "--limit", store_name],
-        cwd=project_root(), capture_output=True, text=True, timeout=1500, check=False)
-    restore_s = time.monotonic() - t1
-    tail = proc.stdout[-3000:]
-    assert proc.returncode == 0, tail
-    after = _maildir_sums(store)
-    plain = wait_for(lambda: _fetch(p[1], subject), 60)
-    missing = sorted(set(before) - set(after))
-    changed = sorted(k for k in before if k in after and before[k] != after[k])
-    evidence(f"backup {backup_s:.0f} s; mail files before {len(before)}, after the wipe "
-             f"{len(gone)}, after restore {len(after)}; missing {missing[:3]}, changed "
-             f"{changed[:3]}; restore.yml {restore_s / 60:.1f} min; practice2 decrypted the "
-             f"mail sent before the loss: {body in plain}")
-    assert not gone, "the wipe left mail behind: the test proves nothing"
-    assert len(after) == len(before) and not missing and not changed
-    assert body in plain
+def _restore_test(request, restore_kind, evidence):
+    """A store, relay or CA signer lost with its machine (`safemail lab replace`: a new VM or
+    machine from the template, blank data disk, new SSH host key), rebuilt and restored by
+    playbooks/restore.yml; the service carries on (docs/availability.md, "Restore")."""
+    name = _groups(request.config)[restore_kind][0]
+    _RESTORE_CASES[restore_kind](request.config, name, evidence)
 
 
 if os.environ.get(RESTORE_ENV) == "1":
-    test_store_is_rebuilt_and_restored_from_backup_with_the_same_mail = _restore_test
+    test_a_lost_host_is_rebuilt_on_a_new_machine_and_restored = _restore_test

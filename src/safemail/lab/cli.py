@@ -49,6 +49,10 @@ def _down(args: argparse.Namespace) -> int:
     return _stage().down()
 
 
+def _replace(args: argparse.Namespace) -> int:
+    return _stage().replace(args.hosts)
+
+
 def _status(args: argparse.Namespace) -> int:
     rows = _stage().status()
     if args.json:
@@ -116,7 +120,7 @@ def _template_check(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    lab = sub.add_parser("lab", help="the local test stage: image, up, status, ssh, down",
+    lab = sub.add_parser("lab", help="the local test stage: image, up, status, ssh, replace, down",
                          description="Build and run the local test stage (needs root).")
     lsub = lab.add_subparsers(dest="lab_command", metavar="ACTION")
     lsub.required = True
@@ -141,6 +145,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_mirror)
     p = lsub.add_parser("down", help="remove everything the lab created")
     p.set_defaults(func=_down)
+    p = lsub.add_parser(
+        "replace", help="a brand-new machine in place of a host (AV-01 restore drills)",
+        description="Replace lab hosts by brand-new machines, as an operator deploys a new VM "
+                    "from the template (needs root and a running lab). For each HOST: its "
+                    "machine is stopped and its directory removed (a VM's data disk too, so its "
+                    "LUKS volume is gone), a new machine is made from the running lab's golden "
+                    "image with the same name, addresses and MACs and a new SSH host key (its "
+                    "line in the lab's known_hosts is replaced), started and waited for. "
+                    "Nothing on it is converged: rebuild and restore it with "
+                    "playbooks/restore.yml (docs/availability.md, \"Restore\").")
+    p.add_argument("hosts", nargs="+", metavar="HOST",
+                   help="inventory name, e.g. store1, relay1 or ca-signer")
+    p.set_defaults(func=_replace)
     p = lsub.add_parser("status", help="show each host and whether it answers "
                                        "(exit 3 if any does not)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,4 +1,4 @@
-"""`lab up`, `lab down`, `lab status`: the local test stage as a whole.
+"""`lab up`, `lab down`, `lab status`, `lab replace`: the local test stage as a whole.
 
 Layout (all names carry the lab prefix, all state lives under LabPaths.state):
 
@@ -17,6 +17,7 @@ the remains it can recognise by prefix and state path).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -41,6 +42,7 @@ from safemail.lab.plan import (
     LAB_RANGES,
     ROUTED_SEGMENTS,
     SEGMENTS,
+    HostPlan,
     LabPlan,
     generated_inventory,
     hosts_from_inventory,
@@ -59,6 +61,8 @@ GENERATED_INVENTORY = "zz_lab_generated.yml"
 SSH_WAIT_SECONDS = 300
 # A VM that has not answered after this long and whose console shows a hung kernel is reset.
 VM_HANG_GRACE_SECONDS = 60
+NETNS_DIR = Path("/run/netns")
+NSPAWN_PROPAGATE_DIR = Path("/run/systemd/nspawn/propagate")
 
 
 def vm_hosts(plan: LabPlan) -> dict[str, tuple[str, ...]]:
@@ -306,36 +310,45 @@ class Stage:
 
     def _machines(self, plan: LabPlan, img: image_mod.Image, state: dict) -> None:
         public_key = self.paths.key_file.with_suffix(".pub").read_text()
-        known = []
-        for index, host in enumerate(plan.hosts):
-            mdir = self.paths.machines / host.name
-            machines.remove_machine_dir(mdir)
-            upper = mdir / "upper"
-            host_key = machines.write_host_files(host, upper, public_key)
-            known.append(f"{host.mgmt.address},{host.name} {host_key}")
-            if host.spec.hypervisor == "qemu":
-                machines.write_vm_network(host, upper)
-                machines.write_vm_boot_settings(upper)
+        known = [self._machine(host, index, img, state, public_key, links=True)
+                 for index, host in enumerate(plan.hosts)]
+        self.paths.known_hosts.write_text("\n".join(known) + "\n")
+
+    def _machine(self, host: HostPlan, index: int, img: image_mod.Image, state: dict,
+                 public_key: str, links: bool) -> str:
+        """Create one machine from the golden image and start it; its known_hosts line.
+
+        `index` is the host's place in the whole plan (it names its veths and taps). With
+        `links` the machine's links are made first (nspawn: its namespace and veths; QEMU: its
+        tap devices); without, those of `lab up` are used again (`lab replace`)."""
+        mdir = self.paths.machines / host.name
+        machines.remove_machine_dir(mdir)
+        upper = mdir / "upper"
+        host_key = machines.write_host_files(host, upper, public_key)
+        if host.spec.hypervisor == "qemu":
+            machines.write_vm_network(host, upper)
+            machines.write_vm_boot_settings(upper)
+            if links:
                 tap_m, tap_d = machines.tap_names(index)
                 for tap, seg in ((tap_m, "mgmt"), (tap_d, host.data.segment)):
                     runner.run(["ip", "-n", NET_NS, "tuntap", "add", "dev", tap, "mode", "tap"])
                     runner.run(["ip", "-n", NET_NS, "link", "set", tap, "master", f"br-{seg}",
                                 "up"])
-                runner.info(f"  {host.name}: QEMU VM (disk image, then boot)")
-                pid = machines.start_qemu(host, img, mdir, index, NET_NS)
-                state["processes"][host.name] = {"pid": pid, "marker": str(mdir)}
-            else:
+            runner.info(f"  {host.name}: QEMU VM (disk image, then boot)")
+            pid = machines.start_qemu(host, img, mdir, index, NET_NS)
+        else:
+            if links:
                 ns = machines.netns(host.name)
                 self._ns(state, ns)
                 self._veth_into(ns, "br-mgmt", f"h{index:02d}m", "mgmt0", host.mgmt.cidr, None,
                                 host.mgmt.mac)
                 self._veth_into(ns, f"br-{host.data.segment}", f"h{index:02d}d", "eth0",
                                 host.data.cidr, str(host.gateway), host.data.mac)
-                runner.info(f"  {host.name}: nspawn machine")
-                pid = machines.start_nspawn(host, img, mdir)
-                state["processes"][host.name] = {"pid": pid, "marker": str(mdir)}
-            self.save_state(state)
-        self.paths.known_hosts.write_text("\n".join(known) + "\n")
+            runner.info(f"  {host.name}: nspawn machine")
+            pid = machines.start_nspawn(host, img, mdir)
+        state["processes"][host.name] = {"pid": pid, "marker": str(mdir)}
+        self.save_state(state)
+        return f"{host.mgmt.address},{host.name} {host_key}"
 
     def _wait(self, plan: LabPlan) -> None:
         pending = {h.name: str(h.mgmt.address) for h in plan.hosts}
@@ -392,6 +405,116 @@ class Stage:
                 + yaml.safe_dump(data, sort_keys=True))
         (self.inventory_dir / GENERATED_INVENTORY).write_text(text)
 
+    # -- replace ---------------------------------------------------------------------------
+    def replace(self, names: list[str]) -> int:
+        """A brand-new machine in place of each named host (AV-01's restore from nothing)."""
+        runner.require_root()
+        with self.locked():
+            return self._replace(names)
+
+    def _replace(self, names: list[str]) -> int:
+        """As an operator deploys a new VM from the template: the host's process stopped, its
+        machine directory (overlay, VM disks: the data disk too, so its LUKS volume is gone)
+        removed, a new machine made from the running lab's golden image with the same name,
+        addresses and MACs and a new SSH host key, started on the links `lab up` made, and
+        waited for like `lab up` waits."""
+        state = self.load_state()
+        if state is None:
+            raise SafeMailError("the lab is not up", hint="start it with `safemail lab up`")
+        if not state.get("complete"):
+            raise SafeMailError("the lab is not complete (`lab up` did not finish)",
+                                hint="run `safemail lab down`, then `safemail lab up`")
+        plan = self.plan(all_vms=bool(state.get("all_vms")))
+        index = {h.name: i for i, h in enumerate(plan.hosts)}
+        wanted = list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in index]
+        if not wanted or unknown:
+            raise SafeMailError(
+                f"no lab host named {', '.join(map(repr, unknown))}" if unknown
+                else "name the host(s) to replace",
+                hint=f"lab hosts: {', '.join(index)}")
+        hosts = [plan.hosts[index[n]] for n in wanted]
+        img = self._running_image(plan, state)
+        self._check_links(hosts, index)
+        runner.require_tools("ip", "ssh", "ssh-keygen",
+                             *(("qemu-system-x86_64", "mkfs.ext4")
+                               if any(h.spec.hypervisor == "qemu" for h in hosts)
+                               else ("systemd-nspawn",)))
+        started = time.monotonic()
+        public_key = self.paths.key_file.with_suffix(".pub").read_text()
+        for host in hosts:
+            runner.info(f"lab: replacing {host.name} ({host.spec.hypervisor}) with a new machine")
+            proc = state.get("processes", {}).get(host.name)
+            if proc and machines.process_alive(proc["pid"], proc["marker"]):
+                runner.info(f"  stopping {host.name} (pid {proc['pid']})")
+                machines.stop_process(proc["pid"], proc["marker"])
+            if host.spec.hypervisor != "qemu":
+                shutil.rmtree(NSPAWN_PROPAGATE_DIR / machines.netns(host.name),
+                              ignore_errors=True)
+            line = self._machine(host, index[host.name], img, state, public_key, links=False)
+            self._known_host(host, line)
+            runner.info(f"  {host.name}: new SSH host key {line.split(' ', 1)[1]}")
+        runner.info(f"lab: waiting for SSH on {', '.join(wanted)}")
+        try:
+            self._wait(dataclasses.replace(plan, hosts=tuple(hosts)))
+        except BaseException:
+            runner.info("lab replace: the new machine did not answer; `safemail lab replace "
+                        f"{' '.join(wanted)}` again, or `safemail lab down` (logs in "
+                        f"{self.paths.machines}/<host>/console.log)")
+            raise
+        runner.info(f"lab: replaced {', '.join(wanted)} in {time.monotonic() - started:.0f} s; "
+                    "nothing on them is converged: run playbooks/restore.yml "
+                    "(docs/availability.md)")
+        return 0
+
+    def _running_image(self, plan: LabPlan, state: dict) -> image_mod.Image:
+        """The golden image the running lab was started from (never a rebuild: a replaced
+        machine must come from the same template as its neighbours)."""
+        img = image_mod.image_for(self.paths, self.project, vm_hosts(plan))
+        if sorted(p.name for p in img.parts()) != sorted(state.get("image", [])) \
+                or not image_mod.is_built(img):
+            raise SafeMailError(
+                "this checkout's golden image is not the one the running lab was started from "
+                "(the roles' packages or the VM hosts changed since `lab up`)",
+                hint="replace from the checkout that started the lab, or `safemail lab down` "
+                     "and `safemail lab up`")
+        return img
+
+    def _check_links(self, hosts: list[HostPlan], index: dict[str, int]) -> None:
+        """The links `lab up` made for these hosts are still there (they are reused)."""
+        for host in hosts:
+            if host.spec.hypervisor == "qemu":
+                for tap in machines.tap_names(index[host.name]):
+                    if runner.run(["ip", "-n", NET_NS, "link", "show", tap],
+                                  check=False).returncode != 0:
+                        raise SafeMailError(f"{host.name}: its tap device {tap} is missing in "
+                                            f"{NET_NS}", hint="restart the lab (`lab down`, "
+                                                              "`lab up`)")
+            elif not (NETNS_DIR / machines.netns(host.name)).exists():
+                raise SafeMailError(f"{host.name}: its network namespace "
+                                    f"{machines.netns(host.name)} is missing",
+                                    hint="restart the lab (`lab down`, `lab up`)")
+
+    def _known_host(self, host: HostPlan, line: str) -> None:
+        """Put `line` in place of the host's line in the lab's known_hosts; others stay."""
+        try:
+            old = self.paths.known_hosts.read_text().splitlines()
+        except FileNotFoundError:
+            old = []
+        names = {host.name, str(host.mgmt.address)}
+        lines: list[str] = []
+        for entry in old:
+            if not entry.strip():
+                continue
+            if names & set(entry.split(" ", 1)[0].split(",")):
+                if line not in lines:
+                    lines.append(line)  # in the old line's place; a second old line goes
+            else:
+                lines.append(entry)
+        if line not in lines:
+            lines.append(line)
+        self.paths.known_hosts.write_text("\n".join(lines) + "\n")
+
     # -- down ------------------------------------------------------------------------------
     def down(self) -> int:
         runner.require_root()
@@ -416,7 +539,7 @@ class Stage:
         namespaces = set(state.get("namespaces", [])) | self._lab_namespaces()
         for ns in sorted(namespaces):
             runner.run(["ip", "netns", "del", ns], check=False)
-            shutil.rmtree(f"/run/systemd/nspawn/propagate/{ns}", ignore_errors=True)
+            shutil.rmtree(NSPAWN_PROPAGATE_DIR / ns, ignore_errors=True)
             removed += 1
         links = set(state.get("root_links", [])) | {CONTROLLER_LINK}
         for link in links:
