@@ -53,7 +53,7 @@ class Participant:
         """SMTP transcript of one submission. The message's From header is set to this
         participant's mailbox (the gate binds it to the login), or to `header_from`."""
         args = [SAFEMAIL, "participant", "smtp-probe", "--host", self.relay, "--port",
-                str(port), "--cafile", CAFILE, "--from", sender or self.mailbox]
+                str(port), "--cafile", CAFILE, "--from", self.mailbox if sender is None else sender]
         for rcpt in to:
             args += ["--to", rcpt]
         if not starttls:
@@ -346,6 +346,20 @@ def test_from_of_another_practice_is_refused(lab, evidence, form):
     code, text = _reply(t, "data")
     evidence(f"From {header_from!r} sent by {own}: {code} {text}")
     assert code == 550 and "[from_not_login]" in text, t
+
+
+@pytest.mark.req("MAIL-03")
+def test_null_sender_is_refused_on_submission(lab, evidence):
+    """Logged in as practice1, MAIL FROM:<>: refused. reject_sender_login_mismatch does not look
+    at the null sender, which would carry mail that names no mailbox (uncounted by the
+    accounting, outside the store's duplicate key)."""
+    msg = samples.smime_message(samples.enveloped_der(), subject=f"Null {uuid.uuid4().hex[:8]}")
+    t = lab["p1"].probe([lab["p2"].mailbox], message=msg, sender="")
+    code, text = _reply(t, "mail")
+    if code == 250:
+        code, text = _reply(t, "rcpt")
+    evidence(f"MAIL FROM:<> logged in as {lab['p1'].mailbox}: {code} {text}")
+    assert 500 <= code < 600, t
 
 
 @pytest.mark.req("MAIL-03")
