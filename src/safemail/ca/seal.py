@@ -4,7 +4,8 @@ Why: the CA account writes the journal. A key that account can read (the old HMA
 state directory) lets it, or anyone who takes it over, rewrite the journal and re-sign it. The
 sealer runs as its own system user (``safemail-ca-seal``) with its own state directory::
 
-    seal.key      Ed25519 private key (0600, sealer only; made on the host, never leaves)
+    seal.key      Ed25519 private key (0600, sealer only; made on the host; leaves it only
+                  inside the signer's encrypted backup, docs/availability.md)
     head.json     the last sealed head {"host","seq","hash","sig","time"} (0644, public)
     seal.lock     serialises sealing
 
