@@ -14,13 +14,15 @@ the backup host never has.
 - a mail delivered twice (the same Message-ID from the same sender) lands in the mailbox once,
   and another sender's mail with that Message-ID still lands (the store's duplicate filter,
   which keeps a relay's redelivery after a lost LMTP reply from making a second copy);
-- opt-in (each case re-converges a host, minutes): the store, the relay and the CA signer, one
-  at a time, lose their machine (`safemail lab replace`: a brand-new machine from the golden
-  image, blank data disk, new SSH host key) after a backup, and `playbooks/restore.yml` rebuilds
-  and restores it. Store: mail count and checksums equal, the recipient decrypts mail sent
-  before the loss. Relay: a deferred mail survives and is delivered, the accounting ledger's
-  counts carry on, a new mail is delivered and counted. CA signer: the same CA certificate,
-  the journal check passes, a new participant is enrolled, the journal check passes again.
+- opt-in (each case re-converges a host, minutes): the store, the relay, the CA signer and
+  the directory, one at a time, lose their machine (`safemail lab replace`: a brand-new machine
+  from the golden image, blank data disk, new SSH host key) after a backup, and
+  `playbooks/restore.yml` rebuilds and restores it. Store: mail count and checksums equal, the
+  recipient decrypts mail sent before the loss. Relay: a deferred mail survives and is
+  delivered, the accounting ledger's counts carry on, a new mail is delivered and counted. CA
+  signer: the same CA certificate, the journal check passes, a new participant is enrolled,
+  the journal check passes again. Directory: every entry back unchanged, a mail after the
+  restore is delivered.
   Run them with ``SAFEMAIL_VERIFY_RESTORE=1 safemail verify --stage test --requirements AV-01
   -k restore`` (the lab only: `lab replace` needs it).
 
@@ -346,7 +348,7 @@ def test_stage_status_reports_every_host_healthy(request, evidence):
 # --- the restore of a lost host on a new machine (opt-in) ----------------------------------
 
 # The host kinds restore.yml restores that the test rebuilds, each on a brand-new machine.
-RESTORE_KINDS = ("store", "relay", "ca_signer")
+RESTORE_KINDS = ("store", "relay", "ca_signer", "auth")
 # Per kind: (groups held exclusively, groups only used). Exclusive: the replaced host, the
 # backup host (the rebuild replaces the client's line in its authorized_keys) and what the case
 # stops (the relay case stops the store's Dovecot). Used: the participants that send, fetch or
@@ -358,6 +360,7 @@ RESTORE_HOSTS = {
     "relay": (("relay", "store", "backup"),
               ("participants", "ca_dist", "ca_signer", "auth")),
     "ca_signer": (("ca_signer", "backup"), ("participants", "ca_ra", "ca_dist", "auth")),
+    "auth": (("auth", "backup"), ("participants", "relay", "store", "ca_dist", "ca_signer")),
 }
 PDIR = "/var/lib/safemail-participant"
 DATA_DISK = "/dev/disk/by-id/virtio-safemail-data"
@@ -681,8 +684,60 @@ def _restore_ca_signer(config, name: str, evidence) -> None:
     assert len(new_key) == 1 and new_key != old_key, (old_key, new_key)
 
 
+# slapadd keeps the operational attributes of the LDIF; contextCSN is the database's own.
+_LDIF_SKIP = ("contextCSN:",)
+
+
+def _directory(auth) -> dict[str, str]:
+    """The directory's entries (slapcat of the data tree), DN -> the entry's lines, sorted."""
+    out = auth.check_output("slapcat -n 1 -o ldif-wrap=no")
+    entries: dict[str, str] = {}
+    for block in filter(None, (b.strip() for b in out.split("\n\n"))):
+        lines = [ln for ln in block.splitlines() if not ln.startswith(_LDIF_SKIP)]
+        entries[lines[0]] = "\n".join(sorted(lines[1:]))
+    return entries
+
+
+def _restore_auth(config, name: str, evidence) -> None:
+    groups = _groups(config)
+    auth, relay = _host(config, name), _host(config, groups["relay"][0])
+    backup_host = _host(config, groups["backup"][0])
+    p = _participants(config, relay)
+    # 1. The directory as it is (participants with their certificates, service accounts).
+    before = _directory(auth)
+    certs = sum("userCertificate" in v for v in before.values())
+    old_key = _client_key(backup_host, name)
+    backup_s = _backup(auth)
+    # 2. Loss and rebuild: the converge alone makes the base entries again, not the CA's
+    #    certificates in them; the restore brings those back.
+    replace_s = _replace(config, name, auth)
+    blank = _blank(auth)
+    restore_s, proc = _restore(config, name)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = _directory(auth)
+    missing = sorted(set(before) - set(after))
+    changed = sorted(dn for dn in before if dn in after and before[dn] != after[dn])
+    # 3. The service carries on: a mail needs the directory at the relay (recipient, sender
+    #    login, certificate) and at the store (user lookup).
+    subject = f"Befund nach der Wiederherstellung {uuid.uuid4().hex[:8]}"
+    body = f"AV01-auth-{uuid.uuid4().hex}"
+    _send(config, p, relay, subject, body)
+    plain = wait_for(lambda: _fetch(p[1], subject), 120)
+    new_key = _client_key(backup_host, name)
+    evidence(f"{name}: backup {backup_s:.0f} s; lab replace {replace_s:.0f} s (new machine: "
+             f"{blank}); restore.yml {restore_s / 60:.1f} min; entries before {len(before)} "
+             f"({certs} with a certificate), after {len(after)}; missing {missing[:3]}, "
+             f"changed {changed[:3]}; a mail after the restore decrypted: {body in plain}; "
+             f"backup host's line for {name} replaced: {old_key != new_key} ({len(new_key)})")
+    assert "backup key absent" in blank, blank
+    assert certs > 0, "no entry with a certificate before the loss: the test proves nothing"
+    assert not missing and not changed, (missing[:3], changed[:3])
+    assert body in plain, "no mail delivered after the directory's restore"
+    assert len(new_key) == 1 and new_key != old_key, (old_key, new_key)
+
+
 _RESTORE_CASES = {"store": _restore_store, "relay": _restore_relay,
-                  "ca_signer": _restore_ca_signer}
+                  "ca_signer": _restore_ca_signer, "auth": _restore_auth}
 
 
 def pytest_generate_tests(metafunc):
@@ -698,9 +753,10 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.disruptive
 @pytest.mark.lab_participants
 def _restore_test(request, restore_kind, evidence):
-    """A store, relay or CA signer lost with its machine (`safemail lab replace`: a new VM or
-    machine from the template, blank data disk, new SSH host key), rebuilt and restored by
-    playbooks/restore.yml; the service carries on (docs/availability.md, "Restore")."""
+    """A store, relay, CA signer or directory lost with its machine (`safemail lab replace`: a
+    new VM or machine from the template, blank data disk, new SSH host key), rebuilt and
+    restored by playbooks/restore.yml; the service carries on (docs/availability.md,
+    "Restore")."""
     name = _groups(request.config)[restore_kind][0]
     _RESTORE_CASES[restore_kind](request.config, name, evidence)
 
