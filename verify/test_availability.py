@@ -479,6 +479,15 @@ def _blank(host) -> str:
     return f"data disk {disk}; backup key {'present' if client else 'absent'}"
 
 
+def _lose(config, name: str, host, backup_host) -> tuple[list[str], float, float, str]:
+    """Every case's loss: the backup host's line for the client, a backup now, the machine
+    replaced, and what the new machine holds (its key line, backup and replace seconds)."""
+    old_key = _client_key(backup_host, name)
+    backup_s = _backup(host)
+    replace_s = _replace(config, name, host)
+    return old_key, backup_s, replace_s, _blank(host)
+
+
 def _restore_store(config, name: str, evidence) -> None:
     groups = _groups(config)
     store, relay = _host(config, name), _host(config, groups["relay"][0])
@@ -490,12 +499,8 @@ def _restore_store(config, name: str, evidence) -> None:
     _send(config, p, relay, subject, body)
     assert body in wait_for(lambda: _fetch(p[1], subject), 90), "not delivered before the test"
     before = _maildir_sums(store)
-    old_key = _client_key(backup_host, name)
-    # 2. Backup now.
-    backup_s = _backup(store)
-    # 3. Loss: a brand-new VM in its place (blank data disk: the LUKS volume is gone).
-    replace_s = _replace(config, name, store)
-    blank = _blank(store)
+    # 2. Backup now; 3. loss: a brand-new VM in its place (blank data disk: no LUKS volume).
+    old_key, backup_s, replace_s, blank = _lose(config, name, store, backup_host)
     gone = _maildir_sums(store) if store.run("test -d /var/mail/vmail").rc == 0 else {}
     # 4. Rebuild and restore.
     restore_s, proc = _restore(config, name)
@@ -551,11 +556,8 @@ def _restore_relay(config, name: str, evidence) -> None:
         # 2. The ledger's counts now (the deployed collection job first), then the backup.
         _collect(relay)
         counts_before = _counts(relay)
-        old_key = _client_key(backup_host, name)
-        backup_s = _backup(relay)
         # 3. Loss and rebuild.
-        replace_s = _replace(config, name, relay)
-        blank = _blank(relay)
+        old_key, backup_s, replace_s, blank = _lose(config, name, relay, backup_host)
         restore_s, proc = _restore(config, name)
         assert proc.returncode == 0, proc.stdout[-3000:]
         new_key = _client_key(backup_host, name)
@@ -634,11 +636,8 @@ def _restore_ca_signer(config, name: str, evidence) -> None:
         "ca-journal-check.yml fails before the loss (a first collection needs -e "
         f"ca_journal_first_use=true, docs/ca.md): {check_before.stdout[-2000:]}")
     before = _ca_facts(signer)
-    old_key = _client_key(backup_host, name)
-    backup_s = _backup(signer)
     # 2. Loss and rebuild.
-    replace_s = _replace(config, name, signer)
-    blank = _blank(signer)
+    old_key, backup_s, replace_s, blank = _lose(config, name, signer, backup_host)
     new_ca_key = signer.run(f"test -e {CA_STATE}/private/ca.key").rc == 0
     restore_s, proc = _restore(config, name)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -706,12 +705,9 @@ def _restore_auth(config, name: str, evidence) -> None:
     # 1. The directory as it is (participants with their certificates, service accounts).
     before = _directory(auth)
     certs = sum("userCertificate" in v for v in before.values())
-    old_key = _client_key(backup_host, name)
-    backup_s = _backup(auth)
     # 2. Loss and rebuild: the converge alone makes the base entries again, not the CA's
     #    certificates in them; the restore brings those back.
-    replace_s = _replace(config, name, auth)
-    blank = _blank(auth)
+    old_key, backup_s, replace_s, blank = _lose(config, name, auth, backup_host)
     restore_s, proc = _restore(config, name)
     assert proc.returncode == 0, proc.stdout[-3000:]
     after = _directory(auth)
