@@ -361,3 +361,27 @@ def test_cli_docs_network_writes_the_plan(tmp_path, monkeypatch):
     assert main(["docs", "network", "--stage", "test", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "network.md").read_text().startswith(plan.HEADER)
     ET.fromstring((tmp_path / "network.svg").read_text())
+
+
+def test_docs_network_documents_the_committed_inventory_not_the_running_lab(tmp_path):
+    """A `lab up --redundant` stage adds relay2 and auth2 in zz_lab_generated.yml beside
+    hosts.yml: the rendered plan must still equal docs/ (SYS-06 compares them on a live lab)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in ("inventories", ".git", ".venv", ".lab"):
+            (repo / entry.name).symlink_to(entry)
+    inventory = repo / "inventories" / "test"
+    inventory.mkdir(parents=True)
+    (inventory / "hosts.yml").symlink_to(REPO / "inventories/test/hosts.yml")
+    (inventory / "group_vars").symlink_to(REPO / "inventories/test/group_vars")
+    (inventory / "zz_lab_generated.yml").write_text(yaml.safe_dump({"all": {"children": {
+        "relay": {"hosts": {"relay2": {"safemail_segment": "front"}}},
+        "auth": {"hosts": {"auth2": {"safemail_segment": "back"}}}}}}))
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-inventory"), "-i",
+                           str(inventory), "--graph"], capture_output=True, text=True,
+                          check=False)
+    assert "relay2" in proc.stdout, proc.stderr  # the lab's extra hosts are really there
+    generate(repo, tmp_path / "out", "test")
+    for name in ("network.md", "network.svg"):
+        assert (tmp_path / "out" / name).read_bytes() == (REPO / "docs" / name).read_bytes()

@@ -76,6 +76,12 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "first_of_group(group): the test runs on the group's first host only (the directory "
+        "provider for auth); its other hosts' parameters are deselected at collection, so a "
+        "replica counts neither as passed nor as skipped",
+    )
+    config.addinivalue_line(
+        "markers",
         "disruptive: the test stops services, locks volumes, reboots or reconverges hosts; "
         "it holds its hosts alone (every host without a stage_hosts marker), across xdist "
         "workers",
@@ -182,19 +188,43 @@ def _not_on_this_stage(config: pytest.Config, items: list[pytest.Item]) -> list[
     return marked
 
 
+def _not_the_first_of_group(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:
+    """Items marked first_of_group(g) whose testinfra host is not g's first host."""
+    import stagegroups
+
+    firsts: dict[str, str | None] = {}
+    out = []
+    for item in items:
+        mark = item.get_closest_marker("first_of_group")
+        callspec = getattr(item, "callspec", None)
+        host = callspec.params.get("_testinfra_host") if callspec is not None else None
+        if mark is None or host is None:
+            continue
+        group = mark.args[0]
+        if group not in firsts:
+            firsts[group] = stagegroups.first_host(config, group)
+        if firsts[group] is None:
+            raise pytest.UsageError(f"first_of_group({group!r}) on {item.nodeid}: the "
+                                    f"inventory {stagegroups.inventory(config)} has no {group} "
+                                    "host")
+        if host.backend.get_pytest_id() != f"ansible://{firsts[group]}":
+            out.append(item)
+    return out
+
+
+def _drop(config: pytest.Config, items: list[pytest.Item], gone: list[pytest.Item]) -> None:
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        ids = {id(i) for i in gone}
+        items[:] = [i for i in items if id(i) not in ids]
+
+
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
-    not_here = _not_on_this_stage(config, items)
-    if not_here:
-        config.hook.pytest_deselected(items=not_here)
-        ids = {id(i) for i in not_here}
-        items[:] = [i for i in items if id(i) not in ids]
-    outside = _outside_declared_hosts(config, items)
-    if outside:
-        config.hook.pytest_deselected(items=outside)
-        dropped_ids = {id(i) for i in outside}
-        items[:] = [i for i in items if id(i) not in dropped_ids]
+    _drop(config, items, _not_on_this_stage(config, items))
+    _drop(config, items, _outside_declared_hosts(config, items))
+    _drop(config, items, _not_the_first_of_group(config, items))
     catalogue = config.stash[_catalogue_key]
     known = set(catalogue.ids)
     selection = _selection(config)

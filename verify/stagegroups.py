@@ -37,6 +37,17 @@ def groups(config: pytest.Config, strict: bool = True) -> dict[str, list[str]]:
     return out
 
 
+def first_host(config: pytest.Config, group: str) -> str | None:
+    """The group's first host in inventory order, as the playbooks' ``groups[group] | first``
+    (the directory provider for ``auth``); None if the group is empty or unreadable."""
+    proc = subprocess.run([ansible.command("ansible"), "-i", inventory(config), group,
+                           "--list-hosts"], capture_output=True, text=True, check=False,
+                          cwd=project_root())
+    # "  hosts (2):" then one indented name per line, in Ansible's group order.
+    names = [line.strip() for line in proc.stdout.splitlines()[1:] if line.strip()]
+    return names[0] if proc.returncode == 0 and names else None
+
+
 def host(config: pytest.Config, name: str):
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory(config))
 

@@ -26,6 +26,10 @@ from urllib.parse import urlsplit
 import pytest
 
 testinfra_hosts = ["ansible://auth"]
+# The probes and scratch writes are for the provider (the playbooks' first auth host); on a
+# redundant stage the replica's parameters are deselected, and verify/test_redundancy.py
+# proves the replica (TLS, read-only, replication).
+pytestmark = pytest.mark.first_of_group("auth")
 
 SERVICE_CA = "/etc/safemail/tls/ca.crt"
 # Any CA bundle that is not the service CA: the server must not be trusted through it.
@@ -55,11 +59,8 @@ class Directory:
 def directory(host) -> Directory:
     hv = host.ansible.get_variables()
     auth = hv.get("groups", {}).get("auth", [])
-    if len(auth) > 1 and hv.get("inventory_hostname") != auth[0]:
-        # A redundant stage: these probes and scratch writes are for the provider (the
-        # wiring's first auth host); verify/test_redundancy.py proves the replica.
-        pytest.skip("directory replica (AV-02): TLS, read-only and replication are proven in "
-                    "verify/test_redundancy.py; these tests run on the provider")
+    # first_of_group deselected every other auth host at collection.
+    assert auth and hv.get("inventory_hostname") == auth[0], (hv.get("inventory_hostname"), auth)
     # The inventory is read untemplated here: derive the base DN from the domain as the
     # role wiring (playbooks/group_vars/all.yml) does.
     base = "dc=" + ",dc=".join(hv["safemail_mail_domain"].split("."))

@@ -100,8 +100,12 @@ def failure_hint(inventory: Path, stderr: str) -> str:
     return "check the inventory files for syntax errors"
 
 
-def read_inventory(inventory: Path) -> list[Host]:
-    """Run ``ansible-inventory -i <inventory> --list`` and return its hosts."""
+def read_inventory(inventory: Path, source: Path | None = None) -> list[Host]:
+    """Run ``ansible-inventory -i <inventory> --list`` and return its hosts.
+
+    ``source``: one file of the inventory directory to read instead of all of it (its
+    group_vars still apply); the vault password is still the inventory's.
+    """
     if not inventory.exists():
         raise InventoryError(
             f"inventory {inventory} does not exist",
@@ -113,7 +117,7 @@ def read_inventory(inventory: Path) -> list[Host]:
         program = ansible.command("ansible-inventory")
     except ansible.AnsibleNotFound as exc:
         raise InventoryError(exc.message, exc.hint) from exc
-    cmd = [program, "-i", str(inventory), *vault.vault_args(repo, inventory), "--list"]
+    cmd = [program, "-i", str(source or inventory), *vault.vault_args(repo, inventory), "--list"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
