@@ -48,6 +48,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import _results
+import verify_timeline
 
 from safemail.gate.report import parse_junit
 
@@ -172,7 +173,8 @@ def verify_round(work: Path, n: int, requirements: str | None) -> dict:
     (shim / "ssh").chmod(0o755)
     log = work / f"ssh-{n}.log"
     report = work / f"verify-{n}"
-    env = _env({"SAFEMAIL_SSH_LOG": str(log)})
+    timeline = work / f"timeline-{n}.jsonl"
+    env = _env({"SAFEMAIL_SSH_LOG": str(log), "SAFEMAIL_VERIFY_TIMELINE": str(timeline)})
     env["PATH"] = f"{shim}:{env['PATH']}"
     cmd = [str(BIN / "safemail"), "verify", "--stage", "test", "--report-dir", str(report)]
     if requirements:
@@ -189,6 +191,8 @@ def verify_round(work: Path, n: int, requirements: str | None) -> dict:
             "exit_code": proc.returncode, "tests": tests, "failed": failed,
             "ssh_calls": len(calls), "per_module": modules, "per_host": hosts,
             "lock_wait_seconds": waited,
+            "timeline": verify_timeline.analyse(verify_timeline.load(timeline))
+            if timeline.exists() else None,
             "_calls": calls}
 
 

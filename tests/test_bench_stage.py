@@ -74,3 +74,29 @@ def test_unknown_row_is_refused(capsys):
         bench_stage.main()
     assert exc.value.code == 2
     assert "unknown row(s): nonsense" in capsys.readouterr().err
+
+
+def test_verify_timeline_finds_the_longest_exclusive_chain(tmp_path):
+    import verify_timeline
+
+    lines = [
+        {"test": "a", "worker": "gw0", "asked": 100, "got": 100, "done": 110, "exclusive": [],
+         "shared": ["relay1"]},
+        {"test": "b", "worker": "gw1", "asked": 101, "got": 110, "done": 140,
+         "exclusive": ["relay1", "store1"], "shared": []},
+        {"test": "c", "worker": "gw0", "asked": 111, "got": 140, "done": 150,
+         "exclusive": ["relay1"], "shared": []},
+        {"test": "d", "worker": "gw1", "asked": 140, "got": 140, "done": 145,
+         "exclusive": ["store1"], "shared": []},  # overlaps nothing of store1's earlier hold
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = verify_timeline.analyse(verify_timeline.load(path))
+    assert r["span_s"] == 50 and r["tests"] == 4
+    assert r["exclusive_s"] == {"relay1": 40.0, "store1": 35.0}
+    assert r["longest_chain"] == {"host": "relay1", "seconds": 40.0, "share_of_span": 0.8}
+    assert [d["test"] for d in r["disruptive"]] == ["b", "c", "d"]
+    assert r["workers"]["gw0"] == {"run": 20.0, "wait": 29.0}
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ValueError, match="no timeline lines"):
+        verify_timeline.load(tmp_path / "empty")
