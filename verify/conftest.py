@@ -190,17 +190,20 @@ def _not_on_this_stage(config: pytest.Config, items: list[pytest.Item]) -> list[
 
 def _not_the_first_of_group(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:
     """Items marked first_of_group(g) whose testinfra host is not g's first host."""
-    import stagegroups
-
-    firsts: dict[str, str | None] = {}
-    out = []
+    marked = []
     for item in items:
         mark = item.get_closest_marker("first_of_group")
         callspec = getattr(item, "callspec", None)
         host = callspec.params.get("_testinfra_host") if callspec is not None else None
-        if mark is None or host is None:
-            continue
-        group = mark.args[0]
+        if mark is not None and host is not None:
+            marked.append((item, mark.args[0], host))
+    if not marked:
+        return []
+    import stagegroups  # only with marked items: a suite without them needs no inventory
+
+    firsts: dict[str, str | None] = {}
+    out = []
+    for item, group, host in marked:
         if group not in firsts:
             firsts[group] = stagegroups.first_host(config, group)
         if firsts[group] is None:
