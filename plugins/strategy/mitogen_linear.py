@@ -12,6 +12,7 @@ default `linear` strategy (ANSIBLE_STRATEGY=linear) everything runs as before.
 
 from __future__ import annotations
 
+import ansible_mitogen.affinity
 import ansible_mitogen.connection
 import ansible_mitogen.loaders
 import ansible_mitogen.strategy
@@ -33,6 +34,15 @@ def _on_action_run_plain_basedir(self, task_vars, delegate_to_hostname, loader_b
 
 
 ansible_mitogen.connection.Connection.on_action_run = _on_action_run_plain_basedir
+
+
+# Mitogen pins its processes to CPUs. On this project's 2-core machines that put the connection
+# multiplexer on CPU 0 and everything else, every subprocess included (ssh, and the commands a
+# playbook runs on the controller), on CPU 1. The commands inherit the pin: Molecule's create
+# (`safemail lab up`) put every lab VM and container on one core and its verify ran the suite
+# there (molecule-stage 40 min, half the CPU idle with 5-12 runnable tasks;
+# docs/PERFORMANCE.md). The base policy does nothing: the kernel's scheduler places them.
+ansible_mitogen.affinity.policy = ansible_mitogen.affinity.Policy()
 
 
 class StrategyModule(ansible_mitogen.strategy.StrategyMixin, Base):
