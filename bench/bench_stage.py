@@ -191,9 +191,19 @@ def verify_round(work: Path, n: int, requirements: str | None) -> dict:
             "exit_code": proc.returncode, "tests": tests, "failed": failed,
             "ssh_calls": len(calls), "per_module": modules, "per_host": hosts,
             "lock_wait_seconds": waited,
-            "timeline": verify_timeline.analyse(verify_timeline.load(timeline))
-            if timeline.exists() else None,
+            "timeline": _timeline(timeline),
             "_calls": calls}
+
+
+def _timeline(path: Path) -> dict | None:
+    """The lock timeline's analysis (bench/verify_timeline.py); a damaged file (a worker killed
+    mid-line) is recorded as an error instead of losing the whole round."""
+    if not path.exists():
+        return None
+    try:
+        return verify_timeline.analyse(verify_timeline.load(path))
+    except (OSError, ValueError, KeyError) as exc:
+        return {"error": f"{path.name}: {exc}"}
 
 
 def _lock_waits(junit: Path) -> dict[str, float]:

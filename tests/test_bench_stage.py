@@ -100,3 +100,11 @@ def test_verify_timeline_finds_the_longest_exclusive_chain(tmp_path):
     (tmp_path / "empty").write_text("")
     with pytest.raises(ValueError, match="no timeline lines"):
         verify_timeline.load(tmp_path / "empty")
+
+
+def test_a_damaged_timeline_is_an_error_in_the_row_not_a_lost_round(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"test": "a", "worker": "gw0", "asked": 1, "got": 1, "done": 2, '
+                    '"exclusive": [], "shared": []}\n{"test": "b", "work')
+    assert "error" in bench_stage._timeline(path)
+    assert bench_stage._timeline(tmp_path / "missing.jsonl") is None

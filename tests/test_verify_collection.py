@@ -19,7 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _collect(tmp_path: Path, auth_hosts: list[str]) -> list[str]:
+def _run(tmp_path: Path, auth_hosts: list[str], *args: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     inventory = tmp_path / "inventory"
     inventory.mkdir(parents=True)
     hosts = "".join(f"            {name}: {{}}\n" for name in auth_hosts)
@@ -27,11 +28,16 @@ def _collect(tmp_path: Path, auth_hosts: list[str]) -> list[str]:
         "all:\n  children:\n    service:\n      children:\n        auth:\n          hosts:\n"
         + hosts)
     bin_dir = str(Path(sys.executable).parent)
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "verify/test_directory.py",
-         "--collect-only", "-q", f"--ansible-inventory={inventory}"],
+         "--collect-only", "-q", f"--ansible-inventory={inventory}", *args],
         cwd=REPO, capture_output=True, text=True, check=False, timeout=120,
-        env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+             **(env or {})})
+
+
+def _collect(tmp_path: Path, auth_hosts: list[str], **kwargs) -> list[str]:
+    proc = _run(tmp_path, auth_hosts, **kwargs)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # ids: test[ansible://auth1] or, with a further parameter, test[ansible://auth1-store]
     return re.findall(r"^verify/test_directory\.py::\S+\[ansible://([A-Za-z0-9.]+)[\]-]",
@@ -50,3 +56,19 @@ def test_a_single_directory_host_keeps_every_probe(tmp_path):
     pair = _collect(tmp_path / "pair", ["auth1", "auth2"])
     assert single and set(single) == {"auth1"}
     assert len(pair) == len(single)
+
+
+def test_ansible_verbosity_does_not_change_the_provider(tmp_path):
+    """With ANSIBLE_VERBOSITY=1 Ansible prints "Using ... as config file" before the host
+    list; a parser that skipped one line took the header for the first host and deselected
+    every probe."""
+    collected = _collect(tmp_path, ["auth2", "auth1"], env={"ANSIBLE_VERBOSITY": "1"})
+    assert collected and set(collected) == {"auth2"}
+
+
+def test_no_probe_on_the_provider_stops_the_run(tmp_path):
+    """--hosts naming only the replica: the provider's probes cannot run; the run stops with
+    the reason instead of deselecting all of them and reporting green."""
+    proc = _run(tmp_path, ["auth1", "auth2"], "--hosts=ansible://auth2")
+    assert proc.returncode != 0
+    assert "no collected test runs on the first host of auth (auth1)" in proc.stdout + proc.stderr

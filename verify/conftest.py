@@ -189,29 +189,47 @@ def _not_on_this_stage(config: pytest.Config, items: list[pytest.Item]) -> list[
 
 
 def _not_the_first_of_group(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:
-    """Items marked first_of_group(g) whose testinfra host is not g's first host."""
+    """Items marked first_of_group(g) whose testinfra host is not g's first host.
+
+    Stops the run (UsageError) rather than deselect every parameter of a group: a first host
+    that matches none of them (an unreadable inventory, a non-Ansible --hosts backend) would
+    otherwise drop the tests silently and leave the report green."""
     marked = []
     for item in items:
         mark = item.get_closest_marker("first_of_group")
         callspec = getattr(item, "callspec", None)
         host = callspec.params.get("_testinfra_host") if callspec is not None else None
         if mark is not None and host is not None:
-            marked.append((item, mark.args[0], host))
+            marked.append((item, mark.args[0], host.backend.get_pytest_id()))
     if not marked:
         return []
     import stagegroups  # only with marked items: a suite without them needs no inventory
 
-    firsts: dict[str, str | None] = {}
+    firsts: dict[str, str] = {}
     out = []
-    for item, group, host in marked:
+    for item, group, host_id in marked:
+        if not host_id.startswith("ansible://"):
+            raise pytest.UsageError(f"first_of_group({group!r}) on {item.nodeid}: the host "
+                                    f"{host_id} is not an Ansible inventory host")
         if group not in firsts:
-            firsts[group] = stagegroups.first_host(config, group)
-        if firsts[group] is None:
-            raise pytest.UsageError(f"first_of_group({group!r}) on {item.nodeid}: the "
-                                    f"inventory {stagegroups.inventory(config)} has no {group} "
-                                    "host")
-        if host.backend.get_pytest_id() != f"ansible://{firsts[group]}":
+            try:
+                first = stagegroups.first_host(config, group)
+            except RuntimeError as exc:
+                raise pytest.UsageError(f"first_of_group({group!r}): {exc}") from exc
+            if first is None:
+                raise pytest.UsageError(f"first_of_group({group!r}) on {item.nodeid}: the "
+                                        f"inventory {stagegroups.inventory(config)} has no "
+                                        f"{group} host")
+            firsts[group] = first
+        if host_id != f"ansible://{firsts[group]}":
             out.append(item)
+    kept = {group for item, group, _ in marked if item not in out}
+    lost = sorted({group for _, group, _ in marked} - kept)
+    if lost:
+        raise pytest.UsageError(
+            f"first_of_group: no collected test runs on the first host of {', '.join(lost)} "
+            f"({', '.join(firsts[g] for g in lost)}); the tests' hosts and the inventory "
+            f"{stagegroups.inventory(config)} disagree")
     return out
 
 

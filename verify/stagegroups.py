@@ -8,6 +8,8 @@ on the stage's inventory, as testinfra reads it.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 
 import pytest
@@ -39,13 +41,25 @@ def groups(config: pytest.Config, strict: bool = True) -> dict[str, list[str]]:
 
 def first_host(config: pytest.Config, group: str) -> str | None:
     """The group's first host in inventory order, as the playbooks' ``groups[group] | first``
-    (the directory provider for ``auth``); None if the group is empty or unreadable."""
+    (the directory provider for ``auth``); None if the group has no host. An inventory that
+    Ansible cannot read raises RuntimeError with Ansible's own words."""
+    # ANSIBLE_VERBOSITY=0 as testinfra sets it: with a higher verbosity Ansible first prints
+    # "Using ... as config file", and a parser that skipped one line read the header as a host.
     proc = subprocess.run([ansible.command("ansible"), "-i", inventory(config), group,
                            "--list-hosts"], capture_output=True, text=True, check=False,
-                          cwd=project_root())
+                          cwd=project_root(), env={**os.environ, "ANSIBLE_VERBOSITY": "0"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"ansible -i {inventory(config)} {group} --list-hosts: "
+                           f"{(proc.stderr or proc.stdout).strip()[-500:]}")
     # "  hosts (2):" then one indented name per line, in Ansible's group order.
-    names = [line.strip() for line in proc.stdout.splitlines()[1:] if line.strip()]
-    return names[0] if proc.returncode == 0 and names else None
+    lines = proc.stdout.splitlines()
+    header = next((i for i, line in enumerate(lines)
+                   if re.fullmatch(r"\s*hosts \(\d+\):", line)), None)
+    if header is None:
+        raise RuntimeError(f"ansible {group} --list-hosts printed no 'hosts (N):' line: "
+                           f"{proc.stdout.strip()[-300:]}")
+    names = [line.strip() for line in lines[header + 1:] if line.strip()]
+    return names[0] if names else None
 
 
 def host(config: pytest.Config, name: str):
