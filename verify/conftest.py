@@ -149,6 +149,12 @@ def _declared_hosts(config: pytest.Config, module: object, cache: dict) -> set[s
     return cache[key]
 
 
+def _testinfra_host(item: pytest.Item):
+    """The testinfra host an item is parametrized with (--hosts), or None."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("_testinfra_host") if callspec is not None else None
+
+
 def _outside_declared_hosts(config: pytest.Config, items: list[pytest.Item]) -> list[pytest.Item]:
     """Items parametrized (by --hosts) with a host their module's testinfra_hosts excludes."""
     if not config.getoption("hosts", None):
@@ -156,8 +162,7 @@ def _outside_declared_hosts(config: pytest.Config, items: list[pytest.Item]) -> 
     cache: dict = {}
     outside = []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        host = callspec.params.get("_testinfra_host") if callspec is not None else None
+        host = _testinfra_host(item)
         if host is None:
             continue
         allowed = _declared_hosts(config, getattr(item, "module", None), cache)
@@ -197,8 +202,7 @@ def _not_the_first_of_group(config: pytest.Config, items: list[pytest.Item]) -> 
     marked = []
     for item in items:
         mark = item.get_closest_marker("first_of_group")
-        callspec = getattr(item, "callspec", None)
-        host = callspec.params.get("_testinfra_host") if callspec is not None else None
+        host = _testinfra_host(item)
         if mark is not None and host is not None:
             marked.append((item, mark.args[0], host.backend.get_pytest_id()))
     if not marked:
@@ -207,6 +211,7 @@ def _not_the_first_of_group(config: pytest.Config, items: list[pytest.Item]) -> 
 
     firsts: dict[str, str] = {}
     out = []
+    on_first: set[str] = set()
     for item, group, host_id in marked:
         if not host_id.startswith("ansible://"):
             raise pytest.UsageError(f"first_of_group({group!r}) on {item.nodeid}: the host "
@@ -221,10 +226,11 @@ def _not_the_first_of_group(config: pytest.Config, items: list[pytest.Item]) -> 
                                         f"inventory {stagegroups.inventory(config)} has no "
                                         f"{group} host")
             firsts[group] = first
-        if host_id != f"ansible://{firsts[group]}":
+        if host_id == f"ansible://{firsts[group]}":
+            on_first.add(group)
+        else:
             out.append(item)
-    kept = {group for item, group, _ in marked if item not in out}
-    lost = sorted({group for _, group, _ in marked} - kept)
+    lost = sorted(set(firsts) - on_first)
     if lost:
         raise pytest.UsageError(
             f"first_of_group: no collected test runs on the first host of {', '.join(lost)} "
